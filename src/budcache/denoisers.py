@@ -1,0 +1,112 @@
+"""Denoisers: the model as the sampler sees it, ``v = D(x, sigma, cond)``.
+
+A denoiser is either a diffusers transformer behind a small per-family call
+adapter (which arguments the model takes: packed latents, ids, timestep
+scaling, pooled text), or any plain callable ``v(x, sigma, cond)``. Only a
+transformer can take residual caches (hooks on its block stack); a callable
+supports velocity reuse alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+
+from .errors import ConfigError
+
+
+class Denoiser(Protocol):
+    """What the sampler calls: velocity for latents ``x`` (B, ...) at ``sigma`` (B,)."""
+
+    transformer: torch.nn.Module | None
+
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, cond: Any, context: str) -> torch.Tensor: ...
+
+
+@dataclass
+class CallableDenoiser:
+    """Wraps ``fn(x, sigma, cond) -> v``; no block stack, so only velocity reuse applies."""
+
+    fn: Callable[[torch.Tensor, torch.Tensor, Any], torch.Tensor]
+    transformer: None = None
+
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, cond: Any, context: str) -> torch.Tensor:
+        return self.fn(x, sigma, cond)
+
+
+@dataclass(frozen=True)
+class FluxCond:
+    """FLUX conditioning: token states (B, L, D), pooled vector (B, P), optional distilled guidance."""
+
+    prompt_embeds: torch.Tensor
+    pooled_prompt_embeds: torch.Tensor
+    guidance: float | None = None
+
+    def select(self, idx: torch.Tensor) -> FluxCond:
+        """The conditioning of batch elements ``idx``."""
+        return FluxCond(self.prompt_embeds.index_select(0, idx), self.pooled_prompt_embeds.index_select(0, idx),
+                        self.guidance)
+
+    def repeat(self, n: int) -> FluxCond:
+        """Each element repeated ``n`` times (``repeat_interleave``), e.g. for candidate masks."""
+        return FluxCond(self.prompt_embeds.repeat_interleave(n, 0), self.pooled_prompt_embeds.repeat_interleave(n, 0),
+                        self.guidance)
+
+
+class FluxDenoiser:
+    """Calls a ``FluxTransformer2DModel`` on packed latents (B, T, C) the way FluxPipeline does.
+
+    ``height``/``width`` are the latent grid of tokens (rows, columns); image
+    ids are ``[0, row, col]``, text ids zeros; the timestep is ``sigma`` (the
+    model multiplies it by 1000), computed as ``(1000 sigma) / 1000`` like the
+    pipeline so both give identical inputs.
+    """
+
+    def __init__(self, transformer: torch.nn.Module, rows: int, cols: int) -> None:
+        self.transformer = transformer
+        self.rows, self.cols = rows, cols
+        self._ids: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def _position_ids(self, length: int, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        key = (length, device, dtype)
+        if key not in self._ids:
+            img = torch.zeros(self.rows, self.cols, 3, device=device, dtype=dtype)
+            img[..., 1] = torch.arange(self.rows, device=device, dtype=dtype)[:, None]
+            img[..., 2] = torch.arange(self.cols, device=device, dtype=dtype)[None, :]
+            self._ids[key] = (img.reshape(-1, 3), torch.zeros(length, 3, device=device, dtype=dtype))
+        return self._ids[key]
+
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, cond: FluxCond, context: str) -> torch.Tensor:
+        if x.dim() != 3 or x.shape[1] != self.rows * self.cols:
+            raise ConfigError(f"FLUX latents must be packed (B, {self.rows * self.cols}, C); got {tuple(x.shape)}")
+        img_ids, txt_ids = self._position_ids(cond.prompt_embeds.shape[1], x.device, x.dtype)
+        timestep = (sigma * 1000).to(x.dtype) / 1000
+        guidance = None
+        if getattr(self.transformer.config, "guidance_embeds", False):
+            g = 3.5 if cond.guidance is None else cond.guidance
+            guidance = torch.full((x.shape[0],), g, device=x.device, dtype=torch.float32)
+        with self.transformer.cache_context(context):
+            return self.transformer(hidden_states=x, timestep=timestep, guidance=guidance,
+                                    pooled_projections=cond.pooled_prompt_embeds,
+                                    encoder_hidden_states=cond.prompt_embeds, txt_ids=txt_ids, img_ids=img_ids,
+                                    return_dict=False)[0]
+
+
+#: Call adapters by transformer class name; each takes (transformer, **geometry).
+ADAPTERS: dict[str, Callable[..., Denoiser]] = {"FluxTransformer2DModel": FluxDenoiser}
+
+
+def as_denoiser(model: Any, **geometry: Any) -> Denoiser:
+    """A denoiser for ``model``: a known diffusers transformer, a denoiser, or a plain callable."""
+    if hasattr(model, "transformer") and callable(model):
+        return model
+    if isinstance(model, torch.nn.Module) and type(model).__name__ in ADAPTERS:
+        return ADAPTERS[type(model).__name__](model, **geometry)
+    if isinstance(model, torch.nn.Module) and hasattr(model, "config"):
+        raise ConfigError(f"no call adapter for {type(model).__name__}; supported: {sorted(ADAPTERS)}")
+    if callable(model):
+        return CallableDenoiser(model)
+    raise ConfigError(f"cannot use {type(model).__name__} as a denoiser")

@@ -1,0 +1,438 @@
+"""Residual-cache hooks on a diffusers transformer's block stack.
+
+This is the one module that touches diffusers internals (its hook registry,
+state manager and block registry). The hooks are per instance and removable,
+in the style of ``diffusers.hooks.first_block_cache``:
+
+- a *model* hook on the transformer itself resolves, for every call, which
+  batch elements compute this step (a :class:`Decision` handed over by the
+  sampler, or a resolver that reads the call's timestep);
+- the *head* block hook records the stack input ``(h, e)`` (image and text
+  streams) and, on a skipped step, returns ``(h + R_hat, e + R_hat_e)``;
+- the other blocks pass through on a skipped step;
+- the *tail* block hook stores the stack residual ``R = out - in`` of a
+  computed step, per element, in the per-``cache_context`` state.
+
+When only some elements of a batch compute (several candidate masks run as one
+batch), the stack runs on that subset alone and the tail scatters the results
+back. ``R_hat`` comes from the mechanism: ``reuse`` (``R_hat = R_j``, the last
+computed step ``j``) or ``forecast`` (Newton/Taylor extrapolation of the
+residual in the step index from the last 2 or 3 computed steps).
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from diffusers.hooks._common import _ALL_TRANSFORMER_BLOCK_IDENTIFIERS
+from diffusers.hooks._helpers import TransformerBlockRegistry
+from diffusers.hooks.hooks import BaseState, CacheContext, HookRegistry, ModelHook, StateManager
+
+from .errors import ConfigError
+
+_MODEL_HOOK = "budcache_model"
+_HEAD_HOOK = "budcache_head"
+_BLOCK_HOOK = "budcache_block"
+_DEFAULT_CONTEXT = "default"
+
+#: Residual mechanisms the hooks implement, with their extrapolation order.
+MECHANISMS: dict[str, int] = {"reuse": 0, "forecast1": 1, "forecast2": 2}
+
+
+@dataclass(frozen=True)
+class Decision:
+    """Which elements compute at ``step``: ``compute`` is a bool tensor (B,)."""
+
+    step: int
+    compute: torch.Tensor
+
+
+@dataclass(frozen=True)
+class ResidualHistory:
+    """Per-element residuals of the last computed steps, newest first (immutable).
+
+    ``img[i]``/``txt[i]`` are (B, T, D)/(B, L, D); ``steps[i]`` (B,) is the step
+    each element computed it at (-1 when the element has fewer entries).
+    """
+
+    img: tuple[torch.Tensor, ...] = ()
+    txt: tuple[torch.Tensor | None, ...] = ()
+    steps: tuple[torch.Tensor, ...] = ()
+
+    def push(self, idx: torch.Tensor, img: torch.Tensor, txt: torch.Tensor | None, step: int,
+             batch: int, depth: int) -> ResidualHistory:
+        """New history where elements ``idx`` gain the residual (img, txt) of ``step``.
+
+        ``img``/``txt`` hold the new residuals of those elements only; older
+        entries move one level down and the oldest beyond ``depth`` is dropped.
+        """
+        full = idx.numel() == batch
+        steps_new = torch.full((idx.numel(),), float(step), device=img.device)
+
+        def shifted(old: tuple[torch.Tensor | None, ...], new: torch.Tensor | None, fill: float) -> tuple:
+            if new is None:
+                return (None,) * depth
+
+            def level(i: int) -> torch.Tensor:
+                if i < len(old) and old[i] is not None:
+                    return old[i]
+                return torch.full((batch, *new.shape[1:]), fill, dtype=new.dtype, device=new.device)
+
+            if full:
+                return (new, *(level(i - 1) for i in range(1, depth)))
+            out = [level(0).index_copy(0, idx, new)]
+            for i in range(1, depth):
+                out.append(level(i).index_copy(0, idx, level(i - 1).index_select(0, idx)))
+            return tuple(out)
+
+        return ResidualHistory(img=shifted(self.img, img, 0.0), txt=shifted(self.txt, txt, 0.0),
+                               steps=shifted(self.steps, steps_new, -1.0))
+
+    def estimate(self, step: int, order: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``R_hat`` at ``step``: the newest residual extrapolated with up to ``order`` differences.
+
+        Order 1: ``R0 + (R0 - R1) / (s0 - s1) * (k - s0)``; order 2 adds
+        ``d2 (k - s0)(k - s1)`` with ``d2`` the second divided difference.
+        Elements with fewer stored steps fall back to the order they have.
+        """
+        if not self.img:
+            raise RuntimeError("no computed step is cached yet: the first step of a generation must compute")
+        return self._estimate(self.img, step, order), (
+            self._estimate(self.txt, step, order) if self.txt and self.txt[0] is not None else None)
+
+    def _estimate(self, r: tuple[torch.Tensor, ...], k: int, order: int) -> torch.Tensor:
+        out = r[0]
+        if order < 1 or len(r) < 2:
+            return out
+        view = (-1,) + (1,) * (r[0].dim() - 1)
+        s0, s1 = self.steps[0].view(view).to(r[0].dtype), self.steps[1].view(view).to(r[0].dtype)
+        have1 = s1 >= 0
+        d1 = (r[0] - r[1]) / torch.where(have1, s0 - s1, torch.ones_like(s0))
+        first = out + d1 * (k - s0)
+        out = torch.where(have1, first, out)
+        if order < 2 or len(r) < 3:
+            return out
+        s2 = self.steps[2].view(view).to(r[0].dtype)
+        have2 = s2 >= 0
+        d1b = (r[1] - r[2]) / torch.where(have2, s1 - s2, torch.ones_like(s1))
+        d2 = (d1 - d1b) / torch.where(have2, s0 - s2, torch.ones_like(s0))
+        return torch.where(have2, first + d2 * (k - s0) * (k - s1), out)
+
+
+class _State(BaseState):
+    """Per-``cache_context`` state shared by the hooks of one transformer."""
+
+    def __init__(self) -> None:
+        self.history = ResidualHistory()
+        self.decision: Decision | None = None
+        self.mode = "all"  # "all" | "skip" | "subset"
+        self.idx: torch.Tensor | None = None
+        self.batch = 0
+        self.head_in: tuple[torch.Tensor, torch.Tensor | None] | None = None
+        self.last_step = -1
+        self.signature: tuple | None = None
+
+    def reset(self, *args: Any, **kwargs: Any) -> None:
+        self.__init__()
+
+
+@dataclass
+class CacheStats:
+    """Counters a test or benchmark can read: block-stack runs and elements computed."""
+
+    stack_runs: int = 0
+    elements_computed: int = 0
+    skipped_calls: int = 0
+    calls: int = 0
+
+    def reset(self) -> None:
+        self.stack_runs = self.elements_computed = self.skipped_calls = self.calls = 0
+
+
+class _Arguments:
+    """Maps a block's positional and keyword arguments to names, once per class."""
+
+    def __init__(self, fn: Callable[..., Any]) -> None:
+        self.names = [p for p in inspect.signature(fn).parameters if p != "self"]
+
+    def bind(self, args: tuple, kwargs: dict) -> dict[str, Any]:
+        out = dict(zip(self.names, args))
+        out.update(kwargs)
+        return out
+
+
+def _slice(v: Any, idx: torch.Tensor, batch: int) -> Any:
+    if torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == batch:
+        return v.index_select(0, idx)
+    return v
+
+
+class _BlockHook(ModelHook):
+    """Hook of every block of the stack (head and tail included)."""
+
+    _is_stateful = True
+
+    def __init__(self, cache: CacheHandle, role: str) -> None:
+        super().__init__()
+        self.cache = cache
+        self.state_manager = cache.state_manager
+        self.role = role  # "head" | "middle" | "tail" | "only"
+        self.meta = None
+        self.args: _Arguments | None = None
+
+    def initialize_hook(self, module: torch.nn.Module) -> torch.nn.Module:
+        self.meta = TransformerBlockRegistry.get(module.__class__)
+        self.args = _Arguments(module.forward)
+        return module
+
+    def reset_state(self, module: torch.nn.Module) -> torch.nn.Module:
+        self.state_manager.reset()
+        return module
+
+    # -- helpers -----------------------------------------------------------------------
+    def _streams(self, kw: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        h = kw[self.meta.hidden_states_argument_name]
+        e = kw.get(self.meta.encoder_hidden_states_argument_name) if self.meta.return_encoder_hidden_states_index is not None else None
+        return h, e
+
+    def _pack(self, h: torch.Tensor, e: torch.Tensor | None) -> Any:
+        if self.meta.return_encoder_hidden_states_index is None:
+            return h
+        out: list[Any] = [None, None]
+        out[self.meta.return_hidden_states_index] = h
+        out[self.meta.return_encoder_hidden_states_index] = e
+        return tuple(out)
+
+    def _unpack(self, output: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if isinstance(output, tuple):
+            h = output[self.meta.return_hidden_states_index]
+            e = output[self.meta.return_encoder_hidden_states_index] if self.meta.return_encoder_hidden_states_index is not None else None
+            return h, e
+        return output, None
+
+    # -- forward -----------------------------------------------------------------------
+    def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+        st: _State = self.state_manager.get_state()
+        kw = self.args.bind(args, kwargs)
+        if self.role in ("head", "only"):
+            self._begin(st, kw)
+        if st.mode == "skip":
+            h, e = self._streams(kw)
+            if self.role in ("head", "only"):
+                r_img, r_txt = st.history.estimate(st.decision.step, self.cache.order)
+                h = h + r_img.to(h.dtype)
+                e = e + r_txt.to(e.dtype) if (e is not None and r_txt is not None) else e
+            return self._pack(h, e)
+        if st.mode == "subset" and self.role in ("head", "only"):
+            names = (self.meta.hidden_states_argument_name, self.meta.encoder_hidden_states_argument_name, "temb")
+            kw = {k: (_slice(v, st.idx, st.batch) if k in names else v) for k, v in kw.items()}
+        elif st.mode == "subset":
+            kw = {k: (_slice(v, st.idx, st.batch) if k == "temb" else v) for k, v in kw.items()}
+        output = self.fn_ref.original_forward(**kw)
+        if self.role in ("tail", "only"):
+            output = self._end(st, output)
+        return output
+
+    def _begin(self, st: _State, kw: dict[str, Any]) -> None:
+        d = st.decision
+        if d is None:
+            raise RuntimeError("budcache: the transformer was called without a step decision")
+        h, e = self._streams(kw)
+        st.batch = h.shape[0]
+        if d.compute.shape[0] != st.batch:
+            raise ConfigError(f"decision covers {d.compute.shape[0]} elements but the batch has {st.batch}")
+        n = int(d.compute.sum())
+        self.cache.stats.calls += 1
+        if n != st.batch and not st.history.img:
+            raise RuntimeError(f"budcache: step {d.step} skips elements that have no cached residual yet "
+                               "(the first step of a generation must compute)")
+        if st.history.img and st.history.img[0].shape != h.shape:
+            raise RuntimeError(f"budcache: cached residual has shape {tuple(st.history.img[0].shape)} but the "
+                               f"stack input has {tuple(h.shape)}; a new batch size or resolution starts at step 0")
+        if n == st.batch:
+            st.mode, st.idx = "all", None
+            st.head_in = (h, e)
+        elif n == 0:
+            st.mode, st.idx = "skip", None
+            self.cache.stats.skipped_calls += 1
+            return
+        else:
+            st.mode = "subset"
+            st.idx = torch.nonzero(d.compute, as_tuple=False).squeeze(1).to(h.device)
+            st.head_in = (h, e)
+        self.cache.stats.stack_runs += 1
+        self.cache.stats.elements_computed += n
+
+    def _end(self, st: _State, output: Any) -> Any:
+        h_out, e_out = self._unpack(output)
+        h_in, e_in = st.head_in
+        if st.mode == "subset":
+            h_in_s, e_in_s = h_in.index_select(0, st.idx), (e_in.index_select(0, st.idx) if e_in is not None else None)
+        else:
+            h_in_s, e_in_s = h_in, e_in
+        r_img = (h_out - h_in_s).detach()
+        r_txt = (e_out - e_in_s).detach() if (e_out is not None and e_in_s is not None) else None
+        idx = st.idx if st.idx is not None else torch.arange(st.batch, device=h_out.device)
+        depth = self.cache.order + 1
+        if st.mode == "subset":
+            est_img, est_txt = st.history.estimate(st.decision.step, self.cache.order)
+            full_h = (h_in + est_img.to(h_in.dtype)).index_copy(0, st.idx, h_out)
+            full_e = None
+            if e_out is not None:
+                base = e_in + est_txt.to(e_in.dtype) if est_txt is not None else e_in
+                full_e = base.index_copy(0, st.idx, e_out)
+            st.history = st.history.push(idx, r_img, r_txt, st.decision.step, st.batch, depth)
+            st.head_in = None
+            return self._pack(full_h, full_e)
+        st.history = st.history.push(idx, r_img, r_txt, st.decision.step, st.batch, depth)
+        st.head_in = None
+        return output
+
+
+class _ModelHook(ModelHook):
+    """Hook of the transformer: sets the context and resolves the step decision."""
+
+    _is_stateful = True
+
+    def __init__(self, cache: CacheHandle) -> None:
+        super().__init__()
+        self.cache = cache
+        self.state_manager = cache.state_manager
+
+    def reset_state(self, module: torch.nn.Module) -> torch.nn.Module:
+        self.state_manager.reset()
+        return module
+
+    def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+        own_context = self.state_manager._context is None
+        if own_context:
+            self.state_manager.set_context(CacheContext(_DEFAULT_CONTEXT))
+        try:
+            st: _State = self.state_manager.get_state()
+            decision = self.cache._take_decision(module, st, args, kwargs)
+            if decision.step == 0 or decision.step < st.last_step:
+                st.reset()  # a new generation (or a restarted one) starts clean
+            st.decision = decision
+            st.last_step = decision.step
+            return self.fn_ref.original_forward(*args, **kwargs)
+        finally:
+            if own_context:
+                self.state_manager.set_context(None)
+
+
+class CacheHandle:
+    """A residual cache installed on one transformer; :meth:`remove` takes it off.
+
+    Decisions come from :meth:`set_decision` (the sampler, before each call) or
+    from ``resolver(module, args, kwargs, state_step) -> Decision`` (pipelines).
+    """
+
+    def __init__(self, transformer: torch.nn.Module, mechanism: str = "reuse",
+                 resolver: Callable[..., Decision] | None = None) -> None:
+        if mechanism not in MECHANISMS:
+            raise ConfigError(f"mechanism {mechanism!r} is not a residual mechanism; choose one of {list(MECHANISMS)}")
+        self.transformer = transformer
+        self.mechanism = mechanism
+        self.order = MECHANISMS[mechanism]
+        self.resolver = resolver
+        self.state_manager = StateManager(_State)
+        self.stats = CacheStats()
+        self._pending: Decision | None = None
+        self._blocks = _block_stack(transformer)
+        self._installed = False
+
+    # -- installation ------------------------------------------------------------------
+    def install(self) -> CacheHandle:
+        """Register the hooks on the transformer instance."""
+        registry = HookRegistry.check_if_exists_or_initialize(self.transformer)
+        if registry.get_hook(_MODEL_HOOK) is not None:
+            raise ConfigError(f"{type(self.transformer).__name__} already has a budcache cache; remove it first")
+        registry.register_hook(_ModelHook(self), _MODEL_HOOK)
+        n = len(self._blocks)
+        for i, (_, block) in enumerate(self._blocks):
+            role = "only" if n == 1 else "head" if i == 0 else "tail" if i == n - 1 else "middle"
+            HookRegistry.check_if_exists_or_initialize(block).register_hook(_BlockHook(self, role), _BLOCK_HOOK)
+        self._installed = True
+        return self
+
+    def remove(self) -> None:
+        """Take every hook off; the transformer behaves exactly as before."""
+        if not self._installed:
+            return
+        for _, block in self._blocks:
+            HookRegistry.check_if_exists_or_initialize(block).remove_hook(_BLOCK_HOOK, recurse=False)
+        HookRegistry.check_if_exists_or_initialize(self.transformer).remove_hook(_MODEL_HOOK, recurse=False)
+        self._installed = False
+        self.state_manager.reset()
+
+    def __enter__(self) -> CacheHandle:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
+
+    # -- state -------------------------------------------------------------------------
+    def reset(self) -> None:
+        """Forget every cached residual (all contexts)."""
+        self.state_manager.reset()
+        self._pending = None
+
+    def set_decision(self, step: int, compute: torch.Tensor) -> None:
+        """Decision for the next call(s) of the transformer (kept until replaced)."""
+        self._pending = Decision(step, compute)
+
+    def snapshot(self) -> dict[str, ResidualHistory]:
+        """The residual history of every context (immutable values; cheap)."""
+        return {name: st.history for name, st in self.state_manager._state_cache.items()}
+
+    def restore(self, snap: dict[str, ResidualHistory] | None) -> None:
+        """Replace the cached residuals by a :meth:`snapshot` (``None``: empty)."""
+        self.state_manager._state_cache.clear()
+        for name, hist in (snap or {}).items():
+            st = _State()
+            st.history = hist
+            self.state_manager._state_cache[name] = st
+
+    def _take_decision(self, module: torch.nn.Module, st: _State, args: tuple, kwargs: dict) -> Decision:
+        if self.resolver is not None:
+            return self.resolver(module, args, kwargs, st)
+        if self._pending is None:
+            raise RuntimeError("budcache: call set_decision(step, compute) before calling the transformer")
+        return self._pending
+
+
+def _block_stack(transformer: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
+    """The transformer's blocks in call order, each known to diffusers' block registry."""
+    blocks: list[tuple[str, torch.nn.Module]] = []
+    for name, sub in transformer.named_children():
+        if name in _ALL_TRANSFORMER_BLOCK_IDENTIFIERS and isinstance(sub, torch.nn.ModuleList):
+            blocks += [(f"{name}.{i}", b) for i, b in enumerate(sub)]
+    if not blocks:
+        raise ConfigError(
+            f"{type(transformer).__name__} has no block stack that budcache recognises "
+            f"(expected a ModuleList named one of {sorted(_ALL_TRANSFORMER_BLOCK_IDENTIFIERS)})")
+    for name, b in blocks:
+        try:
+            TransformerBlockRegistry.get(b.__class__)
+        except ValueError:
+            raise ConfigError(
+                f"{type(transformer).__name__}: block {name} ({type(b).__name__}) is not in diffusers' "
+                "transformer block registry, so budcache cannot cache it") from None
+    return blocks
+
+
+def apply_cache(transformer: torch.nn.Module, mechanism: str = "reuse",
+                resolver: Callable[..., Decision] | None = None) -> CacheHandle:
+    """Install a residual cache on ``transformer`` (per instance, removable)."""
+    return CacheHandle(transformer, mechanism, resolver).install()
+
+
+def find_cache(transformer: torch.nn.Module) -> CacheHandle | None:
+    """The budcache cache installed on ``transformer``, if any."""
+    reg = getattr(transformer, "_diffusers_hook", None)
+    hook = reg.get_hook(_MODEL_HOOK) if reg is not None else None
+    return hook.cache if hook is not None else None

@@ -1,0 +1,262 @@
+"""The one sampling loop every method in budcache runs through.
+
+For steps ``k = 0 .. N-1`` with sigmas ``s_0 > ... > s_N``:
+
+1. the controller decides which batch elements compute at step ``k``;
+2. the denoiser gives the velocity: computed elements run the whole block
+   stack, the others are approximated by the cache mechanism (residual
+   ``reuse``/``forecast1``/``forecast2`` inside the block-stack hooks, or
+   ``output``: reuse the last velocity);
+3. with classifier-free guidance ``v = v_u + g (v_c - v_u)`` (separate caches
+   for the two passes);
+4. the solver advances ``x`` from ``s_k`` to ``s_{k+1}``.
+
+The state is an explicit immutable value (:class:`SamplerState`): running
+steps ``0..j``, keeping the state and continuing later equals one run, which
+is what prefix sharing in the search relies on. Every tensor operation on the
+sigmas is differentiable. ``nfe`` counts, per element, the steps that ran the
+full block stack.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+
+from .denoisers import Denoiser, as_denoiser
+from .errors import ConfigError, ModelOutputError
+from .hooks import MECHANISMS, CacheHandle, ResidualHistory, apply_cache, find_cache
+from .policy import CachePolicy
+from .solvers import Solver, get_solver
+
+#: Every cache mechanism: residual ones (hooks on a transformer) and velocity reuse.
+ALL_MECHANISMS = (*MECHANISMS, "output")
+
+
+# ------------------------------------------------------------------------------ controllers
+class Controller:
+    """Decides per step which batch elements compute; ``decide`` returns a bool tensor (B,)."""
+
+    def decide(self, step: int, state: SamplerState) -> torch.Tensor:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+class ComputeAll(Controller):
+    """Every step computes (the uncached sampler)."""
+
+    def decide(self, step: int, state: SamplerState) -> torch.Tensor:
+        return torch.ones(state.x.shape[0], dtype=torch.bool, device=state.x.device)
+
+
+class StaticMask(Controller):
+    """A static mask: (N,) shared by the batch, or (B, N), one mask per element (candidate masks).
+
+    Step 0 must compute for every element (nothing is cached before it).
+    """
+
+    def __init__(self, mask: torch.Tensor | Sequence[bool] | CachePolicy) -> None:
+        if isinstance(mask, CachePolicy):
+            mask = mask.mask_tensor()
+        m = torch.as_tensor(mask, dtype=torch.bool)
+        if m.dim() not in (1, 2) or m.shape[-1] < 1:
+            raise ConfigError(f"mask must have shape (N,) or (B, N); got {tuple(m.shape)}")
+        if not bool(m[..., 0].all()):
+            raise ConfigError("mask: step 0 must be computed for every element")
+        self.mask = m
+        self.steps = m.shape[-1]
+
+    def decide(self, step: int, state: SamplerState) -> torch.Tensor:
+        b = state.x.shape[0]
+        col = self.mask[..., step].to(state.x.device)
+        if col.dim() == 0:
+            return col.expand(b).clone()
+        if col.shape[0] != b:
+            raise ConfigError(f"mask has {col.shape[0]} rows but the batch has {b} elements")
+        return col
+
+
+def as_controller(policy: CachePolicy | Controller | torch.Tensor | Sequence[bool] | None) -> Controller:
+    """Controller of a policy, mask or controller (``None``: compute every step)."""
+    if policy is None:
+        return ComputeAll()
+    if isinstance(policy, Controller):
+        return policy
+    return StaticMask(policy)
+
+
+# ------------------------------------------------------------------------------ state
+@dataclass(frozen=True)
+class SamplerState:
+    """Everything the loop carries between steps; copying it and resuming equals one run."""
+
+    x: torch.Tensor                       # (B, ...) current latent at sigmas[step]
+    step: int                             # next step to take
+    history: tuple[torch.Tensor, ...]     # the solver's own history
+    nfe: torch.Tensor                     # (B,) full evaluations so far
+    computed: tuple[torch.Tensor, ...]    # per past step: (B,) bool, which elements computed
+    last_v: torch.Tensor | None = None    # last velocity (for the ``output`` mechanism)
+    cache: dict[str, ResidualHistory] | None = None  # residual caches per CFG context
+
+
+@dataclass(frozen=True)
+class SampleResult:
+    """Final latent, exact NFE per element, and which elements computed at every step."""
+
+    latent: torch.Tensor
+    nfe: torch.Tensor
+    computed: torch.Tensor  # (N, B) bool
+
+    @property
+    def nfe_max(self) -> int:
+        return int(self.nfe.max())
+
+    @property
+    def nfe_min(self) -> int:
+        return int(self.nfe.min())
+
+
+# ------------------------------------------------------------------------------ sampler
+class Sampler:
+    """One cached sampling loop: denoiser, sigmas, solver, controller, mechanism, guidance."""
+
+    def __init__(self, denoiser: Denoiser, sigmas: torch.Tensor, solver: Solver | str = "euler",
+                 controller: Controller | CachePolicy | torch.Tensor | None = None, mechanism: str = "reuse",
+                 guidance: float = 1.0, check_finite: bool = True) -> None:
+        if mechanism not in ALL_MECHANISMS:
+            raise ConfigError(f"mechanism {mechanism!r} is unknown; choose one of {list(ALL_MECHANISMS)}")
+        if sigmas.dim() != 1 or sigmas.numel() < 2:
+            raise ConfigError(f"sigmas must be a 1-D tensor of N+1 values; got shape {tuple(sigmas.shape)}")
+        self.denoiser = denoiser
+        self.sigmas = sigmas
+        self.steps = sigmas.numel() - 1
+        self.solver = get_solver(solver) if isinstance(solver, str) else solver
+        if isinstance(controller, CachePolicy):
+            if controller.steps != self.steps:
+                raise ConfigError(f"policy is for {controller.steps} steps but the sampler has {self.steps}")
+        self.controller = as_controller(controller)
+        if isinstance(self.controller, StaticMask) and self.controller.steps != self.steps:
+            raise ConfigError(f"mask has {self.controller.steps} steps but the sampler has {self.steps}")
+        self.mechanism = mechanism
+        self.guidance = float(guidance)
+        self.check_finite = check_finite
+        self.cached = not isinstance(self.controller, ComputeAll)
+        if self.cached and mechanism in MECHANISMS and getattr(denoiser, "transformer", None) is None:
+            raise ConfigError(f"mechanism {mechanism!r} needs a diffusers transformer; a plain callable "
+                              "supports only 'output' (velocity reuse)")
+
+    def start(self, noise: torch.Tensor) -> SamplerState:
+        """The state before step 0, at ``x = noise``."""
+        b = noise.shape[0]
+        return SamplerState(x=noise, step=0, history=(), nfe=torch.zeros(b, dtype=torch.long, device=noise.device),
+                            computed=())
+
+    # The loop ----------------------------------------------------------------------------
+    def run(self, state: SamplerState, cond: Any, uncond: Any = None, until: int | None = None,
+            progress: bool = False) -> SamplerState:
+        """Advance ``state`` to step ``until`` (default: the end)."""
+        until = self.steps if until is None else until
+        if not state.step <= until <= self.steps:
+            raise ConfigError(f"until={until} must lie in [{state.step}, {self.steps}]")
+        if self.guidance != 1.0 and uncond is None:
+            raise ConfigError("guidance != 1 needs the unconditional conditioning (uncond)")
+        handle = self._install()
+        try:
+            steps = range(state.step, until)
+            if progress:
+                from tqdm import tqdm
+                steps = tqdm(steps, desc="sampling", leave=False)
+            for _ in steps:
+                state = self._step(state, cond, uncond, handle)
+        finally:
+            if handle is not None:
+                handle.remove()
+        return state
+
+    def _install(self) -> CacheHandle | None:
+        if not (self.cached and self.mechanism in MECHANISMS):
+            return None
+        tr = self.denoiser.transformer
+        if find_cache(tr) is not None:
+            raise ConfigError("this transformer already carries a budcache cache (budcache.diffusers.apply); "
+                              "remove it before sampling with budcache's sampler")
+        return apply_cache(tr, self.mechanism)
+
+    def _velocity(self, x: torch.Tensor, sigma: torch.Tensor, cond: Any, uncond: Any) -> torch.Tensor:
+        v = self.denoiser(x, sigma, cond, "cond")
+        if self.guidance != 1.0:
+            vu = self.denoiser(x, sigma, uncond, "uncond")
+            v = vu + self.guidance * (v - vu)
+        return v
+
+    def _step(self, state: SamplerState, cond: Any, uncond: Any, handle: CacheHandle | None) -> SamplerState:
+        k = state.step
+        x = state.x
+        b = x.shape[0]
+        compute = self.controller.decide(k, state).to(device=x.device, dtype=torch.bool)
+        sigma = self.sigmas[k].to(x.dtype).expand(b)
+        cache = state.cache
+        if handle is not None:
+            handle.restore(cache)
+            handle.set_decision(k, compute)
+            v = self._velocity(x, sigma, cond, uncond)
+            cache = handle.snapshot()
+        elif self.mechanism == "output" and self.cached:
+            v = self._output_reuse(state, compute, sigma, cond, uncond, k)
+        else:
+            v = self._velocity(x, sigma, cond, uncond)
+        if self.check_finite and not bool(torch.isfinite(v).all()):
+            raise ModelOutputError(f"the model returned NaN or Inf at step {k} (sigma={float(self.sigmas[k]):.4f})")
+        x_next, history = self.solver.step(x, v, k, self.sigmas, state.history)
+        return replace(state, x=x_next, step=k + 1, history=history, nfe=state.nfe + compute.long(),
+                       computed=(*state.computed, compute), last_v=v, cache=cache)
+
+    def _output_reuse(self, state: SamplerState, compute: torch.Tensor, sigma: torch.Tensor, cond: Any,
+                      uncond: Any, k: int) -> torch.Tensor:
+        n = int(compute.sum())
+        if n == compute.numel():
+            return self._velocity(state.x, sigma, cond, uncond)
+        if state.last_v is None:
+            raise ConfigError(f"step {k} reuses a velocity but no step has computed yet")
+        if n == 0:
+            return state.last_v
+        idx = torch.nonzero(compute).squeeze(1)
+        v_sub = self._velocity(state.x.index_select(0, idx), sigma.index_select(0, idx), _select(cond, idx),
+                               _select(uncond, idx))
+        return state.last_v.index_copy(0, idx, v_sub)
+
+    def result(self, state: SamplerState) -> SampleResult:
+        """Package a finished state."""
+        if state.step != self.steps:
+            raise ConfigError(f"state is at step {state.step} of {self.steps}: run it to the end first")
+        return SampleResult(state.x, state.nfe, torch.stack(state.computed) if state.computed else
+                            torch.zeros(0, state.x.shape[0], dtype=torch.bool))
+
+
+def _select(cond: Any, idx: torch.Tensor) -> Any:
+    if cond is None:
+        return None
+    if hasattr(cond, "select") and not torch.is_tensor(cond):
+        return cond.select(idx)
+    if torch.is_tensor(cond):
+        return cond.index_select(0, idx)
+    raise ConfigError(f"cannot take a subset of conditioning of type {type(cond).__name__}; "
+                      "give it a select(idx) method or use a tensor")
+
+
+def sample(model: Any, noise: torch.Tensor, cond: Any, sigmas: torch.Tensor, *, solver: Solver | str = "euler",
+           policy: CachePolicy | Controller | torch.Tensor | None = None, mechanism: str = "reuse",
+           guidance: float = 1.0, uncond: Any = None, progress: bool = False, **geometry: Any) -> SampleResult:
+    """Sample from ``noise`` with one call: ``sample(model, noise, cond, sigmas, policy=...)``.
+
+    ``model`` is a diffusers transformer (with ``geometry`` for its adapter, e.g.
+    ``rows``/``cols`` for FLUX), a denoiser, or a callable ``v(x, sigma, cond)``.
+    If the policy carries learned sigmas, they replace ``sigmas``.
+    """
+    den = as_denoiser(model, **geometry)
+    if isinstance(policy, CachePolicy) and policy.sigmas is not None:
+        sigmas = torch.tensor(policy.sigmas, dtype=sigmas.dtype, device=sigmas.device)
+    sampler = Sampler(den, sigmas, solver, policy, mechanism, guidance)
+    return sampler.result(sampler.run(sampler.start(noise), cond, uncond, progress=progress))

@@ -1,0 +1,319 @@
+"""Train tinyflow with rectified flow on images rendered from the prompt grammar.
+
+Loss: ``E || v_theta(x_s, s, c) - (eps - x_0) ||^2`` with ``x_s = (1-s) x_0 + s eps``,
+``s`` logit-normal then shifted like FLUX's schedule at 64 tokens. The
+transformer and the text encoder are trained jointly; an exponential moving
+average of both is what ships. Ten percent of prompts are empty (the "empty"
+template), so classifier-free guidance works.
+
+Seeded and resumable: batch ``i`` is drawn from ``(seed, i)`` alone, and the
+checkpoint (safetensors + JSON, written atomically) holds weights, EMA and
+optimiser state, so a resumed run continues exactly where the last one stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from ..errors import ConfigError
+from . import grammar
+from .model import TinyTextEncoder, image_ids, image_to_latent, new_transformer, text_ids
+from .render import render_params, scene_params
+
+#: FLUX's time shift at 64 image tokens: exp(mu), mu = 0.5 + (64 - 256) * 0.65 / 3840.
+TRAIN_SHIFT = math.exp(0.5 + (64 - 256) * (1.15 - 0.5) / (4096 - 256))
+
+
+@dataclass
+class TrainConfig:
+    """Hyper-parameters of a tinyflow training run."""
+
+    iters: int = 40_000
+    batch: int = 256
+    lr: float = 5e-4
+    min_lr_frac: float = 0.05
+    warmup: int = 500
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    ema_decay: float = 0.9995
+    seed: int = 0
+    workers: int = 0
+
+
+class _Batches(IterableDataset):
+    """Deterministic stream of (token ids, scene params); batch i depends on (seed, i) only."""
+
+    def __init__(self, start: int, stop: int, batch: int, seed: int) -> None:
+        self.start, self.stop, self.batch, self.seed = start, stop, batch, seed
+
+    def __iter__(self):
+        info = get_worker_info()
+        wid, nw = (info.id, info.num_workers) if info else (0, 1)
+        for i in range(self.start + wid, self.stop, nw):
+            yield make_batch(self.batch, self.seed, i)
+
+
+def make_batch(batch: int, seed: int, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids (B, L) and packed scene parameters (B, M, 6) of training batch ``index``."""
+    rng = np.random.default_rng([seed, index])
+    specs = [grammar.sample_spec(rng) for _ in range(batch)]
+    scenes = [grammar.realise(s, rng) for s in specs]
+    ids = torch.from_numpy(grammar.tokenize([grammar.prompt_of(s) for s in specs]))
+    return ids, scene_params(scenes)
+
+
+def _lr_at(cfg: TrainConfig, step: int) -> float:
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    t = min(1.0, (step - cfg.warmup) / max(1, cfg.iters - cfg.warmup))
+    return cfg.lr * (cfg.min_lr_frac + (1 - cfg.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * t)))
+
+
+def _optim_state(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    sd = opt.state_dict()
+    tensors, scalars = {}, {}
+    for pid, st in sd["state"].items():
+        for k, v in st.items():
+            if torch.is_tensor(v):
+                tensors[f"{pid}.{k}"] = v.detach().cpu().contiguous()
+            else:
+                scalars[f"{pid}.{k}"] = v
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+
+
+def _load_optim_state(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    state: dict[int, dict] = {}
+    for key, v in tensors.items():
+        pid, k = key.split(".", 1)
+        state.setdefault(int(pid), {})[k] = v
+    for key, v in meta["scalars"].items():
+        pid, k = key.split(".", 1)
+        state.setdefault(int(pid), {})[k] = v
+    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+def save_checkpoint(path: Path, step: int, cfg: TrainConfig, models: dict[str, torch.nn.Module],
+                    opt: torch.optim.Optimizer, log: list[dict]) -> None:
+    """Write the checkpoint directory atomically (temp dir, then rename)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    for name, m in models.items():
+        m.save_pretrained(tmp / name, safe_serialization=True)
+    tensors, meta = _optim_state(opt)
+    # Split the optimiser moments so each file stays small.
+    for part in ("exp_avg", "exp_avg_sq"):
+        save_file({k: v for k, v in tensors.items() if k.endswith(part)}, str(tmp / f"optim_{part}.safetensors"))
+    rest = {k: v for k, v in tensors.items() if not k.endswith(("exp_avg", "exp_avg_sq"))}
+    save_file(rest or {"_": torch.zeros(1)}, str(tmp / "optim_other.safetensors"))
+    (tmp / "state.json").write_text(json.dumps(
+        {"step": step, "config": asdict(cfg), "optim": meta, "log": log}, indent=1))
+    old = path.with_name(path.name + ".old")
+    if path.exists():
+        if old.exists():
+            shutil.rmtree(old)
+        os.replace(path, old)
+    os.replace(tmp, path)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+def export_weights(ckpt: Path, dest: Path) -> None:
+    """Copy the EMA transformer and text encoder of a checkpoint to ``dest`` (the shipped layout)."""
+    dest = Path(dest)
+    for src, dst in (("transformer_ema", "transformer"), ("text_encoder_ema", "text_encoder")):
+        target = dest / dst
+        tmp = target.with_name(dst + ".tmp")
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        shutil.copytree(Path(ckpt) / src, tmp)
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+
+
+@torch.no_grad()
+def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    for pe, pm in zip(ema.parameters(), model.parameters()):
+        pe.lerp_(pm, 1 - decay)
+
+
+def train(out: str | Path, cfg: TrainConfig, *, device: str = "cpu", minutes: float | None = None,
+          log_every: int = 100, save_every_s: float = 300.0, progress: bool = True) -> Path:
+    """Train (or resume) tinyflow into checkpoint dir ``out``; stops after ``iters`` or ``minutes``."""
+    if cfg.batch < 1 or cfg.iters < 1:
+        raise ConfigError(f"batch and iters must be >= 1 (got batch={cfg.batch}, iters={cfg.iters})")
+    out = Path(out)
+    torch.manual_seed(cfg.seed)
+    transformer, encoder = new_transformer(), TinyTextEncoder()
+    ema_t, ema_e = new_transformer(), TinyTextEncoder()
+    ema_t.load_state_dict(transformer.state_dict())
+    ema_e.load_state_dict(encoder.state_dict())
+    models = {"transformer": transformer, "text_encoder": encoder,
+              "transformer_ema": ema_t, "text_encoder_ema": ema_e}
+    for m in models.values():
+        m.to(device)
+    params = list(transformer.parameters()) + list(encoder.parameters())
+    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.99), weight_decay=cfg.weight_decay,
+                            fused=str(device).startswith("cuda"))
+    step, log = 0, []
+    if (out / "state.json").exists():
+        state = json.loads((out / "state.json").read_text())
+        if {**state["config"], "workers": cfg.workers} != asdict(cfg):
+            raise ConfigError(f"checkpoint {out} was made with config {state['config']}, not {asdict(cfg)}")
+        for name, m in models.items():
+            sd = load_file(str(out / name / "diffusion_pytorch_model.safetensors"), device=str(device))
+            m.load_state_dict(sd)
+        tensors = {}
+        for part in ("exp_avg", "exp_avg_sq", "other"):
+            tensors.update(load_file(str(out / f"optim_{part}.safetensors"), device=str(device)))
+        tensors.pop("_", None)
+        _load_optim_state(opt, tensors, state["optim"])
+        step, log = state["step"], state["log"]
+        print(f"resumed from {out} at step {step}", flush=True)
+    if step >= cfg.iters:
+        return out
+
+    img_ids, txt_ids = image_ids(device=device), text_ids(device=device)
+    loader = DataLoader(_Batches(step, cfg.iters, cfg.batch, cfg.seed), batch_size=None,
+                        num_workers=cfg.workers, prefetch_factor=4 if cfg.workers else None,
+                        persistent_workers=False)
+    t0 = last_save = time.time()
+    gen = torch.Generator(device=device)
+    running = 0.0
+    pbar = None
+    if progress:
+        from tqdm import tqdm
+        pbar = tqdm(total=cfg.iters, initial=step, desc="tinyflow", dynamic_ncols=True)
+    transformer.train()
+    encoder.train()
+    for ids, sp in loader:
+        ids, sp = ids.to(device, non_blocking=True), sp.to(device, non_blocking=True)
+        x0 = image_to_latent(render_params(sp) * 2 - 1)  # (B, 64, 48)
+        gen.manual_seed(cfg.seed * 1_000_003 + step)
+        b = x0.shape[0]
+        u = torch.sigmoid(torch.randn(b, device=device, generator=gen))
+        s = TRAIN_SHIFT * u / (1 + (TRAIN_SHIFT - 1) * u)  # (B,)
+        eps = torch.randn(x0.shape, device=device, generator=gen)
+        xs = (1 - s)[:, None, None] * x0 + s[:, None, None] * eps
+        for g in opt.param_groups:
+            g["lr"] = _lr_at(cfg, step)
+        tok, pooled = encoder(ids)
+        v = transformer(hidden_states=xs, encoder_hidden_states=tok, pooled_projections=pooled, timestep=s,
+                        img_ids=img_ids, txt_ids=txt_ids, return_dict=False)[0]
+        loss = torch.nn.functional.mse_loss(v, eps - x0)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        opt.step()
+        _ema_update(ema_t, transformer, cfg.ema_decay)
+        _ema_update(ema_e, encoder, cfg.ema_decay)
+        step += 1
+        running += float(loss.detach()) if step % 10 == 0 else 0.0
+        if pbar is not None:
+            pbar.update(1)
+        if step % log_every == 0:
+            entry = {"step": step, "loss": running / (log_every / 10), "elapsed_s": time.time() - t0,
+                     "lr": _lr_at(cfg, step)}
+            log.append(entry)
+            running = 0.0
+            if pbar is not None:
+                pbar.set_postfix(loss=f"{entry['loss']:.4f}")
+            else:
+                print(json.dumps(entry), flush=True)
+        done = step >= cfg.iters or (minutes is not None and time.time() - t0 > minutes * 60)
+        if done or time.time() - last_save > save_every_s:
+            save_checkpoint(out, step, cfg, models, opt, log)
+            last_save = time.time()
+        if done:
+            break
+    if pbar is not None:
+        pbar.close()
+    return out
+
+
+@torch.no_grad()
+def monitor(ckpt: str | Path, n: int = 256, steps: int = 28, device: str = "cpu", batch: int = 256,
+            guidance: float = 1.0) -> dict[str, float]:
+    """Checker accuracy of the EMA weights on ``n`` held-out pairs (plain Euler, FLUX schedule)."""
+    from . import checker
+    from .model import latent_to_image
+
+    t = new_transformer().to(device)
+    e = TinyTextEncoder().to(device)
+    t.load_state_dict(load_file(str(Path(ckpt) / "transformer_ema" / "diffusion_pytorch_model.safetensors")))
+    e.load_state_dict(load_file(str(Path(ckpt) / "text_encoder_ema" / "diffusion_pytorch_model.safetensors")))
+    t.eval()
+    e.eval()
+    pairs = grammar.heldout_pairs(n)
+    sig = torch.linspace(1.0, 1.0 / steps, steps)
+    sig = TRAIN_SHIFT * sig / (1 + (TRAIN_SHIFT - 1) * sig)
+    sig = torch.cat([sig, torch.zeros(1)]).to(device)
+    ok = []
+    for i in range(0, n, batch):
+        chunk = pairs[i:i + batch]
+        prompts = [p for p, _ in chunk]
+        tok, pooled = e(torch.from_numpy(grammar.tokenize(prompts)).to(device))
+        utok, upooled = e(torch.from_numpy(grammar.tokenize([""] * len(chunk))).to(device))
+        x = torch.stack([torch.randn(64, 48, generator=torch.Generator().manual_seed(sd)) for _, sd in chunk]).to(device)
+        for k in range(steps):
+            ts = sig[k].expand(len(chunk))
+            v = t(hidden_states=x, encoder_hidden_states=tok, pooled_projections=pooled, timestep=ts,
+                  img_ids=image_ids(device=device), txt_ids=text_ids(device=device), return_dict=False)[0]
+            if guidance != 1.0:
+                vu = t(hidden_states=x, encoder_hidden_states=utok, pooled_projections=upooled, timestep=ts,
+                       img_ids=image_ids(device=device), txt_ids=text_ids(device=device), return_dict=False)[0]
+                v = vu + guidance * (v - vu)
+            x = x + (sig[k + 1] - sig[k]) * v
+        imgs = ((latent_to_image(x.float().cpu()) + 1) / 2).clamp(0, 1)
+        ok += [checker.check(p, im).ok for p, im in zip(prompts, imgs)]
+    specs = [grammar.parse_prompt(p) for p, _ in pairs]
+    res = {"accuracy": float(np.mean(ok))}
+    for tmpl in ("single", "pair", "count"):
+        sel = [o for o, s in zip(ok, specs) if s.template == tmpl]
+        res[tmpl] = float(np.mean(sel)) if sel else float("nan")
+    full = [o for o, s in zip(ok, specs) if s.fully_specified]
+    res["fully_specified"] = float(np.mean(full)) if full else float("nan")
+    return res
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Command line: ``python -m budcache.tinyflow.train --out DIR [--minutes M] ...``."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", required=True, help="checkpoint directory (resumed if it exists)")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--minutes", type=float, default=None, help="stop (and checkpoint) after this long")
+    ap.add_argument("--export", default=None, help="copy the EMA weights here when done")
+    ap.add_argument("--eval", type=int, default=0, help="held-out pairs to check when done")
+    ap.add_argument("--guidance", type=float, default=1.0)
+    ap.add_argument("--log-every", type=int, default=100)
+    for f, v in asdict(TrainConfig()).items():
+        ap.add_argument(f"--{f.replace('_', '-')}", type=type(v), default=v)
+    a = ap.parse_args(argv)
+    cfg = TrainConfig(**{f: getattr(a, f) for f in asdict(TrainConfig())})
+    if a.device.startswith("cuda"):
+        torch.backends.cuda.matmul.allow_tf32 = True
+    train(a.out, cfg, device=a.device, minutes=a.minutes, progress=False, log_every=a.log_every)
+    if a.export:
+        export_weights(Path(a.out), Path(a.export))
+    if a.eval:
+        print(json.dumps(monitor(a.out, n=a.eval, device=a.device, guidance=a.guidance)), flush=True)
+
+
+if __name__ == "__main__":
+    main()
