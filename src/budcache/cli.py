@@ -1,0 +1,195 @@
+"""Command line: ``budcache sample | show | train-tinyflow``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from .errors import BudcacheError, ConfigError
+
+
+def _read_prompts(values: list[str]) -> list[str]:
+    """Prompts given inline, or one per line from a file when a value names an existing .txt file."""
+    out: list[str] = []
+    for v in values:
+        p = Path(v)
+        if p.suffix == ".txt" and p.is_file():
+            out += [line.strip() for line in p.read_text().splitlines() if line.strip()]
+        else:
+            out.append(v)
+    if not out:
+        raise ConfigError("no prompts given")
+    return out
+
+
+def save_grid(images: "torch.Tensor", path: str | Path, columns: int, scale: int = 4) -> Path:  # noqa: F821
+    """Write images (B, 3, H, W) in [0, 1] as one PNG grid, atomically."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from .io import atomic_write_bytes
+
+    b, _, h, w = images.shape
+    rows = (b + columns - 1) // columns
+    grid = np.zeros((rows * (h + 1) + 1, columns * (w + 1) + 1, 3), dtype=np.uint8) + 40
+    arr = (images.clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)
+    for i in range(b):
+        r, c = divmod(i, columns)
+        grid[1 + r * (h + 1):1 + r * (h + 1) + h, 1 + c * (w + 1):1 + c * (w + 1) + w] = arr[i]
+    img = Image.fromarray(grid).resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.NEAREST)
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return atomic_write_bytes(path, buf.getvalue())
+
+
+def cmd_sample(a: argparse.Namespace) -> int:
+    import torch
+
+    from . import tinyflow
+    from .policy import CachePolicy
+    from .tinyflow import checker
+
+    torch.set_grad_enabled(False)
+    prompts = _read_prompts(a.prompts)
+    prompts = [p for p in prompts for _ in range(a.per_prompt)]
+    seeds = [a.seed + i for i in range(len(prompts))]
+    if a.policy and a.nfe:
+        raise ConfigError("give either --policy FILE or --nfe K (uniform policy), not both")
+    policy = CachePolicy.load(a.policy) if a.policy else (CachePolicy.uniform(a.steps, a.nfe) if a.nfe else None)
+    if policy is not None and policy.steps != a.steps:
+        if a.steps_given:
+            raise ConfigError(f"--steps {a.steps} but the policy {a.policy} is for {policy.steps} steps")
+        a.steps = policy.steps
+    tf = tinyflow.load(a.model)
+    t0 = time.perf_counter()
+    res = tf.sample(prompts, seeds, steps=a.steps, solver=a.solver, policy=policy, mechanism=a.mechanism,
+                    guidance=a.guidance, progress=not a.quiet)
+    wall = time.perf_counter() - t0
+    images = tf.images(res.latent)
+    out = save_grid(images, a.out, columns=a.per_prompt if a.per_prompt > 1 else min(8, len(prompts)))
+    verdicts = [checker.check(p, im).ok for p, im in zip(prompts, images)]
+    summary = {"images": len(prompts), "steps": a.steps, "nfe": int(res.nfe.max()), "solver": a.solver,
+               "policy": str(policy) if policy else "none (all steps)", "guidance": a.guidance,
+               "wall_s": round(wall, 3), "checker_accuracy": sum(verdicts) / len(verdicts), "grid": str(out)}
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def cmd_show(a: argparse.Namespace) -> int:
+    from .policy import CachePolicy
+
+    pol = CachePolicy.load(a.policy)
+    print(f"policy      {a.policy}")
+    print(f"steps (N)   {pol.steps}")
+    print(f"NFE (K)     {pol.nfe}")
+    print(f"speed-up    <= {pol.speedup_bound:.2f}x (if cached steps cost nothing)")
+    print(f"mask        {pol.strip()}   (C computed, . cached)")
+    print(f"computed    {list(pol.compute)}")
+    if pol.sigmas is not None:
+        print("sigmas      " + " ".join(f"{s:.4f}" for s in pol.sigmas))
+    for k, v in pol.meta.items():
+        print(f"meta.{k:<7} {v}")
+    if a.plot:
+        _plot_policy(pol, a.plot)
+        print(f"plot        {a.plot}")
+    return 0
+
+
+def _plot_policy(pol: "CachePolicy", path: str) -> None:  # noqa: F821
+    import io
+
+    from .errors import require
+    from .io import atomic_write_bytes
+
+    require("matplotlib", "plot")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(max(6, pol.steps * 0.3), 2.6 if pol.sigmas is None else 4))
+    xs = list(range(pol.steps))
+    if pol.sigmas is not None:
+        ax.plot(range(pol.steps + 1), pol.sigmas, "-", color="0.6", label="sigma")
+        ys = [pol.sigmas[k] for k in xs]
+    else:
+        ys = [1.0] * pol.steps
+    ax.scatter([k for k in xs if pol.mask[k]], [ys[k] for k in xs if pol.mask[k]],
+               marker="s", color="tab:blue", label="computed", zorder=3)
+    ax.scatter([k for k in xs if not pol.mask[k]], [ys[k] for k in xs if not pol.mask[k]], marker="o",
+               facecolors="none", edgecolors="tab:orange", label="cached", zorder=3)
+    ax.set_xlabel("step")
+    ax.set_title(f"N={pol.steps}, K={pol.nfe}, speed-up <= {pol.speedup_bound:.2f}x")
+    if pol.sigmas is None:
+        ax.set_yticks([])
+    ax.legend(loc="upper right", fontsize=8)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def cmd_train(a: argparse.Namespace) -> int:
+    from .tinyflow import train
+
+    train.main(a.rest)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .hooks import MECHANISMS
+    from .solvers import SOLVERS
+
+    ap = argparse.ArgumentParser(prog="budcache", description="Budget-exact step caching for diffusion transformers.")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("sample", help="sample tinyflow with an optional cache policy; writes a PNG grid")
+    s.add_argument("prompts", nargs="*", default=["a red circle", "a large square in the top left",
+                                                  "a blue triangle and a yellow circle", "three circles"],
+                   help="prompts of tinyflow's grammar, or .txt files with one prompt per line")
+    s.add_argument("--steps", type=int, default=None, help="solver steps N (default 28, or the policy's)")
+    s.add_argument("--policy", default=None, help="policy JSON file (budcache search writes them)")
+    s.add_argument("--nfe", type=int, default=None, help="uniform policy with this many computed steps")
+    s.add_argument("--solver", default="euler", choices=sorted(SOLVERS))
+    s.add_argument("--mechanism", default="reuse", choices=[*MECHANISMS, "output"])
+    s.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale (1 = off)")
+    s.add_argument("--seed", type=int, default=0, help="seed of the first image; image i uses seed+i")
+    s.add_argument("--per-prompt", type=int, default=1, help="images per prompt")
+    s.add_argument("--model", default=None, help="tinyflow weights directory (default: the shipped model)")
+    s.add_argument("--out", default="samples.png", help="PNG grid to write")
+    s.add_argument("--quiet", action="store_true", help="no progress bar")
+    s.set_defaults(func=cmd_sample)
+
+    sh = sub.add_parser("show", help="print a policy: mask strip, NFE, speed-up bound, sigmas")
+    sh.add_argument("policy")
+    sh.add_argument("--plot", default=None, help="also write a PNG of the mask (needs budcache[plot])")
+    sh.set_defaults(func=cmd_show)
+
+    t = sub.add_parser("train-tinyflow", help="train (or resume) the embedded model; see --help after it",
+                       add_help=False)
+    t.add_argument("rest", nargs=argparse.REMAINDER)
+    t.set_defaults(func=cmd_train)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = build_parser()
+    a = ap.parse_args(argv)
+    if a.command == "sample":
+        a.steps_given = a.steps is not None
+        a.steps = 28 if a.steps is None else a.steps
+    try:
+        return a.func(a)
+    except BudcacheError as exc:
+        print(f"budcache {a.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
