@@ -1,0 +1,65 @@
+"""The budcache command: sample, show, and clear errors for bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from PIL import Image
+
+from budcache import CachePolicy
+from budcache.cli import main
+
+
+def test_sample_writes_grid_and_reports_exact_nfe(tmp_path, capsys):
+    out = tmp_path / "grid.png"
+    rc = main(["sample", "a red circle", "two squares", "--steps", "8", "--nfe", "3", "--out", str(out), "--quiet"])
+    assert rc == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["nfe"] == 3 and summary["steps"] == 8 and summary["images"] == 2
+    img = Image.open(out)
+    assert img.size[0] > 2 * 32 and img.mode == "RGB"
+
+
+def test_sample_reads_prompt_file_and_policy(tmp_path, capsys):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a circle\n\nthree triangles\n")
+    pol = tmp_path / "p.json"
+    CachePolicy.uniform(6, 2).save(pol)
+    rc = main(["sample", str(prompts), "--policy", str(pol), "--out", str(tmp_path / "g.png"), "--quiet"])
+    assert rc == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["images"] == 2 and summary["steps"] == 6 and summary["nfe"] == 2
+
+
+def test_sample_policy_step_mismatch_is_a_clear_error(tmp_path, capsys):
+    pol = tmp_path / "p.json"
+    CachePolicy.uniform(28, 10).save(pol)
+    rc = main(["sample", "a circle", "--policy", str(pol), "--steps", "20", "--out", str(tmp_path / "g.png")])
+    assert rc == 2
+    assert "28 steps" in capsys.readouterr().err
+
+
+def test_sample_unknown_word_is_a_clear_error(tmp_path, capsys):
+    rc = main(["sample", "a purple circle", "--steps", "4", "--out", str(tmp_path / "g.png"), "--quiet"])
+    assert rc == 2
+    assert "purple" in capsys.readouterr().err
+    assert not (tmp_path / "g.png").exists()
+
+
+def test_show_prints_strip_and_plots(tmp_path, capsys):
+    pol = tmp_path / "p.json"
+    CachePolicy.uniform(12, 4).with_meta(model="tinyflow").save(pol)
+    png = tmp_path / "mask.png"
+    assert main(["show", str(pol), "--plot", str(png)]) == 0
+    text = capsys.readouterr().out
+    assert "C..C..C..C.." in text and "3.00x" in text and "tinyflow" in text
+    assert Image.open(png).size[0] > 100
+
+
+@pytest.mark.parametrize("content", [b"", b"{not json", b"[1, 2]", b'{"format": "other"}'])
+def test_show_rejects_broken_policy_files(tmp_path, capsys, content):
+    pol = tmp_path / "bad.json"
+    pol.write_bytes(content)
+    assert main(["show", str(pol)]) == 2
+    assert "bad.json" in capsys.readouterr().err
