@@ -54,7 +54,6 @@ def cmd_sample(a: argparse.Namespace) -> int:
     from .policy import CachePolicy
     from .tinyflow import checker
 
-    torch.set_grad_enabled(False)
     prompts = _read_prompts(a.prompts)
     prompts = [p for p in prompts for _ in range(a.per_prompt)]
     seeds = [a.seed + i for i in range(len(prompts))]
@@ -67,8 +66,9 @@ def cmd_sample(a: argparse.Namespace) -> int:
         a.steps = policy.steps
     tf = tinyflow.load(a.model)
     t0 = time.perf_counter()
-    res = tf.sample(prompts, seeds, steps=a.steps, solver=a.solver, policy=policy, mechanism=a.mechanism,
-                    guidance=a.guidance, progress=not a.quiet)
+    with torch.no_grad():
+        res = tf.sample(prompts, seeds, steps=a.steps, solver=a.solver, policy=policy, mechanism=a.mechanism,
+                        guidance=a.guidance, progress=not a.quiet)
     wall = time.perf_counter() - t0
     images = tf.images(res.latent)
     out = save_grid(images, a.out, columns=a.per_prompt if a.per_prompt > 1 else min(8, len(prompts)))

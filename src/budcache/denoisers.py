@@ -50,10 +50,9 @@ class FluxCond:
         return FluxCond(self.prompt_embeds.index_select(0, idx), self.pooled_prompt_embeds.index_select(0, idx),
                         self.guidance)
 
-    def repeat(self, n: int) -> FluxCond:
-        """Each element repeated ``n`` times (``repeat_interleave``), e.g. for candidate masks."""
-        return FluxCond(self.prompt_embeds.repeat_interleave(n, 0), self.pooled_prompt_embeds.repeat_interleave(n, 0),
-                        self.guidance)
+    def tile(self, n: int) -> FluxCond:
+        """The whole batch repeated ``n`` times (candidate-major), e.g. for candidate masks."""
+        return FluxCond(self.prompt_embeds.repeat(n, 1, 1), self.pooled_prompt_embeds.repeat(n, 1), self.guidance)
 
 
 class FluxDenoiser:
@@ -104,7 +103,11 @@ def as_denoiser(model: Any, **geometry: Any) -> Denoiser:
     if hasattr(model, "transformer") and callable(model):
         return model
     if isinstance(model, torch.nn.Module) and type(model).__name__ in ADAPTERS:
-        return ADAPTERS[type(model).__name__](model, **geometry)
+        try:
+            return ADAPTERS[type(model).__name__](model, **geometry)
+        except TypeError as exc:
+            raise ConfigError(f"{type(model).__name__} needs its latent geometry: {exc} "
+                              "(for FLUX pass rows=..., cols=..., the token grid)") from None
     if isinstance(model, torch.nn.Module) and hasattr(model, "config"):
         raise ConfigError(f"no call adapter for {type(model).__name__}; supported: {sorted(ADAPTERS)}")
     if callable(model):

@@ -63,15 +63,15 @@ class ResidualHistory:
     txt: tuple[torch.Tensor | None, ...] = ()
     steps: tuple[torch.Tensor, ...] = ()
 
-    def push(self, idx: torch.Tensor, img: torch.Tensor, txt: torch.Tensor | None, step: int,
+    def push(self, idx: torch.Tensor | None, img: torch.Tensor, txt: torch.Tensor | None, step: int,
              batch: int, depth: int) -> ResidualHistory:
-        """New history where elements ``idx`` gain the residual (img, txt) of ``step``.
+        """New history where elements ``idx`` (``None``: all, in order) gain the residual of ``step``.
 
         ``img``/``txt`` hold the new residuals of those elements only; older
         entries move one level down and the oldest beyond ``depth`` is dropped.
         """
-        full = idx.numel() == batch
-        steps_new = torch.full((idx.numel(),), float(step), device=img.device)
+        full = idx is None
+        steps_new = torch.full((img.shape[0],), float(step), device=img.device)
 
         def shifted(old: tuple[torch.Tensor | None, ...], new: torch.Tensor | None, fill: float) -> tuple:
             if new is None:
@@ -91,6 +91,12 @@ class ResidualHistory:
 
         return ResidualHistory(img=shifted(self.img, img, 0.0), txt=shifted(self.txt, txt, 0.0),
                                steps=shifted(self.steps, steps_new, -1.0))
+
+    def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> ResidualHistory:
+        """Apply ``fn`` to every stored tensor (e.g. select or tile batch elements)."""
+        return ResidualHistory(tuple(fn(t) for t in self.img),
+                               tuple(fn(t) if t is not None else None for t in self.txt),
+                               tuple(fn(t) for t in self.steps))
 
     def estimate(self, step: int, order: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``R_hat`` at ``step``: the newest residual extrapolated with up to ``order`` differences.
@@ -276,7 +282,7 @@ class _BlockHook(ModelHook):
             h_in_s, e_in_s = h_in, e_in
         r_img = (h_out - h_in_s).detach()
         r_txt = (e_out - e_in_s).detach() if (e_out is not None and e_in_s is not None) else None
-        idx = st.idx if st.idx is not None else torch.arange(st.batch, device=h_out.device)
+        idx = st.idx
         depth = self.cache.order + 1
         if st.mode == "subset":
             est_img, est_txt = st.history.estimate(st.decision.step, self.cache.order)

@@ -235,6 +235,35 @@ class Sampler:
                             torch.zeros(0, state.x.shape[0], dtype=torch.bool))
 
 
+def map_state(state: SamplerState, fn: Any) -> SamplerState:
+    """Apply ``fn`` to every per-element tensor of a state (select, tile, clone, move)."""
+    cache = None if state.cache is None else {k: h.map(fn) for k, h in state.cache.items()}
+    return replace(state, x=fn(state.x), history=tuple(fn(h) for h in state.history), nfe=fn(state.nfe),
+                   computed=tuple(fn(c) for c in state.computed),
+                   last_v=None if state.last_v is None else fn(state.last_v), cache=cache)
+
+
+def tile_state(state: SamplerState, n: int) -> SamplerState:
+    """The batch repeated ``n`` times, candidate-major: element ``i*B + b`` is element ``b``."""
+    return map_state(state, lambda t: t.repeat(n, *([1] * (t.dim() - 1))))
+
+
+def slice_state(state: SamplerState, start: int, stop: int, clone: bool = False) -> SamplerState:
+    """Elements ``start:stop`` of a state (copied when ``clone``)."""
+    return map_state(state, (lambda t: t[start:stop].clone()) if clone else (lambda t: t[start:stop]))
+
+
+def tile_cond(cond: Any, n: int) -> Any:
+    """Conditioning repeated ``n`` times, candidate-major (matches :func:`tile_state`)."""
+    if cond is None or n == 1:
+        return cond
+    if hasattr(cond, "tile"):
+        return cond.tile(n)
+    if torch.is_tensor(cond):
+        return cond.repeat(n, *([1] * (cond.dim() - 1)))
+    raise ConfigError(f"cannot tile conditioning of type {type(cond).__name__}; give it a tile(n) method")
+
+
 def _select(cond: Any, idx: torch.Tensor) -> Any:
     if cond is None:
         return None

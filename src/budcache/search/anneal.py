@@ -1,0 +1,280 @@
+"""Budget-exact mask search: simulated annealing, then steepest-descent hill climbing.
+
+Masks are compute sets with exactly K steps, the first ``P = max(1, K//4)``
+forced. Every move keeps K:
+
+- SA proposal: with probability ``p_single`` move one computed step (>= P) to a
+  free step (>= P), within ``radius`` with probability ``p_local``, else
+  anywhere; otherwise move two at once. Accept with Metropolis,
+  ``exp(-(L_new - L_cur) / T)``, ``T = t_max (t_min / t_max)^(it / iters)``.
+- HC from SA's state: the neighbourhood is, for every movable computed step,
+  each free step within ``radius`` plus ``far_jumps`` random far targets; take
+  the best strictly improving neighbour, stop at a local minimum or after
+  ``hc_rounds`` rounds. The whole neighbourhood is scored as one batch.
+
+The loss memo is shared across SA, HC and restarts. Seeded and deterministic;
+a checkpoint (JSON, atomic) is written after every accepted move, and
+:func:`search` with ``resume=True`` continues a killed run to the same result.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import ConfigError
+from ..io import write_json
+
+Compute = tuple[int, ...]
+LossesFn = Callable[[Sequence[Compute]], list[float]]
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    """Search settings; defaults are the reference implementation's."""
+
+    steps: int
+    nfe: int
+    sa_iters: int = 200
+    t_max: float = 0.05
+    t_min: float = 1e-5
+    radius: int = 3
+    p_single: float = 0.9
+    p_local: float = 0.7
+    hc_rounds: int = 20
+    far_jumps: int = 2
+    restarts: int = 1
+    seed: int = 0
+    prefix: int | None = None
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.nfe <= self.steps:
+            raise ConfigError(f"nfe {self.nfe} must lie in 1..{self.steps} (the number of steps)")
+        if self.sa_iters < 0 or self.hc_rounds < 0 or self.restarts < 1 or self.radius < 1:
+            raise ConfigError("sa_iters and hc_rounds must be >= 0, restarts and radius >= 1")
+        if not 0 < self.t_min <= self.t_max:
+            raise ConfigError(f"temperatures must satisfy 0 < t_min <= t_max (got {self.t_min}, {self.t_max})")
+        if self.prefix is not None and not 1 <= self.prefix <= self.nfe:
+            raise ConfigError(f"prefix {self.prefix} must lie in 1..nfe={self.nfe}")
+
+    @property
+    def forced(self) -> int:
+        """Number of forced leading computed steps ``P``."""
+        return self.prefix if self.prefix is not None else max(1, self.nfe // 4)
+
+
+@dataclass
+class SearchResult:
+    """Best compute set found, its loss, and the search's history."""
+
+    compute: Compute
+    loss: float
+    history: list[dict[str, Any]] = field(default_factory=list)
+    evaluations: int = 0
+    wall_s: float = 0.0
+
+
+def random_init(cfg: SearchConfig, rng: np.random.Generator) -> Compute:
+    """Forced prefix plus a random sample of the remaining budget."""
+    p = cfg.forced
+    rest = rng.choice(np.arange(p, cfg.steps), size=cfg.nfe - p, replace=False) if cfg.nfe > p else []
+    return tuple(sorted([*range(p), *(int(r) for r in rest)]))
+
+
+def fit_budget(compute: Sequence[int], cfg: SearchConfig) -> Compute:
+    """Adapt a compute set to ``cfg.nfe`` (warm start across budgets): add or drop steps evenly."""
+    cur = set(int(c) for c in compute) | set(range(cfg.forced))
+    while len(cur) > cfg.nfe:
+        movable = sorted(c for c in cur if c >= cfg.forced)
+        # drop the step whose neighbours are closest together (least coverage lost)
+        gaps = [(min((c - max([d for d in cur if d < c], default=-1)),
+                     (min([d for d in cur if d > c], default=cfg.steps) - c)), c) for c in movable]
+        cur.remove(min(gaps)[1])
+    while len(cur) < cfg.nfe:
+        free = [k for k in range(cfg.forced, cfg.steps) if k not in cur]
+        cur.add(max(free, key=lambda k: min(abs(k - c) for c in cur)))
+    return tuple(sorted(cur))
+
+
+def sa_proposal(cur: Compute, cfg: SearchConfig, rng: np.random.Generator) -> Compute:
+    """One budget-preserving SA move (see module docstring)."""
+    p = cfg.forced
+    cset = set(cur)
+    movable = [c for c in cur if c >= p]
+    free = [k for k in range(p, cfg.steps) if k not in cset]
+    if not movable or not free:
+        return cur
+    if rng.random() < cfg.p_single or len(movable) < 2 or len(free) < 2:
+        src = movable[rng.integers(len(movable))]
+        local = [t for t in free if abs(t - src) <= cfg.radius]
+        if rng.random() < cfg.p_local and local:
+            dst = local[rng.integers(len(local))]
+        else:
+            dst = free[rng.integers(len(free))]
+        cset.remove(src)
+        cset.add(dst)
+    else:
+        for s in rng.choice(movable, 2, replace=False):
+            cset.remove(int(s))
+        for d in rng.choice(free, 2, replace=False):
+            cset.add(int(d))
+    return tuple(sorted(cset))
+
+
+def hc_neighbourhood(cur: Compute, cfg: SearchConfig, rng: np.random.Generator) -> list[Compute]:
+    """Local moves within ``radius`` of every movable computed step, plus random far jumps."""
+    p = cfg.forced
+    cset = set(cur)
+    out: dict[Compute, None] = {}
+    for c in cur:
+        if c < p:
+            continue
+        for t in range(max(p, c - cfg.radius), min(cfg.steps - 1, c + cfg.radius) + 1):
+            if t not in cset:
+                out[tuple(sorted((cset - {c}) | {t}))] = None
+    slots = list(range(p, cfg.steps))
+    for c in cur:
+        if c < p:
+            continue
+        for _ in range(cfg.far_jumps):
+            t = slots[rng.integers(len(slots))]
+            if t not in cset:
+                out[tuple(sorted((cset - {c}) | {t}))] = None
+    out.pop(tuple(cur), None)
+    return list(out)
+
+
+def _temperature(cfg: SearchConfig, it: int) -> float:
+    return cfg.t_max * (cfg.t_min / cfg.t_max) ** (it / max(1, cfg.sa_iters))
+
+
+def _save(path: Path, payload: dict[str, Any]) -> None:
+    write_json(path, payload)
+
+
+def search(losses: LossesFn, cfg: SearchConfig, *, init: Sequence[int] | None = None,
+           checkpoint: str | Path | None = None, resume: bool = False, digest: str = "",
+           progress: bool = False, memo: dict[Compute, float] | None = None,
+           on_step: Callable[[dict[str, Any]], None] | None = None) -> SearchResult:
+    """Search the compute set of ``cfg.nfe`` steps that minimises ``losses``.
+
+    ``losses(list_of_compute_sets) -> list_of_losses`` scores candidates (an
+    :class:`~budcache.search.evaluator.Evaluator`'s ``losses``). ``memo``
+    pre-seeds known losses (e.g. from a checkpoint).
+    """
+    t0 = time.perf_counter()
+    memo = dict(memo or {})
+    ckpt = Path(checkpoint) if checkpoint is not None else None
+
+    def score(cands: Sequence[Compute]) -> list[float]:
+        todo = [c for c in dict.fromkeys(cands) if c not in memo]
+        if todo:
+            for c, v in zip(todo, losses(todo)):
+                if not math.isfinite(v):
+                    raise ConfigError(f"loss of compute set {list(c)} is not finite ({v})")
+                memo[c] = v
+        return [memo[c] for c in cands]
+
+    rng = np.random.default_rng(cfg.seed)
+    st: dict[str, Any] = {"restart": 0, "phase": "init", "it": 0, "cur": None, "cur_loss": None,
+                          "best": None, "best_loss": math.inf, "history": []}
+    if resume and ckpt is not None and ckpt.exists():
+        data = json.loads(ckpt.read_text())
+        if data.get("config") != asdict(cfg) or data.get("digest") != digest:
+            raise ConfigError(f"checkpoint {ckpt} belongs to another search (config or calibration differ); "
+                              "remove it or run without --resume")
+        st = data["state"]
+        st["cur"] = tuple(st["cur"]) if st["cur"] is not None else None
+        st["best"] = tuple(st["best"]) if st["best"] is not None else None
+        rng.bit_generator.state = data["rng"]
+        for k, v in data["memo"]:
+            memo.setdefault(tuple(k), v)
+        if st["phase"] == "done":
+            return SearchResult(st["best"], st["best_loss"], st["history"], len(memo), time.perf_counter() - t0)
+
+    def save() -> None:
+        if ckpt is None:
+            return
+        _save(ckpt, {"format": "budcache.search-checkpoint", "version": 1, "config": asdict(cfg),
+                     "digest": digest, "rng": rng.bit_generator.state,
+                     "state": {**st, "cur": list(st["cur"]) if st["cur"] else None,
+                               "best": list(st["best"]) if st["best"] else None},
+                     "memo": [[list(k), v] for k, v in memo.items()]})
+
+    def log(stage: str) -> None:
+        entry = {"step": len(st["history"]), "restart": st["restart"], "stage": stage,
+                 "loss": st["cur_loss"], "best_loss": st["best_loss"], "evaluations": len(memo)}
+        st["history"].append(entry)
+        if on_step is not None:
+            on_step(entry)
+
+    def accept(cand: Compute, loss: float) -> None:
+        st["cur"], st["cur_loss"] = cand, loss
+        if loss < st["best_loss"]:
+            st["best"], st["best_loss"] = cand, loss
+
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=cfg.restarts * (cfg.sa_iters + cfg.hc_rounds), desc=f"search K={cfg.nfe}",
+                   dynamic_ncols=True)
+
+    def tick(n: int = 1) -> None:
+        if bar is not None:
+            bar.update(n)
+            bar.set_postfix(best=f"{st['best_loss']:.3e}", evals=len(memo))
+
+    try:
+        while st["restart"] < cfg.restarts:
+            if st["phase"] == "init":
+                start = fit_budget(init, cfg) if (init is not None and st["restart"] == 0) else random_init(cfg, rng)
+                accept(start, score([start])[0])
+                st["phase"], st["it"] = "sa", 0
+                log("init")
+                save()
+            while st["phase"] == "sa" and st["it"] < cfg.sa_iters:
+                temp = _temperature(cfg, st["it"])
+                cand = sa_proposal(st["cur"], cfg, rng)
+                loss = score([cand])[0]
+                delta = loss - st["cur_loss"]
+                ok = delta < 0 or rng.random() < math.exp(-delta / temp)
+                st["it"] += 1
+                if ok:
+                    accept(cand, loss)
+                log("sa")
+                tick()
+                if ok:
+                    save()
+            if st["phase"] == "sa":
+                st["phase"], st["it"] = "hc", 0
+                save()
+            while st["phase"] == "hc" and st["it"] < cfg.hc_rounds:
+                neigh = hc_neighbourhood(st["cur"], cfg, rng)
+                st["it"] += 1
+                tick()
+                if not neigh:
+                    break
+                vals = score(neigh)
+                i = int(np.argmin(vals))
+                if vals[i] < st["cur_loss"]:
+                    accept(neigh[i], vals[i])
+                    log("hc")
+                    save()
+                else:
+                    break
+            st["restart"] += 1
+            st["phase"], st["it"] = "init", 0
+            save()
+        st["phase"] = "done"
+        save()
+    finally:
+        if bar is not None:
+            bar.close()
+    return SearchResult(st["best"], st["best_loss"], st["history"], len(memo), time.perf_counter() - t0)

@@ -1,0 +1,167 @@
+"""Scores many cache masks fast, exactly as one-by-one evaluation would.
+
+Three savings, all exact:
+
+- **memo**: the loss of a compute set is computed once;
+- **prefix sharing**: two masks equal on steps ``0..j-1`` have identical
+  trajectories up to step ``j``; sampler states are kept at every step of
+  every evaluated mask (an LRU store), and a new mask resumes from its longest
+  stored prefix instead of step 0;
+- **batching**: candidates resuming from the same state run as one batch
+  (``candidates x items`` elements, one mask row each); on a step, only the
+  elements that compute run the block stack.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import ConfigError, ModelOutputError
+from ..sampler import Sampler, SamplerState, StaticMask, slice_state, tile_cond, tile_state
+from .calibration import CalibrationSet, LossFn, latent_mse
+
+Mask = tuple[bool, ...]
+
+
+def mask_of(steps: int, compute: Sequence[int]) -> Mask:
+    """Boolean mask (N,) of a compute set."""
+    s = set(int(c) for c in compute)
+    return tuple(k in s for k in range(steps))
+
+
+def compute_of(mask: Sequence[bool]) -> tuple[int, ...]:
+    """Compute set of a boolean mask."""
+    return tuple(k for k, m in enumerate(mask) if m)
+
+
+@dataclass
+class EvaluatorStats:
+    """Work counters: masks scored, model-side work, wall time."""
+
+    evaluations: int = 0        # distinct masks actually run
+    memo_hits: int = 0          # requests answered from the memo
+    item_evaluations: int = 0   # (item, step) pairs that ran the full block stack
+    stack_calls: int = 0        # batched model calls that ran the block stack
+    steps_run: int = 0          # sampler steps taken (batched)
+    wall_s: float = 0.0
+
+
+class Evaluator:
+    """Loss of cache masks on a calibration set, through budcache's sampler.
+
+    ``make_sampler(controller)`` builds the sampler (denoiser, sigmas, solver,
+    mechanism, guidance) for a controller; the evaluator supplies one static
+    mask row per element.
+    """
+
+    def __init__(self, make_sampler, calib: CalibrationSet, *, loss: LossFn = latent_mse,
+                 prefix_sharing: bool = True, batch_candidates: bool = True, max_batch: int = 512,
+                 max_states: int = 600) -> None:
+        if calib.teacher is None:
+            raise ConfigError("the calibration set has no teacher outputs; build it with make_calibration")
+        self.make_sampler = make_sampler
+        self.calib = calib
+        self.loss = loss
+        self.prefix_sharing = prefix_sharing
+        self.batch_candidates = batch_candidates
+        self.max_batch = max(len(calib), max_batch)
+        self.max_states = max_states
+        self.steps = make_sampler(None).steps
+        self.memo: dict[tuple[int, ...], float] = {}
+        self.stats = EvaluatorStats()
+        self._states: OrderedDict[Mask, SamplerState] = OrderedDict()
+        self._start = make_sampler(None).start(calib.noise)
+
+    # -- public ------------------------------------------------------------------------
+    def loss_of(self, compute: Sequence[int]) -> float:
+        return self.losses([compute])[0]
+
+    def losses(self, computes: Sequence[Sequence[int]]) -> list[float]:
+        """Losses of several compute sets (evaluated together where possible)."""
+        keys = [tuple(sorted(int(c) for c in comp)) for comp in computes]
+        for k in keys:
+            if not k or k[0] != 0 or k[-1] >= self.steps or len(set(k)) != len(k):
+                raise ConfigError(f"compute set {list(k)} is invalid for {self.steps} steps "
+                                  "(step 0 must compute; indices in 0..N-1, unique)")
+        todo = list(dict.fromkeys(k for k in keys if k not in self.memo))
+        self.stats.memo_hits += len(keys) - len(todo)
+        if todo:
+            t0 = time.perf_counter()
+            self._run([mask_of(self.steps, k) for k in todo])
+            self.stats.wall_s += time.perf_counter() - t0
+        return [self.memo[k] for k in keys]
+
+    # -- internals ---------------------------------------------------------------------
+    def _prefix_start(self, mask: Mask) -> tuple[Mask, SamplerState]:
+        if self.prefix_sharing:
+            for j in range(self.steps, 0, -1):
+                st = self._states.get(mask[:j])
+                if st is not None:
+                    self._states.move_to_end(mask[:j])
+                    return mask[:j], st
+        return (), self._start
+
+    def _store(self, key: Mask, state: SamplerState) -> None:
+        if not self.prefix_sharing or key in self._states:
+            return
+        self._states[key] = state
+        while len(self._states) > self.max_states:
+            self._states.popitem(last=False)
+
+    def _run(self, masks: list[Mask]) -> None:
+        groups: dict[Mask, list[Mask]] = {}
+        starts: dict[Mask, SamplerState] = {}
+        for m in masks:
+            key, st = self._prefix_start(m)
+            groups.setdefault(key, []).append(m)
+            starts[key] = st
+        c = len(self.calib)
+        per_batch = max(1, self.max_batch // c) if self.batch_candidates else 1
+        for key, ms in groups.items():
+            for i in range(0, len(ms), per_batch):
+                self._run_group(starts[key], ms[i:i + per_batch])
+
+    def _run_group(self, start: SamplerState, masks: list[Mask]) -> None:
+        c, r = len(self.calib), len(masks)
+        rows = torch.tensor(masks, dtype=torch.bool).repeat_interleave(c, 0)  # (r*C, N), candidate-major
+        sampler: Sampler = self.make_sampler(StaticMask(rows))
+        state = tile_state(start, r) if r > 1 else start
+        cond, uncond = tile_cond(self.calib.cond, r), tile_cond(self.calib.uncond, r)
+        try:
+            for k in range(start.step, self.steps):
+                before = state.nfe
+                state = sampler.run(state, cond, uncond, until=k + 1)
+                n = int((state.nfe - before).sum())
+                self.stats.item_evaluations += n
+                self.stats.stack_calls += int(n > 0) * (2 if sampler.guidance != 1.0 else 1)
+                self.stats.steps_run += 1
+                if self.prefix_sharing:
+                    for i, m in enumerate(masks):
+                        self._store(m[:k + 1], slice_state(state, i * c, (i + 1) * c, clone=r > 1))
+        except ModelOutputError as exc:
+            bad = [list(compute_of(m)) for m in masks]
+            raise ModelOutputError(f"{exc} while evaluating compute set(s) {bad}") from None
+        teacher = self.calib.teacher
+        for i, m in enumerate(masks):
+            x = state.x[i * c:(i + 1) * c]
+            self.memo[compute_of(m)] = float(self.loss(x.float(), teacher.float()).mean())
+            self.stats.evaluations += 1
+
+
+def make_calibration(make_sampler, prompts: list[str], seeds: list[int], noise: torch.Tensor, cond,
+                     uncond=None, info: dict | None = None, batch: int = 64) -> CalibrationSet:
+    """A calibration set with its full-step teacher latents (computed once, in batches)."""
+    sampler: Sampler = make_sampler(None)
+    outs = []
+    for i in range(0, len(prompts), batch):
+        idx = torch.arange(i, min(i + batch, len(prompts)))
+        from ..sampler import _select
+
+        st = sampler.run(sampler.start(noise[idx]), _select(cond, idx), _select(uncond, idx))
+        outs.append(st.x)
+    return CalibrationSet(list(prompts), list(seeds), noise, cond, uncond, torch.cat(outs), dict(info or {}))

@@ -1,0 +1,247 @@
+"""The ``budcache search`` job on tinyflow: calibrate, search each budget, evaluate, report."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .. import __version__
+from ..errors import ConfigError
+from ..io import atomic_write_text, write_json
+from ..policy import CachePolicy
+from ..sampler import Sampler, _select
+from .anneal import SearchConfig, SearchResult, search
+from .calibration import CalibrationSet, get_loss, pairs_for, read_prompt_file, tinyflow_prompts
+from .evaluator import Evaluator, EvaluatorStats, make_calibration
+
+
+@dataclass
+class TinyflowProblem:
+    """What the search runs: tinyflow with a solver, schedule, mechanism and guidance."""
+
+    tf: Any
+    steps: int = 28
+    solver: str = "euler"
+    mechanism: str = "reuse"
+    guidance: float = 1.0
+
+    def sigmas(self, steps: int | None = None) -> torch.Tensor:
+        return self.tf.sigmas(steps or self.steps)
+
+    def make_sampler(self, controller: Any, steps: int | None = None) -> Sampler:
+        return Sampler(self.tf.denoiser(), self.sigmas(steps), self.solver, controller, self.mechanism,
+                       self.guidance)
+
+    def conds(self, prompts: Sequence[str]) -> tuple[Any, Any]:
+        cond = self.tf.encode(prompts)
+        return cond, (self.tf.encode([""] * len(prompts)) if self.guidance != 1.0 else None)
+
+    def calibration(self, prompts: list[str], seeds: list[int]) -> CalibrationSet:
+        cond, uncond = self.conds(prompts)
+        info = {"model": "tinyflow", "steps": self.steps, "solver": self.solver, "mechanism": self.mechanism,
+                "guidance": self.guidance}
+        return make_calibration(self.make_sampler, prompts, seeds, self.tf.noise(seeds), cond, uncond, info)
+
+    def final_latents(self, calib: CalibrationSet, policy: CachePolicy | None, plain_steps: int | None = None,
+                      batch: int = 64) -> torch.Tensor:
+        """Final latents of ``calib``'s items under a policy, or of the plain ``plain_steps``-step sampler."""
+        sampler = self.make_sampler(None, plain_steps) if plain_steps else self.make_sampler(policy)
+        outs = []
+        for i in range(0, len(calib), batch):
+            idx = torch.arange(i, min(i + batch, len(calib)))
+            st = sampler.run(sampler.start(calib.noise[idx]), _select(calib.cond, idx), _select(calib.uncond, idx))
+            outs.append(st.x)
+        return torch.cat(outs)
+
+
+def quality(problem: TinyflowProblem, latents: torch.Tensor, teacher: torch.Tensor) -> dict[str, np.ndarray]:
+    """Per-item latent MSE and image PSNR (dB, images in [0, 1]) against the teacher."""
+    mse = (latents - teacher).pow(2).flatten(1).mean(1)
+    a, b = problem.tf.images(latents), problem.tf.images(teacher)
+    img_mse = (a - b).pow(2).flatten(1).mean(1).clamp_min(1e-12)
+    return {"latent_mse": mse.numpy(), "psnr": (10 * torch.log10(1.0 / img_mse)).numpy()}
+
+
+@dataclass
+class BudgetOutcome:
+    """One budget's search outcome and held-out comparison."""
+
+    nfe: int
+    result: SearchResult
+    policy: CachePolicy
+    stats: EvaluatorStats
+    heldout: dict[str, dict[str, float]] = field(default_factory=dict)
+
+
+def heldout_table(problem: TinyflowProblem, held: CalibrationSet, policy: CachePolicy) -> dict[str, dict[str, float]]:
+    """Held-out latent MSE, PSNR and paired wins of the policy vs uniform and plain K steps."""
+    k = policy.nfe
+    runs = {"budcache": problem.final_latents(held, policy),
+            "uniform": problem.final_latents(held, CachePolicy.uniform(policy.steps, k)),
+            "plain": problem.final_latents(held, None, plain_steps=k)}
+    q = {name: quality(problem, lat, held.teacher) for name, lat in runs.items()}
+    out = {}
+    for name, m in q.items():
+        row = {"latent_mse": float(m["latent_mse"].mean()), "psnr": float(m["psnr"].mean())}
+        if name != "budcache":
+            row["budcache_wins"] = int((q["budcache"]["latent_mse"] < m["latent_mse"]).sum())
+        out[name] = row
+    out["_n"] = {"pairs": len(held)}
+    return out
+
+
+def plot_history(history: list[dict[str, Any]], path: Path, title: str) -> bool:
+    """Loss per search step with SA/HC marked and the best-so-far line; False if matplotlib is missing."""
+    try:
+        import matplotlib
+    except ImportError:
+        return False
+    matplotlib.use("Agg")
+    import io
+
+    import matplotlib.pyplot as plt
+
+    from ..io import atomic_write_bytes
+
+    fig, ax = plt.subplots(figsize=(8, 4))
+    xs = [h["step"] for h in history]
+    colours = {"init": "black", "sa": "tab:blue", "hc": "tab:red"}
+    for stage, c in colours.items():
+        pts = [(h["step"], h["loss"]) for h in history if h["stage"] == stage]
+        if pts:
+            ax.scatter(*zip(*pts), s=8, color=c, label={"init": "start", "sa": "annealing (current)",
+                                                         "hc": "hill climbing"}[stage], zorder=3)
+    ax.plot(xs, [h["best_loss"] for h in history], color="tab:green", label="best so far")
+    ax.set_yscale("log")
+    ax.set_xlabel("search step")
+    ax.set_ylabel("calibration loss")
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+    return True
+
+
+def plot_frontier(outcomes: list[BudgetOutcome], path: Path) -> bool:
+    """Held-out PSNR vs NFE for the searched, uniform and plain K-step samplers."""
+    try:
+        import matplotlib
+    except ImportError:
+        return False
+    matplotlib.use("Agg")
+    import io
+
+    import matplotlib.pyplot as plt
+
+    from ..io import atomic_write_bytes
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ks = [o.nfe for o in outcomes]
+    for name, style in (("budcache", "o-"), ("uniform", "s--"), ("plain", "^:")):
+        ax.plot(ks, [o.heldout[name]["psnr"] for o in outcomes], style, label=name)
+    ax.set_xlabel("NFE (computed steps)")
+    ax.set_ylabel("held-out PSNR vs full steps (dB)")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+    return True
+
+
+def report(outcomes: list[BudgetOutcome], meta: dict[str, Any]) -> str:
+    """The Markdown report of a search run."""
+    lines = [f"# budcache search report ({meta['date']})", "",
+             f"Model {meta['model']}, {meta['steps']} steps, solver {meta['solver']}, mechanism "
+             f"{meta['mechanism']}, guidance {meta['guidance']}; calibration {meta['calibration_pairs']} pairs "
+             f"(digest {meta['digest']}); held-out {meta['heldout_pairs']} pairs, disjoint from calibration.", "",
+             "| NFE | best calib. loss | masks evaluated | item evaluations | batched stack calls | wall (s) | mask |",
+             "|---|---|---|---|---|---|---|"]
+    for o in outcomes:
+        lines.append(f"| {o.nfe} | {o.result.loss:.4e} | {o.stats.evaluations} | {o.stats.item_evaluations} | "
+                     f"{o.stats.stack_calls} | {o.result.wall_s:.1f} | `{o.policy.strip()}` |")
+    lines += ["", "Held-out quality against the full-step output (latent MSE, image PSNR; wins = pairs where "
+              "budcache's latent MSE is lower):", "",
+              "| NFE | budcache MSE | PSNR | uniform MSE | PSNR | wins vs uniform | plain K-step MSE | PSNR | "
+              "wins vs plain |", "|---|---|---|---|---|---|---|---|---|"]
+    for o in outcomes:
+        h = o.heldout
+        n = h["_n"]["pairs"]
+        lines.append(f"| {o.nfe} | {h['budcache']['latent_mse']:.4e} | {h['budcache']['psnr']:.2f} | "
+                     f"{h['uniform']['latent_mse']:.4e} | {h['uniform']['psnr']:.2f} | "
+                     f"{h['uniform']['budcache_wins']}/{n} | {h['plain']['latent_mse']:.4e} | "
+                     f"{h['plain']['psnr']:.2f} | {h['plain']['budcache_wins']}/{n} |")
+    lines.append("")
+    return "\n".join(lines)
+
+
+def run(out: str | Path, *, nfes: Sequence[int], steps: int = 28, solver: str = "euler", mechanism: str = "reuse",
+        guidance: float = 1.0, calib_pairs: int = 32, prompt_file: str | None = None, seeds_per_prompt: int = 1,
+        heldout_pairs: int = 64, seed: int = 0, loss: str = "mse", resume: bool = False, progress: bool = True,
+        naive: bool = False, model: str | None = None, **search_kw: Any) -> list[BudgetOutcome]:
+    """Search one policy per budget (warm-starting each from the last) and write all outputs to ``out``."""
+    from .. import tinyflow
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    if not nfes:
+        raise ConfigError("give at least one budget (--nfe)")
+    for k in nfes:
+        if not 1 <= k <= steps:
+            raise ConfigError(f"--nfe {k} must lie in 1..{steps} (the number of steps)")
+    torch.set_grad_enabled(False)
+    problem = TinyflowProblem(tinyflow.load(model), steps, solver, mechanism, guidance)
+    if prompt_file:
+        base = read_prompt_file(prompt_file)
+        prompts, seeds = pairs_for(base, seeds_per_prompt, seed)
+    else:
+        if calib_pairs < 1:
+            raise ConfigError(f"calibration pairs must be >= 1 (got {calib_pairs})")
+        prompts, seeds = pairs_for(tinyflow_prompts(max(1, calib_pairs // seeds_per_prompt), seed=seed),
+                                   seeds_per_prompt, seed)
+    calib = problem.calibration(prompts, seeds)
+    hp, hs = pairs_for(tinyflow_prompts(heldout_pairs, seed=seed + 7_777_777), 1, seed + 7_777_777)
+    held = problem.calibration(hp, hs)
+    evaluator = Evaluator(problem.make_sampler, calib, loss=get_loss(loss), prefix_sharing=not naive,
+                          batch_candidates=not naive)
+    outcomes: list[BudgetOutcome] = []
+    prev: tuple[int, ...] | None = None
+    for k in sorted(nfes):
+        cfg = SearchConfig(steps=steps, nfe=k, seed=seed, **search_kw)
+        before = EvaluatorStats(**asdict(evaluator.stats))
+        res = search(evaluator.losses, cfg, init=prev, checkpoint=out / f"checkpoint_N{steps}_K{k}.json",
+                     resume=resume, digest=calib.digest, progress=progress)
+        stats = EvaluatorStats(**{f: getattr(evaluator.stats, f) - getattr(before, f) for f in asdict(before)})
+        policy = CachePolicy(steps, res.compute, meta={
+            "model": "tinyflow", "solver": solver, "schedule": "flux", "mechanism": mechanism, "guidance": guidance,
+            "budget": k, "search_loss": res.loss, "loss": loss, "calibration_digest": calib.digest,
+            "calibration_pairs": len(calib), "budcache_version": __version__})
+        policy.save(out / f"policy_N{steps}_K{k}.json")
+        plot_history(res.history, out / f"history_N{steps}_K{k}.png", f"search N={steps}, K={k}")
+        o = BudgetOutcome(k, res, policy, stats)
+        o.heldout = heldout_table(problem, held, policy)
+        outcomes.append(o)
+        prev = res.compute
+    meta = {"date": datetime.date.today().isoformat(), "model": "tinyflow", "steps": steps, "solver": solver,
+            "mechanism": mechanism, "guidance": guidance, "calibration_pairs": len(calib),
+            "digest": calib.digest, "heldout_pairs": len(held)}
+    if len(outcomes) > 1:
+        plot_frontier(outcomes, out / "frontier.png")
+    atomic_write_text(out / "report.md", report(outcomes, meta))
+    write_json(out / "summary.json", {"meta": meta, "budgets": [
+        {"nfe": o.nfe, "compute": list(o.result.compute), "loss": o.result.loss, "stats": asdict(o.stats),
+         "wall_s": o.result.wall_s, "heldout": o.heldout} for o in outcomes]})
+    return outcomes

@@ -1,0 +1,220 @@
+"""Tests for budcache.diffusers: cache policies applied to tinyflow's real diffusers FluxPipeline."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import budcache.diffusers as bd
+from budcache import tinyflow
+from budcache.errors import ConfigError, PolicyError
+from budcache.hooks import find_cache
+from budcache.policy import CachePolicy
+
+torch.set_num_threads(1)
+
+PROMPTS = ["a red circle", "two squares"]
+SEEDS = [0, 1]
+N, K = 8, 3
+POLICY = CachePolicy.uniform(N, K)  # computes steps 0, 2, 5
+
+
+class StackRuns:
+    """Counts real runs of the block stack: the first block's attention runs only when it computes."""
+
+    def __init__(self, transformer: torch.nn.Module) -> None:
+        self.count = 0
+        self._handle = transformer.transformer_blocks[0].attn.register_forward_hook(self._hook)
+
+    def _hook(self, *args) -> None:
+        self.count += 1
+
+    def __enter__(self) -> StackRuns:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._handle.remove()
+
+
+def generate(env, prompts=PROMPTS, seeds=SEEDS, guidance=1.0, steps=N, **kw) -> torch.Tensor:
+    out = env.pipe(**env.tf.pipeline_inputs(prompts, guidance, seeds), num_inference_steps=steps,
+                   output_type="latent", **kw)
+    return out.images
+
+
+@pytest.fixture(scope="module")
+def env():
+    tf = tinyflow.load()
+    pipe = tf.pipeline()
+    e = SimpleNamespace(tf=tf, pipe=pipe, never_hooked={})
+    with torch.no_grad():
+        # outputs of the pipeline before any cache was ever installed on it
+        for g in (1.0, 3.0):
+            e.never_hooked[g] = generate(e, guidance=g)
+    return e
+
+
+@pytest.fixture(autouse=True)
+def _clean(env):
+    with torch.no_grad():
+        yield
+    bd.remove(env.pipe)
+
+
+# ----------------------------------------------------------------------------- pipeline == sampler
+@pytest.mark.parametrize("guidance", [1.0, 3.0])
+def test_uncached_pipeline_matches_the_sampler(env, guidance):
+    out = env.never_hooked[guidance]
+    assert out.shape == (2, 64, 48)
+    ref = env.tf.sample(PROMPTS, SEEDS, steps=N, guidance=guidance)
+    torch.testing.assert_close(out, ref.latent, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("mechanism", ["reuse", "forecast2"])
+@pytest.mark.parametrize("guidance", [1.0, 3.0])
+def test_cached_pipeline_matches_the_sampler_and_runs_k_times(env, guidance, mechanism):
+    passes = 2 if guidance != 1.0 else 1
+    ref = env.tf.sample(PROMPTS, SEEDS, steps=N, guidance=guidance, policy=POLICY, mechanism=mechanism)
+    handle = bd.apply(env.pipe, POLICY, mechanism=mechanism)
+    assert find_cache(env.pipe.transformer) is handle
+    with StackRuns(env.tf.transformer) as runs:
+        out = generate(env, guidance=guidance)
+    torch.testing.assert_close(out, ref.latent, atol=1e-5, rtol=0)
+    assert runs.count == K * passes  # K per branch per generation
+    assert handle.stats.stack_runs == K * passes
+    assert handle.stats.calls == N * passes
+    assert handle.stats.elements_computed == K * passes * len(PROMPTS)
+    # the cache is really in use
+    assert not torch.allclose(out, env.never_hooked[guidance], atol=1e-4)
+
+
+def test_sampler_refuses_a_transformer_with_an_applied_cache(env):
+    bd.apply(env.pipe, POLICY)
+    with pytest.raises(ConfigError, match="already carries a budcache cache"):
+        env.tf.sample(PROMPTS, SEEDS, steps=N, policy=POLICY)
+
+
+# ----------------------------------------------------------------------------- policies and arguments
+def test_policy_for_another_step_count_is_a_policy_error(env):
+    bd.apply(env.pipe, CachePolicy.uniform(10, 4))
+    with StackRuns(env.tf.transformer) as runs, \
+            pytest.raises(PolicyError, match=r"'steps'.*for 10 steps but the pipeline runs 8"):
+        generate(env)
+    assert runs.count == 0
+
+
+def test_apply_uniform_by_name(env):
+    handle = bd.apply(env.pipe, POLICY)
+    by_policy = generate(env)
+    bd.remove(env.pipe)
+    assert find_cache(env.pipe.transformer) is None
+    handle = bd.apply(env.pipe, "uniform", nfe=K, steps=N)
+    with StackRuns(env.tf.transformer) as runs:
+        by_name = generate(env)
+    assert runs.count == K and handle.stats.stack_runs == K
+    assert torch.equal(by_name, by_policy)
+
+
+def test_apply_uniform_needs_nfe_and_steps(env):
+    with pytest.raises(ConfigError, match="needs nfe=K and steps=N"):
+        bd.apply(env.pipe, "uniform", nfe=K)
+    assert find_cache(env.pipe.transformer) is None
+
+
+def test_apply_a_policy_file(env, tmp_path):
+    path = POLICY.save(tmp_path / "policy.json")
+    bd.apply(env.pipe, POLICY)
+    by_policy = generate(env)
+    bd.remove(env.pipe)
+    bd.apply(env.pipe, str(path))
+    assert torch.equal(generate(env), by_policy)
+
+
+def test_apply_twice_is_an_error(env):
+    bd.apply(env.pipe, POLICY)
+    with pytest.raises(ConfigError, match="already applied"):
+        bd.apply(env.pipe, POLICY)
+
+
+def test_bare_transformer_needs_a_scheduler(env):
+    with pytest.raises(ConfigError, match="scheduler="):
+        bd.apply(env.pipe.transformer, POLICY)
+    assert find_cache(env.pipe.transformer) is None
+    bd.apply(env.pipe, POLICY)
+    via_pipe = generate(env)
+    bd.remove(env.pipe)
+    bd.apply(env.pipe.transformer, POLICY, scheduler=env.pipe.scheduler)
+    assert torch.equal(generate(env), via_pipe)
+    bd.remove(env.pipe.transformer)
+    assert find_cache(env.pipe.transformer) is None
+
+
+# ----------------------------------------------------------------------------- robustness
+class Stop(Exception):
+    pass
+
+
+@pytest.mark.parametrize("where", ["callback", "transformer"])
+@pytest.mark.parametrize("guidance", [1.0, 3.0])
+def test_generation_after_an_interrupted_one_equals_a_fresh_run(env, where, guidance):
+    handle = bd.apply(env.pipe, POLICY)
+    fresh = generate(env, guidance=guidance)
+
+    kw = {}
+    hook = None
+    if where == "callback":
+        def stop_at_3(pipe, i, t, callback_kwargs):
+            if i == 3:
+                raise Stop
+            return callback_kwargs
+        kw["callback_on_step_end"] = stop_at_3
+    else:
+        calls = []
+
+        def stop_inside(module, args):
+            calls.append(1)
+            if len(calls) == 4:  # mid-generation, inside a transformer call
+                raise Stop
+        hook = env.tf.transformer.single_transformer_blocks[0].register_forward_pre_hook(stop_inside)
+    try:
+        with pytest.raises(Stop):
+            generate(env, guidance=guidance, **kw)
+    finally:
+        if hook is not None:
+            hook.remove()
+
+    with StackRuns(env.tf.transformer) as runs:
+        again = generate(env, guidance=guidance)
+    assert torch.equal(again, fresh)
+    assert runs.count == K * (2 if guidance != 1.0 else 1)
+    assert find_cache(env.pipe.transformer) is handle
+
+
+@pytest.mark.parametrize("guidance", [1.0, 3.0])
+def test_remove_gives_never_hooked_outputs(env, guidance):
+    bd.apply(env.pipe, POLICY)
+    hooked = generate(env, guidance=guidance)
+    assert not torch.equal(hooked, env.never_hooked[guidance])
+    bd.remove(env.pipe)
+    assert find_cache(env.pipe.transformer) is None
+    with StackRuns(env.tf.transformer) as runs:
+        out = generate(env, guidance=guidance)
+    assert torch.equal(out, env.never_hooked[guidance])
+    assert runs.count == N * (2 if guidance != 1.0 else 1)
+    bd.remove(env.pipe)  # removing again is a no-op
+
+
+def test_batch_size_can_change_between_generations(env):
+    one = (["a red circle"], [0])
+    three = (["two squares", "a blue triangle", "a small circle in the top left"], [1, 2, 3])
+    refs = {len(p): env.tf.sample(p, s, steps=N, policy=POLICY).latent for p, s in (one, three)}
+    handle = bd.apply(env.pipe, POLICY)
+    for prompts, seeds in (one, three, one):
+        with StackRuns(env.tf.transformer) as runs:
+            out = generate(env, prompts, seeds)
+        assert runs.count == K
+        torch.testing.assert_close(out, refs[len(prompts)], atol=1e-5, rtol=0)
+    assert handle.stats.stack_runs == 3 * K
+    assert handle.stats.elements_computed == K * (1 + 3 + 1)

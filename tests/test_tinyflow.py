@@ -1,0 +1,351 @@
+"""Tests for tinyflow: grammar, renderer, checker, latent packing, offline loading and resumable training."""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import json
+import socket
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from diffusers import FluxPipeline
+from safetensors.torch import load_file
+
+import budcache
+from budcache import tinyflow
+from budcache.errors import ConfigError
+from budcache.tinyflow import checker, grammar, render
+from budcache.tinyflow.grammar import ObjectSpec, SceneObject, Spec, TemplateMix
+from budcache.tinyflow.model import (TRANSFORMER_CONFIG, image_ids, image_to_latent, latent_to_image,
+                                     new_transformer)
+from budcache.tinyflow.train import TrainConfig, export_weights, make_batch, train
+
+torch.set_num_threads(1)
+
+
+# ----------------------------------------------------------------------------- checker on true renders
+def test_checker_accepts_fresh_renders_of_random_specs():
+    rng = np.random.default_rng(20240607)
+    specs = [grammar.sample_spec(rng, TemplateMix(empty=0.0)) for _ in range(2000)]
+    scenes = [grammar.realise(s, rng) for s in specs]
+    images = render.render(scenes)
+    assert images.shape == (2000, 3, 32, 32)
+    assert float(images.min()) >= 0.0 and float(images.max()) <= 1.0
+    verdicts = [checker.check_spec(s, im) for s, im in zip(specs, images)]
+    failures = [(grammar.prompt_of(s), v.reason) for s, v in zip(specs, verdicts) if not v.ok]
+    accuracy = 1 - len(failures) / len(specs)
+    assert accuracy >= 0.99, failures[:10]
+    assert failures == []  # the renderer and checker agree exactly on true renders
+    # every template was exercised
+    assert {s.template for s in specs} == {"single", "pair", "count"}
+
+
+def test_accuracy_over_prompts():
+    rng = np.random.default_rng(3)
+    specs = [grammar.sample_spec(rng, TemplateMix(empty=0.0)) for _ in range(20)]
+    images = render.render([grammar.realise(s, rng) for s in specs])
+    prompts = [grammar.prompt_of(s) for s in specs]
+    assert checker.accuracy(prompts, images) == 1.0
+    assert checker.accuracy(prompts, torch.zeros_like(images)) == 0.0
+    with pytest.raises(ValueError, match="20 prompts for 19 images"):
+        checker.accuracy(prompts, images[:19])
+
+
+# ----------------------------------------------------------------------------- checker on wrong renders
+RED_CIRCLE = (SceneObject("circle", "red", "large", 16.0, 16.0),)
+
+
+@pytest.mark.parametrize("prompt", ["a red circle", "a circle", "a large red circle", "a large red circle in the center",
+                                    "a red circle in the center", ""])
+def test_checker_accepts_what_the_image_shows(prompt):
+    assert checker.check(prompt, render.render([RED_CIRCLE])[0]).ok
+
+
+@pytest.mark.parametrize("prompt,reason", [
+    ("a blue circle", "do not match"),
+    ("a red square", "do not match"),
+    ("a red triangle", "do not match"),
+    ("a small red circle", "do not match"),
+    ("a red circle in the top left", "do not match"),
+    ("two circles", "expected 2 object(s), found 1"),
+    ("three red circles", "expected 3 object(s), found 1"),
+    ("a red circle and a square", "expected 2 object(s), found 1"),
+])
+def test_checker_rejects_a_wrong_render(prompt, reason):
+    verdict = checker.check(prompt, render.render([RED_CIRCLE])[0])
+    assert not verdict.ok
+    assert reason in verdict.reason
+    assert [(f.shape, f.colour, f.size, f.position) for f in verdict.found] == [("circle", "red", "large", "center")]
+
+
+def test_blank_image_fails():
+    verdict = checker.check("a circle", torch.zeros(3, 32, 32))
+    assert not verdict.ok and verdict.reason == "expected 1 object(s), found 0" and verdict.found == ()
+
+
+def _other(value: str, names: tuple[str, ...]) -> str:
+    return names[(names.index(value) + 1) % len(names)]
+
+
+@pytest.mark.parametrize("field", ["shape", "colour", "size", "position"])
+def test_checker_rejects_every_changed_attribute(field):
+    mix = TemplateMix(empty=0.0, single=1.0, pair=0.0, count=0.0, p_size=1.0, p_colour=1.0, p_position=1.0)
+    names = {"shape": grammar.SHAPES, "colour": grammar.COLOUR_NAMES, "size": grammar.SIZE_NAMES,
+             "position": grammar.POSITION_NAMES}[field]
+    rng = np.random.default_rng(11)
+    specs = [grammar.sample_spec(rng, mix) for _ in range(150)]
+    assert all(s.fully_specified for s in specs)
+    images = render.render([grammar.realise(s, rng) for s in specs])
+    wrongly_accepted = []
+    for spec, image in zip(specs, images):
+        assert checker.check_spec(spec, image).ok
+        obj = spec.objects[0]
+        changed = Spec("single", (dataclasses.replace(obj, **{field: _other(getattr(obj, field), names)}),))
+        if checker.check_spec(changed, image).ok:
+            wrongly_accepted.append(grammar.prompt_of(changed))
+    assert wrongly_accepted == []
+
+
+def test_checker_counts_objects():
+    rng = np.random.default_rng(5)
+    for n in (2, 3):
+        spec = Spec("count", (ObjectSpec("square", "green"),) * n)
+        image = render.render([grammar.realise(spec, rng)])[0]
+        assert checker.check_spec(spec, image).ok
+        fewer = Spec("count", (ObjectSpec("square", "green"),) * (5 - n))
+        assert not checker.check_spec(fewer, image).ok
+
+
+# ----------------------------------------------------------------------------- grammar
+def test_prompts_parse_back_to_their_spec():
+    rng = np.random.default_rng(7)
+    specs = [grammar.sample_spec(rng) for _ in range(3000)]
+    mismatched = [(s, grammar.prompt_of(s)) for s in specs if grammar.parse_prompt(grammar.prompt_of(s)) != s]
+    assert mismatched == []
+    assert {s.template for s in specs} == {"empty", "single", "pair", "count"}
+    # every prompt the grammar writes can be tokenized
+    ids = grammar.tokenize([grammar.prompt_of(s) for s in specs])
+    assert ids.shape == (3000, grammar.MAX_TOKENS)
+
+
+@pytest.mark.parametrize("prompt,spec", [
+    ("a circle", Spec("single", (ObjectSpec("circle"),))),
+    ("a large red circle in the top left", Spec("single", (ObjectSpec("circle", "red", "large", "top left"),))),
+    ("a red circle and a small square", Spec("pair", (ObjectSpec("circle", "red"), ObjectSpec("square", None, "small")))),
+    ("three blue triangles", Spec("count", (ObjectSpec("triangle", "blue"),) * 3)),
+    ("", Spec("empty", ())),
+])
+def test_parse_known_prompts(prompt, spec):
+    assert grammar.parse_prompt(prompt) == spec
+    assert grammar.prompt_of(spec) == prompt
+
+
+def test_tokenize_layout():
+    ids = grammar.tokenize(["a red circle", "A Red, circle", ""])
+    v = {w: i for i, w in enumerate(grammar.VOCAB)}
+    assert ids.dtype == np.int64 and ids.shape == (3, grammar.MAX_TOKENS)
+    assert ids[0].tolist() == [v["<cls>"], v["a"], v["red"], v["circle"]] + [v["<pad>"]] * (grammar.MAX_TOKENS - 4)
+    assert ids[1].tolist() == ids[0].tolist()  # case and commas do not matter
+    assert ids[2].tolist() == [v["<cls>"]] + [0] * (grammar.MAX_TOKENS - 1)
+
+
+@pytest.mark.parametrize("word", ["purple", "hexagon", "<pad>", "<cls>"])
+def test_tokenize_rejects_unknown_words(word):
+    with pytest.raises(ConfigError, match=f"word '{word}' is not in tinyflow's vocabulary"):
+        grammar.tokenize(["a red circle", f"a {word} circle"])
+    with pytest.raises(ConfigError, match=f"word '{word}'"):
+        grammar.parse_prompt(f"a {word} circle")
+
+
+def test_tokenize_rejects_too_long_prompts():
+    longest = " ".join(["circle"] * (grammar.MAX_TOKENS - 1))
+    assert grammar.tokenize([longest]).shape == (1, grammar.MAX_TOKENS)
+    too_long = "a large red circle in the top left and a small blue square"
+    with pytest.raises(ConfigError, match=r"has 13 words; tinyflow takes at most 11"):
+        grammar.tokenize([too_long])
+
+
+@pytest.mark.parametrize("prompt", ["circle", "a red", "two", "a circle and a square and a triangle",
+                                    "a circle in the middle"])
+def test_parse_rejects_prompts_outside_the_grammar(prompt):
+    with pytest.raises(ConfigError, match="prompt"):
+        grammar.parse_prompt(prompt)
+
+
+def test_realised_objects_do_not_overlap():
+    rng = np.random.default_rng(9)
+    for _ in range(300):
+        spec = grammar.sample_spec(rng, TemplateMix(empty=0.0, single=0.0, pair=0.5, count=0.5))
+        scene = grammar.realise(spec, rng)
+        assert [o.shape for o in scene] == [o.shape for o in spec.objects]
+        for i, a in enumerate(scene):
+            for b in scene[i + 1:]:
+                gap = grammar.SIZES[a.size] + grammar.SIZES[b.size] + grammar.GAP
+                assert abs(a.cx - b.cx) >= gap or abs(a.cy - b.cy) >= gap
+
+
+# ----------------------------------------------------------------------------- latents
+def test_image_latent_round_trip_is_exact():
+    g = torch.Generator().manual_seed(0)
+    images = torch.rand(4, 3, 32, 32, generator=g) * 2 - 1
+    latents = image_to_latent(images)
+    assert latents.shape == (4, 64, 48)
+    assert torch.equal(latent_to_image(latents), images)
+    z = torch.randn(4, 64, 48, generator=g)
+    assert torch.equal(image_to_latent(latent_to_image(z)), z)
+
+
+def test_latents_are_flux_pipeline_packing_of_the_unshuffled_image():
+    g = torch.Generator().manual_seed(1)
+    images = torch.rand(2, 3, 32, 32, generator=g) * 2 - 1
+    packed = FluxPipeline._pack_latents(F.pixel_unshuffle(images, 2), 2, 12, 16, 16)
+    assert torch.equal(image_to_latent(images), packed)
+    unpacked = FluxPipeline._unpack_latents(packed, 32, 32, vae_scale_factor=2)
+    assert torch.equal(F.pixel_shuffle(unpacked, 2), images)
+    assert torch.equal(image_ids(), FluxPipeline._prepare_latent_image_ids(1, 8, 8, "cpu", torch.float32))
+
+
+def test_images_maps_latents_to_unit_range():
+    scene_images = render.render([RED_CIRCLE])
+    latents = image_to_latent(scene_images * 2 - 1)
+    back = tinyflow.TinyFlow.images(latents)
+    torch.testing.assert_close(back, scene_images)
+    assert checker.check("a red circle", back[0]).ok
+
+
+# ----------------------------------------------------------------------------- loading
+def _block_network(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise OSError("network access is disabled in this test")
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
+
+
+def test_load_works_offline_from_package_data(monkeypatch):
+    _block_network(monkeypatch)
+    package_dir = Path(budcache.__file__).resolve().parent
+    weights = tinyflow.WEIGHTS_DIR.resolve()
+    assert weights == package_dir / "tinyflow" / "weights"
+    for sub in ("transformer", "text_encoder"):
+        assert (weights / sub / "config.json").is_file()
+        assert (weights / sub / "diffusion_pytorch_model.safetensors").is_file()
+
+    tf = tinyflow.load()
+    assert not tf.transformer.training and not tf.text_encoder.training
+    assert tf.device == torch.device("cpu")
+    for key, value in TRANSFORMER_CONFIG.items():
+        got = tf.transformer.config[key]
+        assert (tuple(got) if isinstance(got, list) else got) == value, key
+    shipped = load_file(str(weights / "transformer" / "diffusion_pytorch_model.safetensors"))
+    state = tf.transformer.state_dict()
+    assert shipped.keys() == state.keys()
+    assert all(torch.equal(state[k], v) for k, v in shipped.items())
+
+    cond = tf.encode(["a red circle", ""])
+    assert cond.prompt_embeds.shape == (2, grammar.MAX_TOKENS, 64) and cond.pooled_prompt_embeds.shape == (2, 64)
+    # noise is per seed, independent of the batch it is drawn in
+    assert torch.equal(tf.noise([0, 1])[1], tf.noise([1])[0])
+    assert tf.noise([5]).shape == (1, 64, 48)
+
+
+def test_package_data_ships_the_weights():
+    pyproject = Path(__file__).resolve().parents[1] / "pyproject.toml"
+    if not pyproject.is_file() or sys.version_info < (3, 11):
+        pytest.skip("needs the source tree's pyproject.toml and tomllib")
+    import tomllib
+
+    patterns = tomllib.loads(pyproject.read_text())["tool"]["setuptools"]["package-data"]["budcache"]
+    package_dir = Path(budcache.__file__).resolve().parent
+    files = [p.relative_to(package_dir).as_posix() for p in tinyflow.WEIGHTS_DIR.rglob("*") if p.is_file()]
+    assert len(files) == 4
+    for f in files:
+        assert any(fnmatch.fnmatch(f, pat) for pat in patterns), f
+
+
+def test_load_from_a_missing_path_names_the_file(tmp_path):
+    with pytest.raises(ConfigError, match=r"tinyflow weights not found: .*transformer.*config\.json"):
+        tinyflow.load(tmp_path)
+
+
+# ----------------------------------------------------------------------------- training
+def test_make_batch_is_deterministic():
+    ids, params = make_batch(4, 0, 3)
+    ids2, params2 = make_batch(4, 0, 3)
+    assert ids.shape == (4, grammar.MAX_TOKENS) and params.shape == (4, grammar.MAX_OBJECTS, 6)
+    assert torch.equal(ids, ids2) and torch.equal(params, params2)
+    ids3, params3 = make_batch(4, 0, 4)
+    ids4, params4 = make_batch(4, 1, 3)
+    assert not torch.equal(params, params3) and not torch.equal(params, params4)
+
+
+def _train(out: Path, cfg: TrainConfig, **kw) -> Path:
+    # training needs autograd whatever grad mode earlier code in this process left behind
+    with torch.enable_grad():
+        return train(out, cfg, progress=False, save_every_s=0, **kw)
+
+
+def _tensors(root: Path) -> dict[str, dict[str, torch.Tensor]]:
+    return {p.relative_to(root).as_posix(): load_file(str(p)) for p in sorted(root.rglob("*.safetensors"))}
+
+
+def test_training_resumes_exactly(tmp_path, capsys):
+    cfg = TrainConfig(iters=4, batch=4, warmup=2)
+    a, b = tmp_path / "a", tmp_path / "b"
+    _train(a, cfg)
+
+    # B: stop after one step (minutes=0 ends the run after its first step), twice, then finish
+    for expected in (1, 2):
+        _train(b, cfg, minutes=0)
+        assert json.loads((b / "state.json").read_text())["step"] == expected
+    _train(b, cfg)
+    assert "resumed from" in capsys.readouterr().out
+
+    ta, tb = _tensors(a), _tensors(b)
+    assert ta.keys() == tb.keys()
+    assert {"transformer/diffusion_pytorch_model.safetensors", "transformer_ema/diffusion_pytorch_model.safetensors",
+            "text_encoder/diffusion_pytorch_model.safetensors", "optim_exp_avg.safetensors"} <= ta.keys()
+    for name in ta:
+        assert ta[name].keys() == tb[name].keys(), name
+        for key in ta[name]:
+            assert torch.equal(ta[name][key], tb[name][key]), (name, key)
+    sa, sb = (json.loads((d / "state.json").read_text()) for d in (a, b))
+    assert sa["step"] == sb["step"] == 4
+    assert sa["config"] == sb["config"] == dataclasses.asdict(cfg)
+    assert sa["optim"] == sb["optim"]
+
+    # the checkpoint holds only safetensors and JSON files, and no temporary leftovers
+    for d in (a, b):
+        files = [p for p in d.rglob("*") if p.is_file()]
+        assert files and all(p.suffix in (".safetensors", ".json") for p in files), files
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b"]
+
+    # training changed the weights
+    torch.manual_seed(0)
+    init = new_transformer().state_dict()
+    assert any(not torch.equal(init[k], v) for k, v in ta["transformer/diffusion_pytorch_model.safetensors"].items())
+
+    # a finished run is not trained further; another config is refused
+    before = (a / "state.json").read_text()
+    _train(a, cfg)
+    assert (a / "state.json").read_text() == before
+    with pytest.raises(ConfigError, match="was made with config"):
+        _train(a, dataclasses.replace(cfg, batch=8))
+
+    # the exported EMA weights load as tinyflow
+    export_weights(a, tmp_path / "export")
+    tf = tinyflow.load(tmp_path / "export")
+    ema = ta["transformer_ema/diffusion_pytorch_model.safetensors"]
+    assert all(torch.equal(tf.transformer.state_dict()[k], v) for k, v in ema.items())
+
+
+def test_train_rejects_empty_runs(tmp_path):
+    with pytest.raises(ConfigError, match="batch and iters must be >= 1"):
+        train(tmp_path / "x", TrainConfig(iters=0, batch=4), progress=False)
