@@ -135,6 +135,35 @@ def _plot_policy(pol: "CachePolicy", path: str) -> None:  # noqa: F821
     atomic_write_bytes(path, buf.getvalue())
 
 
+def _int_list(text: str) -> list[int]:
+    try:
+        vals = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not vals:
+        raise argparse.ArgumentTypeError("expected at least one integer")
+    return vals
+
+
+def cmd_search(a: argparse.Namespace) -> int:
+    from .search.run import run
+
+    kw = {k: getattr(a, k) for k in ("sa_iters", "t_max", "t_min", "radius", "hc_rounds", "restarts", "far_jumps")}
+    if a.prefix is not None:
+        kw["prefix"] = a.prefix
+    t0 = time.perf_counter()
+    outcomes = run(a.out, nfes=a.nfe, steps=a.steps, solver=a.solver, mechanism=a.mechanism, guidance=a.guidance,
+                   calib_pairs=a.calib_pairs, prompt_file=a.prompts, seeds_per_prompt=a.seeds_per_prompt,
+                   heldout_pairs=a.heldout, seed=a.seed, loss=a.loss, resume=a.resume, progress=not a.quiet,
+                   naive=a.naive, model=a.model, **kw)
+    for o in outcomes:
+        h = o.heldout
+        print(f"K={o.nfe:>3}  loss {o.result.loss:.4e}  {o.policy.strip()}  held-out PSNR: budcache "
+              f"{h['budcache']['psnr']:.2f} | uniform {h['uniform']['psnr']:.2f} | plain {h['plain']['psnr']:.2f} dB")
+    print(f"wrote policies, plots and report.md to {a.out} in {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
 def cmd_train(a: argparse.Namespace) -> int:
     from .tinyflow import train
 
@@ -165,6 +194,34 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", default="samples.png", help="PNG grid to write")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.set_defaults(func=cmd_sample)
+
+    se = sub.add_parser("search", help="search the best cache policy for each budget (default: tinyflow, K=10 of 28)")
+    se.add_argument("--nfe", type=_int_list, default=[10], help="budget(s) K, e.g. 10 or 6,8,10,14")
+    se.add_argument("--steps", type=int, default=28, help="solver steps N")
+    se.add_argument("--solver", default="euler", choices=sorted(SOLVERS))
+    se.add_argument("--mechanism", default="reuse", choices=list(MECHANISMS))
+    se.add_argument("--guidance", type=float, default=1.0)
+    se.add_argument("--prompts", default=None, help="calibration prompts (.txt, .jsonl or .csv); default: "
+                    "tinyflow prompts covering every template")
+    se.add_argument("--calib-pairs", type=int, default=32, help="calibration prompt x seed pairs (default 32)")
+    se.add_argument("--seeds-per-prompt", type=int, default=1)
+    se.add_argument("--heldout", type=int, default=64, help="held-out pairs for the report")
+    se.add_argument("--loss", default="mse", choices=["mse", "l1"])
+    se.add_argument("--seed", type=int, default=0)
+    se.add_argument("--sa-iters", type=int, default=200)
+    se.add_argument("--t-max", type=float, default=0.05)
+    se.add_argument("--t-min", type=float, default=1e-5)
+    se.add_argument("--radius", type=int, default=3)
+    se.add_argument("--hc-rounds", type=int, default=20)
+    se.add_argument("--far-jumps", type=int, default=2)
+    se.add_argument("--restarts", type=int, default=1)
+    se.add_argument("--prefix", type=int, default=None, help="forced computed prefix (default max(1, K//4))")
+    se.add_argument("--naive", action="store_true", help="evaluate masks one by one from step 0 (for comparison)")
+    se.add_argument("--resume", action="store_true", help="continue from the checkpoints in --out")
+    se.add_argument("--model", default=None, help="tinyflow weights directory (default: the shipped model)")
+    se.add_argument("--out", default="runs/search", help="output directory")
+    se.add_argument("--quiet", action="store_true")
+    se.set_defaults(func=cmd_search)
 
     sh = sub.add_parser("show", help="print a policy: mask strip, NFE, speed-up bound, sigmas")
     sh.add_argument("policy")
