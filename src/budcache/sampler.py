@@ -155,8 +155,8 @@ class Sampler:
 
     # The loop ----------------------------------------------------------------------------
     def run(self, state: SamplerState, cond: Any, uncond: Any = None, until: int | None = None,
-            progress: bool = False) -> SamplerState:
-        """Advance ``state`` to step ``until`` (default: the end)."""
+            progress: bool = False, callback: Any = None) -> SamplerState:
+        """Advance ``state`` to step ``until`` (default: the end); ``callback(state)`` after every step."""
         until = self.steps if until is None else until
         if not state.step <= until <= self.steps:
             raise ConfigError(f"until={until} must lie in [{state.step}, {self.steps}]")
@@ -170,6 +170,8 @@ class Sampler:
                 steps = tqdm(steps, desc="sampling", leave=False)
             for _ in steps:
                 state = self._step(state, cond, uncond, handle)
+                if callback is not None:
+                    callback(state)
         finally:
             if handle is not None:
                 handle.remove()

@@ -61,7 +61,7 @@ class Evaluator:
 
     def __init__(self, make_sampler, calib: CalibrationSet, *, loss: LossFn = latent_mse,
                  prefix_sharing: bool = True, batch_candidates: bool = True, max_batch: int = 512,
-                 max_states: int = 600) -> None:
+                 max_states: int = 1500) -> None:
         if calib.teacher is None:
             raise ConfigError("the calibration set has no teacher outputs; build it with make_calibration")
         self.make_sampler = make_sampler
@@ -102,7 +102,9 @@ class Evaluator:
             for j in range(self.steps, 0, -1):
                 st = self._states.get(mask[:j])
                 if st is not None:
-                    self._states.move_to_end(mask[:j])
+                    for i in range(1, j + 1):  # keep the whole path to this state fresh
+                        if mask[:i] in self._states:
+                            self._states.move_to_end(mask[:i])
                     return mask[:j], st
         return (), self._start
 
@@ -132,17 +134,21 @@ class Evaluator:
         sampler: Sampler = self.make_sampler(StaticMask(rows))
         state = tile_state(start, r) if r > 1 else start
         cond, uncond = tile_cond(self.calib.cond, r), tile_cond(self.calib.uncond, r)
+        last_nfe = [state.nfe]
+
+        def after_step(st: SamplerState) -> None:
+            n = int((st.nfe - last_nfe[0]).sum())
+            last_nfe[0] = st.nfe
+            self.stats.item_evaluations += n
+            self.stats.stack_calls += int(n > 0) * (2 if sampler.guidance != 1.0 else 1)
+            self.stats.steps_run += 1
+            if self.prefix_sharing:
+                for i, m in enumerate(masks):
+                    if m[:st.step] not in self._states:
+                        self._store(m[:st.step], slice_state(st, i * c, (i + 1) * c, clone=r > 1))
+
         try:
-            for k in range(start.step, self.steps):
-                before = state.nfe
-                state = sampler.run(state, cond, uncond, until=k + 1)
-                n = int((state.nfe - before).sum())
-                self.stats.item_evaluations += n
-                self.stats.stack_calls += int(n > 0) * (2 if sampler.guidance != 1.0 else 1)
-                self.stats.steps_run += 1
-                if self.prefix_sharing:
-                    for i, m in enumerate(masks):
-                        self._store(m[:k + 1], slice_state(state, i * c, (i + 1) * c, clone=r > 1))
+            state = sampler.run(state, cond, uncond, callback=after_step)
         except ModelOutputError as exc:
             bad = [list(compute_of(m)) for m in masks]
             raise ModelOutputError(f"{exc} while evaluating compute set(s) {bad}") from None
