@@ -19,7 +19,6 @@ a checkpoint (JSON, atomic) is written after every accepted move, and
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -159,6 +158,68 @@ def _save(path: Path, payload: dict[str, Any]) -> None:
     write_json(path, payload)
 
 
+CHECKPOINT_FORMAT = "budcache.search-checkpoint"
+_MAX_CHECKPOINT_BYTES = 64 * 2**20
+
+
+def load_checkpoint(path: Path, cfg: SearchConfig, digest: str,
+                    rng: np.random.Generator) -> tuple[dict[str, Any], list[tuple[Compute, float]]]:
+    """Read and validate a search checkpoint; restores ``rng``; every problem is a ConfigError naming it."""
+    from ..io import read_json_limited
+
+    data = read_json_limited(path, max_bytes=_MAX_CHECKPOINT_BYTES, max_depth=8, what="search checkpoint",
+                             error=ConfigError)
+
+    def bad(why: str) -> ConfigError:
+        return ConfigError(f"search checkpoint '{path}': {why}")
+
+    if not isinstance(data, dict) or data.get("format") != CHECKPOINT_FORMAT:
+        raise bad(f"not a budcache search checkpoint (expected format {CHECKPOINT_FORMAT!r})")
+    if type(data.get("version")) is not int or data.get("version") != 1:
+        raise bad(f"unsupported version {data.get('version')!r} (supported: 1)")
+    if data.get("config") != asdict(cfg) or data.get("digest") != digest:
+        raise bad("it belongs to another search (config or calibration set differ); remove it or run without "
+                  "--resume")
+
+    def compute_set(v: Any, field_name: str) -> Compute:
+        if not isinstance(v, list) or not all(type(i) is int and 0 <= i < cfg.steps for i in v) or \
+                len(v) != cfg.nfe or sorted(set(v)) != v:
+            raise bad(f"field {field_name!r} is not a sorted set of {cfg.nfe} steps in 0..{cfg.steps - 1}")
+        return tuple(v)
+
+    try:
+        raw = data["state"]
+        st = {"restart": raw["restart"], "phase": raw["phase"], "it": raw["it"], "history": raw["history"],
+              "cur": None, "cur_loss": raw["cur_loss"], "best": None, "best_loss": raw["best_loss"]}
+        if not (type(st["restart"]) is int and 0 <= st["restart"] <= cfg.restarts):
+            raise bad("field 'state.restart' out of range")
+        if st["phase"] not in ("init", "sa", "hc", "done") or not (type(st["it"]) is int and st["it"] >= 0):
+            raise bad("field 'state.phase' or 'state.it' is invalid")
+        if not isinstance(st["history"], list):
+            raise bad("field 'state.history' must be a list")
+        if raw["cur"] is not None:
+            st["cur"] = compute_set(raw["cur"], "state.cur")
+            st["best"] = compute_set(raw["best"], "state.best")
+            if not all(isinstance(st[k], (int, float)) and math.isfinite(st[k]) for k in ("cur_loss", "best_loss")):
+                raise bad("losses in 'state' must be finite numbers")
+        elif st["phase"] not in ("init",):
+            raise bad("field 'state.cur' is missing")
+        memo_items = []
+        if not isinstance(data["memo"], list):
+            raise bad("field 'memo' must be a list")
+        for entry in data["memo"]:
+            if not (isinstance(entry, list) and len(entry) == 2 and isinstance(entry[1], (int, float))
+                    and math.isfinite(entry[1])):
+                raise bad("field 'memo' must hold [compute set, finite loss] pairs")
+            memo_items.append((compute_set(entry[0], "memo"), float(entry[1])))
+        rng.bit_generator.state = data["rng"]
+    except ConfigError:
+        raise
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise bad(f"malformed content ({type(exc).__name__}: {exc})") from None
+    return st, memo_items
+
+
 def search(losses: LossesFn, cfg: SearchConfig, *, init: Sequence[int] | None = None,
            checkpoint: str | Path | None = None, resume: bool = False, digest: str = "",
            progress: bool = False, memo: dict[Compute, float] | None = None,
@@ -186,16 +247,9 @@ def search(losses: LossesFn, cfg: SearchConfig, *, init: Sequence[int] | None = 
     st: dict[str, Any] = {"restart": 0, "phase": "init", "it": 0, "cur": None, "cur_loss": None,
                           "best": None, "best_loss": math.inf, "history": []}
     if resume and ckpt is not None and ckpt.exists():
-        data = json.loads(ckpt.read_text())
-        if data.get("config") != asdict(cfg) or data.get("digest") != digest:
-            raise ConfigError(f"checkpoint {ckpt} belongs to another search (config or calibration differ); "
-                              "remove it or run without --resume")
-        st = data["state"]
-        st["cur"] = tuple(st["cur"]) if st["cur"] is not None else None
-        st["best"] = tuple(st["best"]) if st["best"] is not None else None
-        rng.bit_generator.state = data["rng"]
-        for k, v in data["memo"]:
-            memo.setdefault(tuple(k), v)
+        st, memo_items = load_checkpoint(ckpt, cfg, digest, rng)
+        for k, v in memo_items:
+            memo.setdefault(k, v)
         if st["phase"] == "done":
             return SearchResult(st["best"], st["best_loss"], st["history"], len(memo), time.perf_counter() - t0)
 
