@@ -219,8 +219,9 @@ def train(out: str | Path, cfg: TrainConfig, *, device: str = "cpu", minutes: fl
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         opt.step()
-        _ema_update(ema_t, transformer, cfg.ema_decay)
-        _ema_update(ema_e, encoder, cfg.ema_decay)
+        decay = min(cfg.ema_decay, (1 + step) / (10 + step))  # EMA warm-up: early averages forget the init
+        _ema_update(ema_t, transformer, decay)
+        _ema_update(ema_e, encoder, decay)
         step += 1
         running += float(loss.detach()) if step % 10 == 0 else 0.0
         if pbar is not None:
