@@ -6,7 +6,9 @@ forced. Every move keeps K:
 - SA proposal: with probability ``p_single`` move one computed step (>= P) to a
   free step (>= P), within ``radius`` with probability ``p_local``, else
   anywhere; otherwise move two at once. Accept with Metropolis,
-  ``exp(-(L_new - L_cur) / T)``, ``T = t_max (t_min / t_max)^(it / iters)``.
+  ``exp(-(L_new - L_cur) / (T s))``, ``T = t_max (t_min / t_max)^(it / iters)``, with
+  ``s`` the restart's starting loss (``relative``, default: the temperatures
+  then mean the same on any model's loss scale) or 1 (the reference's absolute rule).
 - HC from SA's state: the neighbourhood is, for every movable computed step,
   each free step within ``radius`` plus ``far_jumps`` random far targets; take
   the best strictly improving neighbour, stop at a local minimum or after
@@ -52,6 +54,7 @@ class SearchConfig:
     restarts: int = 1
     seed: int = 0
     prefix: int | None = None
+    relative: bool = True
 
     def __post_init__(self) -> None:
         if not 1 <= self.nfe <= self.steps:
@@ -190,7 +193,10 @@ def load_checkpoint(path: Path, cfg: SearchConfig, digest: str,
     try:
         raw = data["state"]
         st = {"restart": raw["restart"], "phase": raw["phase"], "it": raw["it"], "history": raw["history"],
-              "cur": None, "cur_loss": raw["cur_loss"], "best": None, "best_loss": raw["best_loss"]}
+              "cur": None, "cur_loss": raw["cur_loss"], "best": None, "best_loss": raw["best_loss"],
+              "scale": raw["scale"]}
+        if not (isinstance(st["scale"], (int, float)) and math.isfinite(st["scale"]) and st["scale"] > 0):
+            raise bad("field 'state.scale' must be a positive finite number")
         if not (type(st["restart"]) is int and 0 <= st["restart"] <= cfg.restarts):
             raise bad("field 'state.restart' out of range")
         if st["phase"] not in ("init", "sa", "hc", "done") or not (type(st["it"]) is int and st["it"] >= 0):
@@ -244,7 +250,7 @@ def search(losses: LossesFn, cfg: SearchConfig, *, init: Sequence[int] | None = 
         return [memo[c] for c in cands]
 
     rng = np.random.default_rng(cfg.seed)
-    st: dict[str, Any] = {"restart": 0, "phase": "init", "it": 0, "cur": None, "cur_loss": None,
+    st: dict[str, Any] = {"restart": 0, "phase": "init", "it": 0, "cur": None, "cur_loss": None, "scale": 1.0,
                           "best": None, "best_loss": math.inf, "history": []}
     if resume and ckpt is not None and ckpt.exists():
         st, memo_items = load_checkpoint(ckpt, cfg, digest, rng)
@@ -290,6 +296,7 @@ def search(losses: LossesFn, cfg: SearchConfig, *, init: Sequence[int] | None = 
             if st["phase"] == "init":
                 start = fit_budget(init, cfg) if (init is not None and st["restart"] == 0) else random_init(cfg, rng)
                 accept(start, score([start])[0])
+                st["scale"] = max(st["cur_loss"], 1e-30)
                 st["phase"], st["it"] = "sa", 0
                 log("init")
                 save()
@@ -297,7 +304,7 @@ def search(losses: LossesFn, cfg: SearchConfig, *, init: Sequence[int] | None = 
                 temp = _temperature(cfg, st["it"])
                 cand = sa_proposal(st["cur"], cfg, rng)
                 loss = score([cand])[0]
-                delta = loss - st["cur_loss"]
+                delta = (loss - st["cur_loss"]) / (st["scale"] if cfg.relative else 1.0)
                 ok = delta < 0 or rng.random() < math.exp(-delta / temp)
                 st["it"] += 1
                 if ok:
