@@ -91,7 +91,7 @@ def sampler_steps(make_sampler) -> int:
 
 
 CASES = [("euler", "reuse", 1.0), ("euler", "forecast2", 1.0), ("dpmpp2m", "reuse", 1.0),
-         ("dpmpp2m", "forecast2", 1.0), ("euler", "forecast2", 3.0)]
+         ("dpmpp2m", "forecast2", 1.0), ("euler", "forecast2", 3.0), ("dpmpp2m", "output", 1.0)]
 
 
 # =============================================================================== 1. evaluator exactness

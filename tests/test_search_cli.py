@@ -1,0 +1,103 @@
+"""``budcache search`` end to end on tinyflow: policies, report, summary, plots, resume and clear errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from budcache import CachePolicy
+from budcache.cli import main
+
+torch.set_num_threads(1)
+
+ARGS = ["search", "--steps", "6", "--nfe", "2,3", "--calib-pairs", "2", "--heldout", "2", "--sa-iters", "4",
+        "--hc-rounds", "1", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def searched(tmp_path_factory):
+    out = tmp_path_factory.mktemp("search")
+    rc = main([*ARGS, "--out", str(out)])
+    assert rc == 0
+    return out
+
+
+def _policies(out):
+    return {k: CachePolicy.load(out / f"policy_N6_K{k}.json") for k in (2, 3)}
+
+
+def test_search_writes_one_budget_exact_policy_per_budget(searched):
+    pols = _policies(searched)
+    digests = set()
+    for k, pol in pols.items():
+        assert pol.steps == 6 and pol.nfe == k
+        assert pol.compute[0] == 0 and len(set(pol.compute)) == k
+        assert pol.meta["budget"] == k and pol.meta["model"] == "tinyflow"
+        assert pol.meta["calibration_pairs"] == 2
+        assert isinstance(pol.meta["search_loss"], float) and pol.meta["search_loss"] > 0
+        digests.add(pol.meta["calibration_digest"])
+    assert len(digests) == 1 and len(digests.pop()) == 16
+
+
+def test_search_writes_report_summary_and_plots(searched):
+    report = (searched / "report.md").read_text()
+    rows = [line for line in report.splitlines() if line.startswith("| 2 |") or line.startswith("| 3 |")]
+    assert len(rows) == 4  # one row per budget in the search table and in the held-out table
+    pols = _policies(searched)
+    for k in (2, 3):
+        assert f"`{pols[k].strip()}`" in report
+
+    summary = json.loads((searched / "summary.json").read_text())
+    assert [b["nfe"] for b in summary["budgets"]] == [2, 3]
+    assert summary["meta"]["digest"] == pols[2].meta["calibration_digest"]
+    assert summary["meta"]["calibration_pairs"] == 2 and summary["meta"]["heldout_pairs"] == 2
+    for b in summary["budgets"]:
+        assert tuple(b["compute"]) == pols[b["nfe"]].compute
+        assert b["loss"] == pols[b["nfe"]].meta["search_loss"]
+        assert b["stats"]["evaluations"] >= 1
+        assert set(b["heldout"]) >= {"budcache", "uniform", "plain"}
+
+    for name in ("history_N6_K2.png", "history_N6_K3.png", "frontier.png"):
+        data = (searched / name).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    # checkpoints are finished; no temp files are left behind
+    for k in (2, 3):
+        ck = json.loads((searched / f"checkpoint_N6_K{k}.json").read_text())
+        assert ck["state"]["phase"] == "done"
+    assert not [p for p in searched.iterdir() if p.name.startswith(".") or p.suffix == ".tmp"]
+
+
+def test_resume_returns_the_same_policies(searched, capsys):
+    before = _policies(searched)
+    rc = main([*ARGS, "--out", str(searched), "--resume"])
+    assert rc == 0
+    after = _policies(searched)
+    for k in (2, 3):
+        assert after[k].compute == before[k].compute
+        assert after[k].meta["search_loss"] == before[k].meta["search_loss"]
+    out = capsys.readouterr().out
+    assert "K=  2" in out and "K=  3" in out
+
+
+def test_resume_with_other_settings_is_a_clear_error(searched, capsys):
+    args = [a if a != "4" else "5" for a in ARGS]  # --sa-iters 5
+    rc = main([*args, "--out", str(searched), "--resume"])
+    assert rc == 2
+    assert "another search" in capsys.readouterr().err
+
+
+def test_budget_beyond_steps_is_a_clear_error(tmp_path, capsys):
+    rc = main(["search", "--steps", "6", "--nfe", "9", "--out", str(tmp_path / "o"), "--quiet"])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "nfe" in err and "9" in err and "1..6" in err
+    assert not list((tmp_path / "o").glob("policy_*.json"))
+
+
+def test_bad_budget_list_is_a_usage_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["search", "--nfe", "2,x", "--out", str(tmp_path)])
+    assert exc.value.code == 2
+    assert "comma-separated integers" in capsys.readouterr().err
