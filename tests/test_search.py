@@ -509,6 +509,18 @@ def test_same_seed_same_search_and_different_seeds_both_valid():
         assert r.loss == table[r.compute]
 
 
+def test_relative_search_is_invariant_to_the_loss_scale():
+    """Relative Metropolis: a loss scaled by a power of two (exact in floating point) is searched identically."""
+    table = random_table(12, 5, 5)
+    scale = 2.0 ** -20
+    a, b = TableLoss(table.__getitem__), TableLoss(lambda c: table[c] * scale)
+    cfg = SearchConfig(12, 5, seed=2, sa_iters=100, relative=True)
+    ra, rb = search(a, cfg), search(b, cfg)
+    assert a.calls == b.calls
+    assert ra.compute == rb.compute and rb.loss == ra.loss * scale
+    assert [e["stage"] for e in ra.history] == [e["stage"] for e in rb.history]
+
+
 def test_warm_start_begins_at_the_fitted_init():
     steps = 12
     table = random_table(steps, 5, 0)
@@ -570,6 +582,21 @@ def test_resume_after_a_kill_anywhere_gives_the_uninterrupted_result(tmp_path):
         assert len(resumed_loss.asked) < len(ref_loss.asked)
         assert json.loads(ckpt.read_text())["state"]["phase"] == "done"
         _no_stray_files(d)
+
+
+def test_resume_with_absolute_temperatures(tmp_path):
+    cfg = SearchConfig(12, 5, seed=8, sa_iters=40, hc_rounds=10, relative=False)
+    table = {c: v * 1e-4 for c, v in RESUME_TABLE.items()}
+    ref_loss = TableLoss(table.__getitem__)
+    ref = search(ref_loss, cfg)
+    total = len(ref_loss.calls)
+    hc_call = next(i for i, call in enumerate(ref_loss.calls) if len(call) > 1)
+    for kill in sorted({2, total // 3, total // 2, hc_call, total - 1}):
+        ckpt = tmp_path / f"ckpt{kill}.json"
+        with pytest.raises(Killed):
+            search(TableLoss(table.__getitem__, fail_after=kill), cfg, checkpoint=ckpt)
+        res = search(TableLoss(table.__getitem__), cfg, checkpoint=ckpt, resume=True)
+        assert (res.compute, res.loss, res.history) == (ref.compute, ref.loss, ref.history), kill
 
 
 def test_resume_of_a_finished_search_calls_no_loss(tmp_path):
@@ -653,36 +680,53 @@ def test_without_resume_an_old_checkpoint_is_overwritten(tmp_path):
 
 
 # =============================================================================== 5. exhaustive check on tinyflow
-@pytest.mark.slow
-def test_search_matches_exhaustive_enumeration_on_tinyflow():
+@pytest.fixture(scope="module")
+def tinyflow_exhaustive():
+    """tinyflow, N=12, 2 calibration pairs: the losses of all 330 masks of K=5 (step 0 computed), one call."""
     from budcache import tinyflow
     from budcache.search.run import TinyflowProblem
 
-    tf = tinyflow.load()
-    problem = TinyflowProblem(tf, steps=12)
+    problem = TinyflowProblem(tinyflow.load(), steps=12)
     prompts, seeds = pairs_for(tinyflow_prompts(2), 1, 0)
     calib = problem.calibration(prompts, seeds)
     assert len(calib) == 2
-
     brute = Evaluator(problem.make_sampler, calib)
     masks = all_masks(12, 5)
     assert len(masks) == 330
-    losses = brute.losses(masks)
+    with torch.no_grad():
+        losses = brute.losses(masks)
     assert brute.stats.evaluations == 330
-    best = float(min(losses))
     assert all(math.isfinite(v) and v > 0 for v in losses)
+    return problem, calib, masks, losses, brute.stats
 
+
+def _check_exhaustive(tinyflow_exhaustive, cfg: SearchConfig) -> None:
+    problem, calib, masks, losses, brute_stats = tinyflow_exhaustive
+    best = float(min(losses))
     fresh = Evaluator(problem.make_sampler, calib)
-    res = search(fresh.losses, SearchConfig(12, 5, seed=0))
-    assert res.loss == pytest.approx(best, rel=1e-5)
+    res = search(fresh.losses, cfg)
+    ranked = sorted(losses)
+    assert res.loss == pytest.approx(best, rel=1e-5), \
+        f"search found {list(res.compute)} (rank {ranked.index(min(ranked, key=lambda v: abs(v - res.loss)))} " \
+        f"of 330), the optimum is {list(masks[losses.index(best)])}"
     argmins = {m for m, v in zip(masks, losses) if v <= best * (1 + 1e-6)}
     assert res.compute in argmins
     # the search is far cheaper than the enumeration
     assert fresh.stats.evaluations < 330
-    assert fresh.stats.item_evaluations < brute.stats.item_evaluations
+    assert fresh.stats.item_evaluations < brute_stats.item_evaluations
     # and it beats the evenly spaced mask of the same budget
     uniform = tuple(i * 12 // 5 for i in range(5))
     assert res.loss < losses[masks.index(uniform)]
+
+
+@pytest.mark.slow
+def test_search_matches_exhaustive_enumeration_on_tinyflow(tinyflow_exhaustive):
+    _check_exhaustive(tinyflow_exhaustive, SearchConfig(12, 5, seed=0))
+
+
+@pytest.mark.slow
+def test_absolute_temperature_search_matches_exhaustive_enumeration_on_tinyflow(tinyflow_exhaustive):
+    _check_exhaustive(tinyflow_exhaustive, SearchConfig(12, 5, seed=0, relative=False))
 
 
 # =============================================================================== 6. prompt files
@@ -753,3 +797,12 @@ def test_pairs_for_repeats_prompts_with_seeds():
     assert len(set(seeds)) == 6 and pairs_for(["a", "b"], 3, seed=0)[1] == seeds
     with pytest.raises(ConfigError):
         pairs_for(["a"], 0, seed=0)
+
+
+def test_prompt_files_tolerate_a_byte_order_mark(tmp_path):
+    csv_file = tmp_path / "p.csv"
+    csv_file.write_bytes("\ufeffprompt,seed\na red circle,1\n".encode("utf-8"))
+    assert read_prompt_file(csv_file) == ["a red circle"]
+    txt = tmp_path / "p.txt"
+    txt.write_bytes("\ufeffa circle\n".encode("utf-8"))
+    assert read_prompt_file(txt) == ["a circle"]

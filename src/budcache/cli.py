@@ -151,7 +151,7 @@ def cmd_search(a: argparse.Namespace) -> int:
     kw = {k: getattr(a, k) for k in ("sa_iters", "t_max", "t_min", "radius", "hc_rounds", "restarts", "far_jumps")}
     if a.prefix is not None:
         kw["prefix"] = a.prefix
-    kw["relative"] = not a.absolute_temperature
+    kw["relative"] = a.relative_temperature
     t0 = time.perf_counter()
     outcomes = run(a.out, nfes=a.nfe, steps=a.steps, solver=a.solver, mechanism=a.mechanism, guidance=a.guidance,
                    calib_pairs=a.calib_pairs, prompt_file=a.prompts, seeds_per_prompt=a.seeds_per_prompt,
@@ -217,8 +217,9 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("--far-jumps", type=int, default=2)
     se.add_argument("--restarts", type=int, default=1)
     se.add_argument("--prefix", type=int, default=None, help="forced computed prefix (default max(1, K//4))")
-    se.add_argument("--absolute-temperature", action="store_true",
-                    help="Metropolis on the raw loss difference (reference rule) instead of relative to the start loss")
+    se.add_argument("--relative-temperature", action="store_true",
+                    help="Metropolis on the loss difference relative to the start loss (default: the raw difference, "
+                         "as the reference does)")
     se.add_argument("--naive", action="store_true", help="evaluate masks one by one from step 0 (for comparison)")
     se.add_argument("--resume", action="store_true", help="continue from the checkpoints in --out")
     se.add_argument("--model", default=None, help="tinyflow weights directory (default: the shipped model)")

@@ -7,8 +7,9 @@ forced. Every move keeps K:
   free step (>= P), within ``radius`` with probability ``p_local``, else
   anywhere; otherwise move two at once. Accept with Metropolis,
   ``exp(-(L_new - L_cur) / (T s))``, ``T = t_max (t_min / t_max)^(it / iters)``, with
-  ``s`` the restart's starting loss (``relative``, default: the temperatures
-  then mean the same on any model's loss scale) or 1 (the reference's absolute rule).
+  ``s = 1`` (the reference's absolute rule, default) or, with ``relative``, the
+  restart's starting loss (then raise ``t_max``: neighbouring masks differ by
+  10-50% of the loss, so a relative ``t_max`` of 0.05 anneals almost greedily).
 - HC from SA's state: the neighbourhood is, for every movable computed step,
   each free step within ``radius`` plus ``far_jumps`` random far targets; take
   the best strictly improving neighbour, stop at a local minimum or after
@@ -54,7 +55,7 @@ class SearchConfig:
     restarts: int = 1
     seed: int = 0
     prefix: int | None = None
-    relative: bool = True
+    relative: bool = False
 
     def __post_init__(self) -> None:
         if not 1 <= self.nfe <= self.steps:

@@ -73,7 +73,10 @@ def read_prompt_file(path: str | Path) -> list[str]:
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"prompt file {p} does not exist")
-    text = p.read_text(encoding="utf-8")
+    try:
+        text = p.read_text(encoding="utf-8-sig")  # tolerate the byte-order mark spreadsheets write
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"prompt file {p} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     suffix = p.suffix.lower()
     out: list[str] = []
     if suffix == ".txt":

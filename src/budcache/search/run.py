@@ -210,8 +210,9 @@ def run(out: str | Path, *, nfes: Sequence[int], steps: int = 28, solver: str = 
     else:
         if calib_pairs < 1:
             raise ConfigError(f"calibration pairs must be >= 1 (got {calib_pairs})")
-        prompts, seeds = pairs_for(tinyflow_prompts(max(1, calib_pairs // seeds_per_prompt), seed=seed),
-                                   seeds_per_prompt, seed)
+        n_prompts = -(-calib_pairs // seeds_per_prompt)  # ceil: then keep exactly calib_pairs pairs
+        prompts, seeds = pairs_for(tinyflow_prompts(n_prompts, seed=seed), seeds_per_prompt, seed)
+        prompts, seeds = prompts[:calib_pairs], seeds[:calib_pairs]
     calib = problem.calibration(prompts, seeds)
     hp, hs = pairs_for(tinyflow_prompts(heldout_pairs, seed=seed + 7_777_777), 1, seed + 7_777_777)
     held = problem.calibration(hp, hs)
