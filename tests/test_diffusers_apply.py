@@ -218,3 +218,55 @@ def test_batch_size_can_change_between_generations(env):
         torch.testing.assert_close(out, refs[len(prompts)], atol=1e-5, rtol=0)
     assert handle.stats.stack_runs == 3 * K
     assert handle.stats.elements_computed == K * (1 + 3 + 1)
+
+
+# ----------------------------------------------------------------------------- schedule bookkeeping
+def _direct_call(env, sigma: float):
+    cond = env.tf.encode(["a circle"])
+    den = env.tf.denoiser()
+    return den(env.tf.noise([0]), torch.tensor([sigma]), cond, "cond")
+
+
+def test_two_calls_at_one_step_in_one_context_are_an_error(env):
+    generate(env)  # sets the scheduler's timesteps
+    bd.apply(env.pipe, POLICY)
+    s0 = float(env.pipe.scheduler.sigmas[0])
+    _direct_call(env, s0)
+    with pytest.raises(ConfigError, match="cache_context"):
+        _direct_call(env, s0)
+
+
+def test_img2img_strength_is_a_clear_policy_error(env):
+    generate(env)
+    bd.apply(env.pipe, POLICY)
+    env.pipe.scheduler.set_begin_index(3)  # what img2img pipelines do for strength < 1
+    try:
+        with pytest.raises(PolicyError, match="strength"):
+            _direct_call(env, float(env.pipe.scheduler.sigmas[3]))
+    finally:
+        env.pipe.scheduler.set_begin_index(0)
+
+
+def test_a_jump_in_steps_starts_a_new_generation(env):
+    """A generation interrupted at step 2 and a new one entered at step 5 must not share residuals."""
+    generate(env)
+    sig = env.pipe.scheduler.sigmas
+    pol = CachePolicy.from_steps(N, [0, 1, 2, 5])
+    bd.apply(env.pipe, pol)
+    for k in (0, 1, 2):
+        _direct_call(env, float(sig[k]))
+    with pytest.raises(ConfigError, match="first step of a generation must compute"):
+        _direct_call(env, float(sig[6]))  # 6 is cached, but the step-5 residual of this generation never ran
+
+
+def test_policy_with_learned_sigmas_needs_those_sigmas(env):
+    base = env.tf.sigmas(N)
+    learned = CachePolicy.uniform(N, K).with_sigmas((base * 0.98 + 0.02 * torch.linspace(1, 0, N + 1)).tolist())
+    bd.apply(env.pipe, learned)
+    with pytest.raises(PolicyError, match="sigmas"):
+        generate(env)
+
+
+def test_mechanism_defaults_to_the_policys(env):
+    handle = bd.apply(env.pipe, CachePolicy.uniform(N, K).with_meta(mechanism="forecast2"))
+    assert handle.mechanism == "forecast2"

@@ -131,7 +131,7 @@ def test_context_manager_removes_the_cache(tr, den):
 def test_call_without_decision_is_an_error(tr, den):
     x, cond = make_inputs(1)
     with apply_cache(tr):
-        with pytest.raises(RuntimeError, match="set_decision"):
+        with pytest.raises(ConfigError, match="set_decision"):
             den(x, sig(1, 0.5), cond, "cond")
 
 
@@ -317,7 +317,7 @@ def test_push_on_a_subset_leaves_the_other_elements_unchanged():
 
 
 def test_estimate_before_any_computed_step_raises():
-    with pytest.raises(RuntimeError, match="first step of a generation must compute"):
+    with pytest.raises(ConfigError, match="first step of a generation must compute"):
         ResidualHistory().estimate(0, 0)
 
 
@@ -340,10 +340,10 @@ def test_skip_at_the_first_step_raises(tr, den):
     x, cond = make_inputs(2)
     with apply_cache(tr) as handle:
         handle.set_decision(0, zeros(2))
-        with pytest.raises(RuntimeError, match="first step of a generation must compute"):
+        with pytest.raises(ConfigError, match="first step of a generation must compute"):
             den(x, sig(2, 0.9), cond, "cond")
         handle.set_decision(0, torch.tensor([True, False]))
-        with pytest.raises(RuntimeError, match="step 0 skips elements that have no cached residual"):
+        with pytest.raises(ConfigError, match="step 0 skips elements that have no cached residual"):
             den(x, sig(2, 0.9), cond, "cond")
 
 
@@ -354,7 +354,7 @@ def test_skip_in_a_context_that_never_computed_raises(tr, den):
         den(x, sig(1, 0.9), cond, "cond")
         handle.set_decision(1, zeros(1))
         den(x, sig(1, 0.8), cond, "cond")  # "cond" has a residual
-        with pytest.raises(RuntimeError, match="no cached residual"):
+        with pytest.raises(ConfigError, match="no cached residual"):
             den(x, sig(1, 0.8), cond, "uncond")  # "uncond" has its own, empty cache
 
 
@@ -365,7 +365,7 @@ def test_changing_batch_size_on_a_skipped_step_raises(tr, den):
         handle.set_decision(0, ones(2))
         den(x2, sig(2, 0.9), cond2, "cond")
         handle.set_decision(1, zeros(3))
-        with pytest.raises(RuntimeError, match=r"cached residual has shape \(2, 16, 32\).*\(3, 16, 32\).*new batch "
+        with pytest.raises(ConfigError, match=r"cached residual has shape \(2, 16, 32\).*\(3, 16, 32\).*new batch "
                                                r"size or resolution starts at step 0"):
             den(x3, sig(3, 0.8), cond3, "cond")
         # a decision for the wrong number of elements is named as such
@@ -432,7 +432,7 @@ def test_snapshot_restore_round_trip(tr, den):
     assert torch.equal(again, skipped)
 
     handle.restore(None)
-    with pytest.raises(RuntimeError, match="no cached residual"):
+    with pytest.raises(ConfigError, match="no cached residual"):
         den(xs[2], sig(2, sigmas[2]), cond, "cond")
     handle.remove()
 
@@ -445,7 +445,7 @@ def test_reset_forgets_the_cache(tr, den):
         handle.reset()
         assert handle.snapshot() == {}
         handle.set_decision(1, zeros(1))
-        with pytest.raises(RuntimeError, match="no cached residual"):
+        with pytest.raises(ConfigError, match="no cached residual"):
             den(x, sig(1, 0.8), cond, "cond")
 
 

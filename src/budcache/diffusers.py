@@ -41,6 +41,11 @@ class _TimestepResolver:
         if sched is None:
             raise ConfigError("the pipeline's scheduler has no timesteps yet (set_timesteps was not called)")
         n = len(sched)
+        begin = getattr(self.scheduler, "begin_index", None)
+        if begin not in (None, 0):
+            raise PolicyError(f"policy field 'steps': the pipeline starts at step {begin} of {n} (img2img "
+                              f"'strength'), so it runs {n - begin} steps, not the policy's {self.policy.steps}; "
+                              f"search a policy for {n - begin} steps with that strength")
         if n != self.policy.steps:
             raise PolicyError(f"policy field 'steps': the policy is for {self.policy.steps} steps but the pipeline "
                               f"runs {n} (num_inference_steps, strength or custom sigmas); search a policy for "
@@ -56,6 +61,13 @@ class _TimestepResolver:
         if float(err[row]) > tol:
             raise ConfigError(f"timestep {float(t0):.6g} is not on the scheduler's schedule; budcache cannot "
                               "match it to a step")
+        if k == 0 and self.policy.sigmas is not None:
+            want = torch.tensor(self.policy.sigmas[:-1], dtype=torch.float64)
+            have = getattr(self.scheduler, "sigmas", torch.zeros(0)).to(torch.float64).cpu()[:n]
+            if have.shape != want.shape or not torch.allclose(have, want, atol=1e-4):
+                raise PolicyError("policy field 'sigmas': the policy carries a learned schedule but the pipeline's "
+                                  "scheduler runs another one; configure the scheduler so its sigmas equal the "
+                                  "policy's (custom sigmas with any resolution shift disabled)")
         b = kwargs["hidden_states"].shape[0] if "hidden_states" in kwargs else 1
         return Decision(k, self.mask[k].expand(b).clone())
 
@@ -72,11 +84,15 @@ def _transformer_and_scheduler(target: Any) -> tuple[torch.nn.Module, Any]:
 
 
 def apply(target: Any, policy: CachePolicy | str, *, nfe: int | None = None, steps: int | None = None,
-          mechanism: str = "reuse", scheduler: Any = None) -> CacheHandle:
+          mechanism: str | None = None, scheduler: Any = None) -> CacheHandle:
     """Install ``policy`` on a pipeline's transformer (or a transformer with ``scheduler=``).
 
     ``policy`` is a :class:`CachePolicy`, a path to a policy JSON file, or
     ``"uniform"`` with ``nfe`` and ``steps`` (a budget without a search).
+    ``mechanism`` defaults to the one the policy was searched with (its
+    ``meta``), else ``"reuse"``. A policy with learned sigmas must run with
+    those sigmas (the scheduler's sigmas must equal them; mind pipelines that
+    shift custom sigmas by resolution): another schedule is an error at step 0.
     """
     if isinstance(policy, str):
         if policy == "uniform":
@@ -94,6 +110,8 @@ def apply(target: Any, policy: CachePolicy | str, *, nfe: int | None = None, ste
         scheduler = scheduler or sched
     if find_cache(tr) is not None:
         raise ConfigError("a budcache cache is already applied; call budcache.diffusers.remove first")
+    if mechanism is None:
+        mechanism = str(policy.meta.get("mechanism", "reuse"))
     return apply_cache(tr, mechanism, resolver=_TimestepResolver(policy, scheduler))
 
 

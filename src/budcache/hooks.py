@@ -106,7 +106,7 @@ class ResidualHistory:
         Elements with fewer stored steps fall back to the order they have.
         """
         if not self.img:
-            raise RuntimeError("no computed step is cached yet: the first step of a generation must compute")
+            raise ConfigError("no computed step is cached yet: the first step of a generation must compute")
         return self._estimate(self.img, step, order), (
             self._estimate(self.txt, step, order) if self.txt and self.txt[0] is not None else None)
 
@@ -140,7 +140,7 @@ class _State(BaseState):
         self.batch = 0
         self.head_in: tuple[torch.Tensor, torch.Tensor | None] | None = None
         self.last_step = -1
-        self.signature: tuple | None = None
+        self.signature: tuple | None = None  # (shape, dtype, device) of the latest input
 
     def reset(self, *args: Any, **kwargs: Any) -> None:
         self.__init__()
@@ -246,7 +246,7 @@ class _BlockHook(ModelHook):
     def _begin(self, st: _State, kw: dict[str, Any]) -> None:
         d = st.decision
         if d is None:
-            raise RuntimeError("budcache: the transformer was called without a step decision")
+            raise ConfigError("budcache: the transformer was called without a step decision")
         h, e = self._streams(kw)
         st.batch = h.shape[0]
         if d.compute.shape[0] != st.batch:
@@ -254,10 +254,10 @@ class _BlockHook(ModelHook):
         n = int(d.compute.sum())
         self.cache.stats.calls += 1
         if n != st.batch and not st.history.img:
-            raise RuntimeError(f"budcache: step {d.step} skips elements that have no cached residual yet "
+            raise ConfigError(f"budcache: step {d.step} skips elements that have no cached residual yet "
                                "(the first step of a generation must compute)")
         if st.history.img and st.history.img[0].shape != h.shape:
-            raise RuntimeError(f"budcache: cached residual has shape {tuple(st.history.img[0].shape)} but the "
+            raise ConfigError(f"budcache: cached residual has shape {tuple(st.history.img[0].shape)} but the "
                                f"stack input has {tuple(h.shape)}; a new batch size or resolution starts at step 0")
         if n == st.batch:
             st.mode, st.idx = "all", None
@@ -320,8 +320,20 @@ class _ModelHook(ModelHook):
         try:
             st: _State = self.state_manager.get_state()
             decision = self.cache._take_decision(module, st, args, kwargs)
-            if decision.step == 0 or decision.step < st.last_step:
-                st.reset()  # a new generation (or a restarted one) starts clean
+            if self.cache.resolver is not None:
+                # Pipelines: a generation is a run of consecutive steps on one input shape; anything
+                # else (step 0, a jump, a new batch size or resolution) starts clean.
+                x = kwargs.get("hidden_states", args[0] if args else None)
+                sig = (tuple(x.shape), x.dtype, x.device) if torch.is_tensor(x) else None
+                if decision.step == st.last_step and sig == st.signature:
+                    raise ConfigError(
+                        f"{type(module).__name__} was called twice at step {decision.step} in one cache context; "
+                        "wrap each pass (e.g. CFG's conditional and unconditional) in transformer.cache_context(name)")
+                if decision.step == 0 or decision.step != st.last_step + 1 or sig != st.signature:
+                    st.reset()
+                st.signature = sig
+            elif decision.step == 0:
+                st.reset()  # a new generation starts clean
             st.decision = decision
             st.last_step = decision.step
             return self.fn_ref.original_forward(*args, **kwargs)
@@ -334,7 +346,8 @@ class CacheHandle:
     """A residual cache installed on one transformer; :meth:`remove` takes it off.
 
     Decisions come from :meth:`set_decision` (the sampler, before each call) or
-    from ``resolver(module, args, kwargs, state_step) -> Decision`` (pipelines).
+    from ``resolver(module, args, kwargs, state) -> Decision`` (pipelines: the step
+    comes from the call's timestep, and a generation must run consecutive steps).
     """
 
     def __init__(self, transformer: torch.nn.Module, mechanism: str = "reuse",
@@ -407,7 +420,7 @@ class CacheHandle:
         if self.resolver is not None:
             return self.resolver(module, args, kwargs, st)
         if self._pending is None:
-            raise RuntimeError("budcache: call set_decision(step, compute) before calling the transformer")
+            raise ConfigError("budcache: call set_decision(step, compute) before calling the transformer")
         return self._pending
 
 
