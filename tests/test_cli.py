@@ -63,3 +63,19 @@ def test_show_rejects_broken_policy_files(tmp_path, capsys, content):
     pol.write_bytes(content)
     assert main(["show", str(pol)]) == 2
     assert "bad.json" in capsys.readouterr().err
+
+
+def test_sample_runs_a_policy_with_the_settings_it_was_searched_with(tmp_path, capsys):
+    pol = tmp_path / "p.json"
+    CachePolicy.uniform(6, 3).with_meta(solver="dpmpp2m", mechanism="forecast1", guidance=2.0).save(pol)
+    assert main(["sample", "a circle", "--policy", str(pol), "--out", str(tmp_path / "g.png"), "--quiet"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["solver"] == "dpmpp2m" and summary["guidance"] == 2.0
+    assert main(["sample", "a circle", "--policy", str(pol), "--solver", "euler", "--out", str(tmp_path / "g.png"),
+                 "--quiet"]) == 0
+    assert json.loads(capsys.readouterr().out)["solver"] == "euler"
+
+
+def test_sample_rejects_zero_images_per_prompt(tmp_path, capsys):
+    assert main(["sample", "a circle", "--per-prompt", "0", "--out", str(tmp_path / "g.png")]) == 2
+    assert "--per-prompt" in capsys.readouterr().err

@@ -291,12 +291,12 @@ def test_plain_callable_supports_only_output_reuse():
 
 def test_policy_for_another_step_count_is_an_error(tr):
     den = FluxDenoiser(tr, ROWS, COLS)
-    with pytest.raises(ConfigError, match="policy is for 10 steps but the sampler has 8"):
+    with pytest.raises(ConfigError, match="policy or mask is for 10 steps but the sampler has 8"):
         Sampler(den, SIGMAS, "euler", CachePolicy.uniform(10, 4))
-    with pytest.raises(ConfigError, match="mask has 6 steps but the sampler has 8"):
+    with pytest.raises(ConfigError, match="policy or mask is for 6 steps but the sampler has 8"):
         Sampler(den, SIGMAS, "euler", torch.ones(6, dtype=torch.bool))
     x, cond, _ = make_inputs(1)
-    with pytest.raises(ConfigError, match="policy is for 10 steps"):
+    with pytest.raises(ConfigError, match="policy or mask is for 10 steps"):
         run(tr, x, cond, policy=CachePolicy.uniform(10, 4))
 
 

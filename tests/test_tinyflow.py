@@ -349,3 +349,22 @@ def test_training_resumes_exactly(tmp_path, capsys):
 def test_train_rejects_empty_runs(tmp_path):
     with pytest.raises(ConfigError, match="batch and iters must be >= 1"):
         train(tmp_path / "x", TrainConfig(iters=0, batch=4), progress=False)
+
+
+def test_training_refuses_to_overwrite_a_directory_that_is_not_a_checkpoint(tmp_path):
+    from budcache.errors import ConfigError
+    from budcache.tinyflow.train import TrainConfig, train
+
+    (tmp_path / "report.md").write_text("precious")
+    with pytest.raises(ConfigError, match="not a tinyflow checkpoint"):
+        train(tmp_path, TrainConfig(iters=1, batch=2), progress=False)
+    assert (tmp_path / "report.md").read_text() == "precious"
+
+
+def test_a_pipeline_is_not_taken_for_a_denoiser():
+    from budcache import sample
+    from budcache.errors import ConfigError
+
+    tf = tinyflow.load()
+    with pytest.raises(ConfigError, match="pipe.transformer"):
+        sample(tf.pipeline(), tf.noise([0]), tf.encode(["a circle"]), tf.sigmas(4))

@@ -1,4 +1,4 @@
-"""Command line: ``budcache sample | show | train-tinyflow``."""
+"""Command line: ``budcache search | sample | show | train-tinyflow``."""
 
 from __future__ import annotations
 
@@ -54,6 +54,8 @@ def cmd_sample(a: argparse.Namespace) -> int:
     from .policy import CachePolicy
     from .tinyflow import checker
 
+    if a.per_prompt < 1:
+        raise ConfigError(f"--per-prompt must be >= 1 (got {a.per_prompt})")
     prompts = _read_prompts(a.prompts)
     prompts = [p for p in prompts for _ in range(a.per_prompt)]
     seeds = [a.seed + i for i in range(len(prompts))]
@@ -64,6 +66,11 @@ def cmd_sample(a: argparse.Namespace) -> int:
         if a.steps_given:
             raise ConfigError(f"--steps {a.steps} but the policy {a.policy} is for {policy.steps} steps")
         a.steps = policy.steps
+    # Settings the policy was searched with are the defaults; an explicit option overrides them.
+    meta = dict(policy.meta) if policy is not None else {}
+    a.solver = a.solver or str(meta.get("solver", "euler"))
+    a.mechanism = a.mechanism or str(meta.get("mechanism", "reuse"))
+    a.guidance = a.guidance if a.guidance is not None else float(meta.get("guidance", 1.0))
     tf = tinyflow.load(a.model)
     t0 = time.perf_counter()
     with torch.no_grad():
@@ -186,9 +193,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--steps", type=int, default=None, help="solver steps N (default 28, or the policy's)")
     s.add_argument("--policy", default=None, help="policy JSON file (budcache search writes them)")
     s.add_argument("--nfe", type=int, default=None, help="uniform policy with this many computed steps")
-    s.add_argument("--solver", default="euler", choices=sorted(SOLVERS))
-    s.add_argument("--mechanism", default="reuse", choices=[*MECHANISMS, "output"])
-    s.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale (1 = off)")
+    s.add_argument("--solver", default=None, choices=sorted(SOLVERS), help="default: the policy's, else euler")
+    s.add_argument("--mechanism", default=None, choices=[*MECHANISMS, "output"],
+                   help="default: the policy's, else reuse")
+    s.add_argument("--guidance", type=float, default=None,
+                   help="classifier-free guidance scale (1 = off); default: the policy's, else 1")
     s.add_argument("--seed", type=int, default=0, help="seed of the first image; image i uses seed+i")
     s.add_argument("--per-prompt", type=int, default=1, help="images per prompt")
     s.add_argument("--model", default=None, help="tinyflow weights directory (default: the shipped model)")

@@ -100,6 +100,9 @@ ADAPTERS: dict[str, Callable[..., Denoiser]] = {"FluxTransformer2DModel": FluxDe
 
 def as_denoiser(model: Any, **geometry: Any) -> Denoiser:
     """A denoiser for ``model``: a known diffusers transformer, a denoiser, or a plain callable."""
+    if type(model).__name__.endswith("Pipeline") or hasattr(model, "components"):
+        raise ConfigError(f"got a pipeline ({type(model).__name__}); budcache's sampler takes its transformer: "
+                          "pass pipe.transformer (or use budcache.diffusers.apply(pipe, policy))")
     if hasattr(model, "transformer") and callable(model):
         return model
     if isinstance(model, torch.nn.Module) and type(model).__name__ in ADAPTERS:

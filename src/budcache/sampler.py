@@ -48,7 +48,7 @@ class ComputeAll(Controller):
     """Every step computes (the uncached sampler)."""
 
     def decide(self, step: int, state: SamplerState) -> torch.Tensor:
-        return torch.ones(state.x.shape[0], dtype=torch.bool, device=state.x.device)
+        return torch.ones(state.x.shape[0], dtype=torch.bool)
 
 
 class StaticMask(Controller):
@@ -70,7 +70,7 @@ class StaticMask(Controller):
 
     def decide(self, step: int, state: SamplerState) -> torch.Tensor:
         b = state.x.shape[0]
-        col = self.mask[..., step].to(state.x.device)
+        col = self.mask[..., step]
         if col.dim() == 0:
             return col.expand(b).clone()
         if col.shape[0] != b:
@@ -95,7 +95,7 @@ class SamplerState:
     x: torch.Tensor                       # (B, ...) current latent at sigmas[step]
     step: int                             # next step to take
     history: tuple[torch.Tensor, ...]     # the solver's own history
-    nfe: torch.Tensor                     # (B,) full evaluations so far
+    nfe: torch.Tensor                     # (B,) full evaluations so far (on the CPU, like the decisions)
     computed: tuple[torch.Tensor, ...]    # per past step: (B,) bool, which elements computed
     last_v: torch.Tensor | None = None    # last velocity (for the ``output`` mechanism)
     cache: dict[str, ResidualHistory] | None = None  # residual caches per CFG context
@@ -133,12 +133,14 @@ class Sampler:
         self.sigmas = sigmas
         self.steps = sigmas.numel() - 1
         self.solver = get_solver(solver) if isinstance(solver, str) else solver
-        if isinstance(controller, CachePolicy):
-            if controller.steps != self.steps:
-                raise ConfigError(f"policy is for {controller.steps} steps but the sampler has {self.steps}")
+        if isinstance(controller, CachePolicy) and controller.sigmas is not None:
+            # a policy with a learned schedule runs with it
+            self.sigmas = sigmas = torch.tensor(controller.sigmas, dtype=sigmas.dtype, device=sigmas.device)
+            self.steps = sigmas.numel() - 1
         self.controller = as_controller(controller)
         if isinstance(self.controller, StaticMask) and self.controller.steps != self.steps:
-            raise ConfigError(f"mask has {self.controller.steps} steps but the sampler has {self.steps}")
+            raise ConfigError(f"the policy or mask is for {self.controller.steps} steps but the sampler has "
+                              f"{self.steps}")
         self.mechanism = mechanism
         self.guidance = float(guidance)
         self.check_finite = check_finite
@@ -150,8 +152,7 @@ class Sampler:
     def start(self, noise: torch.Tensor) -> SamplerState:
         """The state before step 0, at ``x = noise``."""
         b = noise.shape[0]
-        return SamplerState(x=noise, step=0, history=(), nfe=torch.zeros(b, dtype=torch.long, device=noise.device),
-                            computed=())
+        return SamplerState(x=noise, step=0, history=(), nfe=torch.zeros(b, dtype=torch.long), computed=())
 
     # The loop ----------------------------------------------------------------------------
     def run(self, state: SamplerState, cond: Any, uncond: Any = None, until: int | None = None,
@@ -197,8 +198,10 @@ class Sampler:
         k = state.step
         x = state.x
         b = x.shape[0]
-        compute = self.controller.decide(k, state).to(device=x.device, dtype=torch.bool)
-        sigma = self.sigmas[k].to(x.dtype).expand(b)
+        # The decision stays on the CPU (a static mask needs no device sync); sigma keeps the schedule's
+        # dtype so adapters can form the timestep exactly as pipelines do.
+        compute = self.controller.decide(k, state).to(dtype=torch.bool)
+        sigma = self.sigmas[k].expand(b)
         cache = state.cache
         if handle is not None:
             handle.restore(cache)
@@ -224,7 +227,7 @@ class Sampler:
             raise ConfigError(f"step {k} reuses a velocity but no step has computed yet")
         if n == 0:
             return state.last_v
-        idx = torch.nonzero(compute).squeeze(1)
+        idx = torch.nonzero(compute).squeeze(1).to(state.x.device)
         v_sub = self._velocity(state.x.index_select(0, idx), sigma.index_select(0, idx), _select(cond, idx),
                                _select(uncond, idx))
         return state.last_v.index_copy(0, idx, v_sub)
@@ -287,7 +290,5 @@ def sample(model: Any, noise: torch.Tensor, cond: Any, sigmas: torch.Tensor, *, 
     If the policy carries learned sigmas, they replace ``sigmas``.
     """
     den = as_denoiser(model, **geometry)
-    if isinstance(policy, CachePolicy) and policy.sigmas is not None:
-        sigmas = torch.tensor(policy.sigmas, dtype=sigmas.dtype, device=sigmas.device)
     sampler = Sampler(den, sigmas, solver, policy, mechanism, guidance)
     return sampler.result(sampler.run(sampler.start(noise), cond, uncond, progress=progress))

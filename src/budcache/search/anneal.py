@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import ConfigError
+from ..errors import ConfigError, ModelOutputError
 from ..io import write_json
 
 Compute = tuple[int, ...]
@@ -246,7 +246,8 @@ def search(losses: LossesFn, cfg: SearchConfig, *, init: Sequence[int] | None = 
         if todo:
             for c, v in zip(todo, losses(todo)):
                 if not math.isfinite(v):
-                    raise ConfigError(f"loss of compute set {list(c)} is not finite ({v})")
+                    raise ModelOutputError(f"loss of compute set {list(c)} is not finite ({v}): the model "
+                                           "produced NaN or Inf on this mask")
                 memo[c] = v
         return [memo[c] for c in cands]
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import ConfigError, ModelOutputError
-from ..sampler import Sampler, SamplerState, StaticMask, slice_state, tile_cond, tile_state
+from ..sampler import Sampler, SamplerState, StaticMask, map_state, slice_state, tile_cond, tile_state
 from .calibration import CalibrationSet, LossFn, latent_mse
 
 Mask = tuple[bool, ...]
@@ -61,7 +61,7 @@ class Evaluator:
 
     def __init__(self, make_sampler, calib: CalibrationSet, *, loss: LossFn = latent_mse,
                  prefix_sharing: bool = True, batch_candidates: bool = True, max_batch: int = 512,
-                 max_states: int = 1500) -> None:
+                 max_state_bytes: int = 2 * 2**30) -> None:
         if calib.teacher is None:
             raise ConfigError("the calibration set has no teacher outputs; build it with make_calibration")
         self.make_sampler = make_sampler
@@ -70,7 +70,8 @@ class Evaluator:
         self.prefix_sharing = prefix_sharing
         self.batch_candidates = batch_candidates
         self.max_batch = max(len(calib), max_batch)
-        self.max_states = max_states
+        self.max_state_bytes = max_state_bytes
+        self._state_bytes = 0
         self.steps = make_sampler(None).steps
         self.memo: dict[tuple[int, ...], float] = {}
         self.stats = EvaluatorStats()
@@ -112,8 +113,10 @@ class Evaluator:
         if not self.prefix_sharing or key in self._states:
             return
         self._states[key] = state
-        while len(self._states) > self.max_states:
-            self._states.popitem(last=False)
+        self._state_bytes += _nbytes(state)
+        while self._state_bytes > self.max_state_bytes and len(self._states) > 1:
+            _, old = self._states.popitem(last=False)
+            self._state_bytes -= _nbytes(old)
 
     def _run(self, masks: list[Mask]) -> None:
         groups: dict[Mask, list[Mask]] = {}
@@ -142,7 +145,7 @@ class Evaluator:
             self.stats.item_evaluations += n
             self.stats.stack_calls += int(n > 0) * (2 if sampler.guidance != 1.0 else 1)
             self.stats.steps_run += 1
-            if self.prefix_sharing:
+            if self.prefix_sharing and st.step < self.steps:  # final states are never resumed (memo answers)
                 for i, m in enumerate(masks):
                     if m[:st.step] not in self._states:
                         self._store(m[:st.step], slice_state(st, i * c, (i + 1) * c, clone=r > 1))
@@ -159,13 +162,26 @@ class Evaluator:
             self.stats.evaluations += 1
 
 
+def _nbytes(state: SamplerState) -> int:
+    """Bytes held by a sampler state's tensors."""
+    total = 0
+
+    def add(t: torch.Tensor) -> torch.Tensor:
+        nonlocal total
+        total += t.element_size() * t.nelement()
+        return t
+
+    map_state(state, add)
+    return total
+
+
 def make_calibration(make_sampler, prompts: list[str], seeds: list[int], noise: torch.Tensor, cond,
                      uncond=None, info: dict | None = None, batch: int = 64) -> CalibrationSet:
     """A calibration set with its full-step teacher latents (computed once, in batches)."""
     sampler: Sampler = make_sampler(None)
     outs = []
     for i in range(0, len(prompts), batch):
-        idx = torch.arange(i, min(i + batch, len(prompts)))
+        idx = torch.arange(i, min(i + batch, len(prompts)), device=noise.device)
         from ..sampler import _select
 
         st = sampler.run(sampler.start(noise[idx]), _select(cond, idx), _select(uncond, idx))

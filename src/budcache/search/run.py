@@ -46,8 +46,8 @@ class TinyflowProblem:
 
     def calibration(self, prompts: list[str], seeds: list[int]) -> CalibrationSet:
         cond, uncond = self.conds(prompts)
-        info = {"model": "tinyflow", "steps": self.steps, "solver": self.solver, "mechanism": self.mechanism,
-                "guidance": self.guidance}
+        info = {"model": "tinyflow", "weights": _weights_digest(self.tf.transformer), "steps": self.steps,
+                "solver": self.solver, "mechanism": self.mechanism, "guidance": self.guidance}
         return make_calibration(self.make_sampler, prompts, seeds, self.tf.noise(seeds), cond, uncond, info)
 
     def final_latents(self, calib: CalibrationSet, policy: CachePolicy | None, plain_steps: int | None = None,
@@ -56,10 +56,21 @@ class TinyflowProblem:
         sampler = self.make_sampler(None, plain_steps) if plain_steps else self.make_sampler(policy)
         outs = []
         for i in range(0, len(calib), batch):
-            idx = torch.arange(i, min(i + batch, len(calib)))
+            idx = torch.arange(i, min(i + batch, len(calib)), device=calib.noise.device)
             st = sampler.run(sampler.start(calib.noise[idx]), _select(calib.cond, idx), _select(calib.uncond, idx))
             outs.append(st.x)
         return torch.cat(outs)
+
+
+def _weights_digest(module: torch.nn.Module) -> str:
+    """Short hash of a model's weights (so a checkpoint never resumes against other weights)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, t in sorted(module.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 def quality(problem: TinyflowProblem, latents: torch.Tensor, teacher: torch.Tensor) -> dict[str, np.ndarray]:
@@ -188,6 +199,7 @@ def report(outcomes: list[BudgetOutcome], meta: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+@torch.no_grad()
 def run(out: str | Path, *, nfes: Sequence[int], steps: int = 28, solver: str = "euler", mechanism: str = "reuse",
         guidance: float = 1.0, calib_pairs: int = 32, prompt_file: str | None = None, seeds_per_prompt: int = 1,
         heldout_pairs: int = 64, seed: int = 0, loss: str = "mse", resume: bool = False, progress: bool = True,
@@ -202,7 +214,10 @@ def run(out: str | Path, *, nfes: Sequence[int], steps: int = 28, solver: str = 
     for k in nfes:
         if not 1 <= k <= steps:
             raise ConfigError(f"--nfe {k} must lie in 1..{steps} (the number of steps)")
-    torch.set_grad_enabled(False)
+    if heldout_pairs < 1:
+        raise ConfigError(f"held-out pairs must be >= 1 (got {heldout_pairs})")
+    configs = {k: SearchConfig(steps=steps, nfe=k, seed=seed, **search_kw) for k in sorted(set(nfes))}
+    loss_fn = get_loss(loss)
     problem = TinyflowProblem(tinyflow.load(model), steps, solver, mechanism, guidance)
     if prompt_file:
         base = read_prompt_file(prompt_file)
@@ -214,14 +229,14 @@ def run(out: str | Path, *, nfes: Sequence[int], steps: int = 28, solver: str = 
         prompts, seeds = pairs_for(tinyflow_prompts(n_prompts, seed=seed), seeds_per_prompt, seed)
         prompts, seeds = prompts[:calib_pairs], seeds[:calib_pairs]
     calib = problem.calibration(prompts, seeds)
+    calib.info["loss"] = loss
     hp, hs = pairs_for(tinyflow_prompts(heldout_pairs, seed=seed + 7_777_777), 1, seed + 7_777_777)
     held = problem.calibration(hp, hs)
-    evaluator = Evaluator(problem.make_sampler, calib, loss=get_loss(loss), prefix_sharing=not naive,
+    evaluator = Evaluator(problem.make_sampler, calib, loss=loss_fn, prefix_sharing=not naive,
                           batch_candidates=not naive)
     outcomes: list[BudgetOutcome] = []
     prev: tuple[int, ...] | None = None
-    for k in sorted(nfes):
-        cfg = SearchConfig(steps=steps, nfe=k, seed=seed, **search_kw)
+    for k, cfg in configs.items():
         before = EvaluatorStats(**asdict(evaluator.stats))
         res = search(evaluator.losses, cfg, init=prev, checkpoint=out / f"checkpoint_N{steps}_K{k}.json",
                      resume=resume, digest=calib.digest, progress=progress)

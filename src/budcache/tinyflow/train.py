@@ -107,6 +107,8 @@ def save_checkpoint(path: Path, step: int, cfg: TrainConfig, models: dict[str, t
                     opt: torch.optim.Optimizer, log: list[dict]) -> None:
     """Write the checkpoint directory atomically (temp dir, then rename)."""
     path = Path(path)
+    if path.exists() and any(path.iterdir()) and not (path / "state.json").exists():
+        raise ConfigError(f"{path} exists and is not a tinyflow checkpoint; choose another --out")
     tmp = path.with_name(path.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -170,6 +172,11 @@ def train(out: str | Path, cfg: TrainConfig, *, device: str = "cpu", minutes: fl
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.99), weight_decay=cfg.weight_decay,
                             fused=str(device).startswith("cuda"))
     step, log = 0, []
+    old = out.with_name(out.name + ".old")
+    if not out.exists() and (old / "state.json").exists():
+        os.replace(old, out)  # a save was interrupted between its two renames: the previous checkpoint is intact
+    if out.exists() and any(out.iterdir()) and not (out / "state.json").exists():
+        raise ConfigError(f"{out} exists and is not a tinyflow checkpoint; choose another --out")
     if (out / "state.json").exists():
         state = json.loads((out / "state.json").read_text())
         if {**state["config"], "workers": cfg.workers} != asdict(cfg):
@@ -193,7 +200,7 @@ def train(out: str | Path, cfg: TrainConfig, *, device: str = "cpu", minutes: fl
                         persistent_workers=False)
     t0 = last_save = time.time()
     gen = torch.Generator(device=device)
-    running = 0.0
+    running, n_running = 0.0, 0
     pbar = None
     if progress:
         from tqdm import tqdm
@@ -223,14 +230,15 @@ def train(out: str | Path, cfg: TrainConfig, *, device: str = "cpu", minutes: fl
         _ema_update(ema_t, transformer, decay)
         _ema_update(ema_e, encoder, decay)
         step += 1
-        running += float(loss.detach()) if step % 10 == 0 else 0.0
+        running += float(loss.detach())
+        n_running += 1
         if pbar is not None:
             pbar.update(1)
         if step % log_every == 0:
-            entry = {"step": step, "loss": running / (log_every / 10), "elapsed_s": time.time() - t0,
+            entry = {"step": step, "loss": running / max(1, n_running), "elapsed_s": time.time() - t0,
                      "lr": _lr_at(cfg, step)}
             log.append(entry)
-            running = 0.0
+            running, n_running = 0.0, 0
             if pbar is not None:
                 pbar.set_postfix(loss=f"{entry['loss']:.4f}")
             else:
