@@ -109,19 +109,36 @@ def heldout_table(problem: TinyflowProblem, held: CalibrationSet, policy: CacheP
     return out
 
 
-def plot_history(history: list[dict[str, Any]], path: Path, title: str) -> bool:
-    """Loss per search step with SA/HC marked and the best-so-far line; False if matplotlib is missing."""
+def _pyplot() -> Any:
+    """matplotlib's pyplot on the Agg backend, or None when the ``plot`` extra is missing."""
     try:
         import matplotlib
     except ImportError:
-        return False
+        return None
     matplotlib.use("Agg")
-    import io
-
     import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save_figure(plt: Any, fig: Any, path: Path) -> None:
+    """Write a figure as PNG atomically and close it."""
+    import io
 
     from ..io import atomic_write_bytes
 
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def plot_history(history: list[dict[str, Any]], path: Path, title: str) -> bool:
+    """Loss per search step with SA/HC marked and the best-so-far line; False if matplotlib is missing."""
+    plt = _pyplot()
+    if plt is None:
+        return False
     fig, ax = plt.subplots(figsize=(8, 4))
     xs = [h["step"] for h in history]
     colours = {"init": "black", "sa": "tab:blue", "hc": "tab:red"}
@@ -136,27 +153,15 @@ def plot_history(history: list[dict[str, Any]], path: Path, title: str) -> bool:
     ax.set_ylabel("calibration loss")
     ax.set_title(title)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
+    _save_figure(plt, fig, path)
     return True
 
 
 def plot_frontier(outcomes: list[BudgetOutcome], path: Path) -> bool:
     """Held-out PSNR vs NFE for the searched, uniform and plain K-step samplers."""
-    try:
-        import matplotlib
-    except ImportError:
+    plt = _pyplot()
+    if plt is None:
         return False
-    matplotlib.use("Agg")
-    import io
-
-    import matplotlib.pyplot as plt
-
-    from ..io import atomic_write_bytes
-
     fig, ax = plt.subplots(figsize=(6, 4))
     ks = [o.nfe for o in outcomes]
     for name, style in (("budcache", "o-"), ("uniform", "s--"), ("plain", "^:")):
@@ -165,11 +170,7 @@ def plot_frontier(outcomes: list[BudgetOutcome], path: Path) -> bool:
     ax.set_ylabel("held-out PSNR vs full steps (dB)")
     ax.legend()
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
+    _save_figure(plt, fig, path)
     return True
 
 
