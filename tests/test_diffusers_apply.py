@@ -12,6 +12,7 @@ from budcache import tinyflow
 from budcache.errors import ConfigError, PolicyError
 from budcache.hooks import find_cache
 from budcache.policy import CachePolicy
+from helpers import StackRuns
 
 torch.set_num_threads(1)
 
@@ -19,23 +20,6 @@ PROMPTS = ["a red circle", "two squares"]
 SEEDS = [0, 1]
 N, K = 8, 3
 POLICY = CachePolicy.uniform(N, K)  # computes steps 0, 2, 5
-
-
-class StackRuns:
-    """Counts real runs of the block stack: the first block's attention runs only when it computes."""
-
-    def __init__(self, transformer: torch.nn.Module) -> None:
-        self.count = 0
-        self._handle = transformer.transformer_blocks[0].attn.register_forward_hook(self._hook)
-
-    def _hook(self, *args) -> None:
-        self.count += 1
-
-    def __enter__(self) -> StackRuns:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._handle.remove()
 
 
 def generate(env, prompts=PROMPTS, seeds=SEEDS, guidance=1.0, steps=N, **kw) -> torch.Tensor:

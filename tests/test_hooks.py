@@ -10,18 +10,11 @@ from torch import nn
 from budcache.denoisers import FluxCond, FluxDenoiser
 from budcache.errors import ConfigError
 from budcache.hooks import MECHANISMS, CacheHandle, ResidualHistory, apply_cache, find_cache
+from helpers import StackRuns, make_transformer
 
 torch.set_num_threads(1)
 
 ROWS, COLS, TXT = 4, 4, 8
-
-
-def make_transformer(seed: int = 0) -> FluxTransformer2DModel:
-    torch.manual_seed(seed)
-    return FluxTransformer2DModel(
-        patch_size=1, in_channels=16, num_layers=1, num_single_layers=2, attention_head_dim=16,
-        num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=(4, 6, 6),
-    ).eval()
 
 
 def make_inputs(b: int, seed: int = 1) -> tuple[torch.Tensor, FluxCond]:
@@ -41,32 +34,6 @@ def ones(b: int) -> torch.Tensor:
 
 def zeros(b: int) -> torch.Tensor:
     return torch.zeros(b, dtype=torch.bool)
-
-
-class StackRuns:
-    """Records the batch size of every real run of the block stack.
-
-    The first block's attention only runs when that block really computes
-    (a skipped step passes through the block without calling it).
-    """
-
-    def __init__(self, transformer: nn.Module) -> None:
-        self.batches: list[int] = []
-        self._handle = transformer.transformer_blocks[0].attn.register_forward_hook(self._hook, with_kwargs=True)
-
-    def _hook(self, module, args, kwargs, output) -> None:
-        hs = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-        self.batches.append(hs.shape[0])
-
-    @property
-    def count(self) -> int:
-        return len(self.batches)
-
-    def __enter__(self) -> StackRuns:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._handle.remove()
 
 
 @pytest.fixture(autouse=True)

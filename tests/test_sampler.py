@@ -15,6 +15,7 @@ from budcache.hooks import find_cache
 from budcache.policy import CachePolicy
 from budcache.sampler import ALL_MECHANISMS, ComputeAll, Sampler, SamplerState, StaticMask, sample
 from budcache.schedules import flux
+from helpers import StackRuns, make_transformer
 
 torch.set_num_threads(1)
 
@@ -25,37 +26,12 @@ SIGMAS = flux(N, ROWS * COLS)
 SOLVERS = ("euler", "dpmpp2m", "ipndm")
 
 
-def make_transformer(seed: int = 0) -> FluxTransformer2DModel:
-    torch.manual_seed(seed)
-    return FluxTransformer2DModel(
-        patch_size=1, in_channels=16, num_layers=1, num_single_layers=2, attention_head_dim=16,
-        num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=(4, 6, 6),
-    ).eval()
-
-
 def make_inputs(b: int, seed: int = 1) -> tuple[torch.Tensor, FluxCond, FluxCond]:
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(b, ROWS * COLS, 16, generator=g)
     cond = FluxCond(torch.randn(b, TXT, 32, generator=g), torch.randn(b, 32, generator=g))
     uncond = FluxCond(torch.randn(b, TXT, 32, generator=g), torch.randn(b, 32, generator=g))
     return x, cond, uncond
-
-
-class StackRuns:
-    """Counts real runs of the block stack: the first block's attention runs only when it computes."""
-
-    def __init__(self, transformer: nn.Module) -> None:
-        self.count = 0
-        self._handle = transformer.transformer_blocks[0].attn.register_forward_hook(self._hook)
-
-    def _hook(self, *args) -> None:
-        self.count += 1
-
-    def __enter__(self) -> StackRuns:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._handle.remove()
 
 
 @pytest.fixture(autouse=True)

@@ -24,6 +24,7 @@ from budcache.search import (
     make_calibration, mask_of, random_init, read_prompt_file, sa_proposal, search, tinyflow_prompts,
 )
 from budcache.search.calibration import pairs_for
+from helpers import make_transformer
 
 torch.set_num_threads(1)
 
@@ -41,11 +42,7 @@ def _no_grad():
 # =============================================================================== tiny FLUX set-up
 @pytest.fixture(scope="module")
 def tr() -> FluxTransformer2DModel:
-    torch.manual_seed(0)
-    return FluxTransformer2DModel(
-        patch_size=1, in_channels=16, num_layers=1, num_single_layers=2, attention_head_dim=16,
-        num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=(4, 6, 6),
-    ).eval()
+    return make_transformer()
 
 
 def factory(tr, solver: str, mechanism: str, guidance: float = 1.0, steps: int = N):
