@@ -33,12 +33,26 @@ class TinyflowProblem:
     mechanism: str = "reuse"
     guidance: float = 1.0
 
+    name = "tinyflow"
+
+    @property
+    def transformer(self) -> torch.nn.Module:
+        """The diffusers transformer every method runs on."""
+        return self.tf.transformer
+
+    def denoiser(self) -> Any:
+        """budcache's call adapter around the transformer."""
+        return self.tf.denoiser()
+
     def sigmas(self, steps: int | None = None) -> torch.Tensor:
         return self.tf.sigmas(steps or self.steps)
 
-    def make_sampler(self, controller: Any, steps: int | None = None) -> Sampler:
-        return Sampler(self.tf.denoiser(), self.sigmas(steps), self.solver, controller, self.mechanism,
-                       self.guidance)
+    def make_sampler(self, controller: Any, steps: int | None = None, *, solver: str | None = None,
+                     mechanism: str | None = None, guidance: float | None = None,
+                     sigmas: torch.Tensor | None = None) -> Sampler:
+        """A sampler with the problem's settings; keyword arguments override them for one sampler."""
+        return Sampler(self.denoiser(), self.sigmas(steps) if sigmas is None else sigmas, solver or self.solver,
+                       controller, mechanism or self.mechanism, self.guidance if guidance is None else guidance)
 
     def conds(self, prompts: Sequence[str]) -> tuple[Any, Any]:
         cond = self.tf.encode(prompts)
