@@ -152,6 +152,38 @@ def _int_list(text: str) -> list[int]:
     return vals
 
 
+def add_pipeline_args(p: argparse.ArgumentParser) -> None:
+    """Options that point a command at a diffusers pipeline instead of tinyflow."""
+    g = p.add_argument_group("diffusers pipeline (instead of tinyflow)")
+    g.add_argument("--pipeline", default=None, metavar="PATH_OR_ID",
+                   help="a local diffusers pipeline directory (or a model id already in the local cache); offline")
+    g.add_argument("--embeddings", default=None, metavar="FILE",
+                   help="precomputed prompt embeddings (.safetensors) for pipelines without text encoders")
+    g.add_argument("--height", type=int, default=None, help="image height in pixels (default: the pipeline's)")
+    g.add_argument("--width", type=int, default=None, help="image width in pixels (default: the pipeline's)")
+    g.add_argument("--num-frames", type=int, default=None, help="frames (video pipelines; default 1)")
+    g.add_argument("--negative-prompt", default="", help="negative prompt when guidance != 1")
+    g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    g.add_argument("--device", default="cpu", help="torch device for the pipeline (e.g. cuda)")
+
+
+def problem_from_args(a: argparse.Namespace, steps: int, solver: str, mechanism: str, guidance: float):
+    """The PipelineProblem that ``--pipeline`` names, or None for tinyflow."""
+    if getattr(a, "pipeline", None) is None:
+        for opt in ("embeddings", "height", "width", "num_frames"):
+            if getattr(a, opt, None) is not None:
+                raise ConfigError(f"--{opt.replace('_', '-')} applies only with --pipeline")
+        return None
+    import torch
+
+    from .search.pipeline import PipelineProblem, load_pipeline
+
+    pipe = load_pipeline(a.pipeline, getattr(torch, a.dtype), a.device)
+    return PipelineProblem(pipe, steps, solver, mechanism, guidance, height=a.height, width=a.width,
+                           num_frames=a.num_frames, embeddings=a.embeddings, negative_prompt=a.negative_prompt,
+                           name=f"pipeline:{a.pipeline}")
+
+
 def cmd_search(a: argparse.Namespace) -> int:
     from .search.run import run
 
@@ -160,10 +192,13 @@ def cmd_search(a: argparse.Namespace) -> int:
         kw["prefix"] = a.prefix
     kw["relative"] = a.relative_temperature
     t0 = time.perf_counter()
+    problem = problem_from_args(a, a.steps, a.solver, a.mechanism, a.guidance)
+    if problem is not None and a.model is not None:
+        raise ConfigError("--model (tinyflow weights) and --pipeline exclude each other")
     outcomes = run(a.out, nfes=a.nfe, steps=a.steps, solver=a.solver, mechanism=a.mechanism, guidance=a.guidance,
                    calib_pairs=a.calib_pairs, prompt_file=a.prompts, seeds_per_prompt=a.seeds_per_prompt,
                    heldout_pairs=a.heldout, seed=a.seed, loss=a.loss, resume=a.resume, progress=not a.quiet,
-                   naive=a.naive, model=a.model, **kw)
+                   naive=a.naive, model=a.model, problem=problem, **kw)
     for o in outcomes:
         h = o.heldout
         print(f"K={o.nfe:>3}  loss {o.result.loss:.4e}  {o.policy.strip()}  held-out PSNR: budcache "
@@ -234,6 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("--model", default=None, help="tinyflow weights directory (default: the shipped model)")
     se.add_argument("--out", default="runs/search", help="output directory")
     se.add_argument("--quiet", action="store_true")
+    add_pipeline_args(se)
     se.set_defaults(func=cmd_search)
 
     sh = sub.add_parser("show", help="print a policy: mask strip, NFE, speed-up bound, sigmas")

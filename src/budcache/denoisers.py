@@ -16,6 +16,7 @@ from typing import Any, Protocol
 import torch
 
 from .errors import ConfigError
+from .hooks import model_context
 
 
 class Denoiser(Protocol):
@@ -38,21 +39,32 @@ class CallableDenoiser:
 
 
 @dataclass(frozen=True)
-class FluxCond:
-    """FLUX conditioning: token states (B, L, D), pooled vector (B, P), optional distilled guidance."""
+class TextCond:
+    """Text conditioning: token states (B, L, D), optional pooled vector (B, P), optional distilled guidance.
+
+    FLUX and SD3 use both tensors; Wan uses the token states only.
+    """
 
     prompt_embeds: torch.Tensor
-    pooled_prompt_embeds: torch.Tensor
+    pooled_prompt_embeds: torch.Tensor | None = None
     guidance: float | None = None
 
-    def select(self, idx: torch.Tensor) -> FluxCond:
+    def select(self, idx: torch.Tensor) -> TextCond:
         """The conditioning of batch elements ``idx``."""
-        return FluxCond(self.prompt_embeds.index_select(0, idx), self.pooled_prompt_embeds.index_select(0, idx),
-                        self.guidance)
+        pooled = None if self.pooled_prompt_embeds is None else self.pooled_prompt_embeds.index_select(0, idx)
+        return TextCond(self.prompt_embeds.index_select(0, idx), pooled, self.guidance)
 
-    def tile(self, n: int) -> FluxCond:
+    def tile(self, n: int) -> TextCond:
         """The whole batch repeated ``n`` times (candidate-major), e.g. for candidate masks."""
-        return FluxCond(self.prompt_embeds.repeat(n, 1, 1), self.pooled_prompt_embeds.repeat(n, 1), self.guidance)
+        pooled = None if self.pooled_prompt_embeds is None else self.pooled_prompt_embeds.repeat(n, 1)
+        return TextCond(self.prompt_embeds.repeat(n, 1, 1), pooled, self.guidance)
+
+    def __len__(self) -> int:
+        return self.prompt_embeds.shape[0]
+
+
+#: FLUX conditioning (the same structure).
+FluxCond = TextCond
 
 
 class FluxDenoiser:
@@ -78,7 +90,9 @@ class FluxDenoiser:
             self._ids[key] = (img.reshape(-1, 3), torch.zeros(length, 3, device=device, dtype=dtype))
         return self._ids[key]
 
-    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, cond: FluxCond, context: str) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, cond: TextCond, context: str) -> torch.Tensor:
+        if cond.pooled_prompt_embeds is None:
+            raise ConfigError("FLUX needs pooled_prompt_embeds")
         if x.dim() != 3 or x.shape[1] != self.rows * self.cols:
             raise ConfigError(f"FLUX latents must be packed (B, {self.rows * self.cols}, C); got {tuple(x.shape)}")
         img_ids, txt_ids = self._position_ids(cond.prompt_embeds.shape[1], x.device, x.dtype)
@@ -87,15 +101,59 @@ class FluxDenoiser:
         if getattr(self.transformer.config, "guidance_embeds", False):
             g = 3.5 if cond.guidance is None else cond.guidance
             guidance = torch.full((x.shape[0],), g, device=x.device, dtype=torch.float32)
-        with self.transformer.cache_context(context):
+        with model_context(self.transformer, context):
             return self.transformer(hidden_states=x, timestep=timestep, guidance=guidance,
                                     pooled_projections=cond.pooled_prompt_embeds,
                                     encoder_hidden_states=cond.prompt_embeds, txt_ids=txt_ids, img_ids=img_ids,
                                     return_dict=False)[0]
 
 
+def _timestep(sigma: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``1000 sigma`` in the schedule's precision, as FlowMatch schedulers form ``timesteps``."""
+    return (sigma * 1000).to(dtype)
+
+
+class SD3Denoiser:
+    """Calls an ``SD3Transformer2DModel`` on latents (B, C, H, W) the way StableDiffusion3Pipeline does.
+
+    The pipeline passes ``timestep = 1000 sigma`` (its scheduler's timesteps)
+    and the text states and pooled vector; CFG runs as two calls here (one per
+    ``cache_context``), which equals the pipeline's one batched call up to
+    float rounding.
+    """
+
+    def __init__(self, transformer: torch.nn.Module) -> None:
+        self.transformer = transformer
+
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, cond: TextCond, context: str) -> torch.Tensor:
+        if x.dim() != 4:
+            raise ConfigError(f"SD3 latents must be (B, C, H, W); got {tuple(x.shape)}")
+        if cond.pooled_prompt_embeds is None:
+            raise ConfigError("SD3 needs pooled_prompt_embeds")
+        with model_context(self.transformer, context):
+            return self.transformer(hidden_states=x, timestep=_timestep(sigma, x.dtype),
+                                    encoder_hidden_states=cond.prompt_embeds,
+                                    pooled_projections=cond.pooled_prompt_embeds, return_dict=False)[0]
+
+
+class WanDenoiser:
+    """Calls a ``WanTransformer3DModel`` on latents (B, C, F, H, W) the way WanPipeline does (``t = 1000 sigma``)."""
+
+    def __init__(self, transformer: torch.nn.Module) -> None:
+        self.transformer = transformer
+
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, cond: TextCond, context: str) -> torch.Tensor:
+        if x.dim() != 5:
+            raise ConfigError(f"Wan latents must be (B, C, F, H, W); got {tuple(x.shape)}")
+        with model_context(self.transformer, context):
+            return self.transformer(hidden_states=x, timestep=_timestep(sigma, x.dtype),
+                                    encoder_hidden_states=cond.prompt_embeds, return_dict=False)[0]
+
+
 #: Call adapters by transformer class name; each takes (transformer, **geometry).
-ADAPTERS: dict[str, Callable[..., Denoiser]] = {"FluxTransformer2DModel": FluxDenoiser}
+ADAPTERS: dict[str, Callable[..., Denoiser]] = {"FluxTransformer2DModel": FluxDenoiser,
+                                                "SD3Transformer2DModel": SD3Denoiser,
+                                                "WanTransformer3DModel": WanDenoiser}
 
 
 def as_denoiser(model: Any, **geometry: Any) -> Denoiser:

@@ -14,6 +14,7 @@ step count differs from the pipeline's schedule is an error. State is kept per
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
@@ -83,7 +84,7 @@ def _transformer_and_scheduler(target: Any) -> tuple[torch.nn.Module, Any]:
                       "(for a bare transformer, pass scheduler=...)")
 
 
-def apply(target: Any, policy: CachePolicy | str, *, nfe: int | None = None, steps: int | None = None,
+def apply(target: Any, policy: CachePolicy | str | os.PathLike, *, nfe: int | None = None, steps: int | None = None,
           mechanism: str | None = None, scheduler: Any = None) -> CacheHandle:
     """Install ``policy`` on a pipeline's transformer (or a transformer with ``scheduler=``).
 
@@ -94,7 +95,7 @@ def apply(target: Any, policy: CachePolicy | str, *, nfe: int | None = None, ste
     those sigmas (the scheduler's sigmas must equal them; mind pipelines that
     shift custom sigmas by resolution): another schedule is an error at step 0.
     """
-    if isinstance(policy, str):
+    if isinstance(policy, (str, os.PathLike)):
         if policy == "uniform":
             if nfe is None or steps is None:
                 raise ConfigError("policy 'uniform' needs nfe=K and steps=N")

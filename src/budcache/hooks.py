@@ -22,8 +22,9 @@ residual in the step index from the last 2 or 3 computed steps).
 
 from __future__ import annotations
 
+import contextlib
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -455,3 +456,24 @@ def find_cache(transformer: torch.nn.Module) -> CacheHandle | None:
     reg = getattr(transformer, "_diffusers_hook", None)
     hook = reg.get_hook(_MODEL_HOOK) if reg is not None else None
     return hook.cache if hook is not None else None
+
+
+@contextlib.contextmanager
+def model_context(transformer: torch.nn.Module, name: str) -> Iterator[None]:
+    """``transformer.cache_context(name)``, also for models without diffusers' CacheMixin (e.g. SD3).
+
+    Every cache keeps separate state per context (CFG's two passes); a model
+    class that lacks the mixin still carries a hook registry, so the context is
+    set on it the same way the mixin does.
+    """
+    if hasattr(transformer, "cache_context"):
+        with transformer.cache_context(name):
+            yield
+        return
+    from diffusers.hooks.hooks import _set_cache_context
+
+    _set_cache_context(transformer, CacheContext(name))
+    try:
+        yield
+    finally:
+        _set_cache_context(transformer, None)

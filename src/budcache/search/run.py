@@ -54,6 +54,21 @@ class TinyflowProblem:
         return Sampler(self.denoiser(), self.sigmas(steps) if sigmas is None else sigmas, solver or self.solver,
                        controller, mechanism or self.mechanism, self.guidance if guidance is None else guidance)
 
+    def noise(self, seeds: Sequence[int]) -> torch.Tensor:
+        return self.tf.noise(seeds)
+
+    def images(self, latents: torch.Tensor) -> torch.Tensor:
+        """RGB images in [0, 1] (tinyflow's latents are packed pixels)."""
+        return self.tf.images(latents)
+
+    def default_prompts(self, n: int, seed: int) -> list[str]:
+        """``n`` prompts of tinyflow's grammar covering every template."""
+        return tinyflow_prompts(n, seed=seed)
+
+    def heldout_pairs(self, n: int, seed: int, calib_prompts: Sequence[str]) -> tuple[list[str], list[int]]:
+        """Fresh prompts and seeds, disjoint from the calibration draw."""
+        return pairs_for(tinyflow_prompts(n, seed=seed + 7_777_777), 1, seed + 7_777_777)
+
     def conds(self, prompts: Sequence[str]) -> tuple[Any, Any]:
         cond = self.tf.encode(prompts)
         return cond, (self.tf.encode([""] * len(prompts)) if self.guidance != 1.0 else None)
@@ -87,12 +102,23 @@ def _weights_digest(module: torch.nn.Module) -> str:
     return h.hexdigest()[:16]
 
 
-def quality(problem: TinyflowProblem, latents: torch.Tensor, teacher: torch.Tensor) -> dict[str, np.ndarray]:
-    """Per-item latent MSE and image PSNR (dB, images in [0, 1]) against the teacher."""
+def quality(problem: Any, latents: torch.Tensor, teacher: torch.Tensor) -> dict[str, np.ndarray]:
+    """Per-item latent MSE and PSNR against the teacher.
+
+    PSNR is ``10 log10(1 / MSE)`` on images in [0, 1] when the problem can
+    decode them (tinyflow; pipelines with a VAE), else on the latents with the
+    teacher's per-item range as peak: ``10 log10(range^2 / MSE)``.
+    """
     mse = (latents - teacher).pow(2).flatten(1).mean(1)
-    a, b = problem.tf.images(latents), problem.tf.images(teacher)
-    img_mse = (a - b).pow(2).flatten(1).mean(1).clamp_min(1e-12)
-    return {"latent_mse": mse.numpy(), "psnr": (10 * torch.log10(1.0 / img_mse)).numpy()}
+    a, b = problem.images(latents), problem.images(teacher)
+    if a is None or b is None:
+        t = teacher.flatten(1)
+        peak = (t.max(1).values - t.min(1).values).pow(2)
+        psnr = 10 * torch.log10(peak / mse.clamp_min(1e-12))
+    else:
+        img_mse = (a - b).pow(2).flatten(1).mean(1).clamp_min(1e-12)
+        psnr = 10 * torch.log10(1.0 / img_mse)
+    return {"latent_mse": mse.cpu().numpy(), "psnr": psnr.cpu().numpy()}
 
 
 @dataclass
@@ -106,7 +132,7 @@ class BudgetOutcome:
     heldout: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
-def heldout_table(problem: TinyflowProblem, held: CalibrationSet, policy: CachePolicy) -> dict[str, dict[str, float]]:
+def heldout_table(problem: Any, held: CalibrationSet, policy: CachePolicy) -> dict[str, dict[str, float]]:
     """Held-out latent MSE, PSNR and paired wins of the policy vs uniform and plain K steps."""
     k = policy.nfe
     runs = {"budcache": problem.final_latents(held, policy),
@@ -218,8 +244,13 @@ def report(outcomes: list[BudgetOutcome], meta: dict[str, Any]) -> str:
 def run(out: str | Path, *, nfes: Sequence[int], steps: int = 28, solver: str = "euler", mechanism: str = "reuse",
         guidance: float = 1.0, calib_pairs: int = 32, prompt_file: str | None = None, seeds_per_prompt: int = 1,
         heldout_pairs: int = 64, seed: int = 0, loss: str = "mse", resume: bool = False, progress: bool = True,
-        naive: bool = False, model: str | None = None, **search_kw: Any) -> list[BudgetOutcome]:
-    """Search one policy per budget (warm-starting each from the last) and write all outputs to ``out``."""
+        naive: bool = False, model: str | None = None, problem: Any = None, **search_kw: Any) -> list[BudgetOutcome]:
+    """Search one policy per budget (warm-starting each from the last) and write all outputs to ``out``.
+
+    ``problem`` is what the search runs on: tinyflow by default (weights from
+    ``model``), or a :class:`budcache.search.pipeline.PipelineProblem`, whose
+    own steps, solver, mechanism and guidance then apply.
+    """
     from .. import tinyflow
 
     out = Path(out)
@@ -231,9 +262,15 @@ def run(out: str | Path, *, nfes: Sequence[int], steps: int = 28, solver: str = 
             raise ConfigError(f"--nfe {k} must lie in 1..{steps} (the number of steps)")
     if heldout_pairs < 1:
         raise ConfigError(f"held-out pairs must be >= 1 (got {heldout_pairs})")
+    if problem is None:
+        problem = TinyflowProblem(tinyflow.load(model), steps, solver, mechanism, guidance)
+    else:
+        steps, solver, mechanism, guidance = problem.steps, problem.solver, problem.mechanism, problem.guidance
+    for k in nfes:
+        if not 1 <= k <= steps:
+            raise ConfigError(f"--nfe {k} must lie in 1..{steps} (the number of steps)")
     configs = {k: SearchConfig(steps=steps, nfe=k, seed=seed, **search_kw) for k in sorted(set(nfes))}
     loss_fn = get_loss(loss)
-    problem = TinyflowProblem(tinyflow.load(model), steps, solver, mechanism, guidance)
     if prompt_file:
         base = read_prompt_file(prompt_file)
         prompts, seeds = pairs_for(base, seeds_per_prompt, seed)
@@ -241,11 +278,11 @@ def run(out: str | Path, *, nfes: Sequence[int], steps: int = 28, solver: str = 
         if calib_pairs < 1:
             raise ConfigError(f"calibration pairs must be >= 1 (got {calib_pairs})")
         n_prompts = -(-calib_pairs // seeds_per_prompt)  # ceil: then keep exactly calib_pairs pairs
-        prompts, seeds = pairs_for(tinyflow_prompts(n_prompts, seed=seed), seeds_per_prompt, seed)
+        prompts, seeds = pairs_for(problem.default_prompts(n_prompts, seed), seeds_per_prompt, seed)
         prompts, seeds = prompts[:calib_pairs], seeds[:calib_pairs]
     calib = problem.calibration(prompts, seeds)
     calib.info["loss"] = loss
-    hp, hs = pairs_for(tinyflow_prompts(heldout_pairs, seed=seed + 7_777_777), 1, seed + 7_777_777)
+    hp, hs = problem.heldout_pairs(heldout_pairs, seed, prompts)
     held = problem.calibration(hp, hs)
     evaluator = Evaluator(problem.make_sampler, calib, loss=loss_fn, prefix_sharing=not naive,
                           batch_candidates=not naive)
@@ -257,7 +294,7 @@ def run(out: str | Path, *, nfes: Sequence[int], steps: int = 28, solver: str = 
                      resume=resume, digest=calib.digest, progress=progress)
         stats = EvaluatorStats(**{f: getattr(evaluator.stats, f) - getattr(before, f) for f in asdict(before)})
         policy = CachePolicy(steps, res.compute, meta={
-            "model": "tinyflow", "solver": solver, "schedule": "flux", "mechanism": mechanism, "guidance": guidance,
+            "model": problem.name, "solver": solver, "schedule": getattr(problem, "schedule", "flux"), "mechanism": mechanism, "guidance": guidance,
             "budget": k, "search_loss": res.loss, "loss": loss, "calibration_digest": calib.digest,
             "calibration_pairs": len(calib), "budcache_version": __version__})
         policy.save(out / f"policy_N{steps}_K{k}.json")
@@ -266,7 +303,7 @@ def run(out: str | Path, *, nfes: Sequence[int], steps: int = 28, solver: str = 
         o.heldout = heldout_table(problem, held, policy)
         outcomes.append(o)
         prev = res.compute
-    meta = {"date": datetime.date.today().isoformat(), "model": "tinyflow", "steps": steps, "solver": solver,
+    meta = {"date": datetime.date.today().isoformat(), "model": problem.name, "steps": steps, "solver": solver,
             "mechanism": mechanism, "guidance": guidance, "calibration_pairs": len(calib),
             "digest": calib.digest, "heldout_pairs": len(held)}
     if len(outcomes) > 1:

@@ -1,0 +1,191 @@
+"""Search on diffusers pipelines: PipelineProblem equals the pipeline, and `budcache search --pipeline` runs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from diffusers import (
+    FlowMatchEulerDiscreteScheduler,
+    SD3Transformer2DModel,
+    StableDiffusion3Pipeline,
+    WanPipeline,
+    WanTransformer3DModel,
+)
+
+import budcache.diffusers as bd
+from budcache import CachePolicy, ConfigError, tinyflow
+from budcache.cli import main
+from budcache.search.pipeline import PipelineProblem, load_embeddings, load_pipeline, save_embeddings
+from budcache.search.run import quality
+
+torch.set_num_threads(1)
+PROMPTS = ["a red circle", "two blue squares", "a large yellow triangle", "three circles"]
+
+
+@pytest.fixture(scope="module")
+def tf():
+    return tinyflow.load()
+
+
+@pytest.fixture(scope="module")
+def flux_dir(tf, tmp_path_factory):
+    """tinyflow's FluxPipeline saved to disk (no VAE, no text encoders) and a matching embeddings file."""
+    d = tmp_path_factory.mktemp("flux")
+    tf.pipeline().save_pretrained(d)
+    c, u = tf.encode(PROMPTS), tf.encode([""])
+    save_embeddings(d / "emb.safetensors", PROMPTS, c.prompt_embeds, c.pooled_prompt_embeds, u.prompt_embeds,
+                    u.pooled_prompt_embeds)
+    return d
+
+
+def _flux_reference(pipe, tf, prompts, seeds, steps, guidance):
+    c = tf.encode(PROMPTS).select(torch.tensor([PROMPTS.index(p) for p in prompts]))  # as in the embeddings file
+    kw = dict(prompt_embeds=c.prompt_embeds, pooled_prompt_embeds=c.pooled_prompt_embeds, height=128, width=128,
+              num_inference_steps=steps, output_type="latent",
+              generator=[torch.Generator().manual_seed(s) for s in seeds])
+    if guidance != 1.0:
+        u = tf.encode([""]).tile(len(prompts))
+        kw.update(negative_prompt_embeds=u.prompt_embeds, negative_pooled_prompt_embeds=u.pooled_prompt_embeds,
+                  true_cfg_scale=guidance)
+    with torch.no_grad():
+        return pipe(**kw).images
+
+
+@pytest.mark.parametrize("guidance", [1.0, 3.0])
+def test_flux_problem_equals_the_pipeline(flux_dir, tf, guidance):
+    pipe = load_pipeline(str(flux_dir))
+    pb = PipelineProblem(pipe, steps=8, guidance=guidance, height=128, width=128,
+                         embeddings=flux_dir / "emb.safetensors")
+    assert pb.latent_shape == (64, 48)
+    assert torch.allclose(pb.sigmas(8), tf.sigmas(8), atol=1e-6)  # the resolution shift is the pipeline's
+    prompts, seeds = PROMPTS[:2], [3, 4]
+    cond, uncond = pb.conds(prompts)
+    with torch.no_grad():
+        s = pb.make_sampler(None)
+        full = s.run(s.start(pb.noise(seeds)), cond, uncond).x
+        pol = CachePolicy.uniform(8, 4)
+        s = pb.make_sampler(pol)
+        cached = s.run(s.start(pb.noise(seeds)), cond, uncond).x
+    assert torch.equal(full, _flux_reference(pipe, tf, prompts, seeds, 8, guidance))
+    bd.apply(pipe, pol)
+    try:
+        ref = _flux_reference(pipe, tf, prompts, seeds, 8, guidance)
+    finally:
+        bd.remove(pipe)
+    assert torch.allclose(cached, ref, atol=1e-5)
+    assert not torch.allclose(cached, full, atol=1e-4)
+
+
+def _wan_pipe():
+    torch.manual_seed(0)
+    t = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=4,
+                              out_channels=4, text_dim=16, freq_dim=32, ffn_dim=32, num_layers=3, cross_attn_norm=True,
+                              qk_norm="rms_norm_across_heads", rope_max_seq_len=32).eval()
+    pipe = WanPipeline(tokenizer=None, text_encoder=None, vae=None, transformer=t,
+                       scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0))
+    return pipe, dict(height=64, width=64, num_frames=1), "frames"
+
+
+def _sd3_pipe():
+    torch.manual_seed(0)
+    t = SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, num_layers=3, attention_head_dim=8,
+                              num_attention_heads=2, joint_attention_dim=16, caption_projection_dim=16,
+                              pooled_projection_dim=8, out_channels=4).eval()
+    pipe = StableDiffusion3Pipeline(scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=None,
+                                    text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None,
+                                    text_encoder_3=None, tokenizer_3=None, transformer=t)
+    return pipe, dict(height=64, width=64), "images"
+
+
+@pytest.mark.parametrize("build", [_wan_pipe, _sd3_pipe], ids=["wan", "sd3"])
+def test_wan_and_sd3_problems_equal_their_pipelines(build, tmp_path):
+    pipe, geo, field = build()
+    pipe.set_progress_bar_config(disable=True)
+    g = torch.Generator().manual_seed(1)
+    pe, npe = torch.randn(2, 6, 16, generator=g), torch.randn(1, 6, 16, generator=g)
+    sd3 = isinstance(pipe, StableDiffusion3Pipeline)
+    pooled, npooled = (torch.randn(2, 8, generator=g), torch.randn(1, 8, generator=g)) if sd3 else (None, None)
+    save_embeddings(tmp_path / "e.safetensors", ["p0", "p1"], pe, pooled, npe, npooled)
+    pb = PipelineProblem(pipe, steps=6, guidance=3.0, embeddings=tmp_path / "e.safetensors", **geo)
+    cond, uncond = pb.conds(["p0", "p1"])
+    with torch.no_grad():
+        s = pb.make_sampler(None)
+        ours = s.run(s.start(pb.noise([5, 6])), cond, uncond).x
+        kw = dict(prompt_embeds=pe, negative_prompt_embeds=npe.expand(2, -1, -1), guidance_scale=3.0,
+                  num_inference_steps=6, output_type="latent",
+                  generator=[torch.Generator().manual_seed(5), torch.Generator().manual_seed(6)], **geo)
+        if sd3:
+            kw.update(pooled_prompt_embeds=pooled, negative_pooled_prompt_embeds=npooled.expand(2, -1))
+        ref = getattr(pipe(**kw), field)
+    # the pipeline may batch CFG's two passes into one call: equal up to float rounding
+    assert ours.shape == ref.shape
+    assert torch.allclose(ours, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_search_cli_on_a_pipeline_end_to_end(flux_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    rc = main(["search", "--pipeline", str(flux_dir), "--embeddings", str(flux_dir / "emb.safetensors"),
+               "--height", "128", "--width", "128", "--steps", "8", "--nfe", "4", "--calib-pairs", "4",
+               "--heldout", "3", "--sa-iters", "6", "--hc-rounds", "2", "--quiet", "--out", str(out)])
+    assert rc == 0, capsys.readouterr().err
+    pol = CachePolicy.load(out / "policy_N8_K4.json")
+    assert pol.nfe == 4 and pol.steps == 8
+    assert pol.meta["model"] == f"pipeline:{flux_dir}"
+    assert pol.meta["schedule"] == "scheduler:FlowMatchEulerDiscreteScheduler"
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["meta"]["model"] == f"pipeline:{flux_dir}"
+    assert summary["budgets"][0]["heldout"]["_n"]["pairs"] == 3
+    # the searched policy drives the same pipeline through budcache.diffusers.apply
+    pipe = load_pipeline(str(flux_dir))
+    bd.apply(pipe, out / "policy_N8_K4.json")
+    try:
+        tf = tinyflow.load()
+        c = tf.encode(PROMPTS[:1])
+        lat = pipe(prompt_embeds=c.prompt_embeds, pooled_prompt_embeds=c.pooled_prompt_embeds, height=128, width=128,
+                   num_inference_steps=8, output_type="latent").images
+    finally:
+        bd.remove(pipe)
+    assert lat.shape == (1, 64, 48) and torch.isfinite(lat).all()
+
+
+def test_pipeline_errors_name_the_problem(flux_dir, tmp_path, capsys):
+    pipe = load_pipeline(str(flux_dir))
+    with pytest.raises(ConfigError, match="no text encoder"):
+        PipelineProblem(pipe, steps=4, height=128, width=128).conds(["a red circle"])
+    with pytest.raises(ConfigError, match="needs calibration prompts"):
+        PipelineProblem(pipe, steps=4, height=128, width=128).default_prompts(4, 0)
+    pb = PipelineProblem(pipe, steps=4, height=128, width=128, embeddings=flux_dir / "emb.safetensors")
+    with pytest.raises(ConfigError, match="not in the embeddings file"):
+        pb.conds(["a green star"])
+    with pytest.raises(ConfigError, match="not supported"):
+        PipelineProblem(object(), steps=4)
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"\x00" * 40)
+    with pytest.raises(ConfigError, match="not a valid safetensors"):
+        load_embeddings(bad)
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_embeddings(tmp_path / "missing.safetensors")
+    with pytest.raises(ConfigError, match="rows|shape"):
+        save_embeddings(tmp_path / "x.safetensors", ["a", "b"], torch.zeros(3, 2, 2))
+    with pytest.raises(ConfigError, match="offline"):
+        load_pipeline(str(tmp_path / "nowhere"))
+    assert main(["search", "--embeddings", "x.safetensors", "--out", str(tmp_path / "o")]) == 2
+    assert "only with --pipeline" in capsys.readouterr().err
+    rc = main(["search", "--pipeline", str(flux_dir), "--model", "m", "--embeddings",
+               str(flux_dir / "emb.safetensors"), "--height", "128", "--width", "128", "--out", str(tmp_path / "o")])
+    assert rc == 2 and "exclude each other" in capsys.readouterr().err
+
+
+def test_quality_falls_back_to_latent_psnr_without_a_decoder():
+    class NoDecoder:
+        def images(self, latents):
+            return None
+
+    teacher = torch.linspace(-1, 1, 8).repeat(2, 1)
+    latents = teacher + torch.tensor([[0.1], [0.01]])
+    q = quality(NoDecoder(), latents, teacher)
+    # range 2 -> peak 4; MSE 1e-2 and 1e-4 -> 26.02 and 46.02 dB
+    assert q["psnr"] == pytest.approx([26.0206, 46.0206], abs=1e-3)
+    assert q["latent_mse"] == pytest.approx([1e-2, 1e-4], rel=1e-4)
