@@ -189,3 +189,32 @@ def test_quality_falls_back_to_latent_psnr_without_a_decoder():
     # range 2 -> peak 4; MSE 1e-2 and 1e-4 -> 26.02 and 46.02 dB
     assert q["psnr"] == pytest.approx([26.0206, 46.0206], abs=1e-3)
     assert q["latent_mse"] == pytest.approx([1e-2, 1e-4], rel=1e-4)
+
+
+def test_reports_decode_through_the_pipelines_vae(tmp_path):
+    from diffusers import AutoencoderKL, FluxPipeline
+
+    from helpers import make_transformer
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), latent_channels=4,
+                        norm_num_groups=8, shift_factor=0.1, scaling_factor=0.5).eval()
+    pipe = FluxPipeline(scheduler=tinyflow.scheduler(), vae=vae, text_encoder=None, tokenizer=None,
+                        text_encoder_2=None, tokenizer_2=None, transformer=make_transformer())
+    pipe.set_progress_bar_config(disable=True)
+    g = torch.Generator().manual_seed(0)
+    pe, pooled = torch.randn(1, 5, 32, generator=g), torch.randn(1, 32, generator=g)
+    save_embeddings(tmp_path / "e.safetensors", ["p"], pe, pooled)
+    pb = PipelineProblem(pipe, steps=4, height=16, width=16, embeddings=tmp_path / "e.safetensors")
+    cond, _ = pb.conds(["p"])
+    with torch.no_grad():
+        s = pb.make_sampler(None)
+        lat = s.run(s.start(pb.noise([2])), cond).x
+        ref = pipe(prompt_embeds=pe, pooled_prompt_embeds=pooled, height=16, width=16, num_inference_steps=4,
+                   output_type="pt", generator=torch.Generator().manual_seed(2)).images
+    ours = pb.images(lat)
+    assert ours.shape == ref.shape == (1, 3, 16, 16)
+    assert torch.allclose(ours, ref, atol=1e-5)
+    q = quality(pb, lat, lat + 0.01)
+    assert q["psnr"][0] > 20
