@@ -1,0 +1,14 @@
+"""Side-by-side comparison of step-caching methods at equal NFE (``budcache compare``).
+
+>>> from budcache.compare import CompareConfig, run
+>>> res = run("runs/compare", CompareConfig(nfes=(6, 10)))   # doctest: +SKIP
+"""
+
+from .harness import DEFAULT_METHODS, DEFAULT_NFES, CompareConfig, CompareResult, make_problem, run
+from .methods import (BlockWork, BudcacheMethod, FirstBlockCacheMethod, ForecastMethod, MagCacheMethod,
+                      PlainMethod, TaylorSeerMethod, UniformMethod, available_methods, bisect_threshold,
+                      build_methods)
+
+__all__ = ["CompareConfig", "CompareResult", "run", "make_problem", "DEFAULT_NFES", "DEFAULT_METHODS",
+           "BlockWork", "BudcacheMethod", "ForecastMethod", "UniformMethod", "PlainMethod", "FirstBlockCacheMethod",
+           "MagCacheMethod", "TaylorSeerMethod", "available_methods", "bisect_threshold", "build_methods"]

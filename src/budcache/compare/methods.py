@@ -1,0 +1,515 @@
+"""Methods compared by ``budcache compare``: budcache's own and the peers' shipped implementations.
+
+Every method implements :class:`budcache.baselines.base.Method` and samples
+through budcache's one sampler (same transformer, noise, sigmas, solver):
+
+- ``budcache``: the mask searched on the calibration set at the budget (or a
+  given policy file); ``budcache-forecast``: the same mask with the residual
+  forecast mechanism instead of reuse; ``uniform``: K evenly spaced computed
+  steps; ``plain``: the K-step sampler without caching.
+- Peers' own code, applied unchanged to the transformer (``diffusers.hooks``):
+  ``fbcache`` (FirstBlockCache), ``magcache`` (MagCache, ratios from its own
+  calibration mode), ``taylorseer`` (TaylorSeer, lite mode: the block stack is
+  skipped and the output projection forecast, the step-level variant); and
+  cache-dit's ``dbcache`` and ``cachedit-steps`` (its static steps mask) when
+  ``cache-dit`` is installed.
+
+Peer hooks decide with one scalar per transformer call, so input-dependent
+ones (FirstBlockCache, DBCache) sample one element per call: batching would
+tie the images' decisions together. Their cost is counted exactly: a forward
+hook on an inner module of every block counts the block runs, and
+``nfe = sum_b runs_b w_b / (sum_b w_b * passes)`` with ``w_b`` the block's
+parameter count (a probe block on a skipped step costs its fraction of the
+stack) and ``passes`` the transformer calls per step (2 with guidance).
+"""
+
+from __future__ import annotations
+
+import ast
+import contextlib
+import io
+import math
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..baselines.base import MethodRun
+from ..errors import ConfigError, MissingExtraError
+from ..policy import CachePolicy
+from ..sampler import _select
+
+#: Bisection stops once the calibration mean NFE is this close to the target.
+NFE_TOLERANCE = 0.25
+
+
+# ------------------------------------------------------------------------------ helpers
+def _passes(problem: Any) -> int:
+    """Transformer calls per step: 2 with classifier-free guidance, else 1."""
+    return 2 if float(problem.guidance) != 1.0 else 1
+
+
+def _run_sampler(sampler: Any, noise: torch.Tensor, cond: Any, uncond: Any) -> Any:
+    st = sampler.run(sampler.start(noise), cond, uncond)
+    return sampler.result(st)
+
+
+def _elements(n: int) -> Iterator[torch.Tensor]:
+    for i in range(n):
+        yield torch.tensor([i])
+
+
+def _calib_loss(latents: torch.Tensor, calib: Any) -> float:
+    """Mean latent MSE against the calibration teacher."""
+    return float((latents - calib.teacher).pow(2).flatten(1).mean(1).mean())
+
+
+def transformer_blocks(transformer: torch.nn.Module) -> list[torch.nn.Module]:
+    """The transformer's repeated blocks in call order (every ``ModuleList`` child named ``*blocks*``)."""
+    blocks: list[torch.nn.Module] = []
+    for name, child in transformer.named_children():
+        if "block" in name and isinstance(child, torch.nn.ModuleList):
+            blocks.extend(child)
+    if not blocks:
+        raise ConfigError(f"{type(transformer).__name__} has no block lists (a ModuleList named '*blocks*')")
+    return blocks
+
+
+class BlockWork:
+    """Counts real block runs: a forward hook on each block's first parametrised child module.
+
+    A cache hook that skips a block replaces the block's forward, so the inner
+    module does not run and is not counted. ``work`` is the parameter-weighted
+    number of stack runs: ``sum_b runs_b w_b / sum_b w_b``.
+    """
+
+    def __init__(self, transformer: torch.nn.Module) -> None:
+        self.blocks = transformer_blocks(transformer)
+        self.weights = [sum(p.numel() for p in b.parameters()) for b in self.blocks]
+        self.runs = [0] * len(self.blocks)
+        self._handles = []
+        for i, block in enumerate(self.blocks):
+            inner = next((m for m in block.children() if any(True for _ in m.parameters())), None)
+            if inner is None:
+                raise ConfigError(f"block {i} of {type(transformer).__name__} has no parametrised child to count")
+            self._handles.append(inner.register_forward_hook(self._counter(i)))
+
+    def _counter(self, i: int) -> Callable[..., None]:
+        def hook(module: torch.nn.Module, args: Any, output: Any) -> None:
+            self.runs[i] += 1
+        return hook
+
+    @property
+    def work(self) -> float:
+        return sum(r * w for r, w in zip(self.runs, self.weights)) / sum(self.weights)
+
+    @property
+    def full_runs(self) -> int:
+        """Runs of the last block: how many times the whole stack ran."""
+        return self.runs[-1]
+
+    def close(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def __enter__(self) -> BlockWork:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def bisect_threshold(mean_nfe: Callable[[float], float], target: float, lo: float = 0.0, hi: float = 1.0,
+                     iters: int = 14, tol: float = NFE_TOLERANCE, max_hi: float = 1e6) -> tuple[float, float]:
+    """Threshold ``t`` whose mean NFE is closest to ``target``, assuming NFE falls as ``t`` grows.
+
+    ``hi`` doubles until ``mean_nfe(hi) <= target`` (up to ``max_hi``); then
+    bisection on ``[lo, hi]`` keeps the threshold with the smallest
+    ``|mean_nfe(t) - target|`` and stops once it is within ``tol``.
+    Returns ``(threshold, mean NFE at it)``.
+    """
+    if not lo < hi:
+        raise ConfigError(f"threshold bracket must satisfy lo < hi (got {lo}, {hi})")
+    seen: dict[float, float] = {}
+
+    def f(t: float) -> float:
+        if t not in seen:
+            seen[t] = float(mean_nfe(t))
+        return seen[t]
+
+    while f(hi) > target and hi < max_hi:
+        lo, hi = hi, hi * 2
+    for _ in range(iters):
+        best = min(seen, key=lambda t: (abs(seen[t] - target), t))
+        if abs(seen[best] - target) <= tol:
+            break
+        mid = 0.5 * (lo + hi)
+        if f(mid) > target:
+            lo = mid
+        else:
+            hi = mid
+    best = min(seen, key=lambda t: (abs(seen[t] - target), t))
+    return best, seen[best]
+
+
+# ------------------------------------------------------------------------------ budcache's methods
+@dataclass
+class StaticMethod:
+    """Base of methods with a fixed mask: every element computes exactly the mask's steps."""
+
+    name: str = "static"
+    kind: str = "static"
+    mechanism: str | None = None
+    policy: CachePolicy | None = None
+
+    def sample(self, problem: Any, noise: torch.Tensor, cond: Any, uncond: Any = None) -> MethodRun:
+        if self.policy is None:
+            raise ConfigError(f"method {self.name!r} is not fitted: call fit(problem, calib, nfe) first")
+        res = _run_sampler(problem.make_sampler(self.policy, mechanism=self.mechanism), noise, cond, uncond)
+        return MethodRun(res.latent, res.nfe.float(), {"computed": res.computed, "mask": self.policy.strip()})
+
+
+@dataclass
+class UniformMethod(StaticMethod):
+    """K evenly spaced computed steps (``CachePolicy.uniform``), residual reuse."""
+
+    name: str = "uniform"
+
+    def fit(self, problem: Any, calib: Any, nfe: int) -> None:
+        self.policy = CachePolicy.uniform(problem.steps, nfe)
+
+
+@dataclass
+class PlainMethod:
+    """The plain K-step sampler: the same schedule family at K steps, no caching."""
+
+    name: str = "plain"
+    kind: str = "static"
+    nfe: int | None = None
+
+    def fit(self, problem: Any, calib: Any, nfe: int) -> None:
+        self.nfe = nfe
+
+    def sample(self, problem: Any, noise: torch.Tensor, cond: Any, uncond: Any = None) -> MethodRun:
+        if self.nfe is None:
+            raise ConfigError("method 'plain' is not fitted: call fit(problem, calib, nfe) first")
+        res = _run_sampler(problem.make_sampler(None, self.nfe), noise, cond, uncond)
+        return MethodRun(res.latent, res.nfe.float(), {"steps": self.nfe})
+
+
+@dataclass
+class BudcacheMethod(StaticMethod):
+    """budcache's searched mask: SA + hill climbing on the calibration loss at budget K.
+
+    ``policies`` maps a budget to a given policy (no search at that budget).
+    Successive budgets warm-start from the previous one and share the
+    evaluator (memo and prefix states) of one calibration set.
+    """
+
+    name: str = "budcache"
+    policies: dict[int, CachePolicy] = field(default_factory=dict)
+    search_kw: dict[str, Any] = field(default_factory=dict)
+    progress: bool = False
+    _evaluator: Any = None
+    _calib: Any = None
+    _last: tuple[int, ...] | None = None
+    search_wall_s: float = 0.0
+
+    def fit(self, problem: Any, calib: Any, nfe: int) -> None:
+        if self.policy is not None and self.policy.nfe == nfe and self._calib is calib and nfe not in self.policies:
+            return  # already searched at this budget on this set (e.g. for budcache-forecast)
+        if nfe in self.policies:
+            pol = self.policies[nfe]
+            if pol.steps != problem.steps:
+                raise ConfigError(f"policy for NFE {nfe} has {pol.steps} steps but the comparison uses "
+                                  f"{problem.steps}")
+            self.policy = pol
+            return
+        from ..search.anneal import SearchConfig, search
+        from ..search.evaluator import Evaluator
+
+        if self._calib is not calib:
+            self._evaluator, self._calib, self._last = Evaluator(problem.make_sampler, calib), calib, None
+        cfg = SearchConfig(steps=problem.steps, nfe=nfe, **self.search_kw)
+        res = search(self._evaluator.losses, cfg, init=self._last, progress=self.progress)
+        self._last = res.compute
+        self.search_wall_s = res.wall_s
+        self.policy = CachePolicy(problem.steps, res.compute, meta={
+            "solver": problem.solver, "guidance": problem.guidance, "mechanism": "reuse", "budget": nfe,
+            "search_loss": res.loss, "calibration_digest": calib.digest, "calibration_pairs": len(calib)})
+
+
+@dataclass
+class ForecastMethod(StaticMethod):
+    """budcache's mask with the residual forecast mechanism (linear extrapolation) instead of reuse."""
+
+    name: str = "budcache-forecast"
+    mechanism: str | None = "forecast1"
+    source: BudcacheMethod | None = None
+
+    def fit(self, problem: Any, calib: Any, nfe: int) -> None:
+        if self.source is None:
+            raise ConfigError("budcache-forecast needs the budcache method whose mask it uses (source=...)")
+        if self.source.policy is None or self.source.policy.nfe != nfe:
+            self.source.fit(problem, calib, nfe)
+        self.policy = self.source.policy
+
+
+# ------------------------------------------------------------------------------ peers' hooks
+@dataclass
+class HookMethod:
+    """A peer's cache applied unchanged to the transformer for each generation, then removed.
+
+    ``install(transformer)`` applies the peer's hooks and returns a function
+    that removes them. Applying fresh hooks per generation gives every
+    generation the state of a pipeline's first call (some peers' ``reset``
+    keep part of their state, e.g. FirstBlockCache's last head residual).
+    """
+
+    name: str = "hook"
+    kind: str = "threshold"
+    per_element: bool = False
+
+    def install(self, transformer: torch.nn.Module) -> Callable[[], None]:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def generate(self, problem: Any, noise: torch.Tensor, cond: Any, uncond: Any = None) -> MethodRun:
+        """One hooked generation of the whole batch; NFE counted from block runs (one value for the batch)."""
+        tr = problem.transformer
+        remove = self.install(tr)
+        try:
+            with BlockWork(tr) as work:
+                res = _run_sampler(problem.make_sampler(None), noise, cond, uncond)
+        finally:
+            remove()
+        nfe = work.work / _passes(problem)
+        b = noise.shape[0]
+        return MethodRun(res.latent, torch.full((b,), nfe), {"full_runs": work.full_runs / _passes(problem)})
+
+    def sample(self, problem: Any, noise: torch.Tensor, cond: Any, uncond: Any = None) -> MethodRun:
+        if not self.per_element or noise.shape[0] == 1:
+            return self.generate(problem, noise, cond, uncond)
+        runs = [self.generate(problem, noise[i], _select(cond, i), _select(uncond, i)) for i in _elements(len(noise))]
+        return MethodRun(torch.cat([r.latent for r in runs]), torch.cat([r.nfe for r in runs]),
+                         {"full_runs": [r.extra["full_runs"] for r in runs]})
+
+    def mean_nfe(self, problem: Any, calib: Any) -> float:
+        """Mean NFE over the calibration set with the current settings."""
+        return float(self.sample(problem, calib.noise, calib.cond, calib.uncond).nfe.mean())
+
+
+@dataclass
+class FirstBlockCacheMethod(HookMethod):
+    """diffusers' FirstBlockCache; its threshold bisected to the budget's mean NFE on calibration inputs."""
+
+    name: str = "fbcache"
+    per_element: bool = True
+    threshold: float | None = None
+    calib_nfe: float | None = None
+
+    def install(self, transformer: torch.nn.Module) -> Callable[[], None]:
+        from diffusers.hooks import FirstBlockCacheConfig
+
+        if self.threshold is None:
+            raise ConfigError("fbcache is not fitted: call fit(problem, calib, nfe) first")
+        transformer.enable_cache(FirstBlockCacheConfig(threshold=self.threshold))
+        return transformer.disable_cache
+
+    def fit(self, problem: Any, calib: Any, nfe: int) -> None:
+        def at(t: float) -> float:
+            self.threshold = t
+            return self.mean_nfe(problem, calib)
+
+        self.threshold, self.calib_nfe = bisect_threshold(at, nfe, 0.0, 0.5)
+
+
+def magcache_schedule(steps: int, nfe: int) -> tuple[float, int]:
+    """MagCache's ``(retention_ratio, max_skip_steps)`` for a budget: its FLUX retention 0.1 (less when K is
+    small) and the smallest ``max_skip_steps >= 5`` (its FLUX value) that lets the threshold reach K - 1."""
+    retained = min(int(0.1 * steps + 0.5), max(1, nfe // 2))
+    ratio = (retained - 0.49) / steps  # int(ratio * steps + 0.5) == retained
+    goal = max(nfe - 1, retained + 1)
+    m = 5
+    while retained + math.ceil((steps - retained) / (m + 1)) > goal and m < steps:
+        m += 1
+    return ratio, m
+
+
+@dataclass
+class MagCacheMethod(HookMethod):
+    """diffusers' MagCache with magnitude ratios from its own calibration mode on the calibration set.
+
+    The ratios are what its calibration mode prints at the end of a run (cond
+    branch). Its schedule depends on the ratios only, so every input gets the
+    same NFE; the threshold is bisected to the budget.
+    """
+
+    name: str = "magcache"
+    ratios: list[float] | None = None
+    threshold: float | None = None
+    retention_ratio: float = 0.1
+    max_skip_steps: int = 5
+    calib_nfe: float | None = None
+    _steps: int = 0
+
+    def config(self, steps: int, calibrate: bool = False) -> Any:
+        from diffusers.hooks import MagCacheConfig
+
+        if calibrate:
+            return MagCacheConfig(calibrate=True, num_inference_steps=steps)
+        if self.ratios is None or self.threshold is None:
+            raise ConfigError("magcache is not fitted: call fit(problem, calib, nfe) first")
+        return MagCacheConfig(threshold=self.threshold, max_skip_steps=self.max_skip_steps,
+                              retention_ratio=self.retention_ratio, num_inference_steps=steps,
+                              mag_ratios=list(self.ratios))
+
+    def install(self, transformer: torch.nn.Module) -> Callable[[], None]:
+        transformer.enable_cache(self.config(self._steps))
+        return transformer.disable_cache
+
+    def calibrate(self, problem: Any, calib: Any) -> list[float]:
+        """Run MagCache's calibration mode once over the calibration batch and read the ratios it prints."""
+        tr = problem.transformer
+        tr.enable_cache(self.config(problem.steps, calibrate=True))
+        buf = io.StringIO()
+        try:
+            with contextlib.redirect_stdout(buf):
+                _run_sampler(problem.make_sampler(None), calib.noise, calib.cond, calib.uncond)
+        finally:
+            tr.disable_cache()
+        lists = []
+        for line in buf.getvalue().splitlines():
+            line = line.strip()
+            if line.startswith("[") and line.endswith("]") and "MagCache" not in line:
+                lists.append([float(v) for v in ast.literal_eval(line)])
+        if not lists or len(lists[0]) != problem.steps:
+            raise ConfigError(f"MagCache's calibration mode printed no ratios for {problem.steps} steps "
+                              "(diffusers changed its calibration output?)")
+        return lists[0]
+
+    def fit(self, problem: Any, calib: Any, nfe: int) -> None:
+        self._steps = problem.steps
+        if self.ratios is None or len(self.ratios) != problem.steps:
+            self.ratios = self.calibrate(problem, calib)
+        self.retention_ratio, self.max_skip_steps = magcache_schedule(problem.steps, nfe)
+        first = _select(calib.cond, torch.tensor([0]))
+        one = (calib.noise[:1], first, _select(calib.uncond, torch.tensor([0])))
+
+        def at(t: float) -> float:  # input-independent schedule: one element measures it
+            self.threshold = t
+            return float(self.generate(problem, *one).nfe.mean())
+
+        self.threshold, _ = bisect_threshold(at, nfe, 0.0, 0.5)
+        self.calib_nfe = self.mean_nfe(problem, calib)
+
+
+def taylorseer_count(steps: int, before: int, interval: int) -> int:
+    """Computed steps of TaylorSeer's rule: ``s < before`` or ``(s - before - 1) % interval == 0``."""
+    return sum(1 for s in range(steps) if s < before or (s - before - 1) % interval == 0)
+
+
+@dataclass
+class TaylorSeerMethod(HookMethod):
+    """diffusers' TaylorSeer in lite mode (blocks skipped, output projection forecast to ``max_order``).
+
+    Its schedule is static: the first ``before`` steps, then every
+    ``interval``-th. ``fit`` tries every ``(before, interval)`` that computes
+    exactly K steps and keeps the one with the lowest calibration loss.
+    """
+
+    name: str = "taylorseer"
+    kind: str = "static"
+    before: int | None = None
+    interval: int | None = None
+    max_order: int = 1
+    candidates: list[dict[str, Any]] = field(default_factory=list)
+
+    def install(self, transformer: torch.nn.Module) -> Callable[[], None]:
+        from diffusers.hooks import TaylorSeerCacheConfig
+
+        if self.before is None or self.interval is None:
+            raise ConfigError("taylorseer is not fitted: call fit(problem, calib, nfe) first")
+        transformer.enable_cache(TaylorSeerCacheConfig(
+            cache_interval=self.interval, disable_cache_before_step=self.before, max_order=self.max_order,
+            taylor_factors_dtype=torch.float32, use_lite_mode=True))
+        return transformer.disable_cache
+
+    def fit(self, problem: Any, calib: Any, nfe: int) -> None:
+        n = problem.steps
+        options = []
+        for before in range(1, nfe + 1):
+            ivs = [i for i in range(1, n + 1) if taylorseer_count(n, before, i) == nfe]
+            if ivs:
+                options.append((before, min(ivs)))
+        if not options:
+            raise ConfigError(f"TaylorSeer's schedule cannot compute exactly {nfe} of {n} steps")
+        self.candidates = []
+        for before, interval in options:
+            self.before, self.interval = before, interval
+            run = self.sample(problem, calib.noise, calib.cond, calib.uncond)
+            self.candidates.append({"before": before, "interval": interval, "loss": _calib_loss(run.latent, calib)})
+        best = min(self.candidates, key=lambda c: c["loss"])
+        self.before, self.interval = best["before"], best["interval"]
+
+
+# ------------------------------------------------------------------------------ registry
+def _cachedit_methods() -> dict[str, Callable[[], Any]]:
+    try:
+        from . import cachedit
+    except (MissingExtraError, ImportError):
+        return {}
+    return cachedit.METHODS
+
+
+#: Compare's own methods by name (factories); budcache.baselines.METHODS joins them in :func:`build_methods`.
+OWN_METHODS: dict[str, Callable[[], Any]] = {
+    "budcache": BudcacheMethod,
+    "budcache-forecast": ForecastMethod,
+    "uniform": UniformMethod,
+    "plain": PlainMethod,
+    "fbcache": FirstBlockCacheMethod,
+    "magcache": MagCacheMethod,
+    "taylorseer": TaylorSeerMethod,
+}
+
+
+def available_methods() -> dict[str, Callable[[], Any]]:
+    """Every method compare can run: its own, cache-dit's (when installed), then the baselines'."""
+    out = dict(OWN_METHODS)
+    out.update(_cachedit_methods())
+    try:
+        from ..baselines import METHODS as baseline_methods  # the re-implemented baselines, when present
+    except ImportError:
+        baseline_methods = {}
+    for name, factory in baseline_methods.items():
+        out.setdefault(name, factory)
+    return out
+
+
+def build_methods(names: Sequence[str], *, policies: dict[int, CachePolicy] | None = None,
+                  search_kw: dict[str, Any] | None = None, progress: bool = False) -> list[Any]:
+    """Instantiate methods by name; ``budcache-forecast`` shares the ``budcache`` method's searched masks."""
+    avail = available_methods()
+    unknown = [n for n in names if n not in avail]
+    if unknown:
+        raise ConfigError(f"unknown method(s) {unknown}; choose from {sorted(avail)}")
+    if len(set(names)) != len(names):
+        raise ConfigError(f"methods listed twice: {sorted(n for n in set(names) if list(names).count(n) > 1)}")
+    out: list[Any] = []
+    searched: BudcacheMethod | None = None
+    for n in names:
+        if n == "budcache":
+            searched = BudcacheMethod(policies=dict(policies or {}), search_kw=dict(search_kw or {}),
+                                      progress=progress)
+            out.append(searched)
+        elif n == "budcache-forecast":
+            out.append(ForecastMethod())
+        else:
+            out.append(avail[n]())
+    for m in out:
+        if isinstance(m, ForecastMethod):
+            m.source = searched or BudcacheMethod(policies=dict(policies or {}), search_kw=dict(search_kw or {}),
+                                                  progress=progress)
+    return out
