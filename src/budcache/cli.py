@@ -272,6 +272,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_pipeline_args(se)
     se.set_defaults(func=cmd_search)
 
+    from .compare.cli import register as register_compare; register_compare(sub)
+
     sh = sub.add_parser("show", help="print a policy: mask strip, NFE, speed-up bound, sigmas")
     sh.add_argument("policy")
     sh.add_argument("--plot", default=None, help="also write a PNG of the mask (needs budcache[plot])")

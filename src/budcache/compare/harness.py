@@ -20,13 +20,14 @@ re-searching.
 
 from __future__ import annotations
 
+import copy
 import csv
 import datetime
 import io
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, is_dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -67,7 +68,6 @@ class CompareConfig:
     transfer_guidance: tuple[float, ...] = (2.0, 4.0)
     transfer: bool = True
     batch: int = 1                              # evaluation batch (1: wall time is per-image latency)
-    pipeline: str | None = None
 
     def validate(self) -> None:
         if not self.nfes:
@@ -98,26 +98,22 @@ class CompareConfig:
                                   f"comparison needs {k} of {self.steps}")
 
 
-def make_problem(cfg: CompareConfig, *, solver: str | None = None, guidance: float | None = None) -> Any:
-    """The model the comparison runs on (tinyflow unless ``cfg.pipeline`` names another)."""
+def make_problem(cfg: CompareConfig) -> Any:
+    """The model the comparison runs on: tinyflow with the configured steps, solver and guidance."""
+    from .. import tinyflow
     from ..search.run import TinyflowProblem
 
-    solver = solver or cfg.solver
-    guidance = cfg.guidance if guidance is None else guidance
-    if cfg.pipeline is not None:
-        try:
-            from ..search.pipeline import PipelineProblem  # type: ignore[import-not-found]
-        except ImportError:
-            raise ConfigError("--pipeline needs budcache.search.pipeline, which this installation lacks") from None
-        return PipelineProblem(cfg.pipeline, steps=cfg.steps, solver=solver, guidance=guidance)
-    from .. import tinyflow
-
-    return TinyflowProblem(tinyflow.load(), cfg.steps, solver, "reuse", guidance)
+    return TinyflowProblem(tinyflow.load(), cfg.steps, cfg.solver, "reuse", cfg.guidance)
 
 
 def _with(problem: Any, **kw: Any) -> Any:
     """The same model with other sampler settings (shares the loaded weights)."""
-    return replace(problem, **kw)
+    if is_dataclass(problem):
+        return replace(problem, **kw)
+    other = copy.copy(problem)
+    for k, v in kw.items():
+        setattr(other, k, v)
+    return other
 
 
 def _images(problem: Any, latents: torch.Tensor) -> torch.Tensor:
@@ -126,12 +122,22 @@ def _images(problem: Any, latents: torch.Tensor) -> torch.Tensor:
     return fn(latents)
 
 
-def pair_sets(cfg: CompareConfig) -> tuple[tuple[list[str], list[int]], tuple[list[str], list[int]]]:
-    """Calibration and evaluation prompt x seed pairs; the evaluation pairs share no pair with calibration."""
+def pair_sets(cfg: CompareConfig, problem: Any = None) -> tuple[tuple[list[str], list[int]],
+                                                                  tuple[list[str], list[int]]]:
+    """Calibration and evaluation prompt x seed pairs; the evaluation pairs share no pair with calibration.
+
+    tinyflow draws prompts from its grammar; a problem with ``default_prompts``
+    and ``heldout_pairs`` (a diffusers pipeline) supplies its own.
+    """
     from ..search.calibration import pairs_for, tinyflow_prompts
 
-    cp, cs = pairs_for(tinyflow_prompts(cfg.calib_pairs, seed=cfg.seed), 1, cfg.seed)
-    ep, es = pairs_for(tinyflow_prompts(cfg.eval_pairs, seed=cfg.seed + 7_777_777), 1, cfg.seed + 7_777_777)
+    if problem is not None and hasattr(problem, "default_prompts"):
+        base = problem.default_prompts(cfg.calib_pairs, cfg.seed)
+        cp, cs = pairs_for([base[i % len(base)] for i in range(cfg.calib_pairs)], 1, cfg.seed)
+        ep, es = problem.heldout_pairs(cfg.eval_pairs, cfg.seed, cp)
+    else:
+        cp, cs = pairs_for(tinyflow_prompts(cfg.calib_pairs, seed=cfg.seed), 1, cfg.seed)
+        ep, es = pairs_for(tinyflow_prompts(cfg.eval_pairs, seed=cfg.seed + 7_777_777), 1, cfg.seed + 7_777_777)
     shared = set(zip(cp, cs)) & set(zip(ep, es))
     if shared or set(cs) & set(es):
         raise ConfigError(f"evaluation pairs overlap calibration pairs ({len(shared)} shared); use another --seed")
@@ -233,17 +239,21 @@ class CompareResult:
 
 
 @torch.no_grad()
-def run(out: str | Path, cfg: CompareConfig, progress: bool = True) -> CompareResult:
-    """Fit every method at every budget, evaluate, and write all outputs to ``out``."""
+def run(out: str | Path, cfg: CompareConfig, progress: bool = True, problem: Any = None) -> CompareResult:
+    """Fit every method at every budget, evaluate, and write all outputs to ``out``.
+
+    ``problem`` defaults to :func:`make_problem` (tinyflow); any object with
+    TinyflowProblem's interface (e.g. a PipelineProblem) works.
+    """
     cfg.validate()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
-    problem = make_problem(cfg)
+    problem = make_problem(cfg) if problem is None else problem
     names = tuple(cfg.methods) if cfg.methods is not None else _default_names()
     methods = build_methods(names, policies=cfg.policies, search_kw={"seed": cfg.seed, **cfg.search_kw},
                             progress=False)
-    (cp, cs), (ep, es) = pair_sets(cfg)
+    (cp, cs), (ep, es) = pair_sets(cfg, problem)
     calib = problem.calibration(cp, cs)
     evalset = problem.calibration(ep, es)
     lpips, lpips_note = lpips_status()

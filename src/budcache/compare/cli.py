@@ -1,0 +1,111 @@
+"""``budcache compare``: every method side by side at equal NFE; outputs a table, CSV, JSON and plots."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from ..errors import ConfigError
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    try:
+        vals = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not vals:
+        raise argparse.ArgumentTypeError("expected at least one integer")
+    return vals
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def _names(text: str) -> tuple[str, ...]:
+    vals = tuple(v.strip() for v in text.split(",") if v.strip())
+    if not vals:
+        raise argparse.ArgumentTypeError("expected at least one name")
+    return vals
+
+
+def config_from_args(a: argparse.Namespace) -> Any:
+    """A :class:`CompareConfig` from parsed arguments (policy files loaded and matched to budgets)."""
+    from ..policy import CachePolicy
+    from .harness import CompareConfig
+
+    policies: dict[int, CachePolicy] = {}
+    for path in a.policy or []:
+        pol = CachePolicy.load(path)
+        if pol.nfe in policies:
+            raise ConfigError(f"two --policy files for NFE {pol.nfe} ({path})")
+        policies[pol.nfe] = pol
+    nfes = a.nfe if a.nfe is not None else (tuple(sorted(policies)) if policies else (6, 8, 10, 14))
+    missing = sorted(set(policies) - set(nfes))
+    if missing:
+        raise ConfigError(f"--policy files for NFE {missing} but --nfe is {list(nfes)}")
+    search_kw = {k: getattr(a, k) for k in ("sa_iters", "hc_rounds") if getattr(a, k) is not None}
+    return CompareConfig(nfes=tuple(nfes), steps=a.steps, solver=a.solver, guidance=a.guidance, methods=a.methods,
+                         calib_pairs=a.calib_pairs, eval_pairs=a.eval_pairs, seed=a.seed, policies=policies,
+                         search_kw=search_kw, grid_nfe=a.grid_nfe, grid_rows=a.grid_rows,
+                         transfer_solvers=a.transfer_solvers, transfer_guidance=a.transfer_guidance,
+                         transfer=not a.no_transfer, batch=a.batch)
+
+
+def problem_for(a: argparse.Namespace, cfg: Any) -> Any:
+    """The model to compare on (tinyflow by default)."""
+    from .harness import make_problem
+
+    return make_problem(cfg)
+
+
+def cmd_compare(a: argparse.Namespace) -> int:
+    from .harness import markdown, run
+    from .methods import available_methods
+
+    if a.list_methods:
+        for name in available_methods():
+            print(name)
+        return 0
+    cfg = config_from_args(a)
+    cfg.validate()
+    res = run(a.out, cfg, progress=not a.quiet, problem=problem_for(a, cfg))
+    print(markdown(res))
+    print(f"wrote {a.out}/table.md, results.csv, results.json, quality_vs_nfe.png, grid_K{res.meta['grid_nfe']}.png "
+          f"in {res.meta['wall_s']:.0f} s")
+    return 0
+
+
+def register(sub: Any) -> None:
+    """Add ``budcache compare`` to the CLI's subparsers."""
+    from ..solvers import SOLVERS
+
+    c = sub.add_parser("compare", help="compare budcache with the baselines at equal NFE; writes tables and plots")
+    c.add_argument("--nfe", type=_ints, default=None, help="budgets K (default 6,8,10,14, or those of --policy)")
+    c.add_argument("--steps", type=int, default=28, help="full step count N")
+    c.add_argument("--methods", type=_names, default=None,
+                   help="comma-separated method names (default: all; see --list-methods)")
+    c.add_argument("--list-methods", action="store_true", help="print the available methods and exit")
+    c.add_argument("--policy", action="append", default=None, metavar="FILE",
+                   help="use this policy for its budget instead of searching (repeatable)")
+    c.add_argument("--solver", default="euler", choices=sorted(SOLVERS))
+    c.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale")
+    c.add_argument("--calib-pairs", type=int, default=16, help="calibration prompt x seed pairs (fitting)")
+    c.add_argument("--eval-pairs", type=int, default=32, help="evaluation pairs, disjoint from calibration")
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--sa-iters", type=int, default=None, help="budcache search: annealing iterations (default 200)")
+    c.add_argument("--hc-rounds", type=int, default=None, help="budcache search: hill-climbing rounds (default 20)")
+    c.add_argument("--grid-nfe", type=int, default=None, help="budget of the image grid (default: nearest 10)")
+    c.add_argument("--grid-rows", type=int, default=6, help="prompts in the image grid")
+    c.add_argument("--transfer-solvers", type=_names, default=("dpmpp2m", "ipndm"),
+                   help="solvers the searched policy is transferred to")
+    c.add_argument("--transfer-guidance", type=_floats, default=(2.0, 4.0),
+                   help="guidance scales the searched policy is transferred to")
+    c.add_argument("--no-transfer", action="store_true", help="skip the transfer study")
+    c.add_argument("--batch", type=int, default=1, help="evaluation batch (1: wall time is per-image latency)")
+    c.add_argument("--out", default="runs/compare", help="output directory")
+    c.add_argument("--quiet", action="store_true", help="no progress bars")
+    c.set_defaults(func=cmd_compare)
