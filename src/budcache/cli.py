@@ -185,6 +185,7 @@ def problem_from_args(a: argparse.Namespace, steps: int, solver: str, mechanism:
 
 
 def cmd_search(a: argparse.Namespace) -> int:
+    from .search.distributed import backend_kwargs
     from .search.run import run
 
     kw = {k: getattr(a, k) for k in ("sa_iters", "t_max", "t_min", "radius", "hc_rounds", "restarts", "far_jumps")}
@@ -198,7 +199,7 @@ def cmd_search(a: argparse.Namespace) -> int:
     outcomes = run(a.out, nfes=a.nfe, steps=a.steps, solver=a.solver, mechanism=a.mechanism, guidance=a.guidance,
                    calib_pairs=a.calib_pairs, prompt_file=a.prompts, seeds_per_prompt=a.seeds_per_prompt,
                    heldout_pairs=a.heldout, seed=a.seed, loss=a.loss, resume=a.resume, progress=not a.quiet,
-                   naive=a.naive, model=a.model, problem=problem, **kw)
+                   naive=a.naive, model=a.model, problem=problem, **backend_kwargs(a), **kw)
     for o in outcomes:
         h = o.heldout
         print(f"K={o.nfe:>3}  loss {o.result.loss:.4e}  {o.policy.strip()}  held-out PSNR: budcache "
@@ -216,6 +217,7 @@ def cmd_train(a: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from .hooks import MECHANISMS
+    from .search.distributed import add_backend_args
     from .solvers import SOLVERS
 
     ap = argparse.ArgumentParser(prog="budcache", description="Budget-exact step caching for diffusion transformers.")
@@ -251,7 +253,9 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("--calib-pairs", type=int, default=32, help="calibration prompt x seed pairs (default 32)")
     se.add_argument("--seeds-per-prompt", type=int, default=1)
     se.add_argument("--heldout", type=int, default=64, help="held-out pairs for the report")
-    se.add_argument("--loss", default="mse", choices=["mse", "l1"])
+    se.add_argument("--loss", default="mse", choices=["mse", "l1", "logmse"],
+                    help="per-item loss averaged over the calibration set: mse (the reference), l1, or logmse "
+                         "(log of each item's MSE: every item counts equally, like mean PSNR)")
     se.add_argument("--seed", type=int, default=0)
     se.add_argument("--sa-iters", type=int, default=200)
     se.add_argument("--t-max", type=float, default=0.05)
@@ -270,6 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("--out", default="runs/search", help="output directory")
     se.add_argument("--quiet", action="store_true")
     add_pipeline_args(se)
+    add_backend_args(se)
     se.set_defaults(func=cmd_search)
 
     from .compare.cli import register as register_compare; register_compare(sub)

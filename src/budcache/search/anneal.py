@@ -18,6 +18,12 @@ forced. Every move keeps K:
 The loss memo is shared across SA, HC and restarts. Seeded and deterministic;
 a checkpoint (JSON, atomic) is written after every accepted move, and
 :func:`search` with ``resume=True`` continues a killed run to the same result.
+
+SA is sequential; for parallel evaluators, ``sa_batch > 1`` scores the next
+``sa_batch`` proposals in one call, speculating that each is rejected after its
+Metropolis draw (the common case once the temperature has dropped). The loop
+then replays them with the real generator, so the search is exactly the
+sequential one; a wrong guess only costs the evaluations after it.
 """
 
 from __future__ import annotations
@@ -230,13 +236,16 @@ def load_checkpoint(path: Path, cfg: SearchConfig, digest: str,
 def search(losses: LossesFn, cfg: SearchConfig, *, init: Sequence[int] | None = None,
            checkpoint: str | Path | None = None, resume: bool = False, digest: str = "",
            progress: bool = False, memo: dict[Compute, float] | None = None,
-           on_step: Callable[[dict[str, Any]], None] | None = None) -> SearchResult:
+           on_step: Callable[[dict[str, Any]], None] | None = None, sa_batch: int = 1) -> SearchResult:
     """Search the compute set of ``cfg.nfe`` steps that minimises ``losses``.
 
     ``losses(list_of_compute_sets) -> list_of_losses`` scores candidates (an
     :class:`~budcache.search.evaluator.Evaluator`'s ``losses``). ``memo``
-    pre-seeds known losses (e.g. from a checkpoint).
+    pre-seeds known losses (e.g. from a checkpoint). ``sa_batch`` SA proposals
+    are scored per call (speculation, see the module docstring; same result).
     """
+    if type(sa_batch) is not int or sa_batch < 1:
+        raise ConfigError(f"sa_batch must be an integer >= 1 (got {sa_batch!r})")
     t0 = time.perf_counter()
     memo = dict(memo or {})
     ckpt = Path(checkpoint) if checkpoint is not None else None
@@ -250,6 +259,25 @@ def search(losses: LossesFn, cfg: SearchConfig, *, init: Sequence[int] | None = 
                                            "produced NaN or Inf on this mask")
                 memo[c] = v
         return [memo[c] for c in cands]
+
+    def speculate(n: int) -> None:
+        """Score the next ``n`` proposals from the current state, as if each were rejected after its draw."""
+        spec = np.random.Generator(type(rng.bit_generator)())
+        spec.bit_generator.state = rng.bit_generator.state
+        chain = []
+        for _ in range(n):
+            chain.append(sa_proposal(st["cur"], cfg, spec))
+            spec.random()
+        todo = [c for c in dict.fromkeys(chain) if c not in memo]
+        if chain[0] in memo or len(todo) < 2:
+            return  # nothing to gain: the loop scores its proposal itself
+        try:
+            vals = losses(todo)
+        except ModelOutputError:
+            return  # reported when (if) the sequential search reaches that mask
+        for c, v in zip(todo, vals):
+            if math.isfinite(v):
+                memo[c] = v
 
     rng = np.random.default_rng(cfg.seed)
     st: dict[str, Any] = {"restart": 0, "phase": "init", "it": 0, "cur": None, "cur_loss": None, "scale": 1.0,
@@ -304,6 +332,8 @@ def search(losses: LossesFn, cfg: SearchConfig, *, init: Sequence[int] | None = 
                 save()
             while st["phase"] == "sa" and st["it"] < cfg.sa_iters:
                 temp = _temperature(cfg, st["it"])
+                if sa_batch > 1:
+                    speculate(min(sa_batch, cfg.sa_iters - st["it"]))
                 cand = sa_proposal(st["cur"], cfg, rng)
                 loss = score([cand])[0]
                 delta = (loss - st["cur_loss"]) / (st["scale"] if cfg.relative else 1.0)

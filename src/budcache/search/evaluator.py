@@ -39,6 +39,16 @@ def compute_of(mask: Sequence[bool]) -> tuple[int, ...]:
     return tuple(k for k, m in enumerate(mask) if m)
 
 
+def check_computes(computes: Sequence[Sequence[int]], steps: int) -> list[tuple[int, ...]]:
+    """Sorted compute sets; a ConfigError names any set that is empty, misses step 0, repeats or overflows."""
+    keys = [tuple(sorted(int(c) for c in comp)) for comp in computes]
+    for k in keys:
+        if not k or k[0] != 0 or k[-1] >= steps or len(set(k)) != len(k):
+            raise ConfigError(f"compute set {list(k)} is invalid for {steps} steps "
+                              "(step 0 must compute; indices in 0..N-1, unique)")
+    return keys
+
+
 @dataclass
 class EvaluatorStats:
     """Work counters: masks scored, model-side work, wall time."""
@@ -56,8 +66,13 @@ class Evaluator:
 
     ``make_sampler(controller)`` builds the sampler (denoiser, sigmas, solver,
     mechanism, guidance) for a controller; the evaluator supplies one static
-    mask row per element.
+    mask row per element. A model output with NaN or Inf raises
+    :class:`~budcache.errors.ModelOutputError` naming the step and the compute
+    set(s) that produced it (attributes ``step`` and ``computes``).
     """
+
+    #: SA proposals the search scores per call (1: no speculation; a parallel backend raises it).
+    sa_batch: int = 1
 
     def __init__(self, make_sampler, calib: CalibrationSet, *, loss: LossFn = latent_mse,
                  prefix_sharing: bool = True, batch_candidates: bool = True, max_batch: int = 512,
@@ -82,13 +97,12 @@ class Evaluator:
     def loss_of(self, compute: Sequence[int]) -> float:
         return self.losses([compute])[0]
 
+    def close(self) -> None:
+        """Release resources (nothing in-process; remote backends stop their workers)."""
+
     def losses(self, computes: Sequence[Sequence[int]]) -> list[float]:
         """Losses of several compute sets (evaluated together where possible)."""
-        keys = [tuple(sorted(int(c) for c in comp)) for comp in computes]
-        for k in keys:
-            if not k or k[0] != 0 or k[-1] >= self.steps or len(set(k)) != len(k):
-                raise ConfigError(f"compute set {list(k)} is invalid for {self.steps} steps "
-                                  "(step 0 must compute; indices in 0..N-1, unique)")
+        keys = check_computes(computes, self.steps)
         todo = list(dict.fromkeys(k for k in keys if k not in self.memo))
         self.stats.memo_hits += len(keys) - len(todo)
         if todo:
@@ -138,8 +152,10 @@ class Evaluator:
         state = tile_state(start, r) if r > 1 else start
         cond, uncond = tile_cond(self.calib.cond, r), tile_cond(self.calib.uncond, r)
         last_nfe = [state.nfe]
+        at = [start.step]  # the step being taken (for error reports)
 
         def after_step(st: SamplerState) -> None:
+            at[0] = st.step
             n = int((st.nfe - last_nfe[0]).sum())
             last_nfe[0] = st.nfe
             self.stats.item_evaluations += n
@@ -153,13 +169,34 @@ class Evaluator:
         try:
             state = sampler.run(state, cond, uncond, callback=after_step)
         except ModelOutputError as exc:
-            bad = [list(compute_of(m)) for m in masks]
-            raise ModelOutputError(f"{exc} while evaluating compute set(s) {bad}") from None
+            raise self._non_finite(start, masks, at[0], exc) from None
         teacher = self.calib.teacher
         for i, m in enumerate(masks):
             x = state.x[i * c:(i + 1) * c]
             self.memo[compute_of(m)] = float(self.loss(x.float(), teacher.float()).mean())
             self.stats.evaluations += 1
+
+    def _non_finite(self, start: SamplerState, masks: list[Mask], step: int, exc: Exception) -> ModelOutputError:
+        """The error naming the mask(s) whose own run is non-finite at ``step`` (each re-run alone from
+        ``start`` to isolate it; all of the group's masks if none fails alone)."""
+        c = len(self.calib)
+        bad = masks
+        if len(masks) > 1:
+            bad = []
+            for m in masks:
+                s: Sampler = self.make_sampler(StaticMask(torch.tensor([m] * c, dtype=torch.bool)))
+                try:
+                    s.run(start, self.calib.cond, self.calib.uncond, until=step + 1)
+                except ModelOutputError:
+                    bad.append(m)
+            bad = bad or masks
+        computes = [list(compute_of(m)) for m in bad]
+        strips = ["".join("C" if b else "." for b in m) for m in bad]
+        more = f" (and {len(bad) - 1} more: {computes[1:]})" if len(bad) > 1 else ""
+        err = ModelOutputError(f"the model returned NaN or Inf at step {step} while evaluating compute set "
+                               f"{computes[0]} (mask {strips[0]}){more}; sampler: {exc}")
+        err.step, err.computes = step, [tuple(c_) for c_ in computes]
+        return err
 
 
 def _nbytes(state: SamplerState) -> int:

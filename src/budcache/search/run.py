@@ -20,7 +20,7 @@ from ..policy import CachePolicy
 from ..sampler import Sampler, _select
 from .anneal import SearchConfig, SearchResult, search
 from .calibration import CalibrationSet, get_loss, pairs_for, read_prompt_file, tinyflow_prompts
-from .evaluator import Evaluator, EvaluatorStats, make_calibration
+from .evaluator import EvaluatorStats, make_calibration
 
 
 @dataclass
@@ -244,12 +244,15 @@ def report(outcomes: list[BudgetOutcome], meta: dict[str, Any]) -> str:
 def run(out: str | Path, *, nfes: Sequence[int], steps: int = 28, solver: str = "euler", mechanism: str = "reuse",
         guidance: float = 1.0, calib_pairs: int = 32, prompt_file: str | None = None, seeds_per_prompt: int = 1,
         heldout_pairs: int = 64, seed: int = 0, loss: str = "mse", resume: bool = False, progress: bool = True,
-        naive: bool = False, model: str | None = None, problem: Any = None, **search_kw: Any) -> list[BudgetOutcome]:
+        naive: bool = False, model: str | None = None, problem: Any = None, backend: str = "inprocess",
+        workers: int = 1, ray_address: str | None = None, **search_kw: Any) -> list[BudgetOutcome]:
     """Search one policy per budget (warm-starting each from the last) and write all outputs to ``out``.
 
     ``problem`` is what the search runs on: tinyflow by default (weights from
     ``model``), or a :class:`budcache.search.pipeline.PipelineProblem`, whose
-    own steps, solver, mechanism and guidance then apply.
+    own steps, solver, mechanism and guidance then apply. ``backend="ray"``
+    scores masks on ``workers`` Ray actors (joining ``ray_address`` if given);
+    the policies are the in-process ones.
     """
     from .. import tinyflow
 
@@ -284,14 +287,16 @@ def run(out: str | Path, *, nfes: Sequence[int], steps: int = 28, solver: str = 
     calib.info["loss"] = loss
     hp, hs = problem.heldout_pairs(heldout_pairs, seed, prompts)
     held = problem.calibration(hp, hs)
-    evaluator = Evaluator(problem.make_sampler, calib, loss=loss_fn, prefix_sharing=not naive,
-                          batch_candidates=not naive)
+    from .distributed import make_evaluator
+
+    evaluator = make_evaluator(backend, problem, calib, loss=loss_fn, naive=naive, workers=workers,
+                               address=ray_address)
     outcomes: list[BudgetOutcome] = []
     prev: tuple[int, ...] | None = None
     for k, cfg in configs.items():
         before = EvaluatorStats(**asdict(evaluator.stats))
         res = search(evaluator.losses, cfg, init=prev, checkpoint=out / f"checkpoint_N{steps}_K{k}.json",
-                     resume=resume, digest=calib.digest, progress=progress)
+                     resume=resume, digest=calib.digest, progress=progress, sa_batch=evaluator.sa_batch)
         stats = EvaluatorStats(**{f: getattr(evaluator.stats, f) - getattr(before, f) for f in asdict(before)})
         policy = CachePolicy(steps, res.compute, meta={
             "model": problem.name, "solver": solver, "schedule": getattr(problem, "schedule", "flux"), "mechanism": mechanism, "guidance": guidance,
@@ -303,6 +308,7 @@ def run(out: str | Path, *, nfes: Sequence[int], steps: int = 28, solver: str = 
         o.heldout = heldout_table(problem, held, policy)
         outcomes.append(o)
         prev = res.compute
+    evaluator.close()
     meta = {"date": datetime.date.today().isoformat(), "model": problem.name, "steps": steps, "solver": solver,
             "mechanism": mechanism, "guidance": guidance, "calibration_pairs": len(calib),
             "digest": calib.digest, "heldout_pairs": len(held)}

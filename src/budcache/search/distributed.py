@@ -1,0 +1,325 @@
+"""Ray backend for the search's evaluator: one model replica per worker actor.
+
+The driver runs annealing and hill climbing (:func:`budcache.search.anneal.search`)
+and sends every request for losses out at once: the masks still unknown are
+sorted (so masks sharing a prefix land on the same worker) and cut into at most
+``workers`` contiguous chunks, one per actor. Each actor holds its own replica
+of the problem (one GPU each where the cluster has GPUs, else CPU threads) and a
+local :class:`~budcache.search.evaluator.Evaluator`, so prefix sharing and
+candidate batching work inside every worker.
+
+Same seed, same policy, whatever the backend and worker count:
+
+- a mask's loss does not depend on which worker or batch evaluated it: every
+  worker runs the same code with a fixed thread count, and on the CPU the
+  per-element model computation is batch-invariant (verified bit for bit by
+  ``tests/test_ray.py``; GPU kernels may pick other reduction orders for other
+  batch shapes, so on GPUs expect equal policies only up to such ties);
+- SA stays sequential: the driver scores ``sa_batch = workers`` proposals per
+  round trip, speculating that each is rejected, and replays them with the
+  real random generator (see :mod:`budcache.search.anneal`), so the accepted
+  moves are exactly those of the in-process search;
+- a worker that dies (killed, out of memory, node lost) is replaced by a fresh
+  actor and its chunk is sent again, up to ``max_retries`` times per request.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+
+from ..errors import BudcacheError, ConfigError, require
+from .calibration import CalibrationSet, LossFn, latent_mse
+from .evaluator import Evaluator, EvaluatorStats, check_computes, mask_of
+
+BACKENDS = ("inprocess", "ray")
+
+
+class WorkerError(BudcacheError, RuntimeError):
+    """A Ray worker could not be started or kept dying; the message names the worker and the cause."""
+
+
+# ------------------------------------------------------------------------------ replicas
+@dataclass(frozen=True)
+class TinyflowReplica:
+    """Recipe for a tinyflow problem on a worker (workers load the shipped weights themselves)."""
+
+    model: str | None = None
+    steps: int = 28
+    solver: str = "euler"
+    mechanism: str = "reuse"
+    guidance: float = 1.0
+
+    def __call__(self, device: str) -> Any:
+        from .. import tinyflow
+        from .run import TinyflowProblem
+
+        return TinyflowProblem(tinyflow.load(self.model, device), self.steps, self.solver, self.mechanism,
+                               self.guidance)
+
+
+@dataclass(frozen=True)
+class ShippedProblem:
+    """A problem object sent to the workers as it is (Ray pickles it once); placed on the worker's device."""
+
+    problem: Any
+
+    def __call__(self, device: str) -> Any:
+        return place(self.problem, device)
+
+
+def place(problem: Any, device: str) -> Any:
+    """Move a problem's model to ``device``: its ``to``, its pipeline's, or tinyflow's two modules."""
+    if hasattr(problem, "to"):
+        return problem.to(device) or problem
+    if hasattr(getattr(problem, "pipe", None), "to"):
+        problem.pipe.to(device)
+    elif hasattr(problem, "tf"):
+        problem.tf.transformer.to(device)
+        problem.tf.text_encoder.to(device)
+    return problem
+
+
+def to_device(obj: Any, device: str) -> Any:
+    """``obj`` with every tensor inside (dataclasses, dicts, lists, tuples) moved to ``device``."""
+    if torch.is_tensor(obj):
+        return obj.to(device)
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return dataclasses.replace(obj, **{f.name: to_device(getattr(obj, f.name), device)
+                                           for f in dataclasses.fields(obj) if f.init})
+    if isinstance(obj, dict):
+        return {k: to_device(v, device) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_device(v, device) for v in obj)
+    return obj
+
+
+# ------------------------------------------------------------------------------ worker
+class EvalWorker:
+    """Ray actor body: one replica of the problem and a local evaluator (prefix sharing, batching)."""
+
+    def __init__(self, factory: Callable[[str], Any], calib: CalibrationSet, loss: LossFn,
+                 options: dict[str, Any], threads: int) -> None:
+        torch.set_num_threads(threads)
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        problem = factory(self.device)
+        with torch.no_grad():
+            self.evaluator = Evaluator(problem.make_sampler, to_device(calib, self.device), loss=loss, **options)
+
+    def info(self) -> dict[str, Any]:
+        """Process id, device, thread count and step count of this worker."""
+        return {"pid": os.getpid(), "device": self.device, "threads": torch.get_num_threads(),
+                "steps": self.evaluator.steps}
+
+    def losses(self, computes: list[tuple[int, ...]]) -> tuple[list[float], dict[str, Any]]:
+        """Losses of ``computes`` and the work this call did (evaluator stats delta)."""
+        before = asdict(self.evaluator.stats)
+        with torch.no_grad():
+            vals = self.evaluator.losses(computes)
+        after = asdict(self.evaluator.stats)
+        return vals, {k: after[k] - before[k] for k in after}
+
+
+# ------------------------------------------------------------------------------ driver
+def connect(address: str | None = None, num_cpus: int | None = None) -> bool:
+    """Join the Ray cluster at ``address`` (or the one already joined), else start a local one.
+
+    Returns True when this call started Ray (the caller then shuts it down).
+    """
+    ray = require("ray", "ray")
+    if ray.is_initialized():
+        return False
+    import logging
+
+    if address:
+        try:
+            ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
+        except (ConnectionError, ValueError, RuntimeError) as exc:
+            raise ConfigError(f"cannot join the Ray cluster at --ray-address {address!r}: {exc}") from None
+        return True
+    ray.init(num_cpus=num_cpus or os.cpu_count() or 1, include_dashboard=False, logging_level=logging.WARNING,
+             log_to_driver=False)
+    return True
+
+
+class RayEvaluator:
+    """Drop-in for :class:`~budcache.search.evaluator.Evaluator` whose masks are scored by Ray actors.
+
+    ``factory(device) -> problem`` builds one replica per actor (a
+    :class:`TinyflowReplica`, or :class:`ShippedProblem` around any problem
+    object); the problem's ``make_sampler`` and ``calib`` define the loss as in
+    the in-process evaluator. ``threads`` per CPU worker (default: the
+    cluster's CPUs split evenly); ``gpus`` per worker (default: 1 when the
+    cluster has GPUs, else 0).
+    """
+
+    def __init__(self, factory: Callable[[str], Any], calib: CalibrationSet, *, loss: LossFn = latent_mse,
+                 workers: int = 1, address: str | None = None, prefix_sharing: bool = True,
+                 batch_candidates: bool = True, max_batch: int = 512, max_state_bytes: int = 2 * 2**30,
+                 threads: int | None = None, gpus: float | None = None, max_retries: int = 3) -> None:
+        if type(workers) is not int or workers < 1:
+            raise ConfigError(f"--workers must be an integer >= 1 (got {workers!r})")
+        if calib.teacher is None:
+            raise ConfigError("the calibration set has no teacher outputs; build it with make_calibration")
+        if threads is not None and threads < 1:
+            raise ConfigError(f"threads per worker must be >= 1 (got {threads})")
+        self._ray = require("ray", "ray")
+        self._started = connect(address, num_cpus=None if address else max(os.cpu_count() or 1, workers))
+        self.workers = workers
+        self.sa_batch = workers
+        self.max_retries = max_retries
+        self.calib = calib
+        self.memo: dict[tuple[int, ...], float] = {}
+        self.stats = EvaluatorStats()
+        self.restarts = 0
+        self.actors: list[Any] = []
+        try:
+            res = self._ray.cluster_resources()
+            self.gpus = float(gpus) if gpus is not None else (1.0 if res.get("GPU", 0) >= 1 else 0.0)
+            self.threads = threads or max(1, int(res.get("CPU", 1)) // workers)
+            opts = {"prefix_sharing": prefix_sharing, "batch_candidates": batch_candidates, "max_batch": max_batch,
+                    "max_state_bytes": max_state_bytes}
+            self._args = (self._ray.put(factory), self._ray.put(calib), loss, opts, self.threads)
+            self._actor_cls = self._ray.remote(EvalWorker)
+            self.actors = [self._new_actor() for _ in range(workers)]
+            infos = [self._call(i, lambda a: a.info.remote(), retry=False) for i in range(workers)]
+        except BaseException:
+            self.close()
+            raise
+        self.devices = [i["device"] for i in infos]
+        self.steps = infos[0]["steps"]
+
+    # -- Evaluator interface -------------------------------------------------------------
+    def loss_of(self, compute: Sequence[int]) -> float:
+        return self.losses([compute])[0]
+
+    def losses(self, computes: Sequence[Sequence[int]]) -> list[float]:
+        """Losses of several compute sets; unknown ones are scored by all workers at once."""
+        keys = check_computes(computes, self.steps)
+        todo = list(dict.fromkeys(k for k in keys if k not in self.memo))
+        self.stats.memo_hits += len(keys) - len(todo)
+        if todo:
+            t0 = time.perf_counter()
+            chunks, replies = self._scatter(todo)
+            for chunk, (vals, work) in zip(chunks, replies):
+                for k, v in zip(chunk, vals):
+                    self.memo[k] = v
+                for f in ("evaluations", "item_evaluations", "stack_calls", "steps_run"):
+                    setattr(self.stats, f, getattr(self.stats, f) + work[f])
+            self.stats.wall_s += time.perf_counter() - t0
+        return [self.memo[k] for k in keys]
+
+    def close(self) -> None:
+        """Stop the workers, and Ray itself when this evaluator started it."""
+        for a in self.actors:
+            try:
+                self._ray.kill(a)
+            except Exception:  # noqa: BLE001 - already gone
+                pass
+        self.actors = []
+        if self._started and self._ray.is_initialized():
+            self._ray.shutdown()
+        self._started = False
+
+    def __enter__(self) -> RayEvaluator:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    # -- internals -----------------------------------------------------------------------
+    def _new_actor(self) -> Any:
+        opts: dict[str, Any] = {"num_cpus": self.threads if not self.gpus else 1, "num_gpus": self.gpus}
+        return self._actor_cls.options(**opts).remote(*self._args)
+
+    def _replace(self, i: int) -> None:
+        """A fresh actor in slot ``i`` (the old one is dead or unreachable)."""
+        self.restarts += 1
+        try:
+            self._ray.kill(self.actors[i])
+        except Exception:  # noqa: BLE001 - already gone
+            pass
+        self.actors[i] = self._new_actor()
+
+    def _call(self, i: int, submit: Callable[[Any], Any], retry: bool = True) -> Any:
+        """``submit(actor_i)`` and wait, replacing the actor and retrying when it dies."""
+        return self._gather([(i, submit)], retry)[0]
+
+    def _scatter(self, todo: list[tuple[int, ...]]) -> tuple[list[list[tuple[int, ...]]], list[Any]]:
+        """Cut ``todo`` (sorted by mask, so shared prefixes stay together) into one chunk per worker."""
+        order = sorted(todo, key=lambda k: mask_of(self.steps, k), reverse=True)
+        n = min(self.workers, len(order))
+        bounds = [round(j * len(order) / n) for j in range(n + 1)]
+        chunks = [order[bounds[j]:bounds[j + 1]] for j in range(n)]
+        jobs = [(j, (lambda a, c=c: a.losses.remote(c))) for j, c in enumerate(chunks)]
+        return chunks, self._gather(jobs, retry=True)
+
+    def _gather(self, jobs: list[tuple[int, Callable[[Any], Any]]], retry: bool) -> list[Any]:
+        ray = self._ray
+        from ray.exceptions import RayActorError, RayTaskError
+
+        results: list[Any] = [None] * len(jobs)
+        tries = [0] * len(jobs)
+        pending = {jobs[j][1](self.actors[jobs[j][0]]): j for j in range(len(jobs))}
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=1)
+            j = pending.pop(ready[0])
+            slot = jobs[j][0]
+            try:
+                results[j] = ray.get(ready[0])
+            except RayTaskError as exc:  # an error raised by budcache inside the worker: the worker's own
+                cause = getattr(exc, "cause", None)
+                if isinstance(cause, BudcacheError):
+                    raise cause from None
+                raise WorkerError(f"Ray worker {slot} failed: {exc}") from None
+            except RayActorError as exc:  # the worker died (killed, crashed, node lost)
+                tries[j] += 1
+                if not retry or tries[j] > self.max_retries:
+                    raise WorkerError(f"Ray worker {slot} died and {tries[j] - 1} replacement(s) did not help: "
+                                      f"{exc}") from None
+                self._replace(slot)
+                pending[jobs[j][1](self.actors[slot])] = j
+        return results
+
+
+# ------------------------------------------------------------------------------ entry points
+def make_evaluator(backend: str, problem: Any, calib: CalibrationSet, *, loss: LossFn = latent_mse,
+                   naive: bool = False, workers: int = 1, address: str | None = None,
+                   factory: Callable[[str], Any] | None = None) -> Any:
+    """The evaluator of a backend: ``inprocess`` (default) or ``ray`` (``workers`` actors; ``factory(device)``
+    builds a replica on each, default: ``problem.replica_factory()`` if defined, else ``problem`` shipped as
+    it is)."""
+    if backend not in BACKENDS:
+        raise ConfigError(f"--backend {backend!r} is unknown; choose one of {list(BACKENDS)}")
+    if backend == "inprocess":
+        if workers != 1 or address:
+            raise ConfigError("--workers and --ray-address apply only with --backend ray")
+        return Evaluator(problem.make_sampler, calib, loss=loss, prefix_sharing=not naive,
+                         batch_candidates=not naive)
+    if factory is None:  # a problem may say how to rebuild itself on a worker (e.g. from a model path)
+        factory = problem.replica_factory() if hasattr(problem, "replica_factory") else ShippedProblem(problem)
+    return RayEvaluator(factory, calib, loss=loss, workers=workers, address=address, prefix_sharing=not naive,
+                        batch_candidates=not naive)
+
+
+def add_backend_args(p: argparse.ArgumentParser) -> None:
+    """``--backend``, ``--workers`` and ``--ray-address`` on a sub-parser."""
+    g = p.add_argument_group("evaluation backend")
+    g.add_argument("--backend", default="inprocess", choices=list(BACKENDS),
+                   help="where masks are scored: this process (default) or Ray worker actors")
+    g.add_argument("--workers", type=int, default=1,
+                   help="Ray worker actors, each with one model replica (one GPU each where there are GPUs)")
+    g.add_argument("--ray-address", default=None,
+                   help="join this Ray cluster (e.g. auto or HOST:6379); default: start a local one")
+
+
+def backend_kwargs(a: argparse.Namespace) -> dict[str, Any]:
+    """The backend options of parsed arguments, as keyword arguments of :func:`budcache.search.run.run`."""
+    return {"backend": a.backend, "workers": a.workers, "ray_address": a.ray_address}
