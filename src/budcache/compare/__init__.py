@@ -5,10 +5,10 @@
 """
 
 from .harness import DEFAULT_METHODS, DEFAULT_NFES, CompareConfig, CompareResult, make_problem, run
-from .methods import (BlockWork, BudcacheMethod, FirstBlockCacheMethod, ForecastMethod, MagCacheMethod,
+from .methods import (BlockWork, BudcacheMethod, FirstBlockCacheMethod, MagCacheMethod,
                       PlainMethod, TaylorSeerMethod, UniformMethod, available_methods, bisect_threshold,
-                      build_methods)
+                      build_methods, forecast_method)
 
 __all__ = ["CompareConfig", "CompareResult", "run", "make_problem", "DEFAULT_NFES", "DEFAULT_METHODS",
-           "BlockWork", "BudcacheMethod", "ForecastMethod", "UniformMethod", "PlainMethod", "FirstBlockCacheMethod",
+           "BlockWork", "BudcacheMethod", "forecast_method", "UniformMethod", "PlainMethod", "FirstBlockCacheMethod",
            "MagCacheMethod", "TaylorSeerMethod", "available_methods", "bisect_threshold", "build_methods"]

@@ -4,8 +4,8 @@ Every method implements :class:`budcache.baselines.base.Method` and samples
 through budcache's one sampler (same transformer, noise, sigmas, solver):
 
 - ``budcache``: the mask searched on the calibration set at the budget (or a
-  given policy file); ``budcache-forecast``: the same mask with the residual
-  forecast mechanism instead of reuse; ``uniform``: K evenly spaced computed
+  given policy file); ``budcache-forecast``: the mask searched and run with
+  the residual forecast mechanism instead of reuse; ``uniform``: K evenly spaced computed
   steps; ``plain``: the K-step sampler without caching.
 - Peers' own code, applied unchanged to the transformer (``diffusers.hooks``):
   ``fbcache`` (FirstBlockCache), ``magcache`` (MagCache, ratios from its own
@@ -154,6 +154,20 @@ def bisect_threshold(mean_nfe: Callable[[float], float], target: float, lo: floa
     return best, seen[best]
 
 
+def calibrate(nfe_of: Callable[[float], torch.Tensor], target: float, lo: float, hi: float) -> tuple[float, float]:
+    """Threshold whose calibration mean NFE is closest to ``target``; ``nfe_of(t)`` gives per-element NFE.
+
+    Uses the baselines' shared bisection (``budcache.baselines.calibrate``)
+    when it is installed, else :func:`bisect_threshold`.
+    """
+    try:
+        from ..baselines.calibrate import calibrate_threshold
+    except ImportError:
+        return bisect_threshold(lambda t: float(nfe_of(t).double().mean()), target, lo, hi)
+    fit = calibrate_threshold(nfe_of, target, lo=lo, hi=hi, tol=NFE_TOLERANCE)
+    return fit.threshold, fit.mean
+
+
 # ------------------------------------------------------------------------------ budcache's methods
 @dataclass
 class StaticMethod:
@@ -203,12 +217,15 @@ class PlainMethod:
 class BudcacheMethod(StaticMethod):
     """budcache's searched mask: SA + hill climbing on the calibration loss at budget K.
 
-    ``policies`` maps a budget to a given policy (no search at that budget).
-    Successive budgets warm-start from the previous one and share the
-    evaluator (memo and prefix states) of one calibration set.
+    The search runs with the method's ``mechanism`` (residual reuse by
+    default), so the mask is the best one for the way skipped steps are
+    approximated. ``policies`` maps a budget to a given policy (no search at
+    that budget). Successive budgets warm-start from the previous one and
+    share the evaluator (memo and prefix states) of one calibration set.
     """
 
     name: str = "budcache"
+    mechanism: str | None = "reuse"
     policies: dict[int, CachePolicy] = field(default_factory=dict)
     search_kw: dict[str, Any] = field(default_factory=dict)
     progress: bool = False
@@ -218,8 +235,6 @@ class BudcacheMethod(StaticMethod):
     search_wall_s: float = 0.0
 
     def fit(self, problem: Any, calib: Any, nfe: int) -> None:
-        if self.policy is not None and self.policy.nfe == nfe and self._calib is calib and nfe not in self.policies:
-            return  # already searched at this budget on this set (e.g. for budcache-forecast)
         if nfe in self.policies:
             pol = self.policies[nfe]
             if pol.steps != problem.steps:
@@ -230,31 +245,26 @@ class BudcacheMethod(StaticMethod):
         from ..search.anneal import SearchConfig, search
         from ..search.evaluator import Evaluator
 
+        mech = self.mechanism
+
+        def make_sampler(controller: Any, *args: Any, **kw: Any) -> Any:
+            kw.setdefault("mechanism", mech)
+            return problem.make_sampler(controller, *args, **kw)
+
         if self._calib is not calib:
-            self._evaluator, self._calib, self._last = Evaluator(problem.make_sampler, calib), calib, None
+            self._evaluator, self._calib, self._last = Evaluator(make_sampler, calib), calib, None
         cfg = SearchConfig(steps=problem.steps, nfe=nfe, **self.search_kw)
         res = search(self._evaluator.losses, cfg, init=self._last, progress=self.progress)
         self._last = res.compute
         self.search_wall_s = res.wall_s
         self.policy = CachePolicy(problem.steps, res.compute, meta={
-            "solver": problem.solver, "guidance": problem.guidance, "mechanism": "reuse", "budget": nfe,
+            "solver": problem.solver, "guidance": problem.guidance, "mechanism": mech, "budget": nfe,
             "search_loss": res.loss, "calibration_digest": calib.digest, "calibration_pairs": len(calib)})
 
 
-@dataclass
-class ForecastMethod(StaticMethod):
-    """budcache's mask with the residual forecast mechanism (linear extrapolation) instead of reuse."""
-
-    name: str = "budcache-forecast"
-    mechanism: str | None = "forecast1"
-    source: BudcacheMethod | None = None
-
-    def fit(self, problem: Any, calib: Any, nfe: int) -> None:
-        if self.source is None:
-            raise ConfigError("budcache-forecast needs the budcache method whose mask it uses (source=...)")
-        if self.source.policy is None or self.source.policy.nfe != nfe:
-            self.source.fit(problem, calib, nfe)
-        self.policy = self.source.policy
+def forecast_method(**kw: Any) -> BudcacheMethod:
+    """budcache's mask searched and run with the residual forecast mechanism (linear extrapolation)."""
+    return BudcacheMethod(name="budcache-forecast", mechanism="forecast1", **kw)
 
 
 # ------------------------------------------------------------------------------ peers' hooks
@@ -286,7 +296,8 @@ class HookMethod:
             remove()
         nfe = work.work / _passes(problem)
         b = noise.shape[0]
-        return MethodRun(res.latent, torch.full((b,), nfe), {"full_runs": work.full_runs / _passes(problem)})
+        return MethodRun(res.latent, torch.full((b,), nfe, dtype=torch.float64),
+                         {"full_runs": work.full_runs / _passes(problem)})
 
     def sample(self, problem: Any, noise: torch.Tensor, cond: Any, uncond: Any = None) -> MethodRun:
         if not self.per_element or noise.shape[0] == 1:
@@ -318,11 +329,11 @@ class FirstBlockCacheMethod(HookMethod):
         return transformer.disable_cache
 
     def fit(self, problem: Any, calib: Any, nfe: int) -> None:
-        def at(t: float) -> float:
+        def at(t: float) -> torch.Tensor:
             self.threshold = t
-            return self.mean_nfe(problem, calib)
+            return self.sample(problem, calib.noise, calib.cond, calib.uncond).nfe
 
-        self.threshold, self.calib_nfe = bisect_threshold(at, nfe, 0.0, 0.5)
+        self.threshold, self.calib_nfe = calibrate(at, nfe, 0.0, 0.5)
 
 
 def magcache_schedule(steps: int, nfe: int) -> tuple[float, int]:
@@ -397,11 +408,11 @@ class MagCacheMethod(HookMethod):
         first = _select(calib.cond, torch.tensor([0]))
         one = (calib.noise[:1], first, _select(calib.uncond, torch.tensor([0])))
 
-        def at(t: float) -> float:  # input-independent schedule: one element measures it
+        def at(t: float) -> torch.Tensor:  # input-independent schedule: one element measures it
             self.threshold = t
-            return float(self.generate(problem, *one).nfe.mean())
+            return self.generate(problem, *one).nfe
 
-        self.threshold, _ = bisect_threshold(at, nfe, 0.0, 0.5)
+        self.threshold, _ = calibrate(at, nfe, 0.0, 0.5)
         self.calib_nfe = self.mean_nfe(problem, calib)
 
 
@@ -466,7 +477,7 @@ def _cachedit_methods() -> dict[str, Callable[[], Any]]:
 #: Compare's own methods by name (factories); budcache.baselines.METHODS joins them in :func:`build_methods`.
 OWN_METHODS: dict[str, Callable[[], Any]] = {
     "budcache": BudcacheMethod,
-    "budcache-forecast": ForecastMethod,
+    "budcache-forecast": forecast_method,
     "uniform": UniformMethod,
     "plain": PlainMethod,
     "fbcache": FirstBlockCacheMethod,
@@ -490,7 +501,7 @@ def available_methods() -> dict[str, Callable[[], Any]]:
 
 def build_methods(names: Sequence[str], *, policies: dict[int, CachePolicy] | None = None,
                   search_kw: dict[str, Any] | None = None, progress: bool = False) -> list[Any]:
-    """Instantiate methods by name; ``budcache-forecast`` shares the ``budcache`` method's searched masks."""
+    """Instantiate methods by name; given ``policies`` serve ``budcache`` (reuse) instead of searching."""
     avail = available_methods()
     unknown = [n for n in names if n not in avail]
     if unknown:
@@ -498,18 +509,12 @@ def build_methods(names: Sequence[str], *, policies: dict[int, CachePolicy] | No
     if len(set(names)) != len(names):
         raise ConfigError(f"methods listed twice: {sorted(n for n in set(names) if list(names).count(n) > 1)}")
     out: list[Any] = []
-    searched: BudcacheMethod | None = None
     for n in names:
         if n == "budcache":
-            searched = BudcacheMethod(policies=dict(policies or {}), search_kw=dict(search_kw or {}),
-                                      progress=progress)
-            out.append(searched)
+            out.append(BudcacheMethod(policies=dict(policies or {}), search_kw=dict(search_kw or {}),
+                                      progress=progress))
         elif n == "budcache-forecast":
-            out.append(ForecastMethod())
+            out.append(forecast_method(search_kw=dict(search_kw or {}), progress=progress))
         else:
             out.append(avail[n]())
-    for m in out:
-        if isinstance(m, ForecastMethod):
-            m.source = searched or BudcacheMethod(policies=dict(policies or {}), search_kw=dict(search_kw or {}),
-                                                  progress=progress)
     return out

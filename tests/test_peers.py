@@ -1,0 +1,165 @@
+"""Peers' own caches (diffusers hooks) inside budcache's sampler: same output as in FluxPipeline, exact NFE."""
+
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from budcache import tinyflow
+from budcache.compare.methods import (BlockWork, FirstBlockCacheMethod, MagCacheMethod, TaylorSeerMethod,
+                                      magcache_schedule, taylorseer_count)
+from budcache.search.run import TinyflowProblem
+from helpers import StackRuns
+
+torch.set_num_threads(1)
+
+PROMPTS = ["a red circle", "two squares"]
+SEEDS = [3, 4]
+N = 10
+
+
+@pytest.fixture(scope="module")
+def env():
+    tf = tinyflow.load()
+    return SimpleNamespace(tf=tf, pipe=tf.pipeline())
+
+
+def problem(env, guidance: float = 1.0, steps: int = N) -> TinyflowProblem:
+    return TinyflowProblem(env.tf, steps, "euler", "reuse", guidance)
+
+
+def inputs(env, guidance: float):
+    cond = env.tf.encode(PROMPTS)
+    uncond = env.tf.encode([""] * len(PROMPTS)) if guidance != 1.0 else None
+    return env.tf.noise(SEEDS), cond, uncond
+
+
+def magcache(env) -> MagCacheMethod:
+    m = MagCacheMethod(threshold=0.3, max_skip_steps=3, retention_ratio=0.2)
+    p = problem(env)
+    noise, cond, _ = inputs(env, 1.0)
+    m.ratios = m.calibrate(p, SimpleNamespace(noise=noise, cond=cond, uncond=None))
+    m._steps = N
+    return m
+
+
+def hooked_methods(env):
+    return {"fbcache": FirstBlockCacheMethod(threshold=0.3),
+            "magcache": magcache(env),
+            "taylorseer": TaylorSeerMethod(before=2, interval=3)}
+
+
+def pipeline_output(env, method, guidance: float) -> tuple[torch.Tensor, list[int]]:
+    """The peer's hook applied to tinyflow's FluxPipeline, as a user of diffusers would; and the block runs."""
+    remove = method.install(env.pipe.transformer)
+    try:
+        with BlockWork(env.pipe.transformer) as work:
+            out = env.pipe(**env.tf.pipeline_inputs(PROMPTS, guidance, SEEDS), num_inference_steps=N,
+                           output_type="latent").images
+    finally:
+        remove()
+    return out, work.runs
+
+
+@pytest.mark.parametrize("guidance", [1.0, 3.0])
+@pytest.mark.parametrize("name", ["fbcache", "magcache", "taylorseer"])
+@torch.no_grad()
+def test_hook_in_budcache_sampler_equals_hook_in_flux_pipeline(env, name, guidance):
+    method = hooked_methods(env)[name]
+    with BlockWork(env.tf.transformer) as work:
+        ours = method.generate(problem(env, guidance), *inputs(env, guidance))
+    theirs, their_runs = pipeline_output(env, method, guidance)
+    # the same decisions on every block, and the same latents up to the float32 rounding by which budcache's
+    # Euler step and the pipeline's scheduler step differ even without any cache (about 1e-5 here)
+    assert work.runs == their_runs
+    assert torch.allclose(ours.latent, theirs, atol=1e-4, rtol=0), (ours.latent - theirs).abs().max()
+    # and it did cache: fewer full stack runs than steps, and a different output from the uncached sampler
+    assert ours.extra["full_runs"] < N
+    full = problem(env, guidance).make_sampler(None)
+    ref = full.run(full.start(inputs(env, guidance)[0]), *inputs(env, guidance)[1:]).x
+    assert not torch.allclose(ours.latent, ref, atol=1e-4)
+
+
+@torch.no_grad()
+def test_every_generation_starts_fresh(env):
+    """A second generation equals the first: no hook state leaks across generations."""
+    m = FirstBlockCacheMethod(threshold=0.3)
+    a = m.generate(problem(env), *inputs(env, 1.0))
+    b = m.generate(problem(env), *inputs(env, 1.0))
+    assert torch.equal(a.latent, b.latent) and torch.equal(a.nfe, b.nfe)
+    assert not getattr(env.tf.transformer, "_cache_config", None), "hooks must be removed after a generation"
+
+
+@pytest.mark.parametrize("guidance", [1.0, 3.0])
+@torch.no_grad()
+def test_nfe_of_stack_skipping_hooks_equals_counted_stack_runs(env, guidance):
+    """MagCache and TaylorSeer skip the whole stack: NFE = first-block runs per pass, an integer."""
+    passes = 2 if guidance != 1.0 else 1
+    for m in (magcache(env), TaylorSeerMethod(before=2, interval=3)):
+        with StackRuns(env.tf.transformer) as runs:
+            res = m.generate(problem(env, guidance), *inputs(env, guidance))
+        assert res.nfe.tolist() == [runs.count / passes] * len(PROMPTS)
+        assert float(res.nfe[0]).is_integer() and 1 <= res.nfe[0] < N
+    ts = TaylorSeerMethod(before=2, interval=3)
+    assert float(ts.generate(problem(env), *inputs(env, 1.0)).nfe[0]) == taylorseer_count(N, 2, 3)
+
+
+@torch.no_grad()
+def test_fbcache_nfe_counts_its_probe_block(env):
+    """FirstBlockCache runs block 0 on every step: NFE = full + (N - full) * w0 / W (parameter weights)."""
+    tr = env.tf.transformer
+    last = tr.single_transformer_blocks[-1]
+    full_runs: list[int] = []
+    h = last.proj_out.register_forward_hook(lambda *a: full_runs.append(1))
+    try:
+        with StackRuns(tr) as probe:
+            res = FirstBlockCacheMethod(threshold=0.3).generate(problem(env), *inputs(env, 1.0))
+    finally:
+        h.remove()
+    full = len(full_runs)
+    assert probe.count == N and full < N
+    blocks = [*tr.transformer_blocks, *tr.single_transformer_blocks]
+    w = [sum(p.numel() for p in b.parameters()) for b in blocks]
+    expected = full + (N - full) * w[0] / sum(w)
+    assert math.isclose(float(res.nfe[0]), expected, rel_tol=1e-12)
+
+
+@torch.no_grad()
+def test_block_work_of_the_uncached_sampler_is_n(env):
+    p = problem(env)
+    with BlockWork(env.tf.transformer) as work:
+        s = p.make_sampler(None)
+        s.run(s.start(inputs(env, 1.0)[0]), inputs(env, 1.0)[1])
+    assert work.runs == [N] * len(work.runs) and work.work == pytest.approx(N) and work.full_runs == N
+
+
+@pytest.mark.parametrize("cls,target", [(FirstBlockCacheMethod, 5), (MagCacheMethod, 5)])
+@torch.no_grad()
+def test_threshold_calibration_hits_the_target_mean_nfe(env, cls, target):
+    p = problem(env, steps=12)
+    calib = p.calibration(["a red circle", "two squares", "a small blue triangle", "three circles"], [1, 2, 3, 4])
+    m = cls()
+    m.fit(p, calib, target)
+    assert abs(m.calib_nfe - target) <= 0.5
+    assert abs(float(m.sample(p, calib.noise, calib.cond).nfe.mean()) - target) <= 0.5
+
+
+def test_magcache_schedule_lets_the_threshold_reach_small_budgets():
+    for steps, k in [(28, 6), (28, 8), (28, 14), (10, 3)]:
+        ratio, m = magcache_schedule(steps, k)
+        retained = int(ratio * steps + 0.5)
+        assert 1 <= retained < k and m >= 5
+        assert retained + math.ceil((steps - retained) / (m + 1)) <= max(k - 1, retained + 1)
+
+
+@torch.no_grad()
+def test_taylorseer_fit_computes_exactly_k(env):
+    p = problem(env, steps=12)
+    calib = p.calibration(["a red circle", "two squares"], [1, 2])
+    m = TaylorSeerMethod()
+    m.fit(p, calib, 5)
+    assert taylorseer_count(12, m.before, m.interval) == 5 and len(m.candidates) >= 2
+    assert m.sample(p, calib.noise, calib.cond).nfe.tolist() == [5.0, 5.0]
