@@ -1,0 +1,202 @@
+"""budcache compare: methods at exact budgets, threshold bisection, harness outputs, CLI and its errors."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from budcache import tinyflow
+from budcache.baselines.base import Method
+from budcache.cli import main
+from budcache.compare.harness import CompareConfig, markdown, pair_sets, quality, run
+from budcache.compare.methods import (OWN_METHODS, BudcacheMethod, PlainMethod, UniformMethod, bisect_threshold,
+                                      build_methods)
+from budcache.errors import ConfigError
+from budcache.policy import CachePolicy
+from budcache.search.run import TinyflowProblem
+
+torch.set_num_threads(1)
+
+N = 8
+
+
+@pytest.fixture(scope="module")
+def tf():
+    return tinyflow.load()
+
+
+@pytest.fixture(scope="module")
+def setup(tf):
+    p = TinyflowProblem(tf, N)
+    calib = p.calibration(["a red circle", "two squares", "a small blue triangle"], [1, 2, 3])
+    return p, calib
+
+
+def test_every_method_implements_the_protocol():
+    for name, factory in OWN_METHODS.items():
+        m = factory()
+        assert isinstance(m, Method), name
+        assert m.kind in ("static", "threshold")
+
+
+@pytest.mark.parametrize("k", [2, 3, 5])
+@torch.no_grad()
+def test_static_methods_spend_exactly_k(setup, k):
+    p, calib = setup
+    searched = BudcacheMethod(search_kw={"sa_iters": 5, "hc_rounds": 2})
+    for m in (searched, UniformMethod(), PlainMethod()):
+        m.fit(p, calib, k)
+        run_ = m.sample(p, calib.noise, calib.cond)
+        assert run_.nfe.tolist() == [k] * len(calib), m.name
+        assert run_.latent.shape == calib.noise.shape
+    assert searched.policy.nfe == k and searched.policy.compute[0] == 0
+
+
+@torch.no_grad()
+def test_searched_mask_is_no_worse_than_uniform_on_calibration(setup):
+    p, calib = setup
+    searched, uni = BudcacheMethod(search_kw={"sa_iters": 30, "hc_rounds": 5}), UniformMethod()
+    losses = []
+    for m in (searched, uni):
+        m.fit(p, calib, 3)
+        losses.append(float((m.sample(p, calib.noise, calib.cond).latent - calib.teacher).pow(2).mean()))
+    assert losses[0] <= losses[1] + 1e-12
+
+
+@torch.no_grad()
+def test_given_policy_is_used_instead_of_searching(setup):
+    p, calib = setup
+    pol = CachePolicy(N, (0, 1, 6))
+    m = BudcacheMethod(policies={3: pol})
+    m.fit(p, calib, 3)
+    assert m.policy is pol
+    with pytest.raises(ConfigError, match="steps"):
+        BudcacheMethod(policies={3: CachePolicy(12, (0, 1, 6))}).fit(p, calib, 3)
+
+
+def test_bisect_threshold_reaches_a_monotone_target():
+    def nfe(t: float) -> float:  # 28 steps at t = 0, falling like a staircase
+        return float(max(1, 28 - int(40 * t)))
+
+    for target in (6, 10, 14):
+        t, got = bisect_threshold(nfe, target, 0.0, 0.05)
+        assert abs(got - target) <= 0.5 and nfe(t) == got
+    t, got = bisect_threshold(lambda t: 28.0 - (t > 1.0) * 20, 14, 0.0, 0.5)  # jumps over the target: closest
+    assert got in (8.0, 28.0)
+    with pytest.raises(ConfigError, match="lo < hi"):
+        bisect_threshold(nfe, 6, 1.0, 1.0)
+
+
+def test_unknown_or_repeated_methods_are_errors():
+    with pytest.raises(ConfigError, match="unknown method"):
+        build_methods(["budcache", "teacash"])
+    with pytest.raises(ConfigError, match="twice"):
+        build_methods(["plain", "plain"])
+
+
+def test_evaluation_pairs_are_disjoint_from_calibration():
+    (cp, cs), (ep, es) = pair_sets(CompareConfig(calib_pairs=16, eval_pairs=32))
+    assert len(cp) == 16 and len(ep) == 32
+    assert not set(zip(cp, cs)) & set(zip(ep, es)) and not set(cs) & set(es)
+
+
+@torch.no_grad()
+def test_quality_metrics_against_the_reference(tf):
+    p = TinyflowProblem(tf, N)
+    calib = p.calibration(["a red circle", "two squares"], [1, 2])
+    same = quality(p, calib.teacher, calib.teacher, calib.prompts)
+    assert np.all(same["latent_mse"] == 0) and np.allclose(same["ssim"], 1.0) and np.all(np.isinf(same["psnr"]))
+    noisy = quality(p, calib.teacher + 0.3 * torch.randn_like(calib.teacher), calib.teacher, calib.prompts)
+    assert np.all(noisy["latent_mse"] > 0.05) and np.all(noisy["psnr"] < 40) and np.all(noisy["ssim"] < 1)
+    assert set(np.unique(noisy["checker_ok"])) <= {0.0, 1.0}
+
+
+@pytest.mark.parametrize("cfg, message", [
+    (CompareConfig(nfes=()), "at least one budget"),
+    (CompareConfig(nfes=(6, 28)), "budget 28"),
+    (CompareConfig(grid_nfe=7), "--grid-nfe 7"),
+    (CompareConfig(calib_pairs=0), "pairs must be >= 1"),
+    (CompareConfig(transfer_solvers=("heun",)), "solver 'heun'"),
+    (CompareConfig(transfer_guidance=(-1.0,)), "guidance"),
+    (CompareConfig(policies={6: CachePolicy.uniform(28, 8)}), "policy given for NFE 6"),
+])
+def test_bad_configurations_are_clear_errors(cfg, message):
+    with pytest.raises(ConfigError, match=message):
+        cfg.validate()
+
+
+TINY = ["compare", "--nfe", "3,4", "--steps", str(N), "--calib-pairs", "2", "--eval-pairs", "3",
+        "--methods", "budcache,budcache-forecast,uniform,plain,fbcache,magcache,taylorseer", "--sa-iters", "3",
+        "--hc-rounds", "1", "--transfer-solvers", "dpmpp2m", "--transfer-guidance", "2", "--grid-rows", "2",
+        "--quiet"]
+
+
+@pytest.mark.slow
+def test_cli_end_to_end_writes_every_output(tmp_path, capsys):
+    out = tmp_path / "cmp"
+    assert main([*TINY, "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "## K = 3 of 8" in printed and "Transfer without re-searching" in printed
+    for name in ("table.md", "results.csv", "results.json", "quality_vs_nfe.png", "grid_K4.png",
+                 "policy_N8_K3.json", "policy_N8_K4.json"):
+        assert (out / name).is_file(), name
+    res = json.loads((out / "results.json").read_text())
+    assert res["format"] == "budcache.compare" and res["meta"]["evaluation_pairs"] == 3
+    main_rows = [r for r in res["rows"] if r["setting"] == "main"]
+    assert len(main_rows) == 2 * 7
+    for r in main_rows:
+        assert r["nfe_min"] <= r["nfe_mean"] <= r["nfe_max"] and r["wall_ms"] > 0
+        if r["kind"] == "static":
+            assert r["nfe_min"] == r["nfe_max"] == r["budget"], r["method"]
+    assert {r["setting"] for r in res["transfer"]} == {"dpmpp2m, guidance 1", "euler, guidance 2"}
+    rows = list(csv.DictReader((out / "results.csv").read_text().splitlines()))
+    assert len(rows) == len(res["rows"]) + len(res["transfer"]) and "psnr" in rows[0]
+    grid = Image.open(out / "grid_K4.png")
+    assert grid.size[0] > 8 * 32 * 3  # full + 7 method columns of 3x-scaled 32 px images
+    assert CachePolicy.load(out / "policy_N8_K3.json").nfe == 3
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--methods", "budcache,nope"], "unknown method"),
+    (["--nfe", "3,8"], "budget 8"),
+    (["--grid-nfe", "5"], "--grid-nfe 5"),
+    (["--eval-pairs", "0"], "pairs must be >= 1"),
+])
+def test_cli_bad_inputs_exit_2_with_a_message(tmp_path, capsys, args, message):
+    assert main([*TINY, "--out", str(tmp_path / "x"), *args]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_cli_policy_files_must_match_the_budgets(tmp_path, capsys):
+    f = CachePolicy(N, (0, 2, 5)).save(tmp_path / "p.json")
+    assert main([*TINY, "--out", str(tmp_path / "x"), "--policy", str(f), "--nfe", "4"]) == 2
+    assert "--policy files for NFE [3]" in capsys.readouterr().err
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    assert main([*TINY, "--out", str(tmp_path / "x"), "--policy", str(bad)]) == 2
+    assert "bad.json': not valid JSON" in capsys.readouterr().err
+
+
+def test_cli_lists_methods(capsys):
+    assert main(["compare", "--list-methods"]) == 0
+    names = capsys.readouterr().out.split()
+    assert {"budcache", "uniform", "plain", "fbcache", "magcache", "taylorseer"} <= set(names)
+
+
+@torch.no_grad()
+def test_markdown_names_budgets_where_budcache_is_not_best(tmp_path):
+    cfg = CompareConfig(nfes=(3,), steps=N, methods=("budcache", "plain"), calib_pairs=2, eval_pairs=2,
+                        search_kw={"sa_iters": 2, "hc_rounds": 1}, transfer=False, grid_rows=1)
+    res = run(tmp_path, cfg, progress=False)
+    text = markdown(res)
+    rows = {r["method"]: r for r in res.rows}
+    if rows["plain"]["psnr"] > rows["budcache"]["psnr"]:
+        assert "K=3: best psnr is plain, not budcache" in text
+    else:
+        assert "K=3: best psnr is plain" not in text
+    assert "| budcache | static | 3.00 [3.00, 3.00]" in text
