@@ -372,7 +372,8 @@ def markdown(res: CompareResult) -> str:
         lines += ["", "## Transfer without re-searching", "",
                   f"The policies searched with {m['solver']} at guidance {m['guidance']:g}, evaluated unchanged; "
                   "the reference is the full-step output under each setting.", "",
-                  "| setting | K | budcache MSE | PSNR | uniform MSE | PSNR | plain MSE | PSNR |", "|---|---|---|---|---|---|---|---|"]
+                  "| setting | K | budcache MSE | PSNR | uniform MSE | PSNR | plain MSE | PSNR |",
+                  "|---|---|---|---|---|---|---|---|"]
         for (setting, k) in sorted({(r["setting"], r["budget"]) for r in res.transfer}):
             by = {r["method"]: r for r in res.transfer if (r["setting"], r["budget"]) == (setting, k)}
             cells = " | ".join(f"{by[n]['latent_mse']:.3e} | {by[n]['psnr']:.2f}" for n in ("budcache", "uniform",

@@ -467,9 +467,11 @@ class TaylorSeerMethod(HookMethod):
 
 # ------------------------------------------------------------------------------ registry
 def _cachedit_methods() -> dict[str, Callable[[], Any]]:
+    import importlib
+
     try:
-        from . import cachedit
-    except (MissingExtraError, ImportError):
+        cachedit = importlib.import_module(f"{__package__}.cachedit")
+    except MissingExtraError:  # cache-dit is not installed
         return {}
     return cachedit.METHODS
 

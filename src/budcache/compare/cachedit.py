@@ -1,0 +1,154 @@
+"""cache-dit's own caches, applied unchanged to the transformer inside budcache's sampler (optional extra).
+
+- ``dbcache``: DBCache (``Fn=1, Bn=0``: the first block always runs as the
+  probe, the rest is cached while the relative L1 change of the first
+  block's residual stays under the threshold); the threshold is bisected to
+  the budget's mean NFE on calibration inputs. Warm-up steps ``max(1, K//4)``
+  (budcache's forced prefix), CFG branches cached separately.
+- ``cachedit-steps``: DBCache driven by cache-dit's static steps mask
+  (``cache_dit.steps_mask(compute_bins, cache_bins)``): a computed warm-up
+  bin, then single computed steps separated by cache bins that grow towards
+  the end, like cache-dit's predefined masks; the warm-up length is chosen on
+  the calibration loss.
+
+Both run DBCache's probe block (the first block, a fraction ``f`` of the
+stack's parameters) on cached steps, which the NFE counts. The static mask
+therefore computes ``K' = floor((K - N f) / (1 - f))`` steps so that
+``K' + (N - K') f <= K`` (at least 1: where even that exceeds K, the table
+shows the larger realised NFE).
+cache-dit is installed with ``pip install cache-dit`` (it keeps torch as is);
+without it these methods raise :class:`budcache.errors.MissingExtraError`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..errors import MissingExtraError
+from .methods import BlockWork, HookMethod, _calib_loss, calibrate
+
+os.environ.setdefault("CACHE_DIT_LOG_LEVEL", "error")  # cache-dit logs every hook installation at info level
+
+
+def _cache_dit() -> Any:
+    try:
+        import cache_dit
+    except ImportError:
+        raise MissingExtraError("the cache-dit methods need cache-dit: pip install cache-dit") from None
+    return cache_dit
+
+
+_cache_dit()  # fail at import: compare lists these methods only when cache-dit is installed
+
+
+def steps_bins(steps: int, nfe: int, warmup: int) -> tuple[list[int], list[int]]:
+    """cache-dit ``(compute_bins, cache_bins)`` with exactly ``nfe`` computed steps of ``steps``.
+
+    ``warmup`` computed steps first, then ``nfe - warmup`` single computed
+    steps (the last one the final step); the ``steps - nfe`` cached steps are
+    split as evenly as possible between them, larger gaps later.
+    """
+    singles = nfe - warmup
+    cached = steps - nfe
+    if singles < 1:  # all computed steps in the warm-up bin
+        return [nfe], [cached] if cached else []
+    gaps = [cached // singles + (1 if i >= singles - cached % singles else 0) for i in range(singles)]
+    compute, cache = [warmup], []
+    for g in gaps:
+        if g:
+            cache.append(g)
+            compute.append(1)
+        else:
+            compute[-1] += 1
+    return compute, cache
+
+
+def probe_fraction(transformer: torch.nn.Module) -> float:
+    """Parameter share of the first block in call order (DBCache's ``Fn=1`` probe) in the whole stack."""
+    with BlockWork(transformer) as work:
+        total = sum(work.weights)
+    lists = [getattr(transformer, n) for n in ("transformer_blocks", "blocks") if hasattr(transformer, n)]
+    first = lists[0][0] if lists else work.blocks[0]  # cache-dit may reorder the children of a patched model
+    return sum(p.numel() for p in first.parameters()) / total
+
+
+@dataclass
+class DBCacheMethod(HookMethod):
+    """cache-dit's DBCache (dynamic, threshold bisected to the budget)."""
+
+    name: str = "dbcache"
+    per_element: bool = True
+    threshold: float | None = None
+    warmup: int = 1
+    mask: list[int] | None = None
+    calib_nfe: float | None = None
+    _steps: int = 0
+    _separate_cfg: bool = False
+
+    def config(self) -> Any:
+        cd = _cache_dit()
+        kw: dict[str, Any] = dict(Fn_compute_blocks=1, Bn_compute_blocks=0, max_warmup_steps=self.warmup,
+                                  num_inference_steps=self._steps, enable_separate_cfg=self._separate_cfg)
+        if self.mask is not None:
+            kw.update(steps_computation_mask=list(self.mask), steps_computation_policy="static")
+        else:
+            kw.update(residual_diff_threshold=self.threshold)
+        return cd.DBCacheConfig(**kw)
+
+    def install(self, transformer: torch.nn.Module) -> Callable[[], None]:
+        cd = _cache_dit()
+        cd.enable_cache(transformer, cache_config=self.config())
+        return lambda: cd.disable_cache(transformer)
+
+    def _setup(self, problem: Any, nfe: int) -> None:
+        self._steps = problem.steps
+        self._separate_cfg = float(problem.guidance) != 1.0
+        self.warmup = max(1, nfe // 4)
+
+    def fit(self, problem: Any, calib: Any, nfe: int) -> None:
+        self._setup(problem, nfe)
+
+        def at(t: float) -> torch.Tensor:
+            self.threshold = t
+            return self.sample(problem, calib.noise, calib.cond, calib.uncond).nfe
+
+        self.threshold, self.calib_nfe = calibrate(at, nfe, 0.0, 0.5)
+
+
+@dataclass
+class CacheDitStepsMethod(DBCacheMethod):
+    """cache-dit's static steps mask with exactly K computed steps (warm-up length fitted on calibration)."""
+
+    name: str = "cachedit-steps"
+    kind: str = "static"
+    per_element: bool = False
+    candidates: list[dict[str, Any]] = field(default_factory=list)
+
+    computed: int | None = None
+
+    def fit(self, problem: Any, calib: Any, nfe: int) -> None:
+        cd = _cache_dit()
+        self._setup(problem, nfe)
+        f = probe_fraction(problem.transformer)
+        n = problem.steps
+        k = max(1, min(nfe, int((nfe - n * f) / (1 - f) + 1e-9)))
+        self.computed = k
+        self.candidates = []
+        for warmup in sorted({max(1, k // 4), max(1, k // 2), max(1, (3 * k) // 4)}):
+            compute, cache = steps_bins(n, k, warmup)
+            self.mask = [int(v) for v in cd.steps_mask(compute_bins=compute, cache_bins=cache,
+                                                       total_steps=problem.steps)]
+            self.warmup = warmup
+            run = self.sample(problem, calib.noise, calib.cond, calib.uncond)
+            self.candidates.append({"warmup": warmup, "mask": self.mask, "computed": sum(self.mask),
+                                    "loss": _calib_loss(run.latent, calib)})
+        best = min(self.candidates, key=lambda c: c["loss"])
+        self.warmup, self.mask = best["warmup"], best["mask"]
+
+
+METHODS: dict[str, Callable[[], Any]] = {"dbcache": DBCacheMethod, "cachedit-steps": CacheDitStepsMethod}
