@@ -278,6 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
     se.set_defaults(func=cmd_search)
 
     from .compare.cli import register as register_compare; register_compare(sub)
+    from .align.cli import register as register_align; register_align(sub)
 
     sh = sub.add_parser("show", help="print a policy: mask strip, NFE, speed-up bound, sigmas")
     sh.add_argument("policy")

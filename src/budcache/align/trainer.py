@@ -5,14 +5,21 @@ With the mask ``m`` fixed, the schedule parameters ``theta`` minimise
     L(theta) = mean_{(c, z)} || x_0^{m, sigma(theta)}(z, c) - x_0^{full}(z, c) ||^2
 
 over a calibration set (the teacher is the problem's full-step sampler on its
-base schedule). AdamW with a cosine learning rate after a linear warm-up,
+base schedule; every item has its own noise, drawn afresh in every epoch
+after the first). AdamW with a cosine learning rate after a linear warm-up,
 gradient accumulation, gradient clipping, and data parallelism over items
 (:mod:`budcache.align.distributed`). Computed steps are gradient-checkpointed
-(their block stack is re-run in the backward pass); cached residuals are
-detached (the residual-cache hooks store them without a graph), so the
-gradient reaches the sigmas through every step's timestep embedding and
-solver update. A safetensors checkpoint after every update makes a run
-resumable to the same result.
+(their block stack is re-run in the backward pass). A safetensors checkpoint
+after every update makes a run resumable to the same result.
+
+Cached residuals: the cache stores them detached (no graph is kept in the
+cache). With ``residual_grad`` (the default) the reused residual still passes
+its gradient to the step that computed it (a straight-through term with value
+zero), which makes the gradient exact; with ``residual_grad=False`` the
+gradient stops at the cache, as in the reference implementation. That
+truncated gradient ignores how a computed step's sigma changes the residual
+every following skipped step reuses; on tinyflow it can point the wrong way
+(BENCHMARKS.md, "Alignment": a finite-difference check).
 """
 
 from __future__ import annotations
@@ -61,6 +68,7 @@ class AlignConfig:
     offset_bound: float = 0.005
     offset_indices: str = "all"
     grad_checkpointing: bool = True
+    residual_grad: bool = True
 
     def __post_init__(self) -> None:
         if self.parametrisation not in PARAMETRISATIONS:
@@ -118,6 +126,67 @@ class _Recorder(Controller):
         return d
 
 
+class _ResidualTap:
+    """Gives the reused residual a gradient path (straight-through), with the cache's values unchanged.
+
+    On a computed step it keeps ``R = h_out - h_in`` of the block stack with its
+    graph (torch hooks on the first and last block); on a skipped step it adds
+    ``R - R.detach()`` (zero) to the first block's output, so the value is the
+    cache's and the gradient also reaches the sigma and latent of the step that
+    computed the residual. Image stream only: the model's output reads only it
+    on a skipped step. Residual reuse (``reuse``) only.
+    """
+
+    def __init__(self, transformer: torch.nn.Module) -> None:
+        from ..hooks import _block_stack
+
+        blocks = _block_stack(transformer)
+        self.head, self.tail = blocks[0][1], blocks[-1][1]
+        self.phase: str | None = None      # "compute" | "skip" | None (inactive)
+        self.context = ""
+        self.h_in: torch.Tensor | None = None
+        self.residual: dict[str, torch.Tensor] = {}
+        self._handles = [self.head.register_forward_pre_hook(self._pre, with_kwargs=True),
+                         self.head.register_forward_hook(self._head_out, with_kwargs=True),
+                         self.tail.register_forward_hook(self._tail_out, with_kwargs=True)]
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def _pre(self, module: Any, args: tuple, kwargs: dict) -> None:
+        if self.phase == "compute":
+            self.h_in = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+
+    @staticmethod
+    def _find(out: Any, shape: torch.Size) -> int:
+        items = out if isinstance(out, tuple) else (out,)
+        hits = [i for i, t in enumerate(items) if torch.is_tensor(t) and t.shape == shape]
+        if len(hits) != 1:
+            raise ConfigError("residual gradients: cannot tell the image stream from the text stream in the "
+                              "block output (same token count); align with residual_grad=False")
+        return hits[0]
+
+    def _tail_out(self, module: Any, args: tuple, kwargs: dict, out: Any) -> None:
+        if self.phase == "compute" and self.h_in is not None:
+            i = self._find(out, self.h_in.shape)
+            h_out = out[i] if isinstance(out, tuple) else out
+            self.residual[self.context] = h_out - self.h_in
+            self.h_in = None
+
+    def _head_out(self, module: Any, args: tuple, kwargs: dict, out: Any) -> Any:
+        r = self.residual.get(self.context)
+        if self.phase != "skip" or r is None:
+            return None
+        i = self._find(out, r.shape)
+        h = out[i] if isinstance(out, tuple) else out
+        h = h + (r - r.detach()).to(h.dtype)
+        if not isinstance(out, tuple):
+            return h
+        return tuple(h if j == i else t for j, t in enumerate(out))
+
+
 class CheckpointedDenoiser:
     """Runs each computed step under ``torch.utils.checkpoint`` (its activations are recomputed in backward).
 
@@ -128,33 +197,49 @@ class CheckpointedDenoiser:
     set back to the one before the step, the step's decision is repeated, and
     the history is put back afterwards. When the sampler has already removed
     its cache (the usual case: backward after the run), a fully computed step
-    is exactly the plain transformer call.
+    is exactly the plain transformer call. With a ``tap``
+    (:class:`_ResidualTap`) the reused residuals carry gradients.
     """
 
-    def __init__(self, inner: Any, recorder: _Recorder) -> None:
+    def __init__(self, inner: Any, recorder: _Recorder, checkpointing: bool = True,
+                 tap: _ResidualTap | None = None) -> None:
         self.inner = inner
         self.transformer = getattr(inner, "transformer", None)
         self.recorder = recorder
+        self.checkpointing = checkpointing
+        self.tap = tap
         self.checkpointed = 0
         self.recomputed = 0
 
     def _cache(self) -> Any:
         return find_cache(self.transformer) if self.transformer is not None else None
 
+    def _call(self, x: torch.Tensor, sigma: torch.Tensor, cond: Any, context: str, phase: str | None) -> torch.Tensor:
+        if self.tap is None:
+            return self.inner(x, sigma, cond, context)
+        self.tap.phase, self.tap.context = phase, context
+        try:
+            return self.inner(x, sigma, cond, context)
+        finally:
+            self.tap.phase = None
+
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor, cond: Any, context: str) -> torch.Tensor:
         if not torch.is_grad_enabled() or self.recorder.last is None:
             return self.inner(x, sigma, cond, context)
         step, compute = self.recorder.last
         cache = self._cache()
-        if cache is not None and not bool(compute.all()):
-            return self.inner(x, sigma, cond, context)
+        n = int(compute.sum())
+        if cache is not None and n < compute.numel():
+            return self._call(x, sigma, cond, context, "skip" if n == 0 else None)
+        if not self.checkpointing:
+            return self._call(x, sigma, cond, context, "compute")
         before = cache.snapshot() if cache is not None else None
         first = [True]
 
         def run(x_: torch.Tensor, s_: torch.Tensor) -> torch.Tensor:
             if first[0]:
                 first[0] = False
-                return self.inner(x_, s_, cond, context)
+                return self._call(x_, s_, cond, context, "compute")
             self.recomputed += 1
             live = self._cache()
             if live is None:
@@ -171,19 +256,35 @@ class CheckpointedDenoiser:
         return _checkpoint(run, x, sigma, use_reentrant=False)
 
 
-def student_sampler(problem: Any, mask: Sequence[bool], sigmas: torch.Tensor,
-                    grad_checkpointing: bool = True) -> Sampler:
-    """The cached sampler of ``mask`` on ``sigmas`` (all-compute: the plain sampler, no hooks)."""
+def student_sampler(problem: Any, mask: Sequence[bool], sigmas: torch.Tensor, grad_checkpointing: bool = True,
+                    residual_grad: bool = False) -> Sampler:
+    """The cached sampler of ``mask`` on ``sigmas`` (all-compute: the plain sampler, no hooks).
+
+    Call :func:`release` on it after the backward pass when ``residual_grad`` is on.
+    """
     m = [bool(v) for v in mask]
     controller = None if all(m) else StaticMask(torch.tensor(m))
     sampler = problem.make_sampler(controller, len(m), sigmas=sigmas)
     if sampler.steps != len(m):
         raise ConfigError(f"the sampler has {sampler.steps} steps but the mask {len(m)}")
-    if grad_checkpointing:
+    tap = None
+    if residual_grad and not all(m):
+        if sampler.mechanism != "reuse" or getattr(sampler.denoiser, "transformer", None) is None:
+            raise ConfigError("residual gradients need residual reuse (mechanism 'reuse') on a diffusers transformer")
+        tap = _ResidualTap(sampler.denoiser.transformer)
+    if grad_checkpointing or tap is not None:
         rec = _Recorder(sampler.controller)
         sampler.controller = rec
-        sampler.denoiser = CheckpointedDenoiser(sampler.denoiser, rec)
+        sampler.denoiser = CheckpointedDenoiser(sampler.denoiser, rec, grad_checkpointing, tap)
     return sampler
+
+
+def release(sampler: Sampler) -> None:
+    """Remove the residual tap's torch hooks of a :func:`student_sampler` (no-op without one)."""
+    den = sampler.denoiser
+    if isinstance(den, CheckpointedDenoiser) and den.tap is not None:
+        den.tap.remove()
+        den.tap.residual.clear()
 
 
 # ------------------------------------------------------------------------ data
@@ -370,13 +471,15 @@ def align(problem: Any, calib: CalibrationSet, policy: CachePolicy | Sequence[bo
             for b in range(0, len(mine), cfg.micro_batch):
                 cs, rows = data_for(epoch, mine[b:b + cfg.micro_batch])
                 noise, cond, uncond, teacher = _rows(cs, rows)
-                sampler = student_sampler(problem, mask, sched(), cfg.grad_checkpointing)
+                sampler = student_sampler(problem, mask, sched(), cfg.grad_checkpointing, cfg.residual_grad)
                 try:
                     x = sampler.run(sampler.start(noise), cond, uncond).x
+                    per_item = loss_fn(x.float(), teacher.float())           # (b,)
+                    (per_item.sum() / count).backward(inputs=[sched.theta])
                 except ModelOutputError as exc:
                     raise ModelOutputError(f"{exc} during alignment update {s}") from None
-                per_item = loss_fn(x.float(), teacher.float())               # (b,)
-                (per_item.sum() / count).backward(inputs=[sched.theta])
+                finally:
+                    release(sampler)
                 loss_sum += per_item.detach().double().sum()
             distributed.all_reduce_sum(sched.theta.grad)
             distributed.all_reduce_sum(loss_sum)
@@ -406,7 +509,7 @@ def align(problem: Any, calib: CalibrationSet, policy: CachePolicy | Sequence[bo
             "calibration_pairs": n, "calibration_digest": calib.digest, "updates": total,
             "effective_batch": effective, "lr": cfg.lr, "weight_decay": cfg.weight_decay, "clip": cfg.clip,
             "warmup": cfg.warmup, "fresh_noise": cfg.fresh_noise, "seed": cfg.seed, "loss": cfg.loss,
-            "plain": all(mask), "final_update_loss": history[-1]["loss"] if history else None,
+            "plain": all(mask), "residual_grad": cfg.residual_grad, "final_update_loss": history[-1]["loss"] if history else None,
             "budcache_version": __version__}
     if sched.kind == "offset":
         meta.update(offset_bound=cfg.offset_bound, offset_indices=cfg.offset_indices)
@@ -423,8 +526,24 @@ def align_plain(problem: Any, calib: CalibrationSet, nfe: int, cfg: AlignConfig 
 
 
 @torch.no_grad()
+def final_latents(problem: Any, calib: CalibrationSet, policy: CachePolicy | None, *, plain_steps: int | None = None,
+                  batch: int = 64) -> torch.Tensor:
+    """Final latents of ``calib``'s items under a policy (its own steps and sigmas), or the plain sampler."""
+    if policy is None:
+        sampler = problem.make_sampler(None, plain_steps)
+    else:
+        sampler = problem.make_sampler(None if all(policy.mask) and policy.sigmas is None else policy, policy.steps)
+    outs = []
+    for i in range(0, len(calib), batch):
+        idx = torch.arange(i, min(i + batch, len(calib)), device=calib.noise.device)
+        st = sampler.run(sampler.start(calib.noise[idx]), _select(calib.cond, idx), _select(calib.uncond, idx))
+        outs.append(st.x)
+    return torch.cat(outs)
+
+
+@torch.no_grad()
 def policy_loss(problem: Any, calib: CalibrationSet, policy: CachePolicy | None, *, loss: str = "mse",
                 plain_steps: int | None = None) -> float:
     """Mean per-item loss of a policy (its own sigmas if it has them) against ``calib``'s teacher."""
-    lat = problem.final_latents(calib, policy, plain_steps=plain_steps)
+    lat = final_latents(problem, calib, policy, plain_steps=plain_steps)
     return float(get_loss(loss)(lat.float(), calib.teacher.float()).mean())
