@@ -73,7 +73,7 @@ def _digest(calib: CalibrationSet, sigmas: torch.Tensor | None) -> str:
 def joint(problem: Any, calib: CalibrationSet, heldout: CalibrationSet, search_cfg: SearchConfig,
           align_cfg: AlignConfig = AlignConfig(), *, max_rounds: int = 4, tol: float = 1e-3,
           later_sa_iters: int | None = None, init: Sequence[int] | None = None, out: str | Path | None = None,
-          resume: bool = False, progress: bool = False,
+          resume: bool = False, progress: bool = False, first: JointRound | None = None,
           on_round: Callable[[JointRound], None] | None = None) -> JointResult:
     """Alternate mask search and schedule alignment at ``search_cfg.nfe`` of ``search_cfg.steps`` steps.
 
@@ -98,6 +98,15 @@ def joint(problem: Any, calib: CalibrationSet, heldout: CalibrationSet, search_c
     best_loss = float("inf")
     for r in range(max_rounds):
         t0 = time.perf_counter()
+        if r == 0 and first is not None:
+            if first.policy.sigmas is None or first.policy.nfe != k or first.policy.steps != steps:
+                raise ConfigError(f"round 0 must be an aligned policy of {k} of {steps} steps")
+            res.rounds.append(first)
+            best_loss, res.best = first.aligned_loss, 0
+            ref = problem.sigmas(steps)
+            sigmas = torch.tensor(first.policy.sigmas, dtype=ref.dtype, device=ref.device)
+            prev = tuple(first.compute)
+            continue
         cur = sigmas
 
         def make_sampler(controller: Any, _s: torch.Tensor | None = cur) -> Any:
