@@ -174,7 +174,8 @@ def markdown(res: dict, a) -> str:
     for k, b in res["budgets"].items():
         for name, r in b["rows"].items():
             w = "" if name == "budcache" else f"{r['wins_vs_budcache']}/{n}"
-            lines.append(f"| {k} | {name} | {r['latent_mse']:.4e} | {r['psnr']:.2f} | {100 * r['accuracy']:.1f}% | {w} |")
+            lines.append(f"| {k} | {name} | {r['latent_mse']:.4e} | {r['psnr']:.2f} | {100 * r['accuracy']:.1f}% "
+                         f"| {w} |")
     lines.append("")
     for k, b in res["budgets"].items():
         j = b["joint"]

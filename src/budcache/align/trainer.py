@@ -509,7 +509,8 @@ def align(problem: Any, calib: CalibrationSet, policy: CachePolicy | Sequence[bo
             "calibration_pairs": n, "calibration_digest": calib.digest, "updates": total,
             "effective_batch": effective, "lr": cfg.lr, "weight_decay": cfg.weight_decay, "clip": cfg.clip,
             "warmup": cfg.warmup, "fresh_noise": cfg.fresh_noise, "seed": cfg.seed, "loss": cfg.loss,
-            "plain": all(mask), "residual_grad": cfg.residual_grad, "final_update_loss": history[-1]["loss"] if history else None,
+            "plain": all(mask), "residual_grad": cfg.residual_grad,
+            "final_update_loss": history[-1]["loss"] if history else None,
             "budcache_version": __version__}
     if sched.kind == "offset":
         meta.update(offset_bound=cfg.offset_bound, offset_indices=cfg.offset_indices)
