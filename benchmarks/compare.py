@@ -1,6 +1,6 @@
 """Comparison benchmark on tinyflow: every method at K = 6, 8, 10, 14 of 28 steps.
 
-Runs ``budcache compare`` with its defaults (16 calibration pairs, 32
+Runs ``budcache compare`` with its defaults (12 calibration pairs, 32
 evaluation pairs, all installed methods, transfer to dpmpp2m / ipndm and
 guidance 2 / 4) and prints a Markdown section for BENCHMARKS.md: machine,
 date, command, the per-budget tables and the transfer table.

@@ -47,10 +47,10 @@ def config_from_args(a: argparse.Namespace) -> Any:
     missing = sorted(set(policies) - set(nfes))
     if missing:
         raise ConfigError(f"--policy files for NFE {missing} but --nfe is {list(nfes)}")
-    search_kw = {k: getattr(a, k) for k in ("sa_iters", "hc_rounds") if getattr(a, k) is not None}
+    search_kw = {"sa_iters": a.sa_iters, "hc_rounds": a.hc_rounds}
     return CompareConfig(nfes=tuple(nfes), steps=a.steps, solver=a.solver, guidance=a.guidance, methods=a.methods,
                          calib_pairs=a.calib_pairs, eval_pairs=a.eval_pairs, seed=a.seed, policies=policies,
-                         search_kw=search_kw, grid_nfe=a.grid_nfe, grid_rows=a.grid_rows,
+                         search_kw=search_kw, search_loss=a.search_loss, grid_nfe=a.grid_nfe, grid_rows=a.grid_rows,
                          transfer_solvers=a.transfer_solvers, transfer_guidance=a.transfer_guidance,
                          transfer=not a.no_transfer, batch=a.batch)
 
@@ -81,6 +81,7 @@ def cmd_compare(a: argparse.Namespace) -> int:
 
 def register(sub: Any) -> None:
     """Add ``budcache compare`` to the CLI's subparsers."""
+    from ..search.calibration import LOSSES
     from ..solvers import SOLVERS
 
     c = sub.add_parser("compare", help="compare budcache with the baselines at equal NFE; writes tables and plots")
@@ -93,11 +94,14 @@ def register(sub: Any) -> None:
                    help="use this policy for its budget instead of searching (repeatable)")
     c.add_argument("--solver", default="euler", choices=sorted(SOLVERS))
     c.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale")
-    c.add_argument("--calib-pairs", type=int, default=16, help="calibration prompt x seed pairs (fitting)")
+    c.add_argument("--calib-pairs", type=int, default=12, help="calibration prompt x seed pairs (fitting)")
     c.add_argument("--eval-pairs", type=int, default=32, help="evaluation pairs, disjoint from calibration")
     c.add_argument("--seed", type=int, default=0)
-    c.add_argument("--sa-iters", type=int, default=None, help="budcache search: annealing iterations (default 200)")
-    c.add_argument("--hc-rounds", type=int, default=None, help="budcache search: hill-climbing rounds (default 20)")
+    c.add_argument("--sa-iters", type=int, default=40,
+                   help="budcache's search: annealing iterations (budcache search uses 200; or pass --policy files)")
+    c.add_argument("--hc-rounds", type=int, default=6, help="budcache's search: hill-climbing rounds")
+    c.add_argument("--search-loss", default="mse", choices=sorted(LOSSES),
+                   help="budcache's search loss on the calibration set (mse: the reference)")
     c.add_argument("--grid-nfe", type=int, default=None, help="budget of the image grid (default: nearest 10)")
     c.add_argument("--grid-rows", type=int, default=6, help="prompts in the image grid")
     c.add_argument("--transfer-solvers", type=_names, default=("dpmpp2m", "ipndm"),

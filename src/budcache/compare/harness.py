@@ -57,11 +57,13 @@ class CompareConfig:
     solver: str = "euler"
     guidance: float = 1.0
     methods: tuple[str, ...] | None = None      # None: DEFAULT_METHODS plus every installed extra/baseline
-    calib_pairs: int = 16
+    calib_pairs: int = 12
     eval_pairs: int = 32
     seed: int = 0
     policies: dict[int, CachePolicy] = field(default_factory=dict)
-    search_kw: dict[str, Any] = field(default_factory=dict)
+    #: budcache's search inside compare: shorter than ``budcache search`` (200 / 20) to keep the run short
+    search_kw: dict[str, Any] = field(default_factory=lambda: {"sa_iters": 40, "hc_rounds": 6})
+    search_loss: str = "mse"
     grid_nfe: int | None = None                 # None: the budget nearest 10
     grid_rows: int = 6
     transfer_solvers: tuple[str, ...] = ("dpmpp2m", "ipndm")
@@ -92,6 +94,9 @@ class CompareConfig:
         for g in (self.guidance, *self.transfer_guidance):
             if not (math.isfinite(g) and g > 0):
                 raise ConfigError(f"guidance must be a positive number (got {g})")
+        from ..search.calibration import get_loss
+
+        get_loss(self.search_loss)
         for k, pol in self.policies.items():
             if pol.nfe != k or pol.steps != self.steps:
                 raise ConfigError(f"policy given for NFE {k} computes {pol.nfe} of {pol.steps} steps; the "
@@ -183,12 +188,12 @@ def quality(problem: Any, latents: torch.Tensor, teacher: torch.Tensor, prompts:
 
 
 # ------------------------------------------------------------------------------ evaluation
-def evaluate(problem: Any, method: Any, evalset: Any, batch: int, desc: str) -> tuple[torch.Tensor, np.ndarray,
-                                                                                       float]:
+def evaluate(problem: Any, method: Any, evalset: Any, batch: int, desc: str,
+             progress: bool = True) -> tuple[torch.Tensor, np.ndarray, float]:
     """Final latents, per-item NFE and wall seconds per item of a fitted method on ``evalset``."""
     lat, nfe = [], []
     t0 = time.perf_counter()
-    for i in tqdm(range(0, len(evalset), batch), desc=desc, leave=False, unit="batch"):
+    for i in tqdm(range(0, len(evalset), batch), desc=desc, leave=False, unit="batch", disable=not progress):
         idx = torch.arange(i, min(i + batch, len(evalset)))
         run = method.sample(problem, evalset.noise[idx], _select(evalset.cond, idx), _select(evalset.uncond, idx))
         if run.latent.shape != evalset.noise[idx].shape or run.nfe.shape != (len(idx),):
@@ -252,7 +257,7 @@ def run(out: str | Path, cfg: CompareConfig, progress: bool = True, problem: Any
     problem = make_problem(cfg) if problem is None else problem
     names = tuple(cfg.methods) if cfg.methods is not None else _default_names()
     methods = build_methods(names, policies=cfg.policies, search_kw={"seed": cfg.seed, **cfg.search_kw},
-                            progress=False)
+                            search_loss=cfg.search_loss)
     (cp, cs), (ep, es) = pair_sets(cfg, problem)
     calib = problem.calibration(cp, cs)
     evalset = problem.calibration(ep, es)
@@ -269,7 +274,7 @@ def run(out: str | Path, cfg: CompareConfig, progress: bool = True, problem: Any
             t0 = time.perf_counter()
             m.fit(problem, calib, k)
             fit_s = time.perf_counter() - t0
-            lat, nfes, wall = evaluate(problem, m, evalset, cfg.batch, f"{m.name} K={k}")
+            lat, nfes, wall = evaluate(problem, m, evalset, cfg.batch, f"{m.name} K={k}", progress)
             q = quality(problem, lat, evalset.teacher, ep, lpips)
             rows.append(_row("main", k, m.name, getattr(m, "kind", "?"), q, nfes, wall, fit_s, _fit_info(m)))
             if k == grid_nfe:
@@ -284,6 +289,7 @@ def run(out: str | Path, cfg: CompareConfig, progress: bool = True, problem: Any
             "model": getattr(problem, "name", type(problem).__name__), "steps": cfg.steps, "solver": cfg.solver,
             "guidance": cfg.guidance, "budgets": sorted(cfg.nfes), "methods": list(names),
             "calibration_pairs": len(calib), "evaluation_pairs": len(evalset), "seed": cfg.seed,
+            "search": {**cfg.search_kw, "loss": cfg.search_loss},
             "batch": cfg.batch, "grid_nfe": grid_nfe, "lpips": lpips_note, "threads": torch.get_num_threads(),
             "full_checker_acc": float(full_q["checker_ok"].mean()) if "checker_ok" in full_q else None,
             "wall_s": time.perf_counter() - t_start}
@@ -314,7 +320,8 @@ def _transfer(problem: Any, cfg: CompareConfig, policies: dict[int, CachePolicy]
             fixed = BudcacheMethod(policies={k: pol})
             for m in (fixed, UniformMethod(), PlainMethod()):
                 m.fit(p, None, k)
-                lat, nfes, wall = evaluate(p, m, evalset, max(cfg.batch, len(evalset)), f"{label} {m.name}")
+                lat, nfes, wall = evaluate(p, m, evalset, max(cfg.batch, len(evalset)), f"{label} {m.name}",
+                                           progress)
                 q = quality(p, lat, evalset.teacher, ep, lpips)
                 rows.append(_row(label, k, m.name, m.kind, q, nfes, wall, 0.0, _fit_info(m)))
             bar.update(1)

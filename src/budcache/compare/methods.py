@@ -228,6 +228,7 @@ class BudcacheMethod(StaticMethod):
     mechanism: str | None = "reuse"
     policies: dict[int, CachePolicy] = field(default_factory=dict)
     search_kw: dict[str, Any] = field(default_factory=dict)
+    loss: str = "mse"
     progress: bool = False
     _evaluator: Any = None
     _calib: Any = None
@@ -243,6 +244,7 @@ class BudcacheMethod(StaticMethod):
             self.policy = pol
             return
         from ..search.anneal import SearchConfig, search
+        from ..search.calibration import get_loss
         from ..search.evaluator import Evaluator
 
         mech = self.mechanism
@@ -252,14 +254,15 @@ class BudcacheMethod(StaticMethod):
             return problem.make_sampler(controller, *args, **kw)
 
         if self._calib is not calib:
-            self._evaluator, self._calib, self._last = Evaluator(make_sampler, calib), calib, None
+            self._evaluator = Evaluator(make_sampler, calib, loss=get_loss(self.loss))
+            self._calib, self._last = calib, None
         cfg = SearchConfig(steps=problem.steps, nfe=nfe, **self.search_kw)
         res = search(self._evaluator.losses, cfg, init=self._last, progress=self.progress)
         self._last = res.compute
         self.search_wall_s = res.wall_s
         self.policy = CachePolicy(problem.steps, res.compute, meta={
             "solver": problem.solver, "guidance": problem.guidance, "mechanism": mech, "budget": nfe,
-            "search_loss": res.loss, "calibration_digest": calib.digest, "calibration_pairs": len(calib)})
+            "search_loss": res.loss, "loss": self.loss, "calibration_digest": calib.digest, "calibration_pairs": len(calib)})
 
 
 def forecast_method(**kw: Any) -> BudcacheMethod:
@@ -502,7 +505,8 @@ def available_methods() -> dict[str, Callable[[], Any]]:
 
 
 def build_methods(names: Sequence[str], *, policies: dict[int, CachePolicy] | None = None,
-                  search_kw: dict[str, Any] | None = None, progress: bool = False) -> list[Any]:
+                  search_kw: dict[str, Any] | None = None, search_loss: str = "mse",
+                  progress: bool = False) -> list[Any]:
     """Instantiate methods by name; given ``policies`` serve ``budcache`` (reuse) instead of searching."""
     avail = available_methods()
     unknown = [n for n in names if n not in avail]
@@ -514,9 +518,9 @@ def build_methods(names: Sequence[str], *, policies: dict[int, CachePolicy] | No
     for n in names:
         if n == "budcache":
             out.append(BudcacheMethod(policies=dict(policies or {}), search_kw=dict(search_kw or {}),
-                                      progress=progress))
+                                      loss=search_loss, progress=progress))
         elif n == "budcache-forecast":
-            out.append(forecast_method(search_kw=dict(search_kw or {}), progress=progress))
+            out.append(forecast_method(search_kw=dict(search_kw or {}), loss=search_loss, progress=progress))
         else:
             out.append(avail[n]())
     return out
