@@ -151,11 +151,12 @@ def run(a: argparse.Namespace) -> int:
              f"held-out {len(held)} pairs.", "",
              "| run | held-out latent MSE | PSNR (dB) |", "|---|---|---|"]
     for r in rows:
-        label = "plain K steps" if mode == "plain" else "mask before"
-        lines.append(_row(f"{label} ({r['name']})", r["before"]))
+        label = {"plain": f"plain {k} steps", "joint": "searched mask (round 0), base schedule"}.get(
+            mode, "the mask on its starting schedule")
+        lines.append(_row(label, r["before"]))
         if "search_then_align" in r:
             lines.append(_row("search then align (round 0)", r["search_then_align"]))
-        lines.append(_row("aligned", r["aligned"]))
+        lines.append(_row(f"aligned (`{r['name']}`)", r["aligned"]))
         for rd in r.get("rounds", []):
             lines.append(f"\nround {rd['round']}: mask {rd['compute']}, validation loss {rd['validation_loss']:.4e}")
         if "stopped" in r:
