@@ -143,7 +143,7 @@ def test_cli_end_to_end_writes_every_output(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "## K = 3 of 8" in printed and "Transfer without re-searching" in printed
     for name in ("table.md", "results.csv", "results.json", "quality_vs_nfe.png", "grid_K4.png",
-                 "policy_N8_K3.json", "policy_N8_K4.json"):
+                 "policy_N8_K3.json", "policy_N8_K4.json", "policy_forecast_N8_K4.json"):
         assert (out / name).is_file(), name
     res = json.loads((out / "results.json").read_text())
     assert res["format"] == "budcache.compare" and res["meta"]["evaluation_pairs"] == 3
@@ -154,6 +154,7 @@ def test_cli_end_to_end_writes_every_output(tmp_path, capsys):
         if r["kind"] == "static":
             assert r["nfe_min"] == r["nfe_max"] == r["budget"], r["method"]
     assert {r["setting"] for r in res["transfer"]} == {"dpmpp2m, guidance 1", "euler, guidance 2"}
+    assert {r["method"] for r in res["transfer"]} == {"budcache", "budcache-forecast", "uniform", "plain"}
     rows = list(csv.DictReader((out / "results.csv").read_text().splitlines()))
     assert len(rows) == len(res["rows"]) + len(res["transfer"]) and "psnr" in rows[0]
     grid = Image.open(out / "grid_K4.png")
@@ -196,7 +197,7 @@ def test_markdown_names_budgets_where_budcache_is_not_best(tmp_path):
     text = markdown(res)
     rows = {r["method"]: r for r in res.rows}
     if rows["plain"]["psnr"] > rows["budcache"]["psnr"]:
-        assert "K=3: best psnr is plain, not budcache" in text
+        assert f"K=3: best PSNR is plain ({rows['plain']['psnr']:.2f} dB); budcache's best, budcache, has " in text
     else:
-        assert "K=3: best psnr is plain" not in text
+        assert "K=3: best PSNR is plain" not in text
     assert "| budcache | static | 3.00 [3.00, 3.00]" in text
