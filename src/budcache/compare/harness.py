@@ -170,7 +170,7 @@ def quality(problem: Any, latents: torch.Tensor, teacher: torch.Tensor, prompts:
     try:
         from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
     except ImportError:
-        raise MissingExtraError("budcache compare needs torchmetrics: pip install 'budcache[metrics]'") from None
+        raise MissingExtraError("budcache compare needs torchmetrics: pip install torchmetrics") from None
     a, b = _images(problem, latents).float(), _images(problem, teacher).float()
     out = {"latent_mse": (latents - teacher).pow(2).flatten(1).mean(1).numpy(),
            "psnr": peak_signal_noise_ratio(a, b, data_range=1.0, reduction="none", dim=(1, 2, 3)).numpy(),
