@@ -85,14 +85,29 @@ def test_hook_in_budcache_sampler_equals_hook_in_flux_pipeline(env, name, guidan
     assert not torch.allclose(ours.latent, ref, atol=1e-4)
 
 
+@pytest.mark.parametrize("name", ["fbcache", "magcache", "taylorseer"])
 @torch.no_grad()
-def test_every_generation_starts_fresh(env):
+def test_every_generation_starts_fresh(env, name):
     """A second generation equals the first: no hook state leaks across generations."""
-    m = FirstBlockCacheMethod(threshold=0.3)
+    m = hooked_methods(env)[name]
     a = m.generate(problem(env), *inputs(env, 1.0))
     b = m.generate(problem(env), *inputs(env, 1.0))
     assert torch.equal(a.latent, b.latent) and torch.equal(a.nfe, b.nfe)
     assert not getattr(env.tf.transformer, "_cache_config", None), "hooks must be removed after a generation"
+
+
+@torch.no_grad()
+def test_taylorseer_left_installed_without_reset_drifts(env):
+    """Why hooks are installed per generation: TaylorSeer's step counter would run on into the next image."""
+    m = TaylorSeerMethod(before=2, interval=3)
+    remove = m.install(env.tf.transformer)
+    try:
+        s = problem(env).make_sampler(None)
+        noise, cond, _ = inputs(env, 1.0)
+        first, second = (s.run(s.start(noise), cond).x for _ in range(2))
+    finally:
+        remove()
+    assert not torch.allclose(first, second, atol=1e-2)
 
 
 @pytest.mark.parametrize("guidance", [1.0, 3.0])

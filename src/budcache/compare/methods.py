@@ -276,9 +276,11 @@ class HookMethod:
     """A peer's cache applied unchanged to the transformer for each generation, then removed.
 
     ``install(transformer)`` applies the peer's hooks and returns a function
-    that removes them. Applying fresh hooks per generation gives every
-    generation the state of a pipeline's first call (some peers' ``reset``
-    keep part of their state, e.g. FirstBlockCache's last head residual).
+    that removes them. A diffusers pipeline resets stateful hooks at the end
+    of every call; budcache's sampler has no such call, and without a reset
+    TaylorSeer's step counter runs on into the next generation (its second
+    image differs from the first). Fresh hooks per generation give every
+    generation the state of a pipeline call, even after an interrupted one.
     """
 
     name: str = "hook"
