@@ -5,16 +5,20 @@ and sends every request for losses out at once: the masks still unknown are
 sorted (so masks sharing a prefix land on the same worker) and cut into at most
 ``workers`` contiguous chunks, one per actor. Each actor holds its own replica
 of the problem (one GPU each where the cluster has GPUs, else CPU threads) and a
-local :class:`~budcache.search.evaluator.Evaluator`, so prefix sharing and
-candidate batching work inside every worker.
+local :class:`~budcache.search.evaluator.Evaluator`, so prefix sharing (a new
+mask resumes from the worker's stored state of its longest known prefix) works
+inside every worker.
 
 Same seed, same policy, whatever the backend and worker count:
 
-- a mask's loss does not depend on which worker or batch evaluated it: every
-  worker runs the same code with a fixed thread count, and on the CPU the
-  per-element model computation is batch-invariant (verified bit for bit by
-  ``tests/test_ray.py``; GPU kernels may pick other reduction orders for other
-  batch shapes, so on GPUs expect equal policies only up to such ties);
+- a mask's loss does not depend on which worker or batch evaluated it: both
+  backends score every mask as its own batch of the C calibration items
+  (``batch_candidates=False``; prefix sharing stays on) with a fixed thread
+  count (``threads=1`` by default), so each model call has the same shapes and
+  row positions wherever it runs (verified bit for bit by
+  ``tests/test_ray.py``; batching candidates together would let the kernels
+  round differently for other batch shapes). On GPUs, equal bits also need
+  the same GPU model and library versions on every worker;
 - SA stays sequential: the driver scores ``sa_batch = workers`` proposals per
   round trip, speculating that each is rejected, and replays them with the
   real random generator (see :mod:`budcache.search.anneal`), so the accepted
@@ -106,8 +110,8 @@ class EvalWorker:
     """Ray actor body: one replica of the problem and a local evaluator (prefix sharing, batching)."""
 
     def __init__(self, factory: Callable[[str], Any], calib: CalibrationSet, loss: LossFn,
-                 options: dict[str, Any], threads: int) -> None:
-        torch.set_num_threads(threads)
+                 options: dict[str, Any]) -> None:
+        torch.set_num_threads(options["threads"])
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         problem = factory(self.device)
         with torch.no_grad():
@@ -155,23 +159,23 @@ class RayEvaluator:
     ``factory(device) -> problem`` builds one replica per actor (a
     :class:`TinyflowReplica`, or :class:`ShippedProblem` around any problem
     object); the problem's ``make_sampler`` and ``calib`` define the loss as in
-    the in-process evaluator. ``threads`` per CPU worker (default: the
-    cluster's CPUs split evenly); ``gpus`` per worker (default: 1 when the
+    the in-process evaluator. ``threads`` per worker (torch threads, and the
+    CPUs each actor reserves); ``gpus`` per worker (default: 1 when the
     cluster has GPUs, else 0).
     """
 
     def __init__(self, factory: Callable[[str], Any], calib: CalibrationSet, *, loss: LossFn = latent_mse,
                  workers: int = 1, address: str | None = None, prefix_sharing: bool = True,
-                 batch_candidates: bool = True, max_batch: int = 512, max_state_bytes: int = 2 * 2**30,
-                 threads: int | None = None, gpus: float | None = None, max_retries: int = 3) -> None:
+                 batch_candidates: bool = False, max_batch: int = 512, max_state_bytes: int = 2 * 2**30,
+                 threads: int = 1, gpus: float | None = None, max_retries: int = 3) -> None:
         if type(workers) is not int or workers < 1:
             raise ConfigError(f"--workers must be an integer >= 1 (got {workers!r})")
         if calib.teacher is None:
             raise ConfigError("the calibration set has no teacher outputs; build it with make_calibration")
-        if threads is not None and threads < 1:
+        if type(threads) is not int or threads < 1:
             raise ConfigError(f"threads per worker must be >= 1 (got {threads})")
         self._ray = require("ray", "ray")
-        self._started = connect(address, num_cpus=None if address else max(os.cpu_count() or 1, workers))
+        self._started = connect(address, num_cpus=None if address else max(os.cpu_count() or 1, workers * threads))
         self.workers = workers
         self.sa_batch = workers
         self.max_retries = max_retries
@@ -183,10 +187,10 @@ class RayEvaluator:
         try:
             res = self._ray.cluster_resources()
             self.gpus = float(gpus) if gpus is not None else (1.0 if res.get("GPU", 0) >= 1 else 0.0)
-            self.threads = threads or max(1, int(res.get("CPU", 1)) // workers)
+            self.threads = threads
             opts = {"prefix_sharing": prefix_sharing, "batch_candidates": batch_candidates, "max_batch": max_batch,
-                    "max_state_bytes": max_state_bytes}
-            self._args = (self._ray.put(factory), self._ray.put(calib), loss, opts, self.threads)
+                    "max_state_bytes": max_state_bytes, "threads": threads}
+            self._args = (self._ray.put(factory), self._ray.put(calib), loss, opts)
             self._actor_cls = self._ray.remote(EvalWorker)
             self.actors = [self._new_actor() for _ in range(workers)]
             infos = [self._call(i, lambda a: a.info.remote(), retry=False) for i in range(workers)]
@@ -292,21 +296,22 @@ class RayEvaluator:
 # ------------------------------------------------------------------------------ entry points
 def make_evaluator(backend: str, problem: Any, calib: CalibrationSet, *, loss: LossFn = latent_mse,
                    naive: bool = False, workers: int = 1, address: str | None = None,
-                   factory: Callable[[str], Any] | None = None) -> Any:
+                   factory: Callable[[str], Any] | None = None, threads: int = 1) -> Any:
     """The evaluator of a backend: ``inprocess`` (default) or ``ray`` (``workers`` actors; ``factory(device)``
     builds a replica on each, default: ``problem.replica_factory()`` if defined, else ``problem`` shipped as
-    it is)."""
+    it is). Both score masks in canonical batches with ``threads`` torch threads, so a mask's loss is the same
+    bits whichever backend, worker or call scored it; ``naive`` also turns prefix sharing off."""
     if backend not in BACKENDS:
         raise ConfigError(f"--backend {backend!r} is unknown; choose one of {list(BACKENDS)}")
     if backend == "inprocess":
         if workers != 1 or address:
             raise ConfigError("--workers and --ray-address apply only with --backend ray")
-        return Evaluator(problem.make_sampler, calib, loss=loss, prefix_sharing=not naive,
-                         batch_candidates=not naive)
+        return Evaluator(problem.make_sampler, calib, loss=loss, prefix_sharing=not naive, batch_candidates=False,
+                         threads=threads)
     if factory is None:  # a problem may say how to rebuild itself on a worker (e.g. from a model path)
         factory = problem.replica_factory() if hasattr(problem, "replica_factory") else ShippedProblem(problem)
     return RayEvaluator(factory, calib, loss=loss, workers=workers, address=address, prefix_sharing=not naive,
-                        batch_candidates=not naive)
+                        batch_candidates=False, threads=threads)
 
 
 def add_backend_args(p: argparse.ArgumentParser) -> None:

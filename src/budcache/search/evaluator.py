@@ -66,7 +66,13 @@ class Evaluator:
 
     ``make_sampler(controller)`` builds the sampler (denoiser, sigmas, solver,
     mechanism, guidance) for a controller; the evaluator supplies one static
-    mask row per element. A model output with NaN or Inf raises
+    mask row per element. ``threads`` fixes torch's thread count while
+    scoring. Losses are bit-reproducible (independent of call order, grouping
+    and worker) with ``batch_candidates=False`` and a fixed ``threads``: every
+    mask then runs as its own batch of the C calibration items, so each model
+    call has the same shape and row positions whatever else is scored; batched
+    candidates share model calls, whose kernels may round differently for
+    other batch shapes. A model output with NaN or Inf raises
     :class:`~budcache.errors.ModelOutputError` naming the step and the compute
     set(s) that produced it (attributes ``step`` and ``computes``).
     """
@@ -76,7 +82,9 @@ class Evaluator:
 
     def __init__(self, make_sampler, calib: CalibrationSet, *, loss: LossFn = latent_mse,
                  prefix_sharing: bool = True, batch_candidates: bool = True, max_batch: int = 512,
-                 max_state_bytes: int = 2 * 2**30) -> None:
+                 max_state_bytes: int = 2 * 2**30, threads: int | None = None) -> None:
+        if threads is not None and (type(threads) is not int or threads < 1):
+            raise ConfigError(f"threads must be an integer >= 1 (got {threads!r})")
         if calib.teacher is None:
             raise ConfigError("the calibration set has no teacher outputs; build it with make_calibration")
         self.make_sampler = make_sampler
@@ -86,6 +94,7 @@ class Evaluator:
         self.batch_candidates = batch_candidates
         self.max_batch = max(len(calib), max_batch)
         self.max_state_bytes = max_state_bytes
+        self.threads = threads
         self._state_bytes = 0
         self.steps = make_sampler(None).steps
         self.memo: dict[tuple[int, ...], float] = {}
@@ -107,7 +116,14 @@ class Evaluator:
         self.stats.memo_hits += len(keys) - len(todo)
         if todo:
             t0 = time.perf_counter()
-            self._run([mask_of(self.steps, k) for k in todo])
+            prev = torch.get_num_threads()
+            if self.threads is not None and self.threads != prev:
+                torch.set_num_threads(self.threads)
+            try:
+                self._run([mask_of(self.steps, k) for k in todo])
+            finally:
+                if torch.get_num_threads() != prev:
+                    torch.set_num_threads(prev)
             self.stats.wall_s += time.perf_counter() - t0
         return [self.memo[k] for k in keys]
 
