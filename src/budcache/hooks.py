@@ -17,7 +17,14 @@ When only some elements of a batch compute (several candidate masks run as one
 batch), the stack runs on that subset alone and the tail scatters the results
 back. ``R_hat`` comes from the mechanism: ``reuse`` (``R_hat = R_j``, the last
 computed step ``j``) or ``forecast`` (Newton/Taylor extrapolation of the
-residual in the step index from the last 2 or 3 computed steps).
+residual in the step index from the last 2 or 3 computed steps), unless the
+step's :class:`Decision` carries its own ``estimator`` (e.g. DiCache's
+trajectory alignment).
+
+:func:`probe_stack` reads signals of a step without running the whole stack
+(the stack input, the first block's timestep embedding, the output of the
+first ``m`` blocks): it calls the model with any budcache cache bypassed and
+stops right after block ``m-1`` (TeaCache's indicator, DiCache's probe).
 """
 
 from __future__ import annotations
@@ -44,12 +51,26 @@ _DEFAULT_CONTEXT = "default"
 MECHANISMS: dict[str, int] = {"reuse": 0, "forecast1": 1, "forecast2": 2}
 
 
+#: ``estimator(history, step) -> (R_hat_img, R_hat_txt)``: a step's own residual estimate for skipped elements.
+Estimator = Callable[["ResidualHistory", int], "tuple[torch.Tensor, torch.Tensor | None]"]
+
+
 @dataclass(frozen=True)
 class Decision:
-    """Which elements compute at ``step``: ``compute`` is a bool tensor (B,)."""
+    """Which elements compute at ``step``: ``compute`` is a bool tensor (B,).
+
+    ``estimator`` (optional) replaces the mechanism's ``R_hat`` for the
+    skipped elements of this step. ``resume`` (optional) is a :class:`Probe`
+    of this step's call in context ``resume_context``: there, the computing
+    elements take its output of the first ``probe.blocks`` blocks instead of
+    running them again (other contexts run every block).
+    """
 
     step: int
     compute: torch.Tensor
+    estimator: Estimator | None = None
+    resume: Probe | None = None
+    resume_context: str = "cond"
 
 
 @dataclass(frozen=True)
@@ -183,11 +204,12 @@ class _BlockHook(ModelHook):
 
     _is_stateful = True
 
-    def __init__(self, cache: CacheHandle, role: str) -> None:
+    def __init__(self, cache: CacheHandle, role: str, index: int = 0) -> None:
         super().__init__()
         self.cache = cache
         self.state_manager = cache.state_manager
         self.role = role  # "head" | "middle" | "tail" | "only"
+        self.index = index  # position in the stack
         self.meta = None
         self.args: _Arguments | None = None
 
@@ -223,6 +245,8 @@ class _BlockHook(ModelHook):
 
     # -- forward -----------------------------------------------------------------------
     def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+        if self.cache.bypass:
+            return self.fn_ref.original_forward(*args, **kwargs)
         st: _State = self.state_manager.get_state()
         kw = self.args.bind(args, kwargs)
         if self.role in ("head", "only"):
@@ -230,7 +254,7 @@ class _BlockHook(ModelHook):
         if st.mode == "skip":
             h, e = self._streams(kw)
             if self.role in ("head", "only"):
-                r_img, r_txt = st.history.estimate(st.decision.step, self.cache.order)
+                r_img, r_txt = self.cache._estimate(st)
                 h = h + r_img.to(h.dtype)
                 e = e + r_txt.to(e.dtype) if (e is not None and r_txt is not None) else e
             return self._pack(h, e)
@@ -239,7 +263,18 @@ class _BlockHook(ModelHook):
             kw = {k: (_slice(v, st.idx, st.batch) if k in names else v) for k, v in kw.items()}
         elif st.mode == "subset":
             kw = {k: (_slice(v, st.idx, st.batch) if k == "temb" else v) for k, v in kw.items()}
-        output = self.fn_ref.original_forward(**kw)
+        resume = st.decision.resume
+        if resume is not None and self.state_manager.context.name != st.decision.resume_context:
+            resume = None
+        if resume is not None and self.index < resume.blocks:
+            if self.index < resume.blocks - 1:  # already run by the probe: pass the stream on unchanged
+                return self._pack(*self._streams(kw))
+            output = resume.output
+            if st.mode == "subset":
+                output = tuple(_slice(v, st.idx, st.batch) for v in output) if isinstance(output, tuple) else \
+                    _slice(output, st.idx, st.batch)
+        else:
+            output = self.fn_ref.original_forward(**kw)
         if self.role in ("tail", "only"):
             output = self._end(st, output)
         return output
@@ -284,9 +319,9 @@ class _BlockHook(ModelHook):
         r_img = (h_out - h_in_s).detach()
         r_txt = (e_out - e_in_s).detach() if (e_out is not None and e_in_s is not None) else None
         idx = st.idx
-        depth = self.cache.order + 1
+        depth = self.cache.depth
         if st.mode == "subset":
-            est_img, est_txt = st.history.estimate(st.decision.step, self.cache.order)
+            est_img, est_txt = self.cache._estimate(st)
             full_h = (h_in + est_img.to(h_in.dtype)).index_copy(0, st.idx, h_out)
             full_e = None
             if e_out is not None:
@@ -315,6 +350,8 @@ class _ModelHook(ModelHook):
         return module
 
     def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+        if self.cache.bypass:
+            return self.fn_ref.original_forward(*args, **kwargs)
         own_context = self.state_manager._context is None
         if own_context:
             self.state_manager.set_context(CacheContext(_DEFAULT_CONTEXT))
@@ -349,15 +386,21 @@ class CacheHandle:
     Decisions come from :meth:`set_decision` (the sampler, before each call) or
     from ``resolver(module, args, kwargs, state) -> Decision`` (pipelines: the step
     comes from the call's timestep, and a generation must run consecutive steps).
+    ``depth`` keeps at least that many computed residuals per element (the
+    mechanism needs ``order + 1``; an estimator may need more).
     """
 
     def __init__(self, transformer: torch.nn.Module, mechanism: str = "reuse",
-                 resolver: Callable[..., Decision] | None = None) -> None:
+                 resolver: Callable[..., Decision] | None = None, depth: int | None = None) -> None:
         if mechanism not in MECHANISMS:
             raise ConfigError(f"mechanism {mechanism!r} is not a residual mechanism; choose one of {list(MECHANISMS)}")
+        if depth is not None and (not isinstance(depth, int) or depth < 1):
+            raise ConfigError(f"residual depth must be an integer >= 1 (got {depth!r})")
         self.transformer = transformer
         self.mechanism = mechanism
         self.order = MECHANISMS[mechanism]
+        self.depth = max(self.order + 1, depth or 1)
+        self.bypass = False
         self.resolver = resolver
         self.state_manager = StateManager(_State)
         self.stats = CacheStats()
@@ -375,7 +418,7 @@ class CacheHandle:
         n = len(self._blocks)
         for i, (_, block) in enumerate(self._blocks):
             role = "only" if n == 1 else "head" if i == 0 else "tail" if i == n - 1 else "middle"
-            HookRegistry.check_if_exists_or_initialize(block).register_hook(_BlockHook(self, role), _BLOCK_HOOK)
+            HookRegistry.check_if_exists_or_initialize(block).register_hook(_BlockHook(self, role, i), _BLOCK_HOOK)
         self._installed = True
         return self
 
@@ -401,9 +444,27 @@ class CacheHandle:
         self.state_manager.reset()
         self._pending = None
 
-    def set_decision(self, step: int, compute: torch.Tensor) -> None:
+    def set_decision(self, step: int, compute: torch.Tensor, estimator: Estimator | None = None,
+                     resume: Probe | None = None) -> None:
         """Decision for the next call(s) of the transformer (kept until replaced)."""
-        self._pending = Decision(step, compute)
+        self._pending = Decision(step, compute, estimator, resume)
+
+    @contextlib.contextmanager
+    def bypassed(self) -> Iterator[None]:
+        """Calls inside run the plain model: no decision, no cache read or written."""
+        before, self.bypass = self.bypass, True
+        try:
+            yield
+        finally:
+            self.bypass = before
+
+    def _estimate(self, st: _State) -> tuple[torch.Tensor, torch.Tensor | None]:
+        d = st.decision
+        if d.estimator is not None:
+            if not st.history.img:
+                raise ConfigError("no computed step is cached yet: the first step of a generation must compute")
+            return d.estimator(st.history, d.step)
+        return st.history.estimate(d.step, self.order)
 
     def snapshot(self) -> dict[str, ResidualHistory]:
         """The residual history of every context (immutable values; cheap)."""
@@ -446,9 +507,9 @@ def _block_stack(transformer: torch.nn.Module) -> list[tuple[str, torch.nn.Modul
 
 
 def apply_cache(transformer: torch.nn.Module, mechanism: str = "reuse",
-                resolver: Callable[..., Decision] | None = None) -> CacheHandle:
+                resolver: Callable[..., Decision] | None = None, depth: int | None = None) -> CacheHandle:
     """Install a residual cache on ``transformer`` (per instance, removable)."""
-    return CacheHandle(transformer, mechanism, resolver).install()
+    return CacheHandle(transformer, mechanism, resolver, depth).install()
 
 
 def find_cache(transformer: torch.nn.Module) -> CacheHandle | None:
@@ -456,6 +517,93 @@ def find_cache(transformer: torch.nn.Module) -> CacheHandle | None:
     reg = getattr(transformer, "_diffusers_hook", None)
     hook = reg.get_hook(_MODEL_HOOK) if reg is not None else None
     return hook.cache if hook is not None else None
+
+
+# ------------------------------------------------------------------------------ probes
+@dataclass(frozen=True)
+class Probe:
+    """Signals of one model call, read without running the whole block stack.
+
+    ``h_in`` (B, T, D): image stream entering the stack; ``temb`` (B, D): the
+    timestep/text embedding the blocks get; ``h_out`` (B, T, D): image stream
+    after the first ``blocks`` blocks (``None`` when ``blocks`` is 0);
+    ``output``: that block's whole output (every stream), so a computed step
+    can resume from it.
+    """
+
+    h_in: torch.Tensor
+    temb: torch.Tensor | None
+    h_out: torch.Tensor | None
+    blocks: int
+    stack_size: int
+    output: Any = None
+
+
+class _ProbeDone(Exception):
+    """Raised inside a hook to stop the model call once the probe has what it needs."""
+
+
+def probe_stack(transformer: torch.nn.Module, call: Callable[[], Any], blocks: int) -> Probe:
+    """Run ``call()`` (which calls ``transformer``) up to the end of block ``blocks - 1`` and stop.
+
+    Any budcache cache on the transformer is bypassed, so the probe reads the
+    plain model and leaves cached residuals untouched. ``blocks = 0`` stops at
+    the stack input. Runs without autograd.
+    """
+    stack = _block_stack(transformer)
+    if not 0 <= blocks <= len(stack):
+        raise ConfigError(f"probe depth {blocks} must lie in 0..{len(stack)} (blocks in the stack)")
+    head = stack[0][1]
+    meta_head = TransformerBlockRegistry.get(head.__class__)
+    head_args = _Arguments(type(head).forward)
+    seen: dict[str, Any] = {}
+
+    def pre(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        kw = head_args.bind(args, kwargs)
+        seen["h_in"] = kw[meta_head.hidden_states_argument_name]
+        seen["temb"] = kw.get("temb")
+        if blocks == 0:
+            raise _ProbeDone
+
+    def post(module: torch.nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        meta = TransformerBlockRegistry.get(module.__class__)
+        seen["h_out"] = output[meta.return_hidden_states_index] if isinstance(output, tuple) else output
+        seen["output"] = output
+        raise _ProbeDone
+
+    handles = [head.register_forward_pre_hook(pre, with_kwargs=True)]
+    if blocks > 0:
+        handles.append(stack[blocks - 1][1].register_forward_hook(post, with_kwargs=True))
+    cache = find_cache(transformer)
+    guard = cache.bypassed() if cache is not None else contextlib.nullcontext()
+    try:
+        with guard, torch.no_grad():
+            call()
+    except _ProbeDone:
+        pass
+    finally:
+        for h in handles:
+            h.remove()
+    if "h_in" not in seen or (blocks > 0 and "h_out" not in seen):
+        raise ConfigError(f"{type(transformer).__name__}: the probe call never reached block {max(blocks - 1, 0)}")
+    return Probe(seen["h_in"], seen["temb"], seen.get("h_out"), blocks, len(stack), seen.get("output"))
+
+
+def modulated_input(transformer: torch.nn.Module, probe: Probe) -> torch.Tensor:
+    """The first block's AdaLN-modulated image input ``LN(h) (1 + scale_msa) + shift_msa`` (B, T, D)."""
+    head = _block_stack(transformer)[0][1]
+    norm = getattr(head, "norm1", None)
+    if norm is None or probe.temb is None:
+        raise ConfigError(f"{type(head).__name__} has no AdaLN 'norm1' fed by a timestep embedding; "
+                          "TeaCache's indicator needs one")
+    with torch.no_grad():
+        out = norm(probe.h_in, emb=probe.temb)
+    return out[0] if isinstance(out, tuple) else out
+
+
+def stack_size(transformer: torch.nn.Module) -> int:
+    """Number of blocks in the transformer's stack (for counting partial work)."""
+    return len(_block_stack(transformer))
 
 
 @contextlib.contextmanager

@@ -11,6 +11,11 @@ For steps ``k = 0 .. N-1`` with sigmas ``s_0 > ... > s_N``:
    for the two passes);
 4. the solver advances ``x`` from ``s_k`` to ``s_{k+1}``.
 
+A :class:`SignalController` (TeaCache, DiCache) decides from the current
+step's signals instead: the sampler hands it a :class:`StepSignals` with the
+latent, sigma, conditioning and a lazy probe of the first blocks, and the
+controller may attach its own residual estimate for the skipped elements.
+
 The state is an explicit immutable value (:class:`SamplerState`): running
 steps ``0..j``, keeping the state and continuing later equals one run, which
 is what prefix sharing in the search relies on. Every tensor operation on the
@@ -28,7 +33,7 @@ import torch
 
 from .denoisers import Denoiser, as_denoiser
 from .errors import ConfigError, ModelOutputError
-from .hooks import MECHANISMS, CacheHandle, ResidualHistory, apply_cache, find_cache
+from .hooks import MECHANISMS, CacheHandle, Estimator, Probe, ResidualHistory, apply_cache, find_cache, probe_stack
 from .policy import CachePolicy
 from .solvers import Solver, get_solver
 
@@ -76,6 +81,68 @@ class StaticMask(Controller):
         if col.shape[0] != b:
             raise ConfigError(f"mask has {col.shape[0]} rows but the batch has {b} elements")
         return col
+
+
+class StepSignals:
+    """What a :class:`SignalController` may read at one step before deciding.
+
+    ``x`` (B, ...) and ``sigma`` (B,) are the step's latent and noise level,
+    ``cond`` its conditioning. :meth:`probe` runs the first ``m`` blocks of the
+    conditional pass (cached per ``m``; any cache bypassed); :meth:`set_estimator`
+    gives the skipped elements a residual estimate of the controller's own;
+    :meth:`resume_from` lets the computing elements start from a probe's
+    output instead of running its blocks again.
+    """
+
+    def __init__(self, sampler: Sampler, step: int, x: torch.Tensor, sigma: torch.Tensor, cond: Any) -> None:
+        self.sampler = sampler
+        self.step = step
+        self.x = x
+        self.sigma = sigma
+        self.cond = cond
+        self.estimator: Estimator | None = None
+        self.resume: Probe | None = None
+        self._probes: dict[int, Probe] = {}
+
+    @property
+    def transformer(self) -> torch.nn.Module:
+        tr = getattr(self.sampler.denoiser, "transformer", None)
+        if tr is None:
+            raise ConfigError("this controller probes the block stack: it needs a diffusers transformer, "
+                              "not a plain callable")
+        return tr
+
+    def probe(self, blocks: int) -> Probe:
+        """Signals of the conditional pass after the first ``blocks`` blocks (0: the stack input)."""
+        if blocks not in self._probes:
+            den = self.sampler.denoiser
+            self._probes[blocks] = probe_stack(
+                self.transformer, lambda: den(self.x, self.sigma, self.cond, "cond"), blocks)
+        return self._probes[blocks]
+
+    def set_estimator(self, estimator: Estimator | None) -> None:
+        """Residual estimate ``estimator(history, step) -> (R_img, R_txt)`` for this step's skipped elements."""
+        self.estimator = estimator
+
+    def resume_from(self, blocks: int) -> None:
+        """Computing elements resume from :meth:`probe` ``(blocks)`` (conditional pass only; exact)."""
+        self.resume = self.probe(blocks) if blocks > 0 else None
+
+
+class SignalController(Controller):
+    """A controller that reads the step's signals (:class:`StepSignals`) before deciding.
+
+    ``residual_depth``: computed residuals the cache keeps per element (an
+    estimator may need more than the mechanism's ``order + 1``).
+    """
+
+    residual_depth: int = 1
+
+    def decide(self, step: int, state: SamplerState) -> torch.Tensor:
+        raise ConfigError(f"{type(self).__name__} decides from the step's signals; run it through budcache's Sampler")
+
+    def decide_with(self, step: int, state: SamplerState, signals: StepSignals) -> torch.Tensor:  # pragma: no cover
+        raise NotImplementedError
 
 
 def as_controller(policy: CachePolicy | Controller | torch.Tensor | Sequence[bool] | None) -> Controller:
@@ -185,7 +252,7 @@ class Sampler:
         if find_cache(tr) is not None:
             raise ConfigError("this transformer already carries a budcache cache (budcache.diffusers.apply); "
                               "remove it before sampling with budcache's sampler")
-        return apply_cache(tr, self.mechanism)
+        return apply_cache(tr, self.mechanism, depth=getattr(self.controller, "residual_depth", None))
 
     def _velocity(self, x: torch.Tensor, sigma: torch.Tensor, cond: Any, uncond: Any) -> torch.Tensor:
         v = self.denoiser(x, sigma, cond, "cond")
@@ -200,12 +267,18 @@ class Sampler:
         b = x.shape[0]
         # The decision stays on the CPU (a static mask needs no device sync); sigma keeps the schedule's
         # dtype so adapters can form the timestep exactly as pipelines do.
-        compute = self.controller.decide(k, state).to(dtype=torch.bool)
         sigma = self.sigmas[k].expand(b)
+        estimator = resume = None
+        if isinstance(self.controller, SignalController):
+            signals = StepSignals(self, k, x, sigma, cond)
+            compute = self.controller.decide_with(k, state, signals).to(dtype=torch.bool)
+            estimator, resume = signals.estimator, signals.resume
+        else:
+            compute = self.controller.decide(k, state).to(dtype=torch.bool)
         cache = state.cache
         if handle is not None:
             handle.restore(cache)
-            handle.set_decision(k, compute)
+            handle.set_decision(k, compute, estimator, resume)
             v = self._velocity(x, sigma, cond, uncond)
             cache = handle.snapshot()
         elif self.mechanism == "output" and self.cached:

@@ -1,0 +1,31 @@
+"""Baselines compared with budcache at equal NFE, all run through budcache's one sampler.
+
+Re-implemented here because no library ships them: TeaCache, DiCache,
+LeMiCa and a ReCache-style REINFORCE policy (each module's docstring states
+its rule and its documented choices), plus :func:`calibrate_threshold`, the
+generic bisection that tunes any threshold method to a mean NFE.
+
+``METHODS`` maps a name to a factory of a :class:`~budcache.baselines.base.Method`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from .base import Method, MethodRun
+from .calibrate import ThresholdFit, calibrate_threshold
+from .dicache import DiCache, DiCacheController
+from .lemica import LeMiCa, brute_force_path, lexminimax_path
+from .recache import ReCache
+from .teacache import TeaCache, TeaCacheController
+
+#: name -> factory (keyword arguments go to the method's constructor).
+METHODS: dict[str, Callable[..., Method]] = {
+    "teacache": TeaCache,
+    "dicache": DiCache,
+    "lemica": LeMiCa,
+    "recache": ReCache,
+}
+
+__all__ = ["METHODS", "DiCache", "DiCacheController", "LeMiCa", "Method", "MethodRun", "ReCache", "TeaCache",
+           "TeaCacheController", "ThresholdFit", "brute_force_path", "calibrate_threshold", "lexminimax_path"]

@@ -1,0 +1,64 @@
+"""Pieces the re-implemented baselines share: the relative L1 signal and batched sampling."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..errors import ConfigError
+from ..sampler import Controller, _select
+
+
+def rel_l1(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per element ``mean|a - b| / mean|b|`` over everything but the batch dimension: (B, ...) -> (B,)."""
+    if a.shape != b.shape:
+        raise ConfigError(f"relative L1 needs equal shapes; got {tuple(a.shape)} and {tuple(b.shape)}")
+    num = (a - b).abs().flatten(1).mean(1)
+    den = b.abs().flatten(1).mean(1).clamp_min(1e-12)
+    return num / den
+
+
+def polyval(coefficients: torch.Tensor | list[float], x: torch.Tensor) -> torch.Tensor:
+    """``p(x) = c_0 x^d + c_1 x^(d-1) + ... + c_d`` (highest power first, as ``numpy.poly1d``), by Horner."""
+    c = torch.as_tensor(coefficients, dtype=torch.float64)
+    out = torch.zeros_like(x, dtype=torch.float64)
+    for ci in c:
+        out = out * x.double() + ci
+    return out
+
+
+def run_controller(problem: Any, controller: Controller, noise: torch.Tensor, cond: Any, uncond: Any = None,
+                   batch: int = 64, callback: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sample ``noise`` in batches through ``problem``'s sampler with ``controller``.
+
+    Returns the final latents (B, ...) and which elements computed at every
+    step (N, B) bool. ``callback(state, offset)`` runs after every step.
+    """
+    if batch < 1:
+        raise ConfigError(f"batch must be >= 1 (got {batch})")
+    sampler = problem.make_sampler(controller)
+    latents, computed = [], []
+    with torch.no_grad():
+        for i in range(0, noise.shape[0], batch):
+            idx = torch.arange(i, min(i + batch, noise.shape[0]), device=noise.device)
+            cb = None if callback is None else (lambda st, off=i: callback(st, off))
+            st = sampler.run(sampler.start(noise.index_select(0, idx)), _select(cond, idx), _select(uncond, idx),
+                             callback=cb)
+            res = sampler.result(st)
+            latents.append(res.latent)
+            computed.append(res.computed)
+    return torch.cat(latents), torch.cat(computed, dim=1)
+
+
+def check_budget(problem: Any, nfe: int) -> int:
+    """``nfe`` as an int in ``1..problem.steps`` or a ConfigError naming it."""
+    if isinstance(nfe, bool) or not isinstance(nfe, int) or not 1 <= nfe <= problem.steps:
+        raise ConfigError(f"budget nfe={nfe!r} must be an integer in 1..{problem.steps} (the number of steps)")
+    return nfe
+
+
+def calib_key(problem: Any, calib: Any) -> tuple:
+    """What offline measurements depend on: the calibration set and the problem's sampler settings."""
+    return (calib.digest, problem.steps, getattr(problem, "solver", None), getattr(problem, "guidance", None),
+            getattr(problem, "mechanism", None))
