@@ -803,3 +803,19 @@ def test_prompt_files_tolerate_a_byte_order_mark(tmp_path):
     txt = tmp_path / "p.txt"
     txt.write_bytes("\ufeffa circle\n".encode("utf-8"))
     assert read_prompt_file(txt) == ["a circle"]
+
+
+def test_log_mse_loss_weighs_items_by_relative_error():
+    from budcache.search.calibration import get_loss, latent_mse
+
+    teacher = torch.zeros(2, 4)
+    x = torch.tensor([[1.0, 1, 1, 1], [0.1, 0.1, 0.1, 0.1]])
+    log_mse = get_loss("logmse")
+    assert torch.allclose(log_mse(x, teacher), torch.log(latent_mse(x, teacher)))
+    # halving one item's error improves the mean log-MSE equally, whichever item it is
+    a = log_mse(x * torch.tensor([[0.5], [1.0]]), teacher).mean()
+    b = log_mse(x * torch.tensor([[1.0], [0.5]]), teacher).mean()
+    assert torch.isclose(a, b)
+    assert torch.isfinite(log_mse(teacher, teacher)).all()
+    with pytest.raises(ConfigError, match="logmse"):
+        get_loss("psnr")

@@ -246,7 +246,8 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("--nfe", type=_int_list, default=[10], help="budget(s) K, e.g. 10 or 6,8,10,14")
     se.add_argument("--steps", type=int, default=28, help="solver steps N")
     se.add_argument("--solver", default="euler", choices=sorted(SOLVERS))
-    se.add_argument("--mechanism", default="reuse", choices=list(MECHANISMS))
+    se.add_argument("--mechanism", default="reuse", choices=[*MECHANISMS, "output"],
+                    help="how a skipped step is approximated: residual reuse/forecast, or output (velocity reuse)")
     se.add_argument("--guidance", type=float, default=1.0)
     se.add_argument("--prompts", default=None, help="calibration prompts (.txt, .jsonl or .csv); default: "
                     "tinyflow prompts covering every template")

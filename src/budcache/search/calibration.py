@@ -35,7 +35,17 @@ def latent_l1(x: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     return (x - teacher).abs().flatten(1).mean(1)
 
 
-LOSSES: dict[str, LossFn] = {"mse": latent_mse, "l1": latent_l1}
+def latent_log_mse(x: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """Per-item ``log(mean((x - x_full)^2))``: its mean is minus the mean latent PSNR (over ln 10 / 10).
+
+    The plain MSE averages errors, so a few hard items dominate it; the log
+    weighs every item's relative error equally, which is what a per-image
+    quality metric (PSNR, paired wins) rewards.
+    """
+    return torch.log((x - teacher).pow(2).flatten(1).mean(1).clamp_min(1e-20))
+
+
+LOSSES: dict[str, LossFn] = {"mse": latent_mse, "l1": latent_l1, "logmse": latent_log_mse}
 
 
 def get_loss(name: str) -> LossFn:
