@@ -361,6 +361,18 @@ def test_dicache_resume_from_probe_is_exact(tiny, monkeypatch, guidance, thresho
     assert len(head.batches) > N  # without resuming, block 0 ran again on computed steps
 
 
+def test_dicache_budget_below_its_floor_reports_what_it_spends(tiny):
+    """Below forced steps + probes, DiCache skips all it may and says it missed the budget (no bisection)."""
+    calib = calibration(tiny, items=2)
+    m = DiCache()
+    assert m.min_nfe(tiny) == pytest.approx(3 + 5 / 3)  # forced {0, 1, 7}, 5 probed steps of 1/3 stack
+    m.fit(tiny, calib, 2)
+    assert not m.calibration.reached and m.calibration.evaluations == 1
+    assert m.calib_nfe == pytest.approx(m.min_nfe(tiny))
+    run = m.sample(tiny, calib.noise, calib.cond)
+    assert run.extra["computed"].sum(0).tolist() == [3, 3]
+
+
 # =============================================================================== threshold calibration
 def test_calibration_bisects_to_target():
     """A synthetic method whose per-element NFE falls with the threshold: the target is met within 0.5."""

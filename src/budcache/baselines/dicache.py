@@ -49,6 +49,10 @@ from .calibrate import ThresholdFit, calibrate_threshold
 from .common import check_budget, rel_l1, run_controller
 
 
+#: A threshold no accumulated probe distance reaches: only the forced steps compute.
+NEVER = 1e9
+
+
 def forced_steps(steps: int, retention: float) -> set[int]:
     """Steps DiCache always computes: ``k <= int(r T)`` and the last."""
     return set(range(min(int(retention * steps), steps - 1) + 1)) | {steps - 1}
@@ -193,16 +197,29 @@ class DiCache:
                                      batch=self.batch)
         return self.cost(problem, computed)
 
+    def min_nfe(self, problem: Any) -> float:
+        """The least NFE DiCache can spend: forced steps computed, every other step probed."""
+        forced = len(forced_steps(problem.steps, self.retention))
+        return forced + (problem.steps - forced) * self.probe_fraction(problem)
+
+    @property
+    def calib_nfe(self) -> float | None:
+        """Mean NFE of the calibrated threshold on the calibration inputs."""
+        return None if self.calibration is None else self.calibration.mean
+
     def fit(self, problem: Any, calib: Any, nfe: int) -> None:
+        """Bisect the threshold to mean NFE ``nfe``. A budget below :meth:`min_nfe` is out of DiCache's reach:
+        the threshold then skips every step it may (``calibration.reached`` is False, its NFE says by how much)."""
         check_budget(problem, nfe)
-        floor = len(forced_steps(problem.steps, self.retention))
-        if nfe < floor:
-            raise ConfigError(f"DiCache always computes {floor} of {problem.steps} steps (first int({self.retention}"
-                              f"*T)+1 and the last); budget nfe={nfe} is below that")
         if self.fixed_threshold:
             return
-        self.calibration = calibrate_threshold(lambda t: self.nfe_at(problem, calib, t), nfe, lo=0.0, hi=1.0,
-                                               tol=self.tol, max_evals=self.max_evals, progress=self.progress)
+        if nfe < self.min_nfe(problem) - self.tol:
+            v = self.nfe_at(problem, calib, NEVER)
+            self.calibration = ThresholdFit(NEVER, float(nfe), float(v.mean()), float(v.min()), float(v.max()), False,
+                                            1, ((NEVER, float(v.mean())),))
+        else:
+            self.calibration = calibrate_threshold(lambda t: self.nfe_at(problem, calib, t), nfe, lo=0.0, hi=1.0,
+                                                   tol=self.tol, max_evals=self.max_evals, progress=self.progress)
         self.threshold = self.calibration.threshold
 
     def sample(self, problem: Any, noise: torch.Tensor, cond: Any, uncond: Any = None) -> MethodRun:

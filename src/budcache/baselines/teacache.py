@@ -150,6 +150,16 @@ class TeaCache:
         self.calibration: ThresholdFit | None = None
         self._fits: dict[tuple, tuple[tuple[float, ...], dict]] = {}
 
+    @property
+    def threshold(self) -> float | None:
+        """The threshold ``delta`` in use (calibrated or given)."""
+        return self.delta
+
+    @property
+    def calib_nfe(self) -> float | None:
+        """Mean NFE of the calibrated threshold on the calibration inputs."""
+        return None if self.calibration is None else self.calibration.mean
+
     def nfe_at(self, problem: Any, calib: Any, delta: float) -> torch.Tensor:
         """Per-item NFE (B,) of ``calib`` at threshold ``delta``."""
         _, computed = run_controller(problem, TeaCacheController(delta, self.coefficients), calib.noise,
