@@ -469,6 +469,11 @@ def test_lemica_edges_and_fit(tiny):
     m = LeMiCa(max_span=4)
     m.fit(tiny, calib, 4)
     assert m.policy.compute == lexminimax_path(w, 4)[0]
+    one = LeMiCa(max_span=4, items=1).edges(tiny, calib)  # edges measured on the first pair only
+    first = make_calibration(tiny.make_sampler, calib.prompts[:1], calib.seeds[:1], calib.noise[:1],
+                             calib.cond.select(torch.tensor([0])))
+    w1 = edge_errors(tiny.make_sampler, first, N, max_span=4)
+    np.testing.assert_allclose(one, w1, rtol=1e-5)
     x, cond, _ = inputs(2, seed=5)
     with StackRuns(tiny.transformer) as runs:
         run = m.sample(tiny, x, cond)

@@ -58,6 +58,16 @@ def check_budget(problem: Any, nfe: int) -> int:
     return nfe
 
 
+def subset(calib: Any, n: int) -> Any:
+    """The first ``n`` items of a calibration set (noise, conditioning, teacher)."""
+    from ..search.calibration import CalibrationSet
+
+    idx = torch.arange(n, device=calib.noise.device)
+    return CalibrationSet(calib.prompts[:n], calib.seeds[:n], calib.noise[:n], _select(calib.cond, idx),
+                          _select(calib.uncond, idx), None if calib.teacher is None else calib.teacher[:n],
+                          dict(calib.info))
+
+
 def calib_key(problem: Any, calib: Any) -> tuple:
     """What offline measurements depend on: the calibration set and the problem's sampler settings."""
     return (calib.digest, problem.steps, getattr(problem, "solver", None), getattr(problem, "guidance", None),
