@@ -23,10 +23,9 @@ from budcache.baselines.teacache import fit_rescaler
 from budcache.denoisers import FluxCond, FluxDenoiser
 from budcache.errors import ConfigError
 from budcache.hooks import Probe, ResidualHistory, find_cache, modulated_input, probe_stack
-from budcache.policy import CachePolicy
 from budcache.sampler import Sampler, SignalController, StaticMask
 from budcache.schedules import flux
-from budcache.search import make_calibration, mask_of
+from budcache.search import make_calibration
 from budcache.search.calibration import latent_l1
 from helpers import StackRuns, make_transformer
 
@@ -234,6 +233,8 @@ def test_teacache_polynomial_rescales_and_clamps(tiny):
     s = tiny.make_sampler(double)
     assert bool(s.result(s.run(s.start(x), cond)).computed.all())
     assert polyval([1.0, -2.0, 3.0], torch.tensor([2.0])).item() == pytest.approx(3.0)
+    # rel-L1 is per element: mean|a - b| / mean|b| over everything but the batch dimension
+    assert rel_l1(torch.tensor([[3.0, 3.0], [1.0, 2.0]]), torch.ones(2, 2)).tolist() == [2.0, 0.5]
 
 
 def test_teacache_refit_and_sample(tiny):
@@ -489,7 +490,8 @@ def test_plackett_luce_samples_exactly_k_and_normalises():
             o = plackett_luce_sample(theta, k, gen)
             assert o.numel() == k and len(set(o.tolist())) == k
     # the ordered draws of 3 out of 5 are a probability distribution
-    total = sum(math.exp(float(plackett_luce_log_prob(theta, torch.tensor(p)))) for p in itertools.permutations(range(5), 3))
+    orders = itertools.permutations(range(5), 3)
+    total = sum(math.exp(float(plackett_luce_log_prob(theta, torch.tensor(p)))) for p in orders)
     assert total == pytest.approx(1.0)
     with pytest.raises(ConfigError):
         plackett_luce_sample(theta, 6)

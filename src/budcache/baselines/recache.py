@@ -135,7 +135,8 @@ class ReCache:
                 opt.zero_grad()
                 objective.backward()
             opt.step()
-            baseline = mean_r if baseline is None else self.baseline_decay * baseline + (1 - self.baseline_decay) * mean_r
+            d = self.baseline_decay
+            baseline = mean_r if baseline is None else d * baseline + (1 - d) * mean_r
             for s, loss in zip(sets, losses):
                 if best is None or loss < best[1]:
                     best = (s, loss)
