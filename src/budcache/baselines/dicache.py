@@ -7,7 +7,9 @@ run (a probe that stops there) and give ``p_t``, the image stream after block
     dy_t = mean|p_t - p_{t-1}| / mean|p_{t-1}|,   acc += dy_t
     skip if acc < threshold, else compute and set acc = 0
 
-(``p_{t-1}`` is the previous step's probe output, computed or not). Steps
+(``p_{t-1}`` is the previous step's probe output, computed or not; this is
+the original's ``delta_y`` error, its recommended one; the ``delta_minus``
+variant, ``|dy - dx|``, is not implemented). Steps
 ``k <= int(r T)`` (``r`` = 0.2; the original's ``cnt <= int(ret_ratio * T)``)
 and the last step always compute.
 
