@@ -7,6 +7,7 @@ The Ray tests run a local cluster with 2 CPUs on tinyflow; they skip only when r
 
 from __future__ import annotations
 
+import copy
 import sys
 from dataclasses import dataclass
 
@@ -19,7 +20,9 @@ from budcache.errors import ConfigError, MissingExtraError, ModelOutputError
 from budcache.search import Evaluator, SearchConfig, hc_neighbourhood, random_init, search
 from budcache.search.anneal import load_checkpoint
 from budcache.search.calibration import pairs_for, tinyflow_prompts
-from budcache.search.distributed import RayEvaluator, ShippedProblem, make_evaluator, to_device
+from budcache.search.distributed import (
+    ALIGN, RayEvaluator, ShippedProblem, align_weights, make_evaluator, to_device,
+)
 from budcache.search.run import TinyflowProblem
 
 torch.set_num_threads(1)
@@ -190,6 +193,26 @@ def test_to_device_moves_every_tensor_of_a_calibration_set(calib):
     moved = to_device(calib, "cpu")
     assert moved.prompts == calib.prompts and torch.equal(moved.teacher, calib.teacher)
     assert torch.equal(moved.cond.prompt_embeds, calib.cond.prompt_embeds)
+    view = torch.arange(40.0)[2:34].view(4, 8)  # 8 bytes off the storage start
+    out = to_device({"x": view}, "cpu")["x"]
+    assert torch.equal(out, view) and out.data_ptr() % ALIGN == 0
+
+
+def test_aligned_weights_make_a_copied_replica_bit_identical():
+    """Kernels round differently at other alignments: a loaded model and its copy (as a worker holds it)
+    agree bit for bit once the evaluator aligns both."""
+    a = TinyflowProblem(tinyflow.load(), 28)
+    b = copy.deepcopy(a)
+    prompts, seeds = pairs_for(tinyflow_prompts(1, seed=0), 1, 0)
+    cal = a.calibration(prompts, seeds)
+    mask = (0, 1, 2, 3, 7, 9, 10, 13, 20, 27)
+    la = make_evaluator("inprocess", a, cal).loss_of(mask)
+    assert align_weights(a.transformer) == 0  # make_evaluator aligned it already
+    assert la == make_evaluator("inprocess", b, cal).loss_of(mask)
+    lin = torch.nn.Linear(4, 8)
+    lin.weight.data = torch.arange(40.0)[2:34].view(8, 4)
+    assert align_weights(lin) == 1 and lin.weight.data_ptr() % ALIGN == 0
+    assert torch.equal(lin.weight, torch.arange(2.0, 34.0).view(8, 4))
 
 
 # =============================================================================== Ray

@@ -14,8 +14,9 @@ Same seed, same policy, whatever the backend and worker count:
 - a mask's loss does not depend on which worker or batch evaluated it: both
   backends score every mask as its own batch of the C calibration items
   (``batch_candidates=False``; prefix sharing stays on) with a fixed thread
-  count (``threads=1`` by default), so each model call has the same shapes and
-  row positions wherever it runs (verified bit for bit by
+  count (``threads=1`` by default) on weights and data aligned alike (see
+  :func:`align_weights`), so each model call has the same shapes, row
+  positions and memory alignment wherever it runs (verified bit for bit by
   ``tests/test_ray.py``; batching candidates together would let the kernels
   round differently for other batch shapes). On GPUs, equal bits also need
   the same GPU model and library versions on every worker;
@@ -91,10 +92,20 @@ def place(problem: Any, device: str) -> Any:
     return problem
 
 
+def _aligned(t: torch.Tensor) -> bool:
+    return t.is_contiguous() and t.data_ptr() % ALIGN == 0
+
+
+#: Byte alignment of every tensor a canonical evaluation reads (the CPU allocator's own alignment).
+ALIGN = 64
+
+
 def to_device(obj: Any, device: str) -> Any:
-    """``obj`` with every tensor inside (dataclasses, dicts, lists, tuples) moved to ``device``."""
+    """``obj`` with every tensor inside (dataclasses, dicts, lists, tuples) on ``device``, contiguous and
+    aligned to :data:`ALIGN` bytes (copied only where needed)."""
     if torch.is_tensor(obj):
-        return obj.to(device)
+        t = obj.to(device)
+        return t if _aligned(t) else t.clone(memory_format=torch.contiguous_format)
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         return dataclasses.replace(obj, **{f.name: to_device(getattr(obj, f.name), device)
                                            for f in dataclasses.fields(obj) if f.init})
@@ -103,6 +114,27 @@ def to_device(obj: Any, device: str) -> Any:
     if isinstance(obj, (list, tuple)):
         return type(obj)(to_device(v, device) for v in obj)
     return obj
+
+
+def align_weights(module: torch.nn.Module | None) -> int:
+    """Re-allocate, in place and with equal values, every parameter or buffer of ``module`` that is not
+    contiguous and :data:`ALIGN`-byte aligned; returns how many moved.
+
+    CPU matrix kernels may round differently for data at other alignments, and
+    loaders differ (a safetensors load can leave weights 8 bytes off; a
+    pickled copy on a worker is aligned): canonical evaluation needs both
+    sides aligned.
+    """
+    moved = 0
+    if module is None:
+        return moved
+    for m in module.modules():
+        for group in (m._parameters, m._buffers):
+            for t in group.values():
+                if t is not None and not _aligned(t):
+                    t.data = t.data.clone(memory_format=torch.contiguous_format)
+                    moved += 1
+    return moved
 
 
 # ------------------------------------------------------------------------------ worker
@@ -114,6 +146,7 @@ class EvalWorker:
         torch.set_num_threads(options["threads"])
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         problem = factory(self.device)
+        align_weights(getattr(problem, "transformer", None))
         with torch.no_grad():
             self.evaluator = Evaluator(problem.make_sampler, to_device(calib, self.device), loss=loss, **options)
 
@@ -132,6 +165,14 @@ class EvalWorker:
 
 
 # ------------------------------------------------------------------------------ driver
+def split_chunks(todo: Sequence[tuple[int, ...]], steps: int, workers: int) -> list[list[tuple[int, ...]]]:
+    """At most ``workers`` contiguous, balanced chunks of ``todo`` sorted by mask (shared prefixes together)."""
+    order = sorted(todo, key=lambda k: mask_of(steps, k), reverse=True)
+    n = min(workers, len(order))
+    bounds = [round(j * len(order) / n) for j in range(n + 1)]
+    return [order[bounds[j]:bounds[j + 1]] for j in range(n)]
+
+
 def connect(address: str | None = None, num_cpus: int | None = None) -> bool:
     """Join the Ray cluster at ``address`` (or the one already joined), else start a local one.
 
@@ -257,11 +298,8 @@ class RayEvaluator:
         return self._gather([(i, submit)], retry)[0]
 
     def _scatter(self, todo: list[tuple[int, ...]]) -> tuple[list[list[tuple[int, ...]]], list[Any]]:
-        """Cut ``todo`` (sorted by mask, so shared prefixes stay together) into one chunk per worker."""
-        order = sorted(todo, key=lambda k: mask_of(self.steps, k), reverse=True)
-        n = min(self.workers, len(order))
-        bounds = [round(j * len(order) / n) for j in range(n + 1)]
-        chunks = [order[bounds[j]:bounds[j + 1]] for j in range(n)]
+        """Send one chunk of ``todo`` to each worker and collect the replies."""
+        chunks = split_chunks(todo, self.steps, self.workers)
         jobs = [(j, (lambda a, c=c: a.losses.remote(c))) for j, c in enumerate(chunks)]
         return chunks, self._gather(jobs, retry=True)
 
@@ -306,8 +344,9 @@ def make_evaluator(backend: str, problem: Any, calib: CalibrationSet, *, loss: L
     if backend == "inprocess":
         if workers != 1 or address:
             raise ConfigError("--workers and --ray-address apply only with --backend ray")
-        return Evaluator(problem.make_sampler, calib, loss=loss, prefix_sharing=not naive, batch_candidates=False,
-                         threads=threads)
+        align_weights(getattr(problem, "transformer", None))
+        return Evaluator(problem.make_sampler, to_device(calib, str(calib.noise.device)), loss=loss,
+                         prefix_sharing=not naive, batch_candidates=False, threads=threads)
     if factory is None:  # a problem may say how to rebuild itself on a worker (e.g. from a model path)
         factory = problem.replica_factory() if hasattr(problem, "replica_factory") else ShippedProblem(problem)
     return RayEvaluator(factory, calib, loss=loss, workers=workers, address=address, prefix_sharing=not naive,
