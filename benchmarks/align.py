@@ -62,7 +62,7 @@ def fd_check(problem, calib, compute, h=1e-3) -> dict:
                 if grad:
                     v.backward()
             release(s)
-            return float(v)
+            return float(v.detach())
 
         l0 = loss(True)
         g = sched.theta.grad.clone()
