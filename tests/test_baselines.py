@@ -577,3 +577,16 @@ def test_methods_end_to_end_on_tinyflow(tflow, name):
         assert sum(head.batches) == int(comp.sum())
     if m.kind == "static":
         assert run.nfe.tolist() == [5.0] * 3
+
+
+@pytest.mark.parametrize("method", [TeaCache(refit=False, delta=0.3), DiCache(threshold=0.3)])
+def test_threshold_methods_with_guidance_share_one_decision(tr, method):
+    """With CFG the step's decision covers both passes: the stack runs twice per computed element, never otherwise."""
+    problem = TinyProblem(tr, guidance=3.0)
+    x, cond, uncond = inputs(3)
+    with BlockRuns(tr.single_transformer_blocks[-1]) as tail:
+        run = method.sample(problem, x, cond, uncond)
+    comp = run.extra["computed"]
+    assert bool(comp[0].all()) and bool(comp[-1].all()) and not bool(comp.all())
+    assert sum(tail.batches) == 2 * int(comp.sum())
+    assert bool(torch.isfinite(run.latent).all())
