@@ -21,6 +21,9 @@ not public; this re-implementation makes the following choices.
   of ``samples`` draws, Adam on ``theta``; the baseline is an exponential
   moving average of the batch-mean reward (decay 0.9), started at the first
   batch's mean.
+- **Budgets**: one policy per budget (``fit`` trains for the budget it is
+  given, from zero logits); ReCache's single multi-budget policy is not
+  reproduced. The evaluator, and so its memo of losses, is shared by budgets.
 - **Decoding**: the greedy schedule (step 0 and the ``k - 1`` largest
   logits). The best schedule drawn during training is kept in ``best`` for
   reference but is not what is evaluated.
