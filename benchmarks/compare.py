@@ -6,6 +6,7 @@ guidance 2 / 4) and prints a Markdown section for BENCHMARKS.md: machine,
 date, command, the per-budget tables and the transfer table.
 
 Usage: flock /tmp/budcache-heavy.lock python benchmarks/compare.py [--out runs/bench_compare] [budcache compare options]
+       python benchmarks/compare.py --merge OUT DIR1 DIR2 ...   (one table from runs of disjoint method sets)
 """
 
 from __future__ import annotations
@@ -18,11 +19,20 @@ import sys
 import torch
 
 from budcache.compare.cli import config_from_args, register
-from budcache.compare.harness import markdown, run
+from budcache.compare.harness import load_result, markdown, merge_results, run, write_outputs
 
 
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["--merge"]:
+        from pathlib import Path
+
+        out, dirs = Path(argv[1]), argv[2:]
+        res = merge_results([load_result(d) for d in dirs])
+        out.mkdir(parents=True, exist_ok=True)
+        write_outputs(out, res)
+        print(markdown(res).split("\n", 2)[2])
+        return
     ap = argparse.ArgumentParser()
     sub = ap.add_subparsers(dest="command")
     register(sub)

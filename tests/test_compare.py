@@ -201,3 +201,22 @@ def test_markdown_names_budgets_where_budcache_is_not_best(tmp_path):
     else:
         assert "K=3: best PSNR is plain" not in text
     assert "| budcache | static | 3.00 [3.00, 3.00]" in text
+
+
+@torch.no_grad()
+def test_runs_of_disjoint_methods_merge_into_one_table(tmp_path):
+    from budcache.compare.harness import load_result, merge_results
+
+    base = dict(nfes=(3,), steps=N, calib_pairs=2, eval_pairs=2, transfer=False, grid_rows=1)
+    run(tmp_path / "a", CompareConfig(methods=("plain",), **base), progress=False)
+    run(tmp_path / "b", CompareConfig(methods=("uniform",), **base), progress=False)
+    merged = merge_results([load_result(tmp_path / "a"), load_result(tmp_path / "b")])
+    assert [r["method"] for r in merged.rows] == ["plain", "uniform"]
+    assert "| uniform | static | 3.00" in markdown(merged)
+    with pytest.raises(ConfigError, match="two comparisons"):
+        merge_results([load_result(tmp_path / "a"), load_result(tmp_path / "a")])
+    run(tmp_path / "c", CompareConfig(methods=("uniform",), **{**base, "eval_pairs": 3}), progress=False)
+    with pytest.raises(ConfigError, match="evaluation_pairs"):
+        merge_results([load_result(tmp_path / "a"), load_result(tmp_path / "c")])
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_result(tmp_path / "nowhere")

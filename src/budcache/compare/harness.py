@@ -333,6 +333,45 @@ def _transfer(problem: Any, cfg: CompareConfig, policies: dict[str, dict[int, Ca
     return rows
 
 
+def load_result(path: str | Path) -> CompareResult:
+    """A comparison from its ``results.json`` (or the directory holding it); policies are not reloaded."""
+    from ..io import read_json_limited
+
+    p = Path(path)
+    p = p / "results.json" if p.is_dir() else p
+    if not p.is_file():
+        raise ConfigError(f"{p} does not exist (run budcache compare first)")
+    d = read_json_limited(p, max_bytes=64 << 20, max_depth=32, what="compare result", error=ConfigError)
+    if not isinstance(d, dict) or d.get("format") != "budcache.compare":
+        raise ConfigError(f"{p} is not a budcache compare result")
+    return CompareResult(list(d["rows"]), list(d["transfer"]), dict(d["meta"]), {})
+
+
+def merge_results(parts: Sequence[CompareResult]) -> CompareResult:
+    """One comparison from runs on the same model, steps, settings and pairs (e.g. methods run separately)."""
+    if not parts:
+        raise ConfigError("nothing to merge")
+    keys = ("model", "steps", "solver", "guidance", "calibration_pairs", "evaluation_pairs", "seed")
+    first = parts[0].meta
+    for other in parts[1:]:
+        diff = [k for k in keys if other.meta.get(k) != first.get(k)]
+        if diff:
+            raise ConfigError(f"cannot merge comparisons that differ in {diff}")
+    seen: set[tuple[str, int, str]] = set()
+    rows = []
+    for part in parts:
+        for r in part.rows:
+            key = (r["setting"], r["budget"], r["method"])
+            if key in seen:
+                raise ConfigError(f"method {r['method']!r} at K={r['budget']} appears in two comparisons")
+            seen.add(key)
+            rows.append(r)
+    meta = {**first, "budgets": sorted({r["budget"] for r in rows}),
+            "methods": list(dict.fromkeys(r["method"] for r in rows)),
+            "wall_s": sum(p.meta.get("wall_s", 0.0) for p in parts)}
+    return CompareResult(rows, [r for p in parts for r in p.transfer], meta, {})
+
+
 # ------------------------------------------------------------------------------ outputs
 COLUMNS = ("setting", "budget", "method", "kind", "latent_mse", "psnr", "ssim", "lpips", "checker_acc", "nfe_mean",
            "nfe_min", "nfe_max", "wall_ms", "fit_s")
@@ -406,7 +445,8 @@ def markdown(res: CompareResult) -> str:
     return "\n".join(lines)
 
 
-def write_outputs(out: Path, res: CompareResult, grid: dict[str, torch.Tensor], grid_prompts: Sequence[str]) -> None:
+def write_outputs(out: Path, res: CompareResult, grid: dict[str, torch.Tensor] | None = None,
+                  grid_prompts: Sequence[str] = ()) -> None:
     """table.md, results.csv, results.json, quality_vs_nfe.png and the image grid, each atomically."""
     atomic_write_text(out / "table.md", markdown(res))
     buf = io.StringIO()
@@ -418,7 +458,8 @@ def write_outputs(out: Path, res: CompareResult, grid: dict[str, torch.Tensor], 
     write_json(out / "results.json", {"format": "budcache.compare", "version": 1, "meta": res.meta,
                                       "rows": res.rows, "transfer": res.transfer})
     plot_quality(res.rows, out / "quality_vs_nfe.png")
-    write_grid(grid, grid_prompts, out / f"grid_K{res.meta['grid_nfe']}.png")
+    if grid:
+        write_grid(grid, grid_prompts, out / f"grid_K{res.meta['grid_nfe']}.png")
 
 
 def plot_quality(rows: list[dict[str, Any]], path: Path) -> bool:
@@ -467,5 +508,6 @@ def write_grid(columns: dict[str, torch.Tensor], prompts: Sequence[str], path: P
     atomic_write_bytes(path, buf.getvalue())
 
 
-__all__ = ["CompareConfig", "CompareResult", "run", "make_problem", "quality", "markdown", "DEFAULT_NFES",
+__all__ = ["CompareConfig", "CompareResult", "run", "load_result", "merge_results", "write_outputs", "make_problem",
+           "quality", "markdown", "DEFAULT_NFES",
            "DEFAULT_METHODS", "lpips_status", "pair_sets", "evaluate"]

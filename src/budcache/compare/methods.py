@@ -262,7 +262,8 @@ class BudcacheMethod(StaticMethod):
         self.search_wall_s = res.wall_s
         self.policy = CachePolicy(problem.steps, res.compute, meta={
             "solver": problem.solver, "guidance": problem.guidance, "mechanism": mech, "budget": nfe,
-            "search_loss": res.loss, "loss": self.loss, "calibration_digest": calib.digest, "calibration_pairs": len(calib)})
+            "search_loss": res.loss, "loss": self.loss, "calibration_digest": calib.digest,
+            "calibration_pairs": len(calib)})
 
 
 def forecast_method(**kw: Any) -> BudcacheMethod:
