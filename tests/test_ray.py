@@ -295,3 +295,10 @@ def test_cli_ray_backend_writes_the_in_process_policy(ray_cluster, tmp_path):
     a, b = (CachePolicy.load(tmp_path / d / "policy_N8_K3.json") for d in ("a", "b"))
     assert a.compute == b.compute and a.meta["search_loss"] == b.meta["search_loss"]
     assert main([*args, "--out", str(tmp_path / "c"), "--workers", "2"]) == 2  # workers need --backend ray
+
+
+def test_more_workers_than_the_cluster_can_hold_is_a_config_error(ray_cluster, problem, calib):
+    with pytest.raises(ConfigError, match="3 workers need 3 CPUs but the Ray cluster has 2"):
+        RayEvaluator(ShippedProblem(problem), calib, workers=3)
+    with pytest.raises(ConfigError, match="--workers must be an integer >= 1"):
+        RayEvaluator(ShippedProblem(problem), calib, workers=0)

@@ -229,6 +229,11 @@ class RayEvaluator:
             res = self._ray.cluster_resources()
             self.gpus = float(gpus) if gpus is not None else (1.0 if res.get("GPU", 0) >= 1 else 0.0)
             self.threads = threads
+            need = {"GPU": workers * self.gpus} if self.gpus else {"CPU": workers * threads}
+            for kind, n in need.items():
+                if n > res.get(kind, 0):  # actors would wait forever for resources that do not exist
+                    raise ConfigError(f"{workers} workers need {n:g} {kind}s but the Ray cluster has "
+                                      f"{res.get(kind, 0):g}; use fewer --workers")
             opts = {"prefix_sharing": prefix_sharing, "batch_candidates": batch_candidates, "max_batch": max_batch,
                     "max_state_bytes": max_state_bytes, "threads": threads}
             self._args = (self._ray.put(factory), self._ray.put(calib), loss, opts)
