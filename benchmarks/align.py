@@ -87,6 +87,8 @@ def main() -> None:
     ap.add_argument("--hc-rounds", type=int, default=10)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--select", action="store_true",
+                    help="aligned runs keep the epoch with the lowest validation loss (start included)")
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
@@ -102,6 +104,7 @@ def main() -> None:
     res: dict = {"date": datetime.date.today().isoformat(), "args": vars(a),
                  "machine": f"{platform.machine()}, {torch.get_num_threads()} thread(s), torch {torch.__version__}",
                  "teacher_accuracy": checker.accuracy(held.prompts, problem.tf.images(held.teacher)), "budgets": {}}
+    sel = {"validation": val} if a.select else {}
     ev = Evaluator(problem.make_sampler, calib)
     prev = None
     for k in [int(v) for v in a.budgets.split(",")]:
@@ -116,23 +119,26 @@ def main() -> None:
         uni = CachePolicy.uniform(28, k)
         rows["plain"] = measure(problem, held, None, plain_steps=k)
         t = time.perf_counter()
-        rows["plain aligned"] = measure(problem, held, align(problem, calib, CachePolicy.full(k), acfg).policy)
+        rows["plain aligned"] = measure(problem, held,
+                                        align(problem, calib, CachePolicy.full(k), acfg, **sel).policy)
         wall["plain aligned"] = time.perf_counter() - t
         rows["uniform"] = measure(problem, held, uni)
         t = time.perf_counter()
-        rows["uniform aligned"] = measure(problem, held, align(problem, calib, uni, acfg).policy)
+        rows["uniform aligned"] = measure(problem, held, align(problem, calib, uni, acfg, **sel).policy)
         wall["uniform aligned"] = time.perf_counter() - t
         rows["budcache"] = measure(problem, held, bud)
         t = time.perf_counter()
-        bal = align(problem, calib, bud, acfg)
+        bal = align(problem, calib, bud, acfg, **sel)
         wall["budcache aligned"] = time.perf_counter() - t
         rows["budcache aligned"] = measure(problem, held, bal.policy)
         t = time.perf_counter()
-        rows["budcache aligned, detached residuals"] = measure(problem, held, align(problem, calib, bud, ref).policy)
+        rows["budcache aligned, detached residuals"] = measure(problem, held,
+                                                               align(problem, calib, bud, ref, **sel).policy)
         wall["budcache aligned, detached residuals"] = time.perf_counter() - t
         t = time.perf_counter()
         r0 = JointRound(0, found.compute, found.loss, policy_loss(problem, val, bal.policy), bal.policy)
-        jr = joint(problem, calib, val, scfg, acfg, max_rounds=a.rounds, later_sa_iters=0, first=r0)
+        jr = joint(problem, calib, val, scfg, acfg, max_rounds=a.rounds, later_sa_iters=0, first=r0,
+                   select=a.select)
         wall["joint (rounds >= 1)"] = time.perf_counter() - t
         rows["joint"] = measure(problem, held, jr.policy)
         base = np.array(rows["budcache"]["per_item"])
@@ -162,7 +168,8 @@ def markdown(res: dict, a) -> str:
     lines = [f"### Alignment ({res['date']}, {res['machine']})", "",
              f"Command: `python benchmarks/align.py --budgets {a.budgets} --calib {a.calib} --val {a.val} "
              f"--heldout {a.heldout} --epochs {a.epochs} --lr {a.lr} --accumulation {a.accumulation} "
-             f"--micro-batch {a.micro_batch} --sa-iters {a.sa_iters} --hc-rounds {a.hc_rounds} --rounds {a.rounds}` "
+             f"--micro-batch {a.micro_batch} --sa-iters {a.sa_iters} --hc-rounds {a.hc_rounds} --rounds {a.rounds}"
+             f"{' --select' if a.select else ''}` "
              f"(total {res['total_wall_s'] / 60:.1f} min)", "",
              f"Alignment: {a.parametrisation}, {a.epochs} epochs over {a.calib} calibration pairs (fresh noise after "
              f"the first), {a.micro_batch} x {a.accumulation} items per update, AdamW lr {a.lr}, wd 1e-4, clip 1, "

@@ -260,6 +260,27 @@ def test_checkpoint_mismatch_and_corruption_are_clear_errors(problem, calib, tmp
         load_checkpoint(ck, sched, opt, {"other": 1})
 
 
+def test_validation_selects_the_best_epoch_never_worse_than_start(problem, calib, heldout, tmp_path):
+    cfg = AlignConfig(**{**FAST, "lr": 0.5, "epochs": 3})   # a step size that overshoots
+    res = align(problem, calib, MASK, cfg, validation=heldout)
+    v = res.policy.meta["alignment"]["validation"]
+    assert v["pairs"] == len(heldout) and v["loss"] <= v["start_loss"]
+    assert policy_loss(problem, heldout, res.policy) == pytest.approx(v["loss"])
+    epoch_ends = [h["validation_loss"] for h in res.history if "validation_loss" in h]
+    assert len(epoch_ends) == 3 and v["loss"] == min([v["start_loss"], *epoch_ends])
+    # resumable with the selection
+    ck = tmp_path / "ck.safetensors"
+
+    def stop(entry):
+        if entry["step"] == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        align(problem, calib, MASK, cfg, validation=heldout, checkpoint=ck, on_step=stop)
+    again = align(problem, calib, MASK, cfg, validation=heldout, checkpoint=ck, resume=True)
+    assert torch.equal(again.sigmas, res.sigmas)
+
+
 def test_align_input_errors(problem, calib):
     with pytest.raises(ConfigError, match="initial sigmas"):
         align(problem, calib, MASK, init_sigmas=flux(5, 64))
@@ -304,9 +325,10 @@ def test_cli_align_end_to_end(tmp_path, capsys):
     assert summary["runs"][0]["aligned"]["latent_mse"] > 0 and summary["runs"][0]["before"]["psnr"] > 0
     assert (tmp_path / "a" / "report.md").read_text().startswith("# budcache align report")
     assert "aligned" in out
-    assert main(["align", "--plain", "3", "--out", str(tmp_path / "b"), *common]) == 0
+    assert main(["align", "--plain", "3", "--select-on-validation", "--out", str(tmp_path / "b"), *common]) == 0
     plain = CachePolicy.load(tmp_path / "b" / "policy_plain_K3_aligned.json")
     assert plain.steps == 3 and len(plain.sigmas) == 4
+    assert plain.meta["alignment"]["validation"]["loss"] <= plain.meta["alignment"]["validation"]["start_loss"]
     assert main(["align", "--joint", "3", "--rounds", "2", "--sa-iters", "4", "--hc-rounds", "1",
                  "--out", str(tmp_path / "c"), *common]) == 0
     assert CachePolicy.load(tmp_path / "c" / f"policy_joint_N{N}_K3.json").nfe == 3

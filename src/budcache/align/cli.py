@@ -106,19 +106,21 @@ def run(a: argparse.Namespace) -> int:
     with torch.no_grad():
         calib = problem.calibration(cp, cs)
         held = problem.calibration(hp, hs)
+        select = problem.calibration(*calibration_pairs_validation(a)) if a.select_on_validation else None
     progress = not a.quiet and main
     rows: list[dict[str, Any]] = []
     if mode in ("policy", "uniform"):
         base = src if src is not None else CachePolicy.uniform(a.steps, k, meta={"budget": k, "mask": "uniform"})
         res = align(problem, calib, base, cfg, checkpoint=out / f"checkpoint_N{a.steps}_K{k}.safetensors",
-                    resume=a.resume, progress=progress)
+                    resume=a.resume, progress=progress, validation=select)
         name, final = f"policy_aligned_N{a.steps}_K{k}.json", res.policy
         if main:
             rows.append({"name": name, "before": _quality(problem, held, base),
                          "aligned": _quality(problem, held, res.policy), "history": res.history})
     elif mode == "plain":
         res = align(problem, calib, CachePolicy.full(k), cfg, init_sigmas=problem.sigmas(k),
-                    checkpoint=out / f"checkpoint_plain_K{k}.safetensors", resume=a.resume, progress=progress)
+                    checkpoint=out / f"checkpoint_plain_K{k}.safetensors", resume=a.resume, progress=progress,
+                    validation=select)
         name, final = f"policy_plain_K{k}_aligned.json", res.policy
         if main:
             rows.append({"name": name, "before": _quality(problem, held, None, plain_steps=k),
@@ -175,7 +177,7 @@ def run(a: argparse.Namespace) -> int:
 
 
 def calibration_pairs_validation(a: argparse.Namespace) -> tuple[list[str], list[int]]:
-    """The joint search's stopping set: disjoint from calibration and from the held-out report set."""
+    """The validation set (joint's stopping set, --select-on-validation): disjoint from the other two."""
     from ..search.calibration import pairs_for, tinyflow_prompts
 
     n = max(8, a.heldout // 2)
@@ -272,6 +274,9 @@ def register(sub: Any) -> None:
     p.add_argument("--detach-residuals", action="store_true",
                    help="stop the gradient at the cached residuals (the reference's truncated gradient)")
     p.add_argument("--no-grad-checkpointing", action="store_true", help="keep every step's activations instead")
+    p.add_argument("--select-on-validation", action="store_true",
+                   help="measure a validation set (disjoint from calibration and held-out pairs) at the start and "
+                        "after every epoch; keep the best schedule (never worse than the start on it)")
     p.add_argument("--loss", default="mse", choices=["mse", "l1"])
     p.add_argument("--prompts", default=None, help="calibration prompts (.txt, .jsonl or .csv)")
     p.add_argument("--calib-pairs", type=int, default=32)

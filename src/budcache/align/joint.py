@@ -73,7 +73,7 @@ def _digest(calib: CalibrationSet, sigmas: torch.Tensor | None) -> str:
 def joint(problem: Any, calib: CalibrationSet, heldout: CalibrationSet, search_cfg: SearchConfig,
           align_cfg: AlignConfig = AlignConfig(), *, max_rounds: int = 4, tol: float = 1e-3,
           later_sa_iters: int | None = None, init: Sequence[int] | None = None, out: str | Path | None = None,
-          resume: bool = False, progress: bool = False, first: JointRound | None = None,
+          resume: bool = False, progress: bool = False, first: JointRound | None = None, select: bool = False,
           on_round: Callable[[JointRound], None] | None = None) -> JointResult:
     """Alternate mask search and schedule alignment at ``search_cfg.nfe`` of ``search_cfg.steps`` steps.
 
@@ -124,7 +124,7 @@ def joint(problem: Any, calib: CalibrationSet, heldout: CalibrationSet, search_c
         base = CachePolicy(steps, found.compute, meta={"budget": k, "search_loss": found.loss, "joint_round": r})
         al = align(problem, calib, base, align_cfg, init_sigmas=cur,
                    checkpoint=outdir / f"joint_K{k}_round{r}_align.safetensors" if outdir else None,
-                   resume=resume, progress=progress)
+                   resume=resume, progress=progress, validation=heldout if select else None)
         val = policy_loss(problem, heldout, al.policy, loss=align_cfg.loss)
         pol = al.policy.with_meta(joint={"round": r, "heldout_loss": val, "heldout_pairs": len(heldout)})
         rnd = JointRound(r, found.compute, found.loss, val, pol, ev.stats.evaluations, time.perf_counter() - t0)

@@ -315,7 +315,8 @@ def _fingerprint(cfg: AlignConfig, calib: CalibrationSet, mask: Sequence[bool], 
 
 
 def save_checkpoint(path: Path, sched: Schedule, opt: torch.optim.Optimizer, step: int,
-                    fingerprint: dict[str, Any], history: list[dict[str, Any]]) -> None:
+                    fingerprint: dict[str, Any], history: list[dict[str, Any]],
+                    selection: dict[str, Any] | None = None) -> None:
     """Parameters, AdamW moments and progress as one safetensors file (metadata: JSON), atomically."""
     from safetensors.torch import save
 
@@ -326,12 +327,12 @@ def save_checkpoint(path: Path, sched: Schedule, opt: torch.optim.Optimizer, ste
         tensors["exp_avg_sq"] = st["exp_avg_sq"].detach().clone()
         tensors["adam_step"] = torch.as_tensor(st["step"]).detach().clone().reshape(1).to(torch.float64)
     meta = {"format": CHECKPOINT_FORMAT, "version": 1, "step": step, "fingerprint": fingerprint,
-            "history": history, "budcache_version": __version__}
+            "history": history, "selection": selection, "budcache_version": __version__}
     atomic_write_bytes(path, save(tensors, metadata={"budcache": json.dumps(meta, allow_nan=False)}))
 
 
 def load_checkpoint(path: Path, sched: Schedule, opt: torch.optim.Optimizer,
-                    fingerprint: dict[str, Any]) -> tuple[int, list[dict[str, Any]]]:
+                    fingerprint: dict[str, Any]) -> tuple[int, list[dict[str, Any]], dict[str, Any] | None]:
     """Restore a :func:`save_checkpoint` file; every problem is a ConfigError naming it."""
     from safetensors import SafetensorError
     from safetensors.torch import load
@@ -378,7 +379,11 @@ def load_checkpoint(path: Path, sched: Schedule, opt: torch.optim.Optimizer,
         sd["state"] = {0: {"step": tensors["adam_step"].reshape(()).to(torch.float32),
                            "exp_avg": tensors["exp_avg"].clone(), "exp_avg_sq": tensors["exp_avg_sq"].clone()}}
         opt.load_state_dict(sd)
-    return step, history
+    selection = meta.get("selection")
+    if selection is not None and not (isinstance(selection, dict) and isinstance(selection.get("sigmas"), list)
+                                      and len(selection["sigmas"]) == sched.steps + 1):
+        raise bad("field 'selection' is malformed")
+    return step, history, selection
 
 
 # ------------------------------------------------------------------------ the trainer
@@ -402,6 +407,7 @@ def base_sigmas(problem: Any, policy: CachePolicy | Sequence[bool]) -> torch.Ten
 def align(problem: Any, calib: CalibrationSet, policy: CachePolicy | Sequence[bool],
           cfg: AlignConfig = AlignConfig(), *, init_sigmas: torch.Tensor | None = None,
           checkpoint: str | Path | None = None, resume: bool = False, progress: bool = False,
+          validation: CalibrationSet | None = None,
           on_step: Callable[[dict[str, Any]], None] | None = None) -> AlignResult:
     """Learn the sigmas of ``policy``'s mask on ``calib``; returns the policy with the learned sigmas.
 
@@ -409,6 +415,9 @@ def align(problem: Any, calib: CalibrationSet, policy: CachePolicy | Sequence[bo
     ``calibration(prompts, seeds)`` (used for fresh noise after the first epoch). A policy
     computing every step aligns the plain sampler of that many steps ("Original-Opt").
     The schedule starts at ``init_sigmas``, else the policy's sigmas, else the problem's schedule.
+    With a ``validation`` set, its loss is measured at the start and after every epoch, and the
+    schedule with the lowest one is returned (the start included, so alignment never returns a
+    schedule that is worse on it).
     Under ``torch.distributed`` every rank runs this with the same arguments.
     """
     t0 = time.perf_counter()
@@ -433,9 +442,33 @@ def align(problem: Any, calib: CalibrationSet, policy: CachePolicy | Sequence[bo
     fp = _fingerprint(cfg, calib, mask, base, effective)
     ckpt = Path(checkpoint) if checkpoint is not None else None
     start, history = 0, []
+    selection: dict[str, Any] | None = None
+    if validation is not None:
+        fp["validation"] = validation.digest
     if resume and ckpt is not None and ckpt.exists():
-        start, history = load_checkpoint(ckpt, sched, opt, fp)
+        start, history, selection = load_checkpoint(ckpt, sched, opt, fp)
         start = min(start, total)
+    out = policy if isinstance(policy, CachePolicy) else CachePolicy.from_mask(mask)
+    plain_out = CachePolicy.full(n_steps) if all(mask) else CachePolicy(n_steps, out.compute)
+
+    def val_loss() -> float:
+        with torch.no_grad():
+            cand = plain_out.with_sigmas(sched().detach().double().cpu().tolist())
+        return policy_loss(problem, validation, cand, loss=cfg.loss)
+
+    def consider(updates: int) -> None:
+        nonlocal selection
+        v = val_loss()
+        if history:
+            history[-1]["validation_loss"] = v
+        if selection is None or v < selection["loss"]:
+            with torch.no_grad():
+                selection = {"loss": v, "updates": updates, "start_loss": v if selection is None else
+                             selection["start_loss"],
+                             "sigmas": [float(x) for x in sched().detach().double().cpu().tolist()]}
+
+    if validation is not None and selection is None:
+        consider(0)
     epoch_data: dict[int, tuple[CalibrationSet, dict[int, int]]] = {}
 
     def data_for(epoch: int, items: list[int]) -> tuple[CalibrationSet, list[int]]:
@@ -492,8 +525,10 @@ def align(problem: Any, calib: CalibrationSet, policy: CachePolicy | Sequence[bo
             opt.step()
             entry = {"step": s, "epoch": epoch, "loss": float(loss_sum) / count, "lr": lr, "grad_norm": grad_norm}
             history.append(entry)
+            if validation is not None and (s + 1) % per_epoch == 0:
+                consider(s + 1)
             if ckpt is not None and rank == 0:
-                save_checkpoint(ckpt, sched, opt, s + 1, fp, history)
+                save_checkpoint(ckpt, sched, opt, s + 1, fp, history, selection)
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{entry['loss']:.3e}")
@@ -504,13 +539,17 @@ def align(problem: Any, calib: CalibrationSet, policy: CachePolicy | Sequence[bo
             bar.close()
     with torch.no_grad():
         sig = sched().detach().clone()
-    out = policy if isinstance(policy, CachePolicy) else CachePolicy.from_mask(mask)
+    if selection is not None:
+        sig = torch.tensor(selection["sigmas"], dtype=sig.dtype, device=sig.device)
     meta = {"parametrisation": sched.kind, "learnable_sigmas": len(sched.learnable), "epochs": cfg.epochs,
             "calibration_pairs": n, "calibration_digest": calib.digest, "updates": total,
             "effective_batch": effective, "lr": cfg.lr, "weight_decay": cfg.weight_decay, "clip": cfg.clip,
             "warmup": cfg.warmup, "fresh_noise": cfg.fresh_noise, "seed": cfg.seed, "loss": cfg.loss,
             "plain": all(mask), "residual_grad": cfg.residual_grad,
             "final_update_loss": history[-1]["loss"] if history else None,
+            "validation": None if selection is None else {
+                "pairs": len(validation), "start_loss": selection["start_loss"], "loss": selection["loss"],
+                "selected_after_updates": selection["updates"]},
             "budcache_version": __version__}
     if sched.kind == "offset":
         meta.update(offset_bound=cfg.offset_bound, offset_indices=cfg.offset_indices)
