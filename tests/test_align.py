@@ -13,6 +13,7 @@ from budcache import CachePolicy, tinyflow
 from budcache.align import (
     AlignConfig, CheckpointedDenoiser, align, align_plain, lr_factor, make_schedule, policy_loss, student_sampler,
 )
+from budcache.align.trainer import release
 from budcache.align.joint import joint
 from budcache.align.trainer import load_checkpoint
 from budcache.errors import ConfigError
@@ -123,32 +124,46 @@ def test_lr_schedule_warmup_then_cosine():
 
 
 # ============================================================================ gradients
-def _grads(problem, calib, kind, mask, checkpointing):
+def _grads(problem, calib, kind, mask, checkpointing, residual_grad=False):
     sched = make_schedule(kind, problem.sigmas(len(mask)), mask)
     sig = sched()
     sig.retain_grad()
-    sampler = student_sampler(problem, mask, sig, checkpointing)
+    sampler = student_sampler(problem, mask, sig, checkpointing, residual_grad)
     x = sampler.run(sampler.start(calib.noise), calib.cond).x
     latent_mse(x, calib.teacher).mean().backward()
+    release(sampler)
     return sched, sig.grad.clone(), sched.theta.grad.clone(), sampler
 
 
+@pytest.mark.parametrize("residual_grad", [True, False])
 @pytest.mark.parametrize("kind", KINDS)
-def test_gradients_reach_every_learnable_sigma(problem, calib, kind):
-    sched, gsig, gtheta, _ = _grads(problem, calib, kind, MASK, True)
+def test_gradients_reach_every_learnable_sigma(problem, calib, kind, residual_grad):
+    sched, gsig, gtheta, _ = _grads(problem, calib, kind, MASK, True, residual_grad)
     for i in sched.learnable:
         assert float(gsig[i]) != 0.0, f"no gradient at sigma {i}"
     assert bool((gtheta != 0).all()), gtheta
     assert bool(torch.isfinite(gtheta).all())
 
 
-def test_checkpointed_gradients_equal_plain(problem, calib):
-    _, gs1, gt1, s1 = _grads(problem, calib, "ld3", MASK, True)
-    _, gs2, gt2, _ = _grads(problem, calib, "ld3", MASK, False)
+@pytest.mark.parametrize("residual_grad", [True, False])
+def test_checkpointed_gradients_equal_plain(problem, calib, residual_grad):
+    _, gs1, gt1, s1 = _grads(problem, calib, "ld3", MASK, True, residual_grad)
+    _, gs2, gt2, _ = _grads(problem, calib, "ld3", MASK, False, residual_grad)
     assert isinstance(s1.denoiser, CheckpointedDenoiser)
     assert s1.denoiser.checkpointed == sum(MASK) and s1.denoiser.recomputed == sum(MASK)
     torch.testing.assert_close(gt1, gt2, rtol=1e-5, atol=1e-12)
     torch.testing.assert_close(gs1, gs2, rtol=1e-5, atol=1e-12)
+
+
+def test_exact_gradient_matches_finite_differences(problem, calib):
+    """The default gradient (through the reused residual) predicts the loss change; the truncated one need not."""
+    sched, _, g, _ = _grads(problem, calib, "ld3", MASK, True, True)
+    l0 = policy_loss(problem, calib, CachePolicy.from_mask(MASK).with_sigmas(sched().detach().double().tolist()))
+    h = 1e-3
+    with torch.no_grad():
+        sched.theta -= h * g / g.norm()
+    l1 = policy_loss(problem, calib, CachePolicy.from_mask(MASK).with_sigmas(sched().detach().double().tolist()))
+    assert (l1 - l0) == pytest.approx(-h * float(g.norm()), rel=0.05)
 
 
 def test_recompute_with_cache_installed_does_not_push_twice(problem, calib):
