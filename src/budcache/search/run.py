@@ -188,7 +188,8 @@ def plot_history(history: list[dict[str, Any]], path: Path, title: str) -> bool:
             ax.scatter(*zip(*pts), s=8, color=c, label={"init": "start", "sa": "annealing (current)",
                                                          "hc": "hill climbing"}[stage], zorder=3)
     ax.plot(xs, [h["best_loss"] for h in history], color="tab:green", label="best so far")
-    ax.set_yscale("log")
+    if all(h["loss"] > 0 for h in history):  # log-MSE losses are negative: keep those linear
+        ax.set_yscale("log")
     ax.set_xlabel("search step")
     ax.set_ylabel("calibration loss")
     ax.set_title(title)
