@@ -220,3 +220,14 @@ def test_runs_of_disjoint_methods_merge_into_one_table(tmp_path):
         merge_results([load_result(tmp_path / "a"), load_result(tmp_path / "c")])
     with pytest.raises(ConfigError, match="does not exist"):
         load_result(tmp_path / "nowhere")
+
+
+@torch.no_grad()
+def test_cachedit_then_budcache_in_one_run(tmp_path):
+    """cache-dit patches the model it touches; compare gives it a copy, so budcache's hooks still work after."""
+    pytest.importorskip("cache_dit")
+    cfg = CompareConfig(nfes=(3, 4), steps=N, methods=("dbcache", "cachedit-steps", "budcache"), calib_pairs=2,
+                        eval_pairs=2, search_kw={"sa_iters": 2, "hc_rounds": 1}, transfer=False, grid_rows=1)
+    res = run(tmp_path, cfg, progress=False)
+    assert [r["method"] for r in res.rows] == ["dbcache", "cachedit-steps", "budcache"] * 2
+    assert all(r["nfe_max"] == r["budget"] for r in res.rows if r["method"] == "budcache")

@@ -11,6 +11,7 @@ import torch
 from budcache import tinyflow
 from budcache.compare.methods import (BlockWork, FirstBlockCacheMethod, MagCacheMethod, TaylorSeerMethod,
                                       magcache_schedule, taylorseer_count)
+from budcache.policy import CachePolicy
 from budcache.search.run import TinyflowProblem
 from helpers import StackRuns
 
@@ -190,17 +191,21 @@ def test_cachedit_in_budcache_sampler_equals_cachedit_on_flux_pipeline(env, guid
     cache_dit = pytest.importorskip("cache_dit")
     from budcache.compare.cachedit import CacheDitStepsMethod, DBCacheMethod
 
+    from budcache.compare.cachedit import private_copy
+
     m = CacheDitStepsMethod(mask=[1, 1, 0, 0, 1, 0, 0, 1, 0, 1]) if static else DBCacheMethod(threshold=0.3)
     m._steps, m._separate_cfg, m.warmup = N, guidance != 1.0, 2
-    with BlockWork(env.tf.transformer) as work:
+    with BlockWork(private_copy(env.tf.transformer)) as work:
         ours = m.generate(problem(env, guidance), *inputs(env, guidance))
-    cache_dit.enable_cache(env.pipe, cache_config=m.config())
+    other = tinyflow.load()  # cache-dit patches the model it touches for good: its own instance
+    pipe = other.pipeline()
+    cache_dit.enable_cache(pipe, cache_config=m.config())
     try:
-        with BlockWork(env.tf.transformer) as theirs_work:
-            theirs = env.pipe(**env.tf.pipeline_inputs(PROMPTS, guidance, SEEDS), num_inference_steps=N,
-                              output_type="latent").images
+        with BlockWork(other.transformer) as theirs_work:
+            theirs = pipe(**other.pipeline_inputs(PROMPTS, guidance, SEEDS), num_inference_steps=N,
+                          output_type="latent").images
     finally:
-        cache_dit.disable_cache(env.pipe)
+        cache_dit.disable_cache(pipe)
     assert sorted(work.runs) == sorted(theirs_work.runs)  # cache-dit may reorder a patched model's children
     assert torch.allclose(ours.latent, theirs, atol=ATOL, rtol=0), (ours.latent - theirs).abs().max()
     assert ours.extra["full_runs"] < N
@@ -222,6 +227,10 @@ def test_cachedit_steps_mask_stays_within_the_budget(env):
     m.fit(p, calib, 8)
     f = probe_fraction(env.tf.transformer)
     res = m.sample(p, calib.noise, calib.cond)
+    # the shared transformer is untouched: budcache's own hooks still work on it afterwards
+    s = p.make_sampler(CachePolicy.uniform(12, 5))
+    assert s.result(s.run(s.start(calib.noise), calib.cond)).nfe.tolist() == [5, 5]
+    assert not getattr(env.tf.transformer, "_is_patched", False)
     assert sum(m.mask) == m.computed and res.nfe[0] <= 8 + 1e-9
     assert float(res.nfe[0]) == pytest.approx(m.computed + (12 - m.computed) * f)
 

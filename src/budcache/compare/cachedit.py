@@ -11,6 +11,12 @@
   the end, like cache-dit's predefined masks; the warm-up length is chosen on
   the calibration loss.
 
+cache-dit patches the forward methods of the transformer instance it is
+applied to, and they stay patched after ``disable_cache`` (the outputs stay
+the same, but budcache's and diffusers' block hooks no longer find the block
+contracts they expect). compare therefore applies cache-dit to a private copy
+of the transformer (same weights), never to the shared one.
+
 Both run DBCache's probe block (the first block, a fraction ``f`` of the
 stack's parameters) on cached steps, which the NFE counts. The static mask
 therefore computes ``K' = floor((K - N f) / (1 - f))`` steps so that
@@ -22,6 +28,7 @@ without it these methods raise :class:`budcache.errors.MissingExtraError`.
 
 from __future__ import annotations
 
+import copy
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -30,6 +37,7 @@ from typing import Any
 import torch
 
 from ..errors import MissingExtraError
+from ..baselines.base import MethodRun
 from .methods import BlockWork, HookMethod, _calib_loss, calibrate
 
 os.environ.setdefault("CACHE_DIT_LOG_LEVEL", "error")  # cache-dit logs every hook installation at info level
@@ -77,6 +85,37 @@ def probe_fraction(transformer: torch.nn.Module) -> float:
     return sum(p.numel() for p in first.parameters()) / total
 
 
+class OnTransformer:
+    """A view of a problem whose sampler runs ``transformer`` (a copy) instead of the problem's own."""
+
+    def __init__(self, problem: Any, transformer: torch.nn.Module) -> None:
+        self._problem = problem
+        self.transformer = transformer
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._problem, name)
+
+    def denoiser(self) -> Any:
+        den = copy.copy(self._problem.denoiser())
+        den.transformer = self.transformer
+        return den
+
+    def make_sampler(self, controller: Any, steps: int | None = None, **kw: Any) -> Any:
+        return type(self._problem).make_sampler(self, controller, steps, **kw)
+
+
+_COPIES: dict[int, tuple[torch.nn.Module, torch.nn.Module]] = {}
+
+
+def private_copy(transformer: torch.nn.Module) -> torch.nn.Module:
+    """One deep copy per transformer (kept while the original lives) for cache-dit to patch."""
+    hit = _COPIES.get(id(transformer))
+    if hit is None or hit[0] is not transformer:
+        hit = (transformer, copy.deepcopy(transformer))
+        _COPIES[id(transformer)] = hit
+    return hit[1]
+
+
 @dataclass
 class DBCacheMethod(HookMethod):
     """cache-dit's DBCache (dynamic, threshold bisected to the budget)."""
@@ -104,6 +143,12 @@ class DBCacheMethod(HookMethod):
         cd = _cache_dit()
         cd.enable_cache(transformer, cache_config=self.config())
         return lambda: cd.disable_cache(transformer)
+
+    def generate(self, problem: Any, noise: torch.Tensor, cond: Any, uncond: Any = None) -> MethodRun:
+        """One generation on the private copy of the transformer (cache-dit patches what it touches)."""
+        if isinstance(problem, OnTransformer):
+            return super().generate(problem, noise, cond, uncond)
+        return super().generate(OnTransformer(problem, private_copy(problem.transformer)), noise, cond, uncond)
 
     def _setup(self, problem: Any, nfe: int) -> None:
         self._steps = problem.steps

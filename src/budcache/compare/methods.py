@@ -41,7 +41,7 @@ from ..policy import CachePolicy
 from ..sampler import _select
 
 #: Bisection stops once the calibration mean NFE is this close to the target.
-NFE_TOLERANCE = 0.25
+NFE_TOLERANCE = 0.5
 
 
 # ------------------------------------------------------------------------------ helpers
@@ -164,7 +164,7 @@ def calibrate(nfe_of: Callable[[float], torch.Tensor], target: float, lo: float,
         from ..baselines.calibrate import calibrate_threshold
     except ImportError:
         return bisect_threshold(lambda t: float(nfe_of(t).double().mean()), target, lo, hi)
-    fit = calibrate_threshold(nfe_of, target, lo=lo, hi=hi, tol=NFE_TOLERANCE)
+    fit = calibrate_threshold(nfe_of, target, lo=lo, hi=hi, tol=NFE_TOLERANCE, refine=1)
     return fit.threshold, fit.mean
 
 
