@@ -1,0 +1,68 @@
+"""Driver kill: a ``budcache search`` process killed with SIGKILL after a few accepted moves, then run again
+with ``--resume``, writes the policy of an uninterrupted run."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from budcache import CachePolicy
+from budcache.cli import main
+
+torch.set_num_threads(1)
+
+ARGS = ["search", "--steps", "8", "--nfe", "3", "--calib-pairs", "2", "--heldout", "2", "--sa-iters", "150",
+        "--hc-rounds", "3", "--seed", "4", "--quiet"]
+CKPT = "checkpoint_N8_K3.json"
+POLICY = "policy_N8_K3.json"
+
+
+def _read(path):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):  # not written yet (files are replaced atomically, never partial)
+        return None
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill_of_the_driver_gives_the_uninterrupted_policy(tmp_path):
+    ref_dir, run_dir = tmp_path / "ref", tmp_path / "killed"
+    assert main([*ARGS, "--out", str(ref_dir)]) == 0
+    ref = CachePolicy.load(ref_dir / POLICY)
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    code = "import sys, torch; torch.set_num_threads(1); from budcache.cli import main; sys.exit(main(sys.argv[1:]))"
+    proc = subprocess.Popen([sys.executable, "-c", code, *ARGS, "--out", str(run_dir)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    seen: set[str] = set()
+    try:
+        deadline = time.monotonic() + 300
+        while proc.poll() is None and time.monotonic() < deadline:
+            data = _read(run_dir / CKPT)
+            if data is not None:
+                seen.add(json.dumps(data["state"]["history"]))
+            if len(seen) >= 4:  # the start and at least 3 later checkpoints (accepted moves)
+                break
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.kill()
+        _, err = proc.communicate()
+    assert proc.returncode == -signal.SIGKILL, f"the search ended before it was killed: {err.decode()[-2000:]}"
+    killed = _read(run_dir / CKPT)
+    assert killed["state"]["phase"] in ("sa", "hc"), "killed too late to test a resume"
+    assert not (run_dir / POLICY).exists()
+
+    assert main([*ARGS, "--out", str(run_dir), "--resume"]) == 0
+    got = CachePolicy.load(run_dir / POLICY)
+    assert got.compute == ref.compute
+    assert got.meta["search_loss"] == ref.meta["search_loss"]
+    hist = lambda d: [(h["stage"], h["loss"]) for h in _read(d / CKPT)["state"]["history"]]  # noqa: E731
+    assert hist(run_dir) == hist(ref_dir)  # the same path, step for step
