@@ -213,6 +213,7 @@ def test_runs_of_disjoint_methods_merge_into_one_table(tmp_path):
     merged = merge_results([load_result(tmp_path / "a"), load_result(tmp_path / "b")])
     assert [r["method"] for r in merged.rows] == ["plain", "uniform"]
     assert "| uniform | static | 3.00" in markdown(merged)
+    assert "No budcache method in this comparison." in markdown(merged)
     with pytest.raises(ConfigError, match="two comparisons"):
         merge_results([load_result(tmp_path / "a"), load_result(tmp_path / "a")])
     run(tmp_path / "c", CompareConfig(methods=("uniform",), **{**base, "eval_pairs": 3}), progress=False)
