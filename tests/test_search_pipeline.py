@@ -218,3 +218,17 @@ def test_reports_decode_through_the_pipelines_vae(tmp_path):
     assert torch.allclose(ours, ref, atol=1e-5)
     q = quality(pb, lat, lat + 0.01)
     assert q["psnr"][0] > 20
+
+
+def test_align_cli_on_a_pipeline_end_to_end(flux_dir, tmp_path, capsys):
+    out = tmp_path / "align"
+    pol = CachePolicy.uniform(6, 3, meta={"mechanism": "reuse"})
+    pol.save(tmp_path / "p.json")
+    rc = main(["align", "--pipeline", str(flux_dir), "--embeddings", str(flux_dir / "emb.safetensors"),
+               "--height", "128", "--width", "128", "--policy", str(tmp_path / "p.json"), "--calib-pairs", "4",
+               "--heldout", "2", "--epochs", "1", "--quiet", "--out", str(out)])
+    assert rc == 0, capsys.readouterr().err
+    aligned = CachePolicy.load(out / "policy_aligned_N6_K3.json")
+    assert aligned.compute == pol.compute and aligned.sigmas is not None and len(aligned.sigmas) == 7
+    summary = json.loads((out / "summary.json").read_text())
+    assert "psnr" in json.dumps(summary)

@@ -13,16 +13,23 @@ from ..errors import ConfigError
 
 
 def build_problem(a: argparse.Namespace) -> Any:
-    """The model and sampler settings alignment runs on (tinyflow by default)."""
+    """The model and sampler settings alignment runs on (tinyflow by default, or ``--pipeline``)."""
     from .. import tinyflow
+    from ..cli import problem_from_args
     from ..search.run import TinyflowProblem
 
+    problem = problem_from_args(a, a.steps, a.solver, a.mechanism, a.guidance)
+    if problem is not None:
+        if a.model is not None:
+            raise ConfigError("--model (tinyflow weights) and --pipeline exclude each other")
+        return problem
     return TinyflowProblem(tinyflow.load(a.model), a.steps, a.solver, a.mechanism, a.guidance)
 
 
-def calibration_pairs(a: argparse.Namespace) -> tuple[tuple[list[str], list[int]], tuple[list[str], list[int]]]:
-    """(prompts, seeds) of the calibration set and of the held-out set (disjoint prompt draws)."""
-    from ..search.calibration import pairs_for, read_prompt_file, tinyflow_prompts
+def calibration_pairs(a: argparse.Namespace, problem: Any) -> tuple[tuple[list[str], list[int]],
+                                                                    tuple[list[str], list[int]]]:
+    """(prompts, seeds) of the calibration set and of the held-out set (disjoint draws)."""
+    from ..search.calibration import pairs_for, read_prompt_file
 
     if a.prompts:
         prompts, seeds = pairs_for(read_prompt_file(a.prompts), a.seeds_per_prompt, a.seed)
@@ -30,12 +37,11 @@ def calibration_pairs(a: argparse.Namespace) -> tuple[tuple[list[str], list[int]
         if a.calib_pairs < 1:
             raise ConfigError(f"--calib-pairs must be >= 1 (got {a.calib_pairs})")
         n = -(-a.calib_pairs // a.seeds_per_prompt)
-        prompts, seeds = pairs_for(tinyflow_prompts(n, seed=a.seed), a.seeds_per_prompt, a.seed)
+        prompts, seeds = pairs_for(problem.default_prompts(n, a.seed), a.seeds_per_prompt, a.seed)
         prompts, seeds = prompts[:a.calib_pairs], seeds[:a.calib_pairs]
     if a.heldout < 1:
         raise ConfigError(f"--heldout must be >= 1 (got {a.heldout})")
-    held = pairs_for(tinyflow_prompts(a.heldout, seed=a.seed + 7_777_777), 1, a.seed + 7_777_777)
-    return (prompts, seeds), held
+    return (prompts, seeds), problem.heldout_pairs(a.heldout, a.seed, prompts)
 
 
 def _config(a: argparse.Namespace) -> Any:
@@ -54,12 +60,10 @@ def _quality(problem: Any, held: Any, policy: Any, plain_steps: int | None = Non
 
     lat = final_latents(problem, held, policy, plain_steps=plain_steps)
     mse = (lat.float() - held.teacher.float()).pow(2).flatten(1).mean(1)
-    out = {"latent_mse": float(mse.mean())}
-    if hasattr(problem, "tf"):
-        from ..search.run import quality
+    from ..search.run import quality
 
-        out["psnr"] = float(quality(problem, lat, held.teacher)["psnr"].mean())
-    return out
+    # PSNR on decoded images where the problem decodes them, else on latents (see quality)
+    return {"latent_mse": float(mse.mean()), "psnr": float(quality(problem, lat, held.teacher)["psnr"].mean())}
 
 
 def _row(name: str, q: dict[str, float]) -> str:
@@ -102,11 +106,11 @@ def run(a: argparse.Namespace) -> int:
     if main:
         out.mkdir(parents=True, exist_ok=True)
     problem = build_problem(a)
-    (cp, cs), (hp, hs) = calibration_pairs(a)
+    (cp, cs), (hp, hs) = calibration_pairs(a, problem)
     with torch.no_grad():
         calib = problem.calibration(cp, cs)
         held = problem.calibration(hp, hs)
-        select = problem.calibration(*calibration_pairs_validation(a)) if a.select_on_validation else None
+        select = problem.calibration(*calibration_pairs_validation(a, problem, cp)) if a.select_on_validation else None
     progress = not a.quiet and main
     rows: list[dict[str, Any]] = []
     if mode in ("policy", "uniform"):
@@ -128,7 +132,7 @@ def run(a: argparse.Namespace) -> int:
     else:
         scfg = SearchConfig(steps=a.steps, nfe=k, sa_iters=a.sa_iters, hc_rounds=a.hc_rounds, seed=a.seed)
         with torch.no_grad():
-            vp, vs = calibration_pairs_validation(a)
+            vp, vs = calibration_pairs_validation(a, problem, cp)
             val = problem.calibration(vp, vs)
         jr = joint(problem, calib, val, scfg, cfg, max_rounds=a.rounds, tol=a.tol, later_sa_iters=a.later_sa_iters,
                    out=out, resume=a.resume, progress=progress)
@@ -176,12 +180,20 @@ def run(a: argparse.Namespace) -> int:
     return 0
 
 
-def calibration_pairs_validation(a: argparse.Namespace) -> tuple[list[str], list[int]]:
-    """The validation set (joint's stopping set, --select-on-validation): disjoint from the other two."""
+def calibration_pairs_validation(a: argparse.Namespace, problem: Any,
+                                 calib_prompts: list[str]) -> tuple[list[str], list[int]]:
+    """The validation set (joint's stopping set, --select-on-validation): disjoint from the other two.
+
+    tinyflow draws fresh prompts; a pipeline reuses the calibration prompts with seeds of their own.
+    """
     from ..search.calibration import pairs_for, tinyflow_prompts
+    from ..search.run import TinyflowProblem
 
     n = max(8, a.heldout // 2)
-    return pairs_for(tinyflow_prompts(n, seed=a.seed + 3_333_333), 1, a.seed + 3_333_333)
+    if isinstance(problem, TinyflowProblem):
+        return pairs_for(tinyflow_prompts(n, seed=a.seed + 3_333_333), 1, a.seed + 3_333_333)
+    base = list(dict.fromkeys(calib_prompts))
+    return [base[i % len(base)] for i in range(n)], [a.seed + 3_333_333 + i for i in range(n)]
 
 
 def _plot(out: Path, policy: Any, base: Any, rows: list[dict[str, Any]]) -> None:
@@ -297,6 +309,9 @@ def register(sub: Any) -> None:
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint(s) in --out")
     p.add_argument("--out", default="runs/align")
     p.add_argument("--quiet", action="store_true")
+    from ..cli import add_pipeline_args
+
+    add_pipeline_args(p)
     p.set_defaults(func=_entry)
 
 
