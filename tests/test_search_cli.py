@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -36,7 +37,9 @@ def test_search_writes_one_budget_exact_policy_per_budget(searched):
         assert pol.compute[0] == 0 and len(set(pol.compute)) == k
         assert pol.meta["budget"] == k and pol.meta["model"] == "tinyflow"
         assert pol.meta["calibration_pairs"] == 2
-        assert isinstance(pol.meta["search_loss"], float) and pol.meta["search_loss"] > 0
+        assert isinstance(pol.meta["search_loss"], float) and math.isfinite(pol.meta["search_loss"])
+        # the defaults: residual forecast, searched on the mean per-pair log-MSE
+        assert pol.meta["mechanism"] == "forecast1" and pol.meta["loss"] == "logmse"
         digests.add(pol.meta["calibration_digest"])
     assert len(digests) == 1 and len(digests.pop()) == 16
 

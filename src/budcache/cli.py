@@ -246,17 +246,18 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("--nfe", type=_int_list, default=[10], help="budget(s) K, e.g. 10 or 6,8,10,14")
     se.add_argument("--steps", type=int, default=28, help="solver steps N")
     se.add_argument("--solver", default="euler", choices=sorted(SOLVERS))
-    se.add_argument("--mechanism", default="reuse", choices=[*MECHANISMS, "output"],
-                    help="how a skipped step is approximated: residual reuse/forecast, or output (velocity reuse)")
+    se.add_argument("--mechanism", default="forecast1", choices=[*MECHANISMS, "output"],
+                    help="how a skipped step is approximated: forecast1 (default: linear extrapolation of the "
+                         "residual), forecast2, reuse (the paper's), or output (velocity reuse)")
     se.add_argument("--guidance", type=float, default=1.0)
     se.add_argument("--prompts", default=None, help="calibration prompts (.txt, .jsonl or .csv); default: "
                     "tinyflow prompts covering every template")
     se.add_argument("--calib-pairs", type=int, default=32, help="calibration prompt x seed pairs (default 32)")
     se.add_argument("--seeds-per-prompt", type=int, default=1)
     se.add_argument("--heldout", type=int, default=64, help="held-out pairs for the report")
-    se.add_argument("--loss", default="mse", choices=["mse", "l1", "logmse"],
-                    help="per-item loss averaged over the calibration set: mse (the reference), l1, or logmse "
-                         "(log of each item's MSE: every item counts equally, like mean PSNR)")
+    se.add_argument("--loss", default="logmse", choices=["mse", "l1", "logmse"],
+                    help="per-item loss averaged over the calibration set: logmse (default: log of each item's MSE, "
+                         "every item counts equally, like mean PSNR), mse (the paper's) or l1")
     se.add_argument("--seed", type=int, default=0)
     se.add_argument("--sa-iters", type=int, default=200)
     se.add_argument("--t-max", type=float, default=0.05)

@@ -242,9 +242,9 @@ def report(outcomes: list[BudgetOutcome], meta: dict[str, Any]) -> str:
 
 
 @torch.no_grad()
-def run(out: str | Path, *, nfes: Sequence[int], steps: int = 28, solver: str = "euler", mechanism: str = "reuse",
+def run(out: str | Path, *, nfes: Sequence[int], steps: int = 28, solver: str = "euler", mechanism: str = "forecast1",
         guidance: float = 1.0, calib_pairs: int = 32, prompt_file: str | None = None, seeds_per_prompt: int = 1,
-        heldout_pairs: int = 64, seed: int = 0, loss: str = "mse", resume: bool = False, progress: bool = True,
+        heldout_pairs: int = 64, seed: int = 0, loss: str = "logmse", resume: bool = False, progress: bool = True,
         naive: bool = False, model: str | None = None, problem: Any = None, backend: str = "inprocess",
         workers: int = 1, ray_address: str | None = None, **search_kw: Any) -> list[BudgetOutcome]:
     """Search one policy per budget (warm-starting each from the last) and write all outputs to ``out``.
