@@ -590,3 +590,16 @@ def test_threshold_methods_with_guidance_share_one_decision(tr, method):
     assert bool(comp[0].all()) and bool(comp[-1].all()) and not bool(comp.all())
     assert sum(tail.batches) == 2 * int(comp.sum())
     assert bool(torch.isfinite(run.latent).all())
+
+
+def test_baselines_reuse_residuals_whatever_the_problem_mechanism(tr):
+    """The originals reuse the cached residual: a problem defaulting to forecasting does not change them."""
+    x, cond, _ = inputs(2)
+    reuse, forecast = TinyProblem(tr), TinyProblem(tr, mechanism="forecast2")
+    m = TeaCache(refit=False, delta=0.3)
+    a, b = m.sample(reuse, x, cond), m.sample(forecast, x, cond)
+    assert not bool(a.extra["computed"].all())
+    torch.testing.assert_close(a.latent, b.latent)
+    calib = calibration(reuse, items=2)
+    ea = edge_errors(reuse.make_sampler, calib, N, max_span=3)
+    np.testing.assert_allclose(LeMiCa(max_span=3).edges(forecast, calib), ea, rtol=1e-6)

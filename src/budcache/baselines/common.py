@@ -28,16 +28,26 @@ def polyval(coefficients: torch.Tensor | list[float], x: torch.Tensor) -> torch.
     return out
 
 
+#: The cache mechanism of every re-implemented baseline: the originals reuse the last computed residual
+#: (DiCache replaces it by its own aligned estimate), whatever mechanism the problem defaults to.
+MECHANISM = "reuse"
+
+
+def reuse_sampler(problem: Any) -> Any:
+    """``make_sampler(controller)`` of ``problem`` with residual reuse (for the evaluator)."""
+    return lambda controller, *args, **kw: problem.make_sampler(controller, *args, **{**kw, "mechanism": MECHANISM})
+
+
 def run_controller(problem: Any, controller: Controller, noise: torch.Tensor, cond: Any, uncond: Any = None,
                    batch: int = 64, callback: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sample ``noise`` in batches through ``problem``'s sampler with ``controller``.
+    """Sample ``noise`` in batches through ``problem``'s sampler with ``controller`` (residual reuse).
 
     Returns the final latents (B, ...) and which elements computed at every
     step (N, B) bool. ``callback(state, offset)`` runs after every step.
     """
     if batch < 1:
         raise ConfigError(f"batch must be >= 1 (got {batch})")
-    sampler = problem.make_sampler(controller)
+    sampler = reuse_sampler(problem)(controller)
     latents, computed = [], []
     with torch.no_grad():
         for i in range(0, noise.shape[0], batch):
@@ -70,5 +80,4 @@ def subset(calib: Any, n: int) -> Any:
 
 def calib_key(problem: Any, calib: Any) -> tuple:
     """What offline measurements depend on: the calibration set and the problem's sampler settings."""
-    return (calib.digest, problem.steps, getattr(problem, "solver", None), getattr(problem, "guidance", None),
-            getattr(problem, "mechanism", None))
+    return (calib.digest, problem.steps, getattr(problem, "solver", None), getattr(problem, "guidance", None))

@@ -18,7 +18,7 @@ with multiset union), so the best prefix extends to the best path.
 :func:`brute_force_path` enumerates every path (for tests).
 
 Documented choices: edges of length 1 (``j = i + 1``) cost 0 and are not
-run; the error is measured with the problem's own mechanism, solver and
+run; the error is measured with residual reuse and the problem's solver and
 guidance; ``max_span`` (default: none) can drop very long segments and
 ``items`` (default: all) measure the edges on the first calibration pairs
 only, to save calibration time (the measurement costs about ``N^3 / 6``
@@ -41,7 +41,7 @@ from ..sampler import StaticMask
 from ..search.calibration import latent_l1
 from ..search.evaluator import Evaluator
 from .base import MethodRun
-from .common import calib_key, check_budget, run_controller, subset
+from .common import calib_key, check_budget, reuse_sampler, run_controller, subset
 
 Cost = tuple[float, ...]
 
@@ -170,7 +170,7 @@ class LeMiCa:
             if self.items is not None and self.items < len(calib):
                 calib = subset(calib, self.items)
             with torch.no_grad():
-                self._edges[key] = edge_errors(problem.make_sampler, calib, problem.steps, self.max_span,
+                self._edges[key] = edge_errors(reuse_sampler(problem), calib, problem.steps, self.max_span,
                                                self.progress)
         return self._edges[key]
 

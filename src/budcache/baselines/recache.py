@@ -44,7 +44,7 @@ from ..sampler import StaticMask
 from ..search.calibration import latent_mse
 from ..search.evaluator import Evaluator
 from .base import MethodRun
-from .common import calib_key, check_budget, run_controller
+from .common import calib_key, check_budget, reuse_sampler, run_controller
 
 
 def plackett_luce_sample(theta: torch.Tensor, k: int, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -96,7 +96,7 @@ class ReCache:
         """One evaluator per calibration set, shared by every budget (its memo carries over)."""
         key = calib_key(problem, calib)
         if key not in self._evaluators:
-            self._evaluators[key] = Evaluator(problem.make_sampler, calib, loss=latent_mse)
+            self._evaluators[key] = Evaluator(reuse_sampler(problem), calib, loss=latent_mse)
         return self._evaluators[key]
 
     def fit(self, problem: Any, calib: Any, nfe: int) -> None:
