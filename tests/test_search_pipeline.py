@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -232,3 +233,18 @@ def test_align_cli_on_a_pipeline_end_to_end(flux_dir, tmp_path, capsys):
     assert aligned.compute == pol.compute and aligned.sigmas is not None and len(aligned.sigmas) == 7
     summary = json.loads((out / "summary.json").read_text())
     assert "psnr" in json.dumps(summary)
+
+
+def test_compare_cli_on_a_pipeline_without_a_vae(flux_dir, tmp_path, capsys):
+    out = tmp_path / "cmp"
+    rc = main(["compare", "--pipeline", str(flux_dir), "--embeddings", str(flux_dir / "emb.safetensors"),
+               "--height", "128", "--width", "128", "--steps", "6", "--nfe", "3", "--methods",
+               "budcache,uniform,plain,fbcache", "--calib-pairs", "3", "--eval-pairs", "2", "--sa-iters", "3",
+               "--hc-rounds", "1", "--no-transfer", "--quiet", "--out", str(out)])
+    assert rc == 0, capsys.readouterr().err
+    res = json.loads((out / "results.json").read_text())
+    rows = {r["method"]: r for r in res["rows"]}
+    assert set(rows) == {"budcache", "uniform", "plain", "fbcache"}
+    assert rows["uniform"]["nfe_mean"] == 3 and rows["plain"]["nfe_mean"] == 3
+    assert all(math.isfinite(r["psnr"]) and r["latent_mse"] >= 0 for r in rows.values())
+    assert not list(out.glob("grid_*.png"))  # no VAE, nothing to draw

@@ -1,4 +1,4 @@
-"""Command line: ``budcache search | sample | show | train-tinyflow``."""
+"""Command line: ``budcache search | align | compare | sample | show | train-tinyflow``."""
 
 from __future__ import annotations
 
@@ -279,8 +279,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_backend_args(se)
     se.set_defaults(func=cmd_search)
 
-    from .compare.cli import register as register_compare; register_compare(sub)
-    from .align.cli import register as register_align; register_align(sub)
+    from .align.cli import register as register_align
+    from .compare.cli import register as register_compare
+
+    register_align(sub)
+    register_compare(sub)
 
     sh = sub.add_parser("show", help="print a policy: mask strip, NFE, speed-up bound, sigmas")
     sh.add_argument("policy")

@@ -56,10 +56,12 @@ def config_from_args(a: argparse.Namespace) -> Any:
 
 
 def problem_for(a: argparse.Namespace, cfg: Any) -> Any:
-    """The model to compare on (tinyflow by default)."""
+    """The model to compare on: tinyflow by default, or the diffusers pipeline of ``--pipeline``."""
+    from ..cli import problem_from_args
     from .harness import make_problem
 
-    return make_problem(cfg)
+    problem = problem_from_args(a, cfg.steps, cfg.solver, "reuse", cfg.guidance)
+    return make_problem(cfg) if problem is None else problem
 
 
 def cmd_compare(a: argparse.Namespace) -> int:
@@ -100,8 +102,9 @@ def register(sub: Any) -> None:
     c.add_argument("--sa-iters", type=int, default=40,
                    help="budcache's search: annealing iterations (budcache search uses 200; or pass --policy files)")
     c.add_argument("--hc-rounds", type=int, default=6, help="budcache's search: hill-climbing rounds")
-    c.add_argument("--search-loss", default="mse", choices=sorted(LOSSES),
-                   help="budcache's search loss on the calibration set (mse: the reference)")
+    c.add_argument("--search-loss", default="logmse", choices=sorted(LOSSES),
+                   help="budcache's search loss on the calibration set (default logmse, as budcache search; "
+                        "mse: the paper's)")
     c.add_argument("--grid-nfe", type=int, default=None, help="budget of the image grid (default: nearest 10)")
     c.add_argument("--grid-rows", type=int, default=6, help="prompts in the image grid")
     c.add_argument("--transfer-solvers", type=_names, default=("dpmpp2m", "ipndm"),
@@ -112,4 +115,7 @@ def register(sub: Any) -> None:
     c.add_argument("--batch", type=int, default=1, help="evaluation batch (1: wall time is per-image latency)")
     c.add_argument("--out", default="runs/compare", help="output directory")
     c.add_argument("--quiet", action="store_true", help="no progress bars")
+    from ..cli import add_pipeline_args
+
+    add_pipeline_args(c)
     c.set_defaults(func=cmd_compare)

@@ -63,7 +63,7 @@ class CompareConfig:
     policies: dict[int, CachePolicy] = field(default_factory=dict)
     #: budcache's search inside compare: shorter than ``budcache search`` (200 / 20) to keep the run short
     search_kw: dict[str, Any] = field(default_factory=lambda: {"sa_iters": 40, "hc_rounds": 6})
-    search_loss: str = "mse"
+    search_loss: str = "logmse"
     grid_nfe: int | None = None                 # None: the budget nearest 10
     grid_rows: int = 6
     transfer_solvers: tuple[str, ...] = ("dpmpp2m", "ipndm")
@@ -121,8 +121,8 @@ def _with(problem: Any, **kw: Any) -> Any:
     return other
 
 
-def _images(problem: Any, latents: torch.Tensor) -> torch.Tensor:
-    """Decoded images (B, 3, H, W) in [0, 1]."""
+def _images(problem: Any, latents: torch.Tensor) -> torch.Tensor | None:
+    """Decoded images (B, 3, H, W) in [0, 1]; None when the problem has no decoder."""
     fn = getattr(problem, "images", None) or problem.tf.images
     return fn(latents)
 
@@ -171,8 +171,15 @@ def quality(problem: Any, latents: torch.Tensor, teacher: torch.Tensor, prompts:
         from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
     except ImportError:
         raise MissingExtraError("budcache compare needs torchmetrics: pip install torchmetrics") from None
-    a, b = _images(problem, latents).float(), _images(problem, teacher).float()
-    out = {"latent_mse": (latents - teacher).pow(2).flatten(1).mean(1).numpy(),
+    a, b = _images(problem, latents), _images(problem, teacher)
+    mse = (latents - teacher).pow(2).flatten(1).mean(1)
+    if a is None or b is None:
+        # no decoder (a pipeline without a VAE): PSNR on latents with the teacher's range as peak; no SSIM
+        t = teacher.flatten(1)
+        peak = (t.max(1).values - t.min(1).values).pow(2)
+        return {"latent_mse": mse.numpy(), "psnr": (10 * torch.log10(peak / mse.clamp_min(1e-12))).numpy()}
+    a, b = a.float(), b.float()
+    out = {"latent_mse": mse.numpy(),
            "psnr": peak_signal_noise_ratio(a, b, data_range=1.0, reduction="none", dim=(1, 2, 3)).numpy(),
            "ssim": structural_similarity_index_measure(a, b, data_range=1.0, reduction="none").numpy()}
     if lpips is not None:
@@ -209,7 +216,7 @@ def _row(setting: str, nfe: int, name: str, kind: str, q: dict[str, np.ndarray],
          wall: float, fit_s: float, info: dict[str, Any]) -> dict[str, Any]:
     row: dict[str, Any] = {"setting": setting, "budget": nfe, "method": name, "kind": kind,
                            "latent_mse": float(q["latent_mse"].mean()), "psnr": float(q["psnr"].mean()),
-                           "ssim": float(q["ssim"].mean())}
+                           **({"ssim": float(q["ssim"].mean())} if "ssim" in q else {})}
     if "lpips" in q:
         row["lpips"] = float(q["lpips"].mean())
     if "checker_ok" in q:
@@ -265,7 +272,8 @@ def run(out: str | Path, cfg: CompareConfig, progress: bool = True, problem: Any
     grid_nfe = cfg.grid_nfe if cfg.grid_nfe is not None else min(cfg.nfes, key=lambda k: (abs(k - 10), k))
     full_q = quality(problem, evalset.teacher, evalset.teacher, ep)
     rows: list[dict[str, Any]] = []
-    grid: dict[str, torch.Tensor] = {"full": _images(problem, evalset.teacher[:cfg.grid_rows])}
+    full_images = _images(problem, evalset.teacher[:cfg.grid_rows])
+    grid: dict[str, torch.Tensor] = {} if full_images is None else {"full": full_images}  # no decoder: no grid
     policies: dict[str, dict[int, CachePolicy]] = {}
     bar = tqdm(total=len(cfg.nfes) * len(methods), desc="compare", disable=not progress, unit="method")
     for k in sorted(cfg.nfes):
@@ -277,7 +285,7 @@ def run(out: str | Path, cfg: CompareConfig, progress: bool = True, problem: Any
             lat, nfes, wall = evaluate(problem, m, evalset, cfg.batch, f"{m.name} K={k}", progress)
             q = quality(problem, lat, evalset.teacher, ep, lpips)
             rows.append(_row("main", k, m.name, getattr(m, "kind", "?"), q, nfes, wall, fit_s, _fit_info(m)))
-            if k == grid_nfe:
+            if k == grid_nfe and grid:
                 grid[m.name] = _images(problem, lat[:cfg.grid_rows])
             if isinstance(m, BudcacheMethod) and m.policy is not None:
                 policies.setdefault(m.name, {})[k] = m.policy
@@ -412,8 +420,9 @@ def markdown(res: CompareResult) -> str:
             psnr = f"**{r['psnr']:.2f}**" if f["psnr"] == r["method"] else f"{r['psnr']:.2f}"
             lp = f" {r['lpips']:.4f} |" if has_lpips else ""
             acc = f"{r['checker_acc']:.1%}" if "checker_acc" in r else "n/a"
+            ssim = f"{r['ssim']:.4f}" if "ssim" in r else "n/a"
             lines.append(f"| {r['method']} | {r['kind']} | {r['nfe_mean']:.2f} [{r['nfe_min']:.2f}, "
-                         f"{r['nfe_max']:.2f}] | {mse} | {psnr} | {r['ssim']:.4f} |{lp} {acc} | "
+                         f"{r['nfe_max']:.2f}] | {mse} | {psnr} | {ssim} |{lp} {acc} | "
                          f"{r['wall_ms']:.1f} | {r['fit_s']:.1f} |")
         ours = [r for r in group if r["method"].startswith("budcache")]
         for metric, unit, better in (("psnr", " dB", max), ("latent_mse", "", min)):
