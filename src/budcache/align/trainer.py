@@ -573,12 +573,9 @@ def final_latents(problem: Any, calib: CalibrationSet, policy: CachePolicy | Non
         sampler = problem.make_sampler(None, plain_steps)
     else:
         sampler = problem.make_sampler(None if all(policy.mask) and policy.sigmas is None else policy, policy.steps)
-    outs = []
-    for i in range(0, len(calib), batch):
-        idx = torch.arange(i, min(i + batch, len(calib)), device=calib.noise.device)
-        st = sampler.run(sampler.start(calib.noise[idx]), _select(calib.cond, idx), _select(calib.uncond, idx))
-        outs.append(st.x)
-    return torch.cat(outs)
+    from ..search.run import run_items
+
+    return run_items(sampler, calib, batch)
 
 
 @torch.no_grad()

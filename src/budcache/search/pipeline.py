@@ -202,9 +202,10 @@ class PipelineProblem:
 
     def final_latents(self, calib: CalibrationSet, policy: Any, plain_steps: int | None = None,
                       batch: int = 16) -> torch.Tensor:
-        from .run import TinyflowProblem
+        from .run import run_items
 
-        return TinyflowProblem.final_latents(self, calib, policy, plain_steps, batch)  # type: ignore[arg-type]
+        sampler = self.make_sampler(None, plain_steps) if plain_steps else self.make_sampler(policy)
+        return run_items(sampler, calib, batch)
 
     def default_prompts(self, n: int, seed: int) -> list[str]:
         """Prompts of the embeddings file (a pipeline has no prompt grammar of its own)."""

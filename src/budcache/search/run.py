@@ -83,12 +83,17 @@ class TinyflowProblem:
                       batch: int = 64) -> torch.Tensor:
         """Final latents of ``calib``'s items under a policy, or of the plain ``plain_steps``-step sampler."""
         sampler = self.make_sampler(None, plain_steps) if plain_steps else self.make_sampler(policy)
-        outs = []
-        for i in range(0, len(calib), batch):
-            idx = torch.arange(i, min(i + batch, len(calib)), device=calib.noise.device)
-            st = sampler.run(sampler.start(calib.noise[idx]), _select(calib.cond, idx), _select(calib.uncond, idx))
-            outs.append(st.x)
-        return torch.cat(outs)
+        return run_items(sampler, calib, batch)
+
+
+def run_items(sampler: Sampler, calib: CalibrationSet, batch: int = 64) -> torch.Tensor:
+    """Final latents of every item of ``calib`` under one sampler, ``batch`` items at a time."""
+    outs = []
+    for i in range(0, len(calib), batch):
+        idx = torch.arange(i, min(i + batch, len(calib)), device=calib.noise.device)
+        st = sampler.run(sampler.start(calib.noise[idx]), _select(calib.cond, idx), _select(calib.uncond, idx))
+        outs.append(st.x)
+    return torch.cat(outs)
 
 
 def _weights_digest(module: torch.nn.Module) -> str:
