@@ -4,13 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from diffusers import (
-    FlowMatchEulerDiscreteScheduler,
-    SD3Transformer2DModel,
-    StableDiffusion3Pipeline,
-    WanPipeline,
-    WanTransformer3DModel,
-)
+from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline
+from helpers import make_sd3_pipeline, make_wan_pipeline
 
 import budcache.diffusers as bd
 from budcache import CachePolicy, ConfigError, PolicyError
@@ -20,13 +15,8 @@ STEPS = 10
 
 
 def _wan():
-    torch.manual_seed(0)
-    t = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=4,
-                              out_channels=4, text_dim=16, freq_dim=32, ffn_dim=32, num_layers=3, cross_attn_norm=True,
-                              qk_norm="rms_norm_across_heads", rope_max_seq_len=32).eval()
-    pipe = WanPipeline(tokenizer=None, text_encoder=None, vae=None, transformer=t,
-                       scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0))
-    pipe.set_progress_bar_config(disable=True)
+    pipe = make_wan_pipeline()
+    t = pipe.transformer
     g = torch.Generator().manual_seed(1)
     inputs = dict(prompt_embeds=torch.randn(2, 8, 16, generator=g), negative_prompt_embeds=torch.randn(2, 8, 16, generator=g),
                   height=16, width=16, num_frames=1, guidance_scale=3.0, output_type="latent")
@@ -35,14 +25,8 @@ def _wan():
 
 
 def _sd3():
-    torch.manual_seed(0)
-    t = SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, num_layers=3, attention_head_dim=8,
-                              num_attention_heads=2, joint_attention_dim=16, caption_projection_dim=16,
-                              pooled_projection_dim=8, out_channels=4).eval()
-    pipe = StableDiffusion3Pipeline(scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=None, text_encoder=None,
-                                    tokenizer=None, text_encoder_2=None, tokenizer_2=None, text_encoder_3=None,
-                                    tokenizer_3=None, transformer=t)
-    pipe.set_progress_bar_config(disable=True)
+    pipe = make_sd3_pipeline()
+    t = pipe.transformer
     g = torch.Generator().manual_seed(1)
     inputs = dict(prompt_embeds=torch.randn(2, 6, 16, generator=g), pooled_prompt_embeds=torch.randn(2, 8, generator=g),
                   negative_prompt_embeds=torch.randn(2, 6, 16, generator=g),

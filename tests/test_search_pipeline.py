@@ -7,13 +7,8 @@ import math
 
 import pytest
 import torch
-from diffusers import (
-    FlowMatchEulerDiscreteScheduler,
-    SD3Transformer2DModel,
-    StableDiffusion3Pipeline,
-    WanPipeline,
-    WanTransformer3DModel,
-)
+from diffusers import StableDiffusion3Pipeline
+from helpers import make_sd3_pipeline, make_wan_pipeline
 
 import budcache.diffusers as bd
 from budcache import CachePolicy, ConfigError, tinyflow
@@ -80,30 +75,16 @@ def test_flux_problem_equals_the_pipeline(flux_dir, tf, guidance):
 
 
 def _wan_pipe():
-    torch.manual_seed(0)
-    t = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=4,
-                              out_channels=4, text_dim=16, freq_dim=32, ffn_dim=32, num_layers=3, cross_attn_norm=True,
-                              qk_norm="rms_norm_across_heads", rope_max_seq_len=32).eval()
-    pipe = WanPipeline(tokenizer=None, text_encoder=None, vae=None, transformer=t,
-                       scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0))
-    return pipe, dict(height=64, width=64, num_frames=1), "frames"
+    return make_wan_pipeline(), dict(height=64, width=64, num_frames=1), "frames"
 
 
 def _sd3_pipe():
-    torch.manual_seed(0)
-    t = SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, num_layers=3, attention_head_dim=8,
-                              num_attention_heads=2, joint_attention_dim=16, caption_projection_dim=16,
-                              pooled_projection_dim=8, out_channels=4).eval()
-    pipe = StableDiffusion3Pipeline(scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=None,
-                                    text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None,
-                                    text_encoder_3=None, tokenizer_3=None, transformer=t)
-    return pipe, dict(height=64, width=64), "images"
+    return make_sd3_pipeline(), dict(height=64, width=64), "images"
 
 
 @pytest.mark.parametrize("build", [_wan_pipe, _sd3_pipe], ids=["wan", "sd3"])
 def test_wan_and_sd3_problems_equal_their_pipelines(build, tmp_path):
     pipe, geo, field = build()
-    pipe.set_progress_bar_config(disable=True)
     g = torch.Generator().manual_seed(1)
     pe, npe = torch.randn(2, 6, 16, generator=g), torch.randn(1, 6, 16, generator=g)
     sd3 = isinstance(pipe, StableDiffusion3Pipeline)
