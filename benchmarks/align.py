@@ -35,7 +35,7 @@ from budcache.align.joint import JointRound, joint
 from budcache.align.params import make_schedule
 from budcache.align.trainer import final_latents, release
 from budcache.search import Evaluator, SearchConfig, search
-from budcache.search.calibration import latent_mse, pairs_for, tinyflow_prompts
+from budcache.search.calibration import get_loss, latent_mse, pairs_for, tinyflow_prompts
 from budcache.search.run import TinyflowProblem, quality
 from budcache.tinyflow import checker
 
@@ -83,6 +83,10 @@ def main() -> None:
     ap.add_argument("--accumulation", type=int, default=2)
     ap.add_argument("--micro-batch", type=int, default=4)
     ap.add_argument("--parametrisation", default="ld3")
+    ap.add_argument("--mechanism", default="forecast1", help="cache mechanism of every cached sampler "
+                    "(default forecast1, as budcache search; reuse: the paper's)")
+    ap.add_argument("--search-loss", default="logmse", help="the search's per-item loss (default logmse, as "
+                    "budcache search; mse: the paper's). Alignment always minimises the latent MSE")
     ap.add_argument("--sa-iters", type=int, default=100)
     ap.add_argument("--hc-rounds", type=int, default=10)
     ap.add_argument("--rounds", type=int, default=3)
@@ -93,7 +97,7 @@ def main() -> None:
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     t_all = time.perf_counter()
-    problem = TinyflowProblem(tinyflow.load(), steps=28)
+    problem = TinyflowProblem(tinyflow.load(), steps=28, mechanism=a.mechanism)
     with torch.no_grad():
         calib = problem.calibration(*pairs_for(tinyflow_prompts(a.calib, seed=0), 1, 0))
         val = problem.calibration(*pairs_for(tinyflow_prompts(a.val, seed=3_333_333), 1, 3_333_333))
@@ -105,7 +109,7 @@ def main() -> None:
                  "machine": f"{platform.machine()}, {torch.get_num_threads()} thread(s), torch {torch.__version__}",
                  "teacher_accuracy": checker.accuracy(held.prompts, problem.tf.images(held.teacher)), "budgets": {}}
     sel = {"validation": val} if a.select else {}
-    ev = Evaluator(problem.make_sampler, calib)
+    ev = Evaluator(problem.make_sampler, calib, loss=get_loss(a.search_loss))
     prev = None
     for k in [int(v) for v in a.budgets.split(",")]:
         t0 = time.perf_counter()
@@ -168,13 +172,15 @@ def markdown(res: dict, a) -> str:
     lines = [f"### Alignment ({res['date']}, {res['machine']})", "",
              f"Command: `python benchmarks/align.py --budgets {a.budgets} --calib {a.calib} --val {a.val} "
              f"--heldout {a.heldout} --epochs {a.epochs} --lr {a.lr} --accumulation {a.accumulation} "
-             f"--micro-batch {a.micro_batch} --sa-iters {a.sa_iters} --hc-rounds {a.hc_rounds} --rounds {a.rounds}"
+             f"--micro-batch {a.micro_batch} --sa-iters {a.sa_iters} --hc-rounds {a.hc_rounds} --rounds {a.rounds} "
+             f"--mechanism {a.mechanism} --search-loss {a.search_loss}"
              f"{' --select' if a.select else ''}` "
              f"(total {res['total_wall_s'] / 60:.1f} min)", "",
              f"Alignment: {a.parametrisation}, {a.epochs} epochs over {a.calib} calibration pairs (fresh noise after "
              f"the first), {a.micro_batch} x {a.accumulation} items per update, AdamW lr {a.lr}, wd 1e-4, clip 1, "
              f"cosine with 5% warm-up. Held-out: {a.heldout} pairs; checker accuracy of the 28-step teacher on "
-             f"them: {100 * res['teacher_accuracy']:.1f}%. Wins: held-out pairs with lower latent MSE than "
+             f"them: {100 * res['teacher_accuracy']:.1f}%. Cached samplers use the {a.mechanism} mechanism; the "
+             f"search minimises the {a.search_loss} loss. Wins: held-out pairs with lower latent MSE than "
              "budcache (the searched mask, base schedule).", "",
              "| K | method | latent MSE | PSNR (dB) | checker acc. | wins vs budcache |", "|---|---|---|---|---|---|"]
     n = a.heldout

@@ -166,6 +166,43 @@ def test_exact_gradient_matches_finite_differences(problem, calib):
     assert (l1 - l0) == pytest.approx(-h * float(g.norm()), rel=0.05)
 
 
+@pytest.mark.parametrize("mechanism", ["forecast1", "forecast2"])
+def test_exact_gradient_through_forecast_matches_finite_differences(calib, mechanism):
+    """With a forecast mechanism the straight-through term rebuilds the extrapolation from graph residuals."""
+    prob = TinyflowProblem(tinyflow.load(), steps=N, mechanism=mechanism)
+    sched, _, g, sampler = _grads(prob, calib, "ld3", MASK, True, True)
+    assert sampler.denoiser.tap is not None and sampler.denoiser.tap.order == int(mechanism[-1])
+    l0 = policy_loss(prob, calib, CachePolicy.from_mask(MASK).with_sigmas(sched().detach().double().tolist()))
+    h = 1e-3
+    with torch.no_grad():
+        sched.theta -= h * g / g.norm()
+    l1 = policy_loss(prob, calib, CachePolicy.from_mask(MASK).with_sigmas(sched().detach().double().tolist()))
+    assert (l1 - l0) == pytest.approx(-h * float(g.norm()), rel=0.05)
+    # the truncated gradient is a different vector
+    _, _, g_detached, _ = _grads(prob, calib, "ld3", MASK, True, False)
+    assert not torch.allclose(g, g_detached, rtol=1e-2)
+
+
+def test_forecast_tap_estimate_matches_the_cache(problem):
+    """The tap's extrapolation equals ResidualHistory.estimate of the hooks (orders 0, 1, 2)."""
+    from budcache.align.trainer import _ResidualTap
+    from budcache.hooks import ResidualHistory
+
+    gen = torch.Generator().manual_seed(0)
+    res = [(s, torch.randn(2, 3, 4, generator=gen)) for s in (0, 2, 5)]
+    hist = ResidualHistory()
+    for s, r in res:
+        hist = hist.push(None, r, None, s, 2, 3)
+    newest_first = list(reversed(res))
+    for order in (0, 1, 2):
+        tap = _ResidualTap(problem.transformer, order)
+        try:
+            for k in (6, 9):
+                torch.testing.assert_close(tap.estimate(newest_first[:order + 1], k), hist.estimate(k, order)[0])
+        finally:
+            tap.remove()
+
+
 def test_recompute_with_cache_installed_does_not_push_twice(problem, calib):
     """Backward while the sampler's cache is still installed: the recomputation leaves the cache as it was."""
     _, _, plain, _ = _grads(problem, calib, "ld3", MASK, False)

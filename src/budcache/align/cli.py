@@ -94,9 +94,9 @@ def run(a: argparse.Namespace) -> int:
         a.steps = src.steps
         meta = dict(src.meta)
         a.solver = a.solver or str(meta.get("solver", "euler"))
-        a.mechanism = a.mechanism or str(meta.get("mechanism", "reuse"))
+        a.mechanism = a.mechanism or str(meta.get("mechanism", "forecast1"))
         a.guidance = a.guidance if a.guidance is not None else float(meta.get("guidance", 1.0))
-    a.solver, a.mechanism = a.solver or "euler", a.mechanism or "reuse"
+    a.solver, a.mechanism = a.solver or "euler", a.mechanism or "forecast1"
     a.guidance = 1.0 if a.guidance is None else a.guidance
     k = getattr(a, mode) if mode != "policy" else src.nfe
     limit = a.steps
@@ -295,7 +295,8 @@ def register(sub: Any) -> None:
     p.add_argument("--seeds-per-prompt", type=int, default=1)
     p.add_argument("--heldout", type=int, default=32, help="held-out pairs for the report")
     p.add_argument("--solver", default=None, choices=sorted(SOLVERS), help="default: the policy's, else euler")
-    p.add_argument("--mechanism", default=None, choices=list(MECHANISMS), help="default: the policy's, else reuse")
+    p.add_argument("--mechanism", default=None, choices=list(MECHANISMS),
+                   help="default: the policy's, else forecast1 (as budcache search)")
     p.add_argument("--guidance", type=float, default=None)
     p.add_argument("--rounds", type=int, default=4, help="joint: at most this many search + align rounds")
     p.add_argument("--tol", type=float, default=1e-3, help="joint: relative held-out improvement to go on")

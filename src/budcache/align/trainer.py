@@ -13,9 +13,9 @@ gradient accumulation, gradient clipping, and data parallelism over items
 after every update makes a run resumable to the same result.
 
 Cached residuals: the cache stores them detached (no graph is kept in the
-cache). With ``residual_grad`` (the default) the reused residual still passes
-its gradient to the step that computed it (a straight-through term with value
-zero), which makes the gradient exact; with ``residual_grad=False`` the
+cache). With ``residual_grad`` (the default) the residual estimate of a skipped
+step (reused or forecast) still passes its gradient to the steps that computed
+it (a straight-through term with value zero), which makes the gradient exact; with ``residual_grad=False`` the
 gradient stops at the cache, as in the reference implementation. That
 truncated gradient ignores how a computed step's sigma changes the residual
 every following skipped step reuses; on tinyflow it can point the wrong way
@@ -38,7 +38,7 @@ from torch.utils.checkpoint import checkpoint as _checkpoint
 
 from .. import __version__
 from ..errors import ConfigError, ModelOutputError
-from ..hooks import find_cache
+from ..hooks import MECHANISMS, find_cache
 from ..io import atomic_write_bytes
 from ..policy import CachePolicy
 from ..sampler import Controller, Sampler, SamplerState, StaticMask, _select
@@ -127,25 +127,31 @@ class _Recorder(Controller):
 
 
 class _ResidualTap:
-    """Gives the reused residual a gradient path (straight-through), with the cache's values unchanged.
+    """Gives the cached residual estimate a gradient path (straight-through), with the cache's values unchanged.
 
-    On a computed step it keeps ``R = h_out - h_in`` of the block stack with its
-    graph (torch hooks on the first and last block); on a skipped step it adds
-    ``R - R.detach()`` (zero) to the first block's output, so the value is the
-    cache's and the gradient also reaches the sigma and latent of the step that
-    computed the residual. Image stream only: the model's output reads only it
-    on a skipped step. Residual reuse (``reuse``) only.
+    On a computed step ``j`` it keeps ``R_j = h_out - h_in`` of the block stack
+    with its graph (torch hooks on the first and last block), the newest
+    ``order + 1`` per cache context. On a skipped step ``k`` it rebuilds the
+    mechanism's estimate ``R_hat_k`` from those graph residuals (reuse:
+    ``R_hat = R_j``; forecast: the same Newton extrapolation in the step index
+    as :meth:`budcache.hooks.ResidualHistory.estimate`) and adds
+    ``R_hat - R_hat.detach()`` (zero) to the first block's output. The value is
+    the cache's; the gradient also reaches the sigmas and latents of the steps
+    that computed the residuals. Image stream only: the model's output reads
+    only it on a skipped step.
     """
 
-    def __init__(self, transformer: torch.nn.Module) -> None:
+    def __init__(self, transformer: torch.nn.Module, order: int = 0) -> None:
         from ..hooks import _block_stack
 
         blocks = _block_stack(transformer)
         self.head, self.tail = blocks[0][1], blocks[-1][1]
+        self.order = int(order)
         self.phase: str | None = None      # "compute" | "skip" | None (inactive)
         self.context = ""
+        self.step = -1
         self.h_in: torch.Tensor | None = None
-        self.residual: dict[str, torch.Tensor] = {}
+        self.residual: dict[str, list[tuple[int, torch.Tensor]]] = {}  # newest first
         self._handles = [self.head.register_forward_pre_hook(self._pre, with_kwargs=True),
                          self.head.register_forward_hook(self._head_out, with_kwargs=True),
                          self.tail.register_forward_hook(self._tail_out, with_kwargs=True)]
@@ -172,13 +178,30 @@ class _ResidualTap:
         if self.phase == "compute" and self.h_in is not None:
             i = self._find(out, self.h_in.shape)
             h_out = out[i] if isinstance(out, tuple) else out
-            self.residual[self.context] = h_out - self.h_in
+            hist = self.residual.setdefault(self.context, [])
+            hist.insert(0, (self.step, h_out - self.h_in))
+            del hist[self.order + 1:]
             self.h_in = None
 
+    def estimate(self, hist: list[tuple[int, torch.Tensor]], k: int) -> torch.Tensor:
+        """``R_hat_k`` from graph residuals, newest first: up to ``order`` divided differences in the step index."""
+        (s0, r0) = hist[0]
+        if self.order < 1 or len(hist) < 2:
+            return r0
+        (s1, r1) = hist[1]
+        d1 = (r0 - r1) / (s0 - s1)
+        out = r0 + d1 * (k - s0)
+        if self.order < 2 or len(hist) < 3:
+            return out
+        (s2, r2) = hist[2]
+        d2 = (d1 - (r1 - r2) / (s1 - s2)) / (s0 - s2)
+        return out + d2 * (k - s0) * (k - s1)
+
     def _head_out(self, module: Any, args: tuple, kwargs: dict, out: Any) -> Any:
-        r = self.residual.get(self.context)
-        if self.phase != "skip" or r is None:
+        hist = self.residual.get(self.context)
+        if self.phase != "skip" or not hist:
             return None
+        r = self.estimate(hist, self.step)
         i = self._find(out, r.shape)
         h = out[i] if isinstance(out, tuple) else out
         h = h + (r - r.detach()).to(h.dtype)
@@ -214,10 +237,11 @@ class CheckpointedDenoiser:
     def _cache(self) -> Any:
         return find_cache(self.transformer) if self.transformer is not None else None
 
-    def _call(self, x: torch.Tensor, sigma: torch.Tensor, cond: Any, context: str, phase: str | None) -> torch.Tensor:
+    def _call(self, x: torch.Tensor, sigma: torch.Tensor, cond: Any, context: str, phase: str | None,
+              step: int = -1) -> torch.Tensor:
         if self.tap is None:
             return self.inner(x, sigma, cond, context)
-        self.tap.phase, self.tap.context = phase, context
+        self.tap.phase, self.tap.context, self.tap.step = phase, context, step
         try:
             return self.inner(x, sigma, cond, context)
         finally:
@@ -230,16 +254,16 @@ class CheckpointedDenoiser:
         cache = self._cache()
         n = int(compute.sum())
         if cache is not None and n < compute.numel():
-            return self._call(x, sigma, cond, context, "skip" if n == 0 else None)
+            return self._call(x, sigma, cond, context, "skip" if n == 0 else None, step)
         if not self.checkpointing:
-            return self._call(x, sigma, cond, context, "compute")
+            return self._call(x, sigma, cond, context, "compute", step)
         before = cache.snapshot() if cache is not None else None
         first = [True]
 
         def run(x_: torch.Tensor, s_: torch.Tensor) -> torch.Tensor:
             if first[0]:
                 first[0] = False
-                return self._call(x_, s_, cond, context, "compute")
+                return self._call(x_, s_, cond, context, "compute", step)
             self.recomputed += 1
             live = self._cache()
             if live is None:
@@ -269,9 +293,10 @@ def student_sampler(problem: Any, mask: Sequence[bool], sigmas: torch.Tensor, gr
         raise ConfigError(f"the sampler has {sampler.steps} steps but the mask {len(m)}")
     tap = None
     if residual_grad and not all(m):
-        if sampler.mechanism != "reuse" or getattr(sampler.denoiser, "transformer", None) is None:
-            raise ConfigError("residual gradients need residual reuse (mechanism 'reuse') on a diffusers transformer")
-        tap = _ResidualTap(sampler.denoiser.transformer)
+        if sampler.mechanism not in MECHANISMS or getattr(sampler.denoiser, "transformer", None) is None:
+            raise ConfigError(f"residual gradients need a residual mechanism ({', '.join(MECHANISMS)}) on a "
+                              f"diffusers transformer, not {sampler.mechanism!r}; align with residual_grad=False")
+        tap = _ResidualTap(sampler.denoiser.transformer, MECHANISMS[sampler.mechanism])
     if grad_checkpointing or tap is not None:
         rec = _Recorder(sampler.controller)
         sampler.controller = rec
