@@ -93,7 +93,8 @@ def register(sub: Any) -> None:
                    help="comma-separated method names (default: all; see --list-methods)")
     c.add_argument("--list-methods", action="store_true", help="print the available methods and exit")
     c.add_argument("--policy", action="append", default=None, metavar="FILE",
-                   help="use this policy for its budget instead of searching (repeatable)")
+                   help="use this policy for its budget instead of searching (repeatable); a reuse policy "
+                   "serves budcache, a forecast1 policy (budcache search's default) budcache-forecast")
     c.add_argument("--solver", default="euler", choices=sorted(SOLVERS))
     c.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale")
     c.add_argument("--calib-pairs", type=int, default=12, help="calibration prompt x seed pairs (fitting)")

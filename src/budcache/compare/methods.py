@@ -271,6 +271,10 @@ def forecast_method(**kw: Any) -> BudcacheMethod:
     return BudcacheMethod(name="budcache-forecast", mechanism="forecast1", **kw)
 
 
+#: The compare method that runs a given policy of each mechanism.
+POLICY_METHODS: dict[str, str] = {"reuse": "budcache", "forecast1": "budcache-forecast"}
+
+
 # ------------------------------------------------------------------------------ peers' hooks
 @dataclass
 class HookMethod:
@@ -510,20 +514,38 @@ def available_methods() -> dict[str, Callable[[], Any]]:
 def build_methods(names: Sequence[str], *, policies: dict[int, CachePolicy] | None = None,
                   search_kw: dict[str, Any] | None = None, search_loss: str = "mse",
                   progress: bool = False) -> list[Any]:
-    """Instantiate methods by name; given ``policies`` serve ``budcache`` (reuse) instead of searching."""
+    """Instantiate methods by name; given ``policies`` replace the search at their budget.
+
+    A policy serves the budcache method of its mechanism (``meta["mechanism"]``,
+    ``reuse`` when absent): ``budcache`` for reuse, ``budcache-forecast`` for
+    forecast1; a policy whose method is not among ``names`` is an error, so a
+    given policy is never silently ignored.
+    """
     avail = available_methods()
     unknown = [n for n in names if n not in avail]
     if unknown:
         raise ConfigError(f"unknown method(s) {unknown}; choose from {sorted(avail)}")
     if len(set(names)) != len(names):
         raise ConfigError(f"methods listed twice: {sorted(n for n in set(names) if list(names).count(n) > 1)}")
+    routed: dict[str, dict[int, CachePolicy]] = {}
+    for k, pol in (policies or {}).items():
+        mech = str(pol.meta.get("mechanism", "reuse"))
+        target = POLICY_METHODS.get(mech)
+        if target is None:
+            raise ConfigError(f"the policy for NFE {k} uses mechanism {mech!r}; compare runs given policies with "
+                              + ", ".join(f"{m} ({n})" for m, n in POLICY_METHODS.items()))
+        if target not in names:
+            raise ConfigError(f"the policy for NFE {k} is a {mech} policy, for method {target!r}, which is not "
+                              f"among the methods {list(names)}")
+        routed.setdefault(target, {})[k] = pol
     out: list[Any] = []
     for n in names:
         if n == "budcache":
-            out.append(BudcacheMethod(policies=dict(policies or {}), search_kw=dict(search_kw or {}),
+            out.append(BudcacheMethod(policies=routed.get(n, {}), search_kw=dict(search_kw or {}),
                                       loss=search_loss, progress=progress))
         elif n == "budcache-forecast":
-            out.append(forecast_method(search_kw=dict(search_kw or {}), loss=search_loss, progress=progress))
+            out.append(forecast_method(policies=routed.get(n, {}), search_kw=dict(search_kw or {}),
+                                       loss=search_loss, progress=progress))
         else:
             out.append(avail[n]())
     return out
