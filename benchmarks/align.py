@@ -48,12 +48,12 @@ def measure(problem, held, policy, plain_steps=None) -> dict:
             "per_item": q["latent_mse"].tolist()}
 
 
-def fd_check(problem, calib, compute, h=1e-3) -> dict:
+def fd_check(problem, calib, compute, kind="ld3", h=1e-3) -> dict:
     """Loss change along -g/|g| for the exact and the truncated gradient, against the first-order prediction."""
     mask = [k in compute for k in range(28)]
     out = {}
     for name, exact in (("exact", True), ("detached", False)):
-        sched = make_schedule("ld3", problem.sigmas(28), mask)
+        sched = make_schedule(kind, problem.sigmas(28), mask)
 
         def loss(grad=False):
             s = student_sampler(problem, mask, sched(), True, exact)
@@ -82,7 +82,10 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=0.05)
     ap.add_argument("--accumulation", type=int, default=2)
     ap.add_argument("--micro-batch", type=int, default=4)
-    ap.add_argument("--parametrisation", default="ld3")
+    ap.add_argument("--parametrisation", default="ld3", help="of every aligned cached sampler (ld3, offset, segment)")
+    ap.add_argument("--plain-parametrisation", default="ld3",
+                    help="of the plain K-step control (segment has nothing to learn there: every step computes)")
+    ap.add_argument("--plain-lr", type=float, default=None, help="learning rate of the plain control (default --lr)")
     ap.add_argument("--mechanism", default="forecast1", help="cache mechanism of every cached sampler "
                     "(default forecast1, as budcache search; reuse: the paper's)")
     ap.add_argument("--search-loss", default="logmse", help="the search's per-item loss (default logmse, as "
@@ -105,6 +108,8 @@ def main() -> None:
     acfg = AlignConfig(parametrisation=a.parametrisation, lr=a.lr, epochs=a.epochs, accumulation=a.accumulation,
                        micro_batch=a.micro_batch)
     ref = AlignConfig(**{**acfg.__dict__, "residual_grad": False})
+    pcfg = AlignConfig(**{**acfg.__dict__, "parametrisation": a.plain_parametrisation,
+                          "lr": a.lr if a.plain_lr is None else a.plain_lr})
     res: dict = {"date": datetime.date.today().isoformat(), "args": vars(a),
                  "machine": f"{platform.machine()}, {torch.get_num_threads()} thread(s), torch {torch.__version__}",
                  "teacher_accuracy": checker.accuracy(held.prompts, problem.tf.images(held.teacher)), "budgets": {}}
@@ -124,7 +129,7 @@ def main() -> None:
         rows["plain"] = measure(problem, held, None, plain_steps=k)
         t = time.perf_counter()
         rows["plain aligned"] = measure(problem, held,
-                                        align(problem, calib, CachePolicy.full(k), acfg, **sel).policy)
+                                        align(problem, calib, CachePolicy.full(k), pcfg, **sel).policy)
         wall["plain aligned"] = time.perf_counter() - t
         rows["uniform"] = measure(problem, held, uni)
         t = time.perf_counter()
@@ -155,7 +160,7 @@ def main() -> None:
                                        "best": jr.best, "stopped": jr.stopped},
                              "wall_s": wall}
         print(f"K={k} done in {time.perf_counter() - t0:.0f} s", flush=True)
-    res["fd_check"] = fd_check(problem, calib, res_mask(res, a))
+    res["fd_check"] = fd_check(problem, calib, res_mask(res, a), a.parametrisation)
     res["total_wall_s"] = time.perf_counter() - t_all
     if a.json:
         with open(a.json, "w") as f:
@@ -173,10 +178,13 @@ def markdown(res: dict, a) -> str:
              f"Command: `python benchmarks/align.py --budgets {a.budgets} --calib {a.calib} --val {a.val} "
              f"--heldout {a.heldout} --epochs {a.epochs} --lr {a.lr} --accumulation {a.accumulation} "
              f"--micro-batch {a.micro_batch} --sa-iters {a.sa_iters} --hc-rounds {a.hc_rounds} --rounds {a.rounds} "
-             f"--mechanism {a.mechanism} --search-loss {a.search_loss}"
+             f"--mechanism {a.mechanism} --search-loss {a.search_loss} --parametrisation {a.parametrisation} "
+             f"--plain-parametrisation {a.plain_parametrisation}"
+             f"{'' if a.plain_lr is None else f' --plain-lr {a.plain_lr}'}"
              f"{' --select' if a.select else ''}` "
              f"(total {res['total_wall_s'] / 60:.1f} min)", "",
-             f"Alignment: {a.parametrisation}, {a.epochs} epochs over {a.calib} calibration pairs (fresh noise after "
+             f"Alignment: {a.parametrisation} (plain control: {a.plain_parametrisation}, lr "
+             f"{a.lr if a.plain_lr is None else a.plain_lr}), {a.epochs} epochs over {a.calib} calibration pairs (fresh noise after "
              f"the first), {a.micro_batch} x {a.accumulation} items per update, AdamW lr {a.lr}, wd 1e-4, clip 1, "
              f"cosine with 5% warm-up. Held-out: {a.heldout} pairs; checker accuracy of the 28-step teacher on "
              f"them: {100 * res['teacher_accuracy']:.1f}%. Cached samplers use the {a.mechanism} mechanism; the "
@@ -196,8 +204,8 @@ def markdown(res: dict, a) -> str:
         lines.append(f"- K={k}: searched mask `{b['mask']}`; joint: {rounds}; best round {j['best']} "
                      f"({j['stopped']}). Wall (s): " + ", ".join(f"{n} {v:.0f}" for n, v in b["wall_s"].items()))
     fd = res["fd_check"]
-    lines += ["", "Gradient check (ld3 at the base schedule, last budget's searched mask, calibration loss, step "
-              "1e-3 along -g/|g|): " + "; ".join(f"{n}: predicted {v['predicted']:+.3e}, measured {v['measured']:+.3e}"
+    lines += ["", f"Gradient check ({a.parametrisation} at the base schedule, last budget's searched mask, "
+              "calibration loss, step 1e-3 along -g/|g|): " + "; ".join(f"{n}: predicted {v['predicted']:+.3e}, measured {v['measured']:+.3e}"
                                                for n, v in fd.items()), ""]
     return "\n".join(lines)
 
