@@ -15,8 +15,9 @@ after every update makes a run resumable to the same result.
 Cached residuals: the cache stores them detached (no graph is kept in the
 cache). With ``residual_grad`` (the default) the residual estimate of a skipped
 step (reused or forecast) still passes its gradient to the steps that computed
-it (a straight-through term with value zero), which makes the gradient exact; with ``residual_grad=False`` the
-gradient stops at the cache, as in the reference implementation. That
+it (a straight-through term with value zero), which makes the gradient exact;
+with ``residual_grad=False`` the gradient stops at the cache, as in the
+reference implementation. That
 truncated gradient ignores how a computed step's sigma changes the residual
 every following skipped step reuses; on tinyflow it can point the wrong way
 (BENCHMARKS.md, "Alignment": a finite-difference check).
