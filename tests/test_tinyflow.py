@@ -111,6 +111,35 @@ def test_checker_rejects_every_changed_attribute(field):
     assert wrongly_accepted == []
 
 
+def _ragged(image: torch.Tensor, rng: np.random.Generator, frac: float) -> torch.Tensor:
+    """Knock out a fraction ``frac`` of the object's boundary pixels, as generated edges look."""
+    img = image.clone()
+    fg = img.max(0).values >= checker.BRIGHT
+    inner = torch.zeros_like(fg)
+    inner[1:-1, 1:-1] = fg[1:-1, 1:-1] & fg[:-2, 1:-1] & fg[2:, 1:-1] & fg[1:-1, :-2] & fg[1:-1, 2:]
+    edge = (fg & ~inner).nonzero()
+    drop = edge[torch.from_numpy(rng.random(len(edge)) < frac)]
+    img[:, drop[:, 0], drop[:, 1]] = 0.0
+    return img
+
+
+@pytest.mark.parametrize("size", ["small", "large"])
+def test_checker_reads_ragged_squares_as_squares_and_ragged_circles_as_circles(size):
+    """Generated squares lose edge pixels (fill 0.8-0.9, like a circle) but keep their corners."""
+    rng = np.random.default_rng(17)
+    for shape in ("square", "circle"):
+        fills = []
+        for i in range(20):
+            obj = SceneObject(shape, "red", size, float(rng.uniform(10, 22)), float(rng.uniform(10, 22)))
+            img = _ragged(render.render([(obj,)])[0], rng, 0.35)
+            found = checker.find_objects(img)
+            assert len(found) == 1
+            fills.append(found[0].fill)
+            assert found[0].shape == shape, (shape, size, i, found[0])
+        if shape == "square":
+            assert min(fills) < 0.9  # the fill rule alone would have called these circles
+
+
 def test_checker_counts_objects():
     rng = np.random.default_rng(5)
     for n in (2, 3):

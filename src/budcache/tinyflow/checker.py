@@ -7,7 +7,11 @@ Each object gets:
 - colour: the majority palette colour of its pixels (each pixel normalised by
   its brightest channel, then the nearest palette colour);
 - shape: from the fill ratio ``area / bbox_area`` (square ~1, circle ~pi/4,
-  triangle ~1/2) and, for the triangle, the ratio of its top and bottom widths;
+  triangle ~1/2), for the triangle the ratio of its top and bottom widths,
+  and the diagonal extent ``q = max(range(x+y), range(x-y)) / (h + w)``
+  (square ~1: its corners reach the bounding box's diagonals; circle ~0.71):
+  a generated square with ragged edges has a fill of only 0.8-0.9, like a
+  circle, but keeps its corners;
 - size: the longer bounding-box side against ``SIZE_SPLIT``;
 - position: the third of the image (row, column) holding the bounding-box centre.
 
@@ -28,6 +32,11 @@ from .grammar import COLOUR_NAMES, COLOURS, IMAGE_SIZE, POSITIONS, ObjectSpec, S
 MIN_AREA = 14
 BRIGHT = 0.4
 SIZE_SPLIT = 11.5
+#: ``q`` (diagonal extent, see above) from which a component filled like a circle is read as a square: clean
+#: renders give q <= 0.75 for circles and >= 0.94 for squares.
+SQUARE_DIAGONAL = 0.85
+#: The least fill of a ragged square (clean circles fill 0.75-0.87 of their box, triangles about 0.55).
+RAGGED_SQUARE_FILL = 0.78
 _PALETTE = np.array([COLOURS[c] for c in COLOUR_NAMES], dtype=np.float32)
 _POS_OF_CELL = {v: k for k, v in POSITIONS.items()}
 
@@ -64,6 +73,9 @@ def _shape_of(comp: np.ndarray) -> tuple[str, float]:
     if fill < 0.66 or (fill < 0.74 and taper < 0.5):
         return "triangle", fill
     if fill >= 0.9:
+        return "square", fill
+    diagonal = max(np.ptp(xs + ys), np.ptp(xs - ys)) + 1
+    if fill >= RAGGED_SQUARE_FILL and diagonal / float(h + w) >= SQUARE_DIAGONAL:
         return "square", fill
     return "circle", fill
 
