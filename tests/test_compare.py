@@ -83,14 +83,14 @@ def test_given_policies_go_to_the_method_of_their_mechanism():
     from budcache.compare.methods import build_methods
 
     reuse = CachePolicy(N, (0, 1, 6))
-    fc = CachePolicy(N, (0, 2, 5), meta={"mechanism": "forecast1"})
+    fc = CachePolicy(N, (0, 2, 5, 7), meta={"mechanism": "forecast1"})
     ms = {m.name: m for m in build_methods(["budcache", "budcache-forecast"], policies={3: reuse, 4: fc})}
     assert ms["budcache"].policies == {3: reuse}
     assert ms["budcache-forecast"].policies == {4: fc} and ms["budcache-forecast"].mechanism == "forecast1"
     with pytest.raises(ConfigError, match="forecast1 policy, for method 'budcache-forecast', which is not"):
         build_methods(["budcache", "plain"], policies={4: fc})
     with pytest.raises(ConfigError, match="mechanism 'forecast2'"):
-        build_methods(["budcache"], policies={4: CachePolicy(N, (0, 2, 5), meta={"mechanism": "forecast2"})})
+        build_methods(["budcache"], policies={4: CachePolicy(N, (0, 2, 5, 7), meta={"mechanism": "forecast2"})})
 
 
 def test_bisect_threshold_reaches_a_monotone_target():

@@ -94,7 +94,7 @@ def run(a: argparse.Namespace) -> int:
         a.steps = src.steps
         meta = dict(src.meta)
         a.solver = a.solver or str(meta.get("solver", "euler"))
-        a.mechanism = a.mechanism or str(meta.get("mechanism", "forecast1"))
+        a.mechanism = a.mechanism or str(meta.get("mechanism", "reuse"))  # as sample and compare
         a.guidance = a.guidance if a.guidance is not None else float(meta.get("guidance", 1.0))
     a.solver, a.mechanism = a.solver or "euler", a.mechanism or "forecast1"
     a.guidance = 1.0 if a.guidance is None else a.guidance
@@ -296,7 +296,8 @@ def register(sub: Any) -> None:
     p.add_argument("--heldout", type=int, default=32, help="held-out pairs for the report")
     p.add_argument("--solver", default=None, choices=sorted(SOLVERS), help="default: the policy's, else euler")
     p.add_argument("--mechanism", default=None, choices=list(MECHANISMS),
-                   help="default: the policy's, else forecast1 (as budcache search)")
+                   help="default: the policy's (reuse if it names none, as sample and compare); "
+                   "forecast1 for --uniform/--plain/--joint (as budcache search)")
     p.add_argument("--guidance", type=float, default=None)
     p.add_argument("--rounds", type=int, default=4, help="joint: at most this many search + align rounds")
     p.add_argument("--tol", type=float, default=1e-3, help="joint: relative held-out improvement to go on")

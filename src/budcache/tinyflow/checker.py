@@ -8,7 +8,7 @@ Each object gets:
   its brightest channel, then the nearest palette colour);
 - shape: from the fill ratio ``area / bbox_area`` (square ~1, circle ~pi/4,
   triangle ~1/2), for the triangle the ratio of its top and bottom widths,
-  and the diagonal extent ``q = max(range(x+y), range(x-y)) / (h + w)``
+  and the diagonal extent ``q = (max(range(x+y), range(x-y)) + 1) / (h + w)``
   (square ~1: its corners reach the bounding box's diagonals; circle ~0.71):
   a generated square with ragged edges has a fill of only 0.8-0.9, like a
   circle, but keeps its corners;
