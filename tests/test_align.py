@@ -155,15 +155,19 @@ def test_checkpointed_gradients_equal_plain(problem, calib, residual_grad):
     torch.testing.assert_close(gs1, gs2, rtol=1e-5, atol=1e-12)
 
 
-def test_exact_gradient_matches_finite_differences(problem, calib):
-    """The default gradient (through the reused residual) predicts the loss change; the truncated one need not."""
-    sched, _, g, _ = _grads(problem, calib, "ld3", MASK, True, True)
+def _fd_matches(problem, calib, sched, g, h=1e-3):
+    """The loss change along ``-g/|g|`` equals the first-order prediction ``-h |g|`` to 5%."""
     l0 = policy_loss(problem, calib, CachePolicy.from_mask(MASK).with_sigmas(sched().detach().double().tolist()))
-    h = 1e-3
     with torch.no_grad():
         sched.theta -= h * g / g.norm()
     l1 = policy_loss(problem, calib, CachePolicy.from_mask(MASK).with_sigmas(sched().detach().double().tolist()))
     assert (l1 - l0) == pytest.approx(-h * float(g.norm()), rel=0.05)
+
+
+def test_exact_gradient_matches_finite_differences(problem, calib):
+    """The default gradient (through the reused residual) predicts the loss change; the truncated one need not."""
+    sched, _, g, _ = _grads(problem, calib, "ld3", MASK, True, True)
+    _fd_matches(problem, calib, sched, g)
 
 
 @pytest.mark.parametrize("mechanism", ["forecast1", "forecast2"])
@@ -172,12 +176,7 @@ def test_exact_gradient_through_forecast_matches_finite_differences(calib, mecha
     prob = TinyflowProblem(tinyflow.load(), steps=N, mechanism=mechanism)
     sched, _, g, sampler = _grads(prob, calib, "ld3", MASK, True, True)
     assert sampler.denoiser.tap is not None and sampler.denoiser.tap.order == int(mechanism[-1])
-    l0 = policy_loss(prob, calib, CachePolicy.from_mask(MASK).with_sigmas(sched().detach().double().tolist()))
-    h = 1e-3
-    with torch.no_grad():
-        sched.theta -= h * g / g.norm()
-    l1 = policy_loss(prob, calib, CachePolicy.from_mask(MASK).with_sigmas(sched().detach().double().tolist()))
-    assert (l1 - l0) == pytest.approx(-h * float(g.norm()), rel=0.05)
+    _fd_matches(prob, calib, sched, g)
     # the truncated gradient is a different vector
     _, _, g_detached, _ = _grads(prob, calib, "ld3", MASK, True, False)
     assert not torch.allclose(g, g_detached, rtol=1e-2)
