@@ -175,9 +175,9 @@ def quality(problem: Any, latents: torch.Tensor, teacher: torch.Tensor, prompts:
     mse = (latents - teacher).pow(2).flatten(1).mean(1)
     if a is None or b is None:
         # no decoder (a pipeline without a VAE): PSNR on latents with the teacher's range as peak; no SSIM
-        t = teacher.flatten(1)
-        peak = (t.max(1).values - t.min(1).values).pow(2)
-        return {"latent_mse": mse.numpy(), "psnr": (10 * torch.log10(peak / mse.clamp_min(1e-12))).numpy()}
+        from ..search.run import latent_psnr
+
+        return {"latent_mse": mse.numpy(), "psnr": latent_psnr(mse, teacher).numpy()}
     a, b = a.float(), b.float()
     out = {"latent_mse": mse.numpy(),
            "psnr": peak_signal_noise_ratio(a, b, data_range=1.0, reduction="none", dim=(1, 2, 3)).numpy(),

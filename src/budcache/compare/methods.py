@@ -512,7 +512,7 @@ def available_methods() -> dict[str, Callable[[], Any]]:
 
 
 def build_methods(names: Sequence[str], *, policies: dict[int, CachePolicy] | None = None,
-                  search_kw: dict[str, Any] | None = None, search_loss: str = "mse",
+                  search_kw: dict[str, Any] | None = None, search_loss: str = "logmse",
                   progress: bool = False) -> list[Any]:
     """Instantiate methods by name; given ``policies`` replace the search at their budget.
 

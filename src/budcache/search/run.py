@@ -107,6 +107,13 @@ def _weights_digest(module: torch.nn.Module) -> str:
     return h.hexdigest()[:16]
 
 
+def latent_psnr(mse: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """Per-item PSNR on latents, the teacher's per-item range as peak: ``10 log10(range^2 / MSE)``."""
+    t = teacher.flatten(1)
+    peak = (t.max(1).values - t.min(1).values).pow(2)
+    return 10 * torch.log10(peak / mse.clamp_min(1e-12))
+
+
 def quality(problem: Any, latents: torch.Tensor, teacher: torch.Tensor) -> dict[str, np.ndarray]:
     """Per-item latent MSE and PSNR against the teacher.
 
@@ -117,9 +124,7 @@ def quality(problem: Any, latents: torch.Tensor, teacher: torch.Tensor) -> dict[
     mse = (latents - teacher).pow(2).flatten(1).mean(1)
     a, b = problem.images(latents), problem.images(teacher)
     if a is None or b is None:
-        t = teacher.flatten(1)
-        peak = (t.max(1).values - t.min(1).values).pow(2)
-        psnr = 10 * torch.log10(peak / mse.clamp_min(1e-12))
+        psnr = latent_psnr(mse, teacher)
     else:
         img_mse = (a - b).pow(2).flatten(1).mean(1).clamp_min(1e-12)
         psnr = 10 * torch.log10(1.0 / img_mse)
