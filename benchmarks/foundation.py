@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from budcache import CachePolicy
-from budcache.tinyflow import checker, grammar, load
+from budcache.tinyflow import DEFAULT_GUIDANCE, checker, grammar, load
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -53,9 +53,12 @@ def main() -> None:
                     help="tinyflow weights directory (default: the shipped ones), e.g. a checkpoint exported with "
                          "budcache train-tinyflow --export DIR")
     ap.add_argument("--accuracy-only", action="store_true", help="only the checker accuracy of 28-step samples")
+    ap.add_argument("--guidance", type=float, default=None,
+                    help="classifier-free guidance scale of every sample (default: tinyflow's DEFAULT_GUIDANCE)")
     a = ap.parse_args()
     torch.set_grad_enabled(False)
     tf = load(a.model)
+    guidance = DEFAULT_GUIDANCE if a.guidance is None else a.guidance
     pairs = grammar.heldout_pairs(a.pairs)
     prompts = [p for p, _ in pairs]
     seeds = [s for _, s in pairs]
@@ -63,7 +66,7 @@ def main() -> None:
     def run(steps: int, policy: CachePolicy | None = None) -> torch.Tensor:
         outs = []
         for i in range(0, len(prompts), a.batch):
-            r = tf.sample(prompts[i:i + a.batch], seeds[i:i + a.batch], steps=steps, policy=policy)
+            r = tf.sample(prompts[i:i + a.batch], seeds[i:i + a.batch], steps=steps, policy=policy, guidance=guidance)
             outs.append(tf.images(r.latent))
         return torch.cat(outs)
 
@@ -80,8 +83,8 @@ def main() -> None:
                        "n_fully_specified": int(fully.sum()), "n_free": int((~fully).sum())}
     if a.accuracy_only:
         acc = res["accuracy"]
-        print(f"Checker accuracy ({a.model or 'shipped weights'}), {a.pairs} held-out pairs, 28 Euler steps: "
-              f"**{acc['all']:.1%}** (fully specified {acc['fully_specified']:.1%}, free {acc['free']:.1%}; single "
+        print(f"Checker accuracy ({a.model or 'shipped weights'}), {a.pairs} held-out pairs, 28 Euler steps, "
+              f"guidance {guidance:g}: **{acc['all']:.1%}** (fully specified {acc['fully_specified']:.1%}, free {acc['free']:.1%}; single "
               f"{acc['single']:.1%}, pair {acc['pair']:.1%}, count {acc['count']:.1%}); "
               f"{res['full_28_wall_s']:.0f} s")
         return
