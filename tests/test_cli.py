@@ -79,3 +79,27 @@ def test_sample_runs_a_policy_with_the_settings_it_was_searched_with(tmp_path, c
 def test_sample_rejects_zero_images_per_prompt(tmp_path, capsys):
     assert main(["sample", "a circle", "--per-prompt", "0", "--out", str(tmp_path / "g.png")]) == 2
     assert "--per-prompt" in capsys.readouterr().err
+
+
+def test_train_tinyflow_takes_its_options_and_resumes(tmp_path, capsys):
+    import torch
+
+    from budcache import tinyflow
+
+    out = tmp_path / "ckpt"
+    args = ["train-tinyflow", "--out", str(out), "--iters", "1", "--batch", "2", "--warmup", "1",
+            "--device", "cpu", "--init", str(tinyflow.WEIGHTS_DIR), "--export", str(tmp_path / "w")]
+    with torch.enable_grad():
+        assert main(args) == 0
+    state = json.loads((out / "state.json").read_text())
+    assert state["step"] == 1 and state["config"]["batch"] == 2 and state["config"]["init"] == str(tinyflow.WEIGHTS_DIR)
+    assert tinyflow.load(tmp_path / "w").transformer is not None
+    with torch.enable_grad():
+        assert main(args[:-4] + ["--iters", "2"]) == 2  # another config: refused with a clear error
+    assert "was made with config" in capsys.readouterr().err
+
+
+def test_train_tinyflow_bad_init_is_a_clear_error(tmp_path, capsys):
+    assert main(["train-tinyflow", "--out", str(tmp_path / "c"), "--iters", "1", "--batch", "2",
+                 "--device", "cpu", "--init", str(tmp_path / "nothing")]) == 2
+    assert "--init" in capsys.readouterr().err

@@ -375,6 +375,40 @@ def test_training_resumes_exactly(tmp_path, capsys):
     assert all(torch.equal(tf.transformer.state_dict()[k], v) for k, v in ema.items())
 
 
+def test_training_starts_from_exported_weights(tmp_path):
+    # lr 0: one step leaves the weights where --init put them, so the checkpoint holds the shipped weights
+    cfg = TrainConfig(iters=1, batch=2, warmup=1, lr=0.0, init=str(tinyflow.WEIGHTS_DIR))
+    out = _train(tmp_path / "ckpt", cfg)
+    for sub in ("transformer", "text_encoder"):
+        shipped = load_file(str(tinyflow.WEIGHTS_DIR / sub / "diffusion_pytorch_model.safetensors"))
+        for name in (sub, f"{sub}_ema"):
+            got = load_file(str(out / name / "diffusion_pytorch_model.safetensors"))
+            assert got.keys() == shipped.keys()
+            assert all(torch.equal(got[k], v) for k, v in shipped.items()), name
+    # a resumed run takes its weights from the checkpoint, whatever --init now says
+    longer = dataclasses.replace(cfg, iters=2, init=str(tmp_path / "elsewhere"))
+    with pytest.raises(ConfigError, match="was made with config"):
+        _train(out, longer)  # iters differ: still refused
+    _train(out, dataclasses.replace(cfg, init=str(tmp_path / "elsewhere")))  # finished: nothing to do, no error
+
+
+def test_training_init_from_a_directory_without_weights_names_the_file(tmp_path):
+    (tmp_path / "w" / "transformer").mkdir(parents=True)
+    with pytest.raises(ConfigError, match=r"--init .*transformer/diffusion_pytorch_model\.safetensors"):
+        _train(tmp_path / "ckpt", TrainConfig(iters=1, batch=2, init=str(tmp_path / "w")))
+    assert not (tmp_path / "ckpt").exists()
+
+
+def test_training_init_with_weights_of_another_architecture_is_refused(tmp_path):
+    from safetensors.torch import save_file
+
+    for sub in ("transformer", "text_encoder"):
+        (tmp_path / "w" / sub).mkdir(parents=True)
+        save_file({"foo.weight": torch.zeros(2)}, str(tmp_path / "w" / sub / "diffusion_pytorch_model.safetensors"))
+    with pytest.raises(ConfigError, match="do not fit tinyflow's architecture"):
+        _train(tmp_path / "ckpt", TrainConfig(iters=1, batch=2, init=str(tmp_path / "w")))
+
+
 def test_train_rejects_empty_runs(tmp_path):
     with pytest.raises(ConfigError, match="batch and iters must be >= 1"):
         train(tmp_path / "x", TrainConfig(iters=0, batch=4), progress=False)

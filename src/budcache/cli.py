@@ -299,7 +299,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     ap = build_parser()
-    a = ap.parse_args(argv)
+    args = sys.argv[1:] if argv is None else list(argv)
+    if args[:1] == ["train-tinyflow"]:
+        # argparse's REMAINDER drops a sub-command's leading options ("--out ..."), so these go to the
+        # trainer's own parser untouched.
+        a = argparse.Namespace(command="train-tinyflow", func=cmd_train, rest=args[1:])
+    else:
+        a = ap.parse_args(args)
     if a.command == "sample":
         a.steps_given = a.steps is not None
         a.steps = 28 if a.steps is None else a.steps
