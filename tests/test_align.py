@@ -156,12 +156,22 @@ def test_checkpointed_gradients_equal_plain(problem, calib, residual_grad):
 
 
 def _fd_matches(problem, calib, sched, g, h=1e-3):
-    """The loss change along ``-g/|g|`` equals the first-order prediction ``-h |g|`` to 5%."""
-    l0 = policy_loss(problem, calib, CachePolicy.from_mask(MASK).with_sigmas(sched().detach().double().tolist()))
-    with torch.no_grad():
-        sched.theta -= h * g / g.norm()
-    l1 = policy_loss(problem, calib, CachePolicy.from_mask(MASK).with_sigmas(sched().detach().double().tolist()))
-    assert (l1 - l0) == pytest.approx(-h * float(g.norm()), rel=0.05)
+    """The central difference of the loss along ``g/|g|`` equals the directional derivative ``|g|`` to 5%.
+
+    ``(l(theta - h u) - l(theta + h u)) / 2 = -h |g| + O(h^3)``: a one-sided difference carries an O(h^2)
+    curvature term that, with some model weights, alone exceeds the tolerance.
+    """
+    def loss_at(shift: float) -> float:
+        with torch.no_grad():
+            sched.theta += shift * g / g.norm()
+        try:
+            sig = sched().detach().double().tolist()
+        finally:
+            with torch.no_grad():
+                sched.theta -= shift * g / g.norm()
+        return policy_loss(problem, calib, CachePolicy.from_mask(MASK).with_sigmas(sig))
+
+    assert (loss_at(-h) - loss_at(h)) / 2 == pytest.approx(-h * float(g.norm()), rel=0.05)
 
 
 def test_exact_gradient_matches_finite_differences(problem, calib):
@@ -234,7 +244,10 @@ FAST = dict(lr=0.02, accumulation=1, micro_batch=2, epochs=2, warmup=0.0)
 def test_align_lowers_calibration_loss_and_policy_roundtrips(problem, calib, tmp_path):
     pol = CachePolicy(N, tuple(k for k, m in enumerate(MASK) if m), meta={"budget": 3})
     before = policy_loss(problem, calib, pol)
-    res = align(problem, calib, pol, AlignConfig(**FAST))
+    # the objective that is checked: full-batch updates (2 x 2 accumulated = all 4 items) on the calibration
+    # noise itself, so "lower" does not hang on the weights (mini-batches on fresh noise may step uphill)
+    cfg = AlignConfig(**{**FAST, "accumulation": 2, "epochs": 4, "fresh_noise": False, "lr": 0.01})
+    res = align(problem, calib, pol, cfg)
     assert res.updates == 4 and len(res.history) == 4
     after = policy_loss(problem, calib, res.policy)
     assert after < before

@@ -207,7 +207,10 @@ def test_cachedit_in_budcache_sampler_equals_cachedit_on_flux_pipeline(env, guid
     finally:
         cache_dit.disable_cache(pipe)
     assert sorted(work.runs) == sorted(theirs_work.runs)  # cache-dit may reorder a patched model's children
-    assert torch.allclose(ours.latent, theirs, atol=ATOL, rtol=0), (ours.latent - theirs).abs().max()
+    # same decisions (above); what is left is float rounding of batched vs separate CFG passes, which
+    # guidance multiplies: v = vu + g (vc - vu)
+    atol = ATOL * guidance
+    assert torch.allclose(ours.latent, theirs, atol=atol, rtol=0), (ours.latent - theirs).abs().max()
     assert ours.extra["full_runs"] < N
     if static:
         assert ours.extra["full_runs"] == sum(m.mask)
