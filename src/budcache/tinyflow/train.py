@@ -193,8 +193,6 @@ def train(out: str | Path, cfg: TrainConfig, *, device: str = "cpu", minutes: fl
     ema_e.load_state_dict(encoder.state_dict())
     models = {"transformer": transformer, "text_encoder": encoder,
               "transformer_ema": ema_t, "text_encoder_ema": ema_e}
-    if cfg.init and not (out / "state.json").exists():
-        _load_init(Path(cfg.init), models)
     for m in models.values():
         m.to(device)
     params = list(transformer.parameters()) + list(encoder.parameters())
@@ -220,6 +218,8 @@ def train(out: str | Path, cfg: TrainConfig, *, device: str = "cpu", minutes: fl
         _load_optim_state(opt, tensors, state["optim"])
         step, log = state["step"], state["log"]
         print(f"resumed from {out} at step {step}", flush=True)
+    elif cfg.init:  # a new run only: a resumed one has its weights from the checkpoint
+        _load_init(Path(cfg.init), models)
     if step >= cfg.iters:
         return out
 
