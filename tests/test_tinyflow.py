@@ -315,6 +315,44 @@ def test_make_batch_is_deterministic():
     assert not torch.equal(params, params3) and not torch.equal(params, params4)
 
 
+def test_training_mix_defaults_to_the_grammar_mix_and_keeps_ten_percent_empty():
+    assert np.allclose(TrainConfig().template_mix().probs(), TemplateMix().probs())
+    mix = TrainConfig(mix_single=3, mix_pair=4, mix_count=2).template_mix()
+    assert np.allclose(mix.probs(), [0.1, 0.3, 0.4, 0.2])
+    # a pair-only mix: every non-empty prompt of the batch has two objects
+    ids, params = make_batch(200, 0, 0, TrainConfig(mix_single=0, mix_pair=1, mix_count=0).template_mix())
+    words = [grammar.VOCAB[i] for i in ids.flatten().tolist()]
+    n_empty = int((ids[:, 1] == 0).sum())
+    assert words.count("and") == 200 - n_empty and 5 < n_empty < 40
+    assert "two" not in words and "three" not in words
+    # the weights shift the share of two-object prompts: 25% by default, 40% with 3:4:2
+    pairs = [int((make_batch(1000, 0, 0, m)[0] == grammar.VOCAB.index("and")).sum())
+             for m in (TemplateMix(), mix)]
+    assert 200 < pairs[0] < 300 and 350 < pairs[1] < 450, pairs
+
+
+@pytest.mark.parametrize("bad", [dict(mix_pair=-0.1), dict(mix_single=0, mix_pair=0, mix_count=0),
+                                 dict(mix_count=float("nan"))])
+def test_training_mix_rejects_bad_weights(tmp_path, bad):
+    with pytest.raises(ConfigError, match="mix_single, mix_pair and mix_count"):
+        train(tmp_path / "x", TrainConfig(iters=1, batch=2, **bad), progress=False)
+    assert not (tmp_path / "x").exists()
+
+
+def test_training_resumes_a_checkpoint_written_before_the_mix_fields(tmp_path):
+    cfg = TrainConfig(iters=2, batch=2, warmup=1)
+    out = tmp_path / "ckpt"
+    _train(out, cfg, minutes=0)
+    state = json.loads((out / "state.json").read_text())
+    for f in ("mix_single", "mix_pair", "mix_count"):
+        del state["config"][f]  # what an older checkpoint holds
+    (out / "state.json").write_text(json.dumps(state))
+    with pytest.raises(ConfigError, match="was made with config"):
+        _train(out, dataclasses.replace(cfg, mix_pair=0.5))  # the old run used the default mix
+    _train(out, cfg)
+    assert json.loads((out / "state.json").read_text())["step"] == 2
+
+
 def _train(out: Path, cfg: TrainConfig, **kw) -> Path:
     # training needs autograd whatever grad mode earlier code in this process left behind
     with torch.enable_grad():

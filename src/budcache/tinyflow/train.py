@@ -55,25 +55,40 @@ class TrainConfig:
     #: Weights directory (the shipped layout: ``transformer/`` and ``text_encoder/``) that a new run starts
     #: from instead of a random init, e.g. the package's own weights; "" starts from scratch.
     init: str = ""
+    #: Relative weights of the one-object, two-object and count templates among the non-empty
+    #: prompts (the empty prompt stays at 10% of every batch, for classifier-free guidance).
+    mix_single: float = 0.45
+    mix_pair: float = 0.25
+    mix_count: float = 0.20
+
+    def template_mix(self) -> grammar.TemplateMix:
+        """The prompt mix of training batches: 10% empty, the rest split by the ``mix_*`` weights."""
+        w = (self.mix_single, self.mix_pair, self.mix_count)
+        if any(not math.isfinite(x) or x < 0 for x in w) or sum(w) <= 0:
+            raise ConfigError(f"mix_single, mix_pair and mix_count must be finite, >= 0 and not all 0 (got {w})")
+        k = 0.9 / sum(w)
+        return grammar.TemplateMix(empty=0.1, single=w[0] * k, pair=w[1] * k, count=w[2] * k)
 
 
 class _Batches(IterableDataset):
     """Deterministic stream of (token ids, scene params); batch i depends on (seed, i) only."""
 
-    def __init__(self, start: int, stop: int, batch: int, seed: int) -> None:
-        self.start, self.stop, self.batch, self.seed = start, stop, batch, seed
+    def __init__(self, start: int, stop: int, batch: int, seed: int,
+                 mix: grammar.TemplateMix = grammar.TemplateMix()) -> None:
+        self.start, self.stop, self.batch, self.seed, self.mix = start, stop, batch, seed, mix
 
     def __iter__(self):
         info = get_worker_info()
         wid, nw = (info.id, info.num_workers) if info else (0, 1)
         for i in range(self.start + wid, self.stop, nw):
-            yield make_batch(self.batch, self.seed, i)
+            yield make_batch(self.batch, self.seed, i, self.mix)
 
 
-def make_batch(batch: int, seed: int, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+def make_batch(batch: int, seed: int, index: int,
+               mix: grammar.TemplateMix = grammar.TemplateMix()) -> tuple[torch.Tensor, torch.Tensor]:
     """Token ids (B, L) and packed scene parameters (B, M, 6) of training batch ``index``."""
     rng = np.random.default_rng([seed, index])
-    specs = [grammar.sample_spec(rng) for _ in range(batch)]
+    specs = [grammar.sample_spec(rng, mix) for _ in range(batch)]
     scenes = [grammar.realise(s, rng) for s in specs]
     ids = torch.from_numpy(grammar.tokenize([grammar.prompt_of(s) for s in specs]))
     return ids, scene_params(scenes)
@@ -185,6 +200,7 @@ def train(out: str | Path, cfg: TrainConfig, *, device: str = "cpu", minutes: fl
     """
     if cfg.batch < 1 or cfg.iters < 1:
         raise ConfigError(f"batch and iters must be >= 1 (got batch={cfg.batch}, iters={cfg.iters})")
+    mix = cfg.template_mix()
     out = Path(out)
     torch.manual_seed(cfg.seed)
     transformer, encoder = new_transformer(), TinyTextEncoder()
@@ -206,7 +222,9 @@ def train(out: str | Path, cfg: TrainConfig, *, device: str = "cpu", minutes: fl
         raise ConfigError(f"{out} exists and is not a tinyflow checkpoint; choose another --out")
     if (out / "state.json").exists():
         state = json.loads((out / "state.json").read_text())
-        if {**state["config"], "workers": cfg.workers, "init": cfg.init} != asdict(cfg):  # init: first run only
+        # Fields newer than the checkpoint take their defaults (what the run used); init: first run only.
+        made = {**asdict(TrainConfig()), **state["config"], "workers": cfg.workers, "init": cfg.init}
+        if made != asdict(cfg):
             raise ConfigError(f"checkpoint {out} was made with config {state['config']}, not {asdict(cfg)}")
         for name, m in models.items():
             sd = load_file(str(out / name / "diffusion_pytorch_model.safetensors"), device=str(device))
@@ -224,7 +242,7 @@ def train(out: str | Path, cfg: TrainConfig, *, device: str = "cpu", minutes: fl
         return out
 
     img_ids, txt_ids = image_ids(device=device), text_ids(device=device)
-    loader = DataLoader(_Batches(step, cfg.iters, cfg.batch, cfg.seed), batch_size=None,
+    loader = DataLoader(_Batches(step, cfg.iters, cfg.batch, cfg.seed, mix), batch_size=None,
                         num_workers=cfg.workers, prefetch_factor=4 if cfg.workers else None,
                         persistent_workers=False)
     t0 = last_save = time.time()
