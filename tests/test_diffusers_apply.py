@@ -53,7 +53,8 @@ def test_uncached_pipeline_matches_the_sampler(env, guidance):
     out = env.never_hooked[guidance]
     assert out.shape == (2, 64, 48)
     ref = env.tf.sample(PROMPTS, SEEDS, steps=N, guidance=guidance)
-    torch.testing.assert_close(out, ref.latent, atol=1e-5, rtol=0)
+    # guidance multiplies the rounding difference of the two branches (v_u + g (v_c - v_u)): scale atol with it
+    torch.testing.assert_close(out, ref.latent, atol=1e-5 * guidance, rtol=0)
 
 
 @pytest.mark.parametrize("mechanism", ["reuse", "forecast2"])
@@ -65,7 +66,7 @@ def test_cached_pipeline_matches_the_sampler_and_runs_k_times(env, guidance, mec
     assert find_cache(env.pipe.transformer) is handle
     with StackRuns(env.tf.transformer) as runs:
         out = generate(env, guidance=guidance)
-    torch.testing.assert_close(out, ref.latent, atol=1e-5, rtol=0)
+    torch.testing.assert_close(out, ref.latent, atol=1e-5 * guidance, rtol=0)
     assert runs.count == K * passes  # K per branch per generation
     assert handle.stats.stack_runs == K * passes
     assert handle.stats.calls == N * passes
