@@ -88,15 +88,22 @@ def test_train_tinyflow_takes_its_options_and_resumes(tmp_path, capsys):
 
     out = tmp_path / "ckpt"
     args = ["train-tinyflow", "--out", str(out), "--iters", "1", "--batch", "2", "--warmup", "1",
-            "--device", "cpu", "--init", str(tinyflow.WEIGHTS_DIR), "--export", str(tmp_path / "w")]
+            "--device", "cpu", "--mix-pair", "0.4", "--init", str(tinyflow.WEIGHTS_DIR), "--export", str(tmp_path / "w")]
     with torch.enable_grad():
         assert main(args) == 0
     state = json.loads((out / "state.json").read_text())
     assert state["step"] == 1 and state["config"]["batch"] == 2 and state["config"]["init"] == str(tinyflow.WEIGHTS_DIR)
+    assert state["config"]["mix_pair"] == 0.4 and state["config"]["mix_single"] == 0.45
     assert tinyflow.load(tmp_path / "w").transformer is not None
     with torch.enable_grad():
         assert main(args[:-4] + ["--iters", "2"]) == 2  # another config: refused with a clear error
     assert "was made with config" in capsys.readouterr().err
+
+
+def test_train_tinyflow_bad_mix_is_a_clear_error(tmp_path, capsys):
+    assert main(["train-tinyflow", "--out", str(tmp_path / "c"), "--iters", "1", "--batch", "2",
+                 "--device", "cpu", "--mix-count", "-1"]) == 2
+    assert "mix_single, mix_pair and mix_count" in capsys.readouterr().err
 
 
 def test_train_tinyflow_bad_init_is_a_clear_error(tmp_path, capsys):
