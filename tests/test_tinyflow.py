@@ -23,7 +23,7 @@ from budcache.tinyflow import checker, grammar, render
 from budcache.tinyflow.grammar import ObjectSpec, SceneObject, Spec, TemplateMix
 from budcache.tinyflow.model import (TRANSFORMER_CONFIG, image_ids, image_to_latent, latent_to_image,
                                      new_transformer)
-from budcache.tinyflow.train import TrainConfig, export_weights, make_batch, train
+from budcache.tinyflow.train import TrainConfig, export_weights, make_batch, monitor, train
 
 torch.set_num_threads(1)
 
@@ -428,6 +428,32 @@ def test_training_starts_from_exported_weights(tmp_path):
     with pytest.raises(ConfigError, match="was made with config"):
         _train(out, longer)  # iters differ: still refused
     _train(out, dataclasses.replace(cfg, init=str(tmp_path / "elsewhere")))  # finished: nothing to do, no error
+
+
+def test_training_a_deeper_text_encoder_next_to_the_shipped_transformer(tmp_path):
+    # lr 0: the transformer stays what --init loaded; the 3-layer encoder is new, and loads back as tinyflow
+    cfg = TrainConfig(iters=1, batch=2, warmup=1, lr=0.0, init=str(tinyflow.WEIGHTS_DIR), text_layers=3,
+                      init_parts="transformer")
+    out = _train(tmp_path / "ckpt", cfg)
+    shipped = load_file(str(tinyflow.WEIGHTS_DIR / "transformer" / "diffusion_pytorch_model.safetensors"))
+    got = load_file(str(out / "transformer_ema" / "diffusion_pytorch_model.safetensors"))
+    assert all(torch.equal(got[k], v) for k, v in shipped.items())
+    export_weights(out, tmp_path / "w")
+    tf = tinyflow.load(tmp_path / "w")
+    assert len(tf.text_encoder.encoder.layers) == 3
+    assert tf.sample(["a red circle"], seeds=[0], steps=2).latent.isfinite().all()
+    res = monitor(out, n=2, steps=2)  # --eval reads the encoder's depth from the checkpoint
+    assert 0.0 <= res["accuracy"] <= 1.0
+    # the shipped 2-layer encoder does not fit a 3-layer one: loading everything is refused
+    with pytest.raises(ConfigError, match="text_encoder weights do not fit"):
+        _train(tmp_path / "ckpt2", dataclasses.replace(cfg, init_parts="all"))
+
+
+@pytest.mark.parametrize("bad, message", [(dict(text_layers=0), "text_layers must be >= 1"),
+                                          (dict(init_parts="encoder"), "init_parts must be 'all' or 'transformer'")])
+def test_training_rejects_bad_text_encoder_settings(tmp_path, bad, message):
+    with pytest.raises(ConfigError, match=message):
+        train(tmp_path / "x", TrainConfig(iters=1, batch=2, **bad), progress=False)
 
 
 def test_training_init_from_a_directory_without_weights_names_the_file(tmp_path):

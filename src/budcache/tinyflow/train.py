@@ -60,6 +60,11 @@ class TrainConfig:
     mix_single: float = 0.45
     mix_pair: float = 0.25
     mix_count: float = 0.20
+    #: Depth of the text encoder (width stays the transformer's ``joint_attention_dim``).
+    text_layers: int = 2
+    #: What ``init`` loads: "all" (transformer and text encoder) or "transformer" (a new text encoder,
+    #: e.g. a deeper one, trains from scratch next to the initialised transformer).
+    init_parts: str = "all"
 
     def template_mix(self) -> grammar.TemplateMix:
         """The prompt mix of training batches: 10% empty, the rest split by the ``mix_*`` weights."""
@@ -168,10 +173,12 @@ def export_weights(ckpt: Path, dest: Path) -> None:
         os.replace(tmp, target)
 
 
-def _load_init(path: Path, models: dict[str, torch.nn.Module]) -> None:
+def _load_init(path: Path, models: dict[str, torch.nn.Module], text_encoder: bool = True) -> None:
     """Load exported weights (``path/transformer``, ``path/text_encoder``) into the models and their EMAs."""
-    for sub, names in (("transformer", ("transformer", "transformer_ema")),
-                       ("text_encoder", ("text_encoder", "text_encoder_ema"))):
+    parts = [("transformer", ("transformer", "transformer_ema"))]
+    if text_encoder:
+        parts.append(("text_encoder", ("text_encoder", "text_encoder_ema")))
+    for sub, names in parts:
         f = path / sub / "diffusion_pytorch_model.safetensors"
         if not f.is_file():
             raise ConfigError(f"--init {path}: no {sub}/diffusion_pytorch_model.safetensors there "
@@ -200,11 +207,15 @@ def train(out: str | Path, cfg: TrainConfig, *, device: str = "cpu", minutes: fl
     """
     if cfg.batch < 1 or cfg.iters < 1:
         raise ConfigError(f"batch and iters must be >= 1 (got batch={cfg.batch}, iters={cfg.iters})")
+    if cfg.text_layers < 1:
+        raise ConfigError(f"text_layers must be >= 1 (got {cfg.text_layers})")
+    if cfg.init_parts not in ("all", "transformer"):
+        raise ConfigError(f"init_parts must be 'all' or 'transformer' (got {cfg.init_parts!r})")
     mix = cfg.template_mix()
     out = Path(out)
     torch.manual_seed(cfg.seed)
-    transformer, encoder = new_transformer(), TinyTextEncoder()
-    ema_t, ema_e = new_transformer(), TinyTextEncoder()
+    transformer, encoder = new_transformer(), TinyTextEncoder(layers=cfg.text_layers)
+    ema_t, ema_e = new_transformer(), TinyTextEncoder(layers=cfg.text_layers)
     ema_t.load_state_dict(transformer.state_dict())
     ema_e.load_state_dict(encoder.state_dict())
     models = {"transformer": transformer, "text_encoder": encoder,
@@ -237,7 +248,7 @@ def train(out: str | Path, cfg: TrainConfig, *, device: str = "cpu", minutes: fl
         step, log = state["step"], state["log"]
         print(f"resumed from {out} at step {step}", flush=True)
     elif cfg.init:  # a new run only: a resumed one has its weights from the checkpoint
-        _load_init(Path(cfg.init), models)
+        _load_init(Path(cfg.init), models, text_encoder=cfg.init_parts == "all")
     if step >= cfg.iters:
         return out
 
@@ -310,9 +321,8 @@ def monitor(ckpt: str | Path, n: int = 256, steps: int = 28, device: str = "cpu"
     from .model import latent_to_image
 
     t = new_transformer().to(device)
-    e = TinyTextEncoder().to(device)
+    e = TinyTextEncoder.from_pretrained(str(Path(ckpt) / "text_encoder_ema")).to(device)  # its own depth
     t.load_state_dict(load_file(str(Path(ckpt) / "transformer_ema" / "diffusion_pytorch_model.safetensors")))
-    e.load_state_dict(load_file(str(Path(ckpt) / "text_encoder_ema" / "diffusion_pytorch_model.safetensors")))
     t.eval()
     e.eval()
     pairs = grammar.heldout_pairs(n)
