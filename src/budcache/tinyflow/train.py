@@ -317,12 +317,14 @@ def train(out: str | Path, cfg: TrainConfig, *, device: str = "cpu", minutes: fl
 def monitor(ckpt: str | Path, n: int = 256, steps: int = 28, device: str = "cpu", batch: int = 256,
             guidance: float = 1.0) -> dict[str, float]:
     """Checker accuracy of the EMA weights on ``n`` held-out pairs (plain Euler, FLUX schedule)."""
+    from diffusers import FluxTransformer2DModel
+
     from . import checker
     from .model import latent_to_image
 
-    t = new_transformer().to(device)
-    e = TinyTextEncoder.from_pretrained(str(Path(ckpt) / "text_encoder_ema")).to(device)  # its own depth
-    t.load_state_dict(load_file(str(Path(ckpt) / "transformer_ema" / "diffusion_pytorch_model.safetensors")))
+    # both from their own config.json, so a checkpoint of another depth (--text-layers) loads as it was trained
+    t = FluxTransformer2DModel.from_pretrained(str(Path(ckpt) / "transformer_ema"), local_files_only=True).to(device)
+    e = TinyTextEncoder.from_pretrained(str(Path(ckpt) / "text_encoder_ema"), local_files_only=True).to(device)
     t.eval()
     e.eval()
     pairs = grammar.heldout_pairs(n)
