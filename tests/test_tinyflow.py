@@ -21,8 +21,8 @@ from budcache import tinyflow
 from budcache.errors import ConfigError
 from budcache.tinyflow import checker, grammar, render
 from budcache.tinyflow.grammar import ObjectSpec, SceneObject, Spec, TemplateMix
-from budcache.tinyflow.model import (TRANSFORMER_CONFIG, image_ids, image_to_latent, latent_to_image,
-                                     new_transformer)
+from budcache.tinyflow.model import (TRANSFORMER_CONFIG, TinyTextEncoder, image_ids, image_to_latent,
+                                     latent_to_image, new_transformer)
 from budcache.tinyflow.train import TrainConfig, export_weights, make_batch, monitor, train
 
 torch.set_num_threads(1)
@@ -449,8 +449,50 @@ def test_training_a_deeper_text_encoder_next_to_the_shipped_transformer(tmp_path
         _train(tmp_path / "ckpt2", dataclasses.replace(cfg, init_parts="all"))
 
 
+def test_text_encoder_word_convolution_is_causal_and_starts_at_zero():
+    torch.manual_seed(0)
+    plain, conv = TinyTextEncoder(), TinyTextEncoder(local_kernel=3)
+    conv.load_state_dict(plain.state_dict(), strict=False)
+    ids = torch.from_numpy(grammar.tokenize(["a red circle and a blue square", "two green triangles"]))
+    # zero-initialised: the encoder with the convolution is the encoder without it
+    for a, b in zip(plain(ids), conv(ids)):
+        assert torch.equal(a, b)
+    # once trained (random weights here), word t sees words t-2..t and nothing after them
+    torch.nn.init.normal_(conv.local.weight)
+    base = conv.embed_words(ids)
+    for t in range(1, ids.shape[1]):
+        other = ids.clone()
+        other[:, t] = (other[:, t] % (len(grammar.VOCAB) - 2)) + 2  # another real word
+        changed = (conv.embed_words(other) - base).abs().amax(dim=(0, 2)) > 0
+        expect = torch.zeros(ids.shape[1], dtype=torch.bool)
+        expect[t:t + 3] = True
+        assert torch.equal(changed, expect), t
+    with pytest.raises(ValueError, match="local_kernel must be >= 0"):
+        TinyTextEncoder(local_kernel=-1)
+
+
+def test_training_adds_a_word_convolution_to_the_shipped_encoder(tmp_path):
+    # lr 0: the kernel the shipped encoder lacks starts at zero, everything else is as shipped,
+    # so the exported weights sample exactly what the shipped ones do
+    cfg = TrainConfig(iters=1, batch=2, warmup=1, lr=0.0, init=str(tinyflow.WEIGHTS_DIR), text_kernel=3)
+    out = _train(tmp_path / "ckpt", cfg)
+    shipped = load_file(str(tinyflow.WEIGHTS_DIR / "text_encoder" / "diffusion_pytorch_model.safetensors"))
+    got = load_file(str(out / "text_encoder_ema" / "diffusion_pytorch_model.safetensors"))
+    assert set(got) - set(shipped) == {"local.weight", "local.bias"}
+    assert all(torch.equal(got[k], v) for k, v in shipped.items())
+    assert not got["local.weight"].any() and got["local.weight"].shape == (64, 64, 3)
+    export_weights(out, tmp_path / "w")
+    tf = tinyflow.load(tmp_path / "w")
+    assert tf.text_encoder.config.local_kernel == 3
+    a = tf.sample(["a red circle and a square"], seeds=[0], steps=2).latent
+    b = tinyflow.load().sample(["a red circle and a square"], seeds=[0], steps=2).latent
+    assert torch.equal(a, b)
+    assert 0.0 <= monitor(out, n=2, steps=2)["accuracy"] <= 1.0  # --eval builds the encoder from its config
+
+
 @pytest.mark.parametrize("bad, message", [(dict(text_layers=0), "text_layers must be >= 1"),
-                                          (dict(init_parts="encoder"), "init_parts must be 'all' or 'transformer'")])
+                                          (dict(init_parts="encoder"), "init_parts must be 'all' or 'transformer'"),
+                                          (dict(text_kernel=-1), "text_kernel must be >= 0")])
 def test_training_rejects_bad_text_encoder_settings(tmp_path, bad, message):
     with pytest.raises(ConfigError, match=message):
         train(tmp_path / "x", TrainConfig(iters=1, batch=2, **bad), progress=False)

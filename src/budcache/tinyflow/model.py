@@ -40,23 +40,44 @@ class TinyTextEncoder(ModelMixin, ConfigMixin):
 
     Returns FLUX's two text inputs: token states (B, L, D) and a pooled vector
     (B, D) read from the leading ``<cls>`` token.
+
+    ``local_kernel = k > 0`` adds a causal convolution over the embedded words before the attention
+    layers, ``h_t <- h_t + sum_{j<k} W_j h_{t-j}``, so each word's state is a function of the ``k - 1``
+    words before it ("red square" differs from "blue square" at the shape token). FLUX gives text
+    tokens no rotary position, so the transformer reads the token states as a set; without such a
+    local term two prompts that swap attributes between two objects encode almost alike. The
+    convolution starts at zero: an encoder with it starts as the same encoder without it.
     """
 
     @register_to_config
     def __init__(self, vocab: list[str] | tuple[str, ...] = VOCAB, max_tokens: int = MAX_TOKENS,
-                 dim: int = TEXT_DIM, layers: int = 2, heads: int = 4) -> None:
+                 dim: int = TEXT_DIM, layers: int = 2, heads: int = 4, local_kernel: int = 0) -> None:
         super().__init__()
+        if local_kernel < 0:
+            raise ValueError(f"local_kernel must be >= 0 (got {local_kernel})")
         self.embed = nn.Embedding(len(vocab), dim)
         self.pos = nn.Parameter(torch.randn(max_tokens, dim) * 0.02)
+        self.local: nn.Conv1d | None = None
+        if local_kernel:
+            self.local = nn.Conv1d(dim, dim, local_kernel)
+            nn.init.zeros_(self.local.weight)
+            nn.init.zeros_(self.local.bias)
         layer = nn.TransformerEncoderLayer(dim, heads, dim * 4, dropout=0.0, activation="gelu",
                                            batch_first=True, norm_first=True)
         self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
         self.norm = nn.LayerNorm(dim)
         self.pool = nn.Linear(dim, dim)
 
+    def embed_words(self, ids: torch.Tensor) -> torch.Tensor:
+        """Token ids (B, L) -> the attention layers' input (B, L, D): word + position (+ word convolution)."""
+        h = self.embed(ids) + self.pos[: ids.shape[1]]
+        if self.local is not None:  # causal: pad k-1 positions on the left
+            x = F.pad(h.transpose(1, 2), (self.local.kernel_size[0] - 1, 0))
+            h = h + self.local(x).transpose(1, 2)
+        return h
+
     def forward(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        h = self.embed(ids) + self.pos[: ids.shape[1]]  # (B, L, D)
-        h = self.norm(self.encoder(h))
+        h = self.norm(self.encoder(self.embed_words(ids)))
         return h, self.pool(h[:, 0])
 
 
