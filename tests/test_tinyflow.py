@@ -353,6 +353,20 @@ def test_training_resumes_a_checkpoint_written_before_the_mix_fields(tmp_path):
     assert json.loads((out / "state.json").read_text())["step"] == 2
 
 
+def test_training_resumes_a_checkpoint_written_before_the_word_convolution(tmp_path):
+    # such a run had no convolution; the default is now one of width 3, so it resumes with --text-kernel 0
+    cfg = TrainConfig(iters=2, batch=2, warmup=1, text_kernel=0)
+    out = tmp_path / "ckpt"
+    _train(out, cfg, minutes=0)
+    state = json.loads((out / "state.json").read_text())
+    del state["config"]["text_kernel"]
+    (out / "state.json").write_text(json.dumps(state))
+    with pytest.raises(ConfigError, match="was made with config"):
+        _train(out, dataclasses.replace(cfg, text_kernel=3))
+    _train(out, cfg)
+    assert json.loads((out / "state.json").read_text())["step"] == 2
+
+
 def _train(out: Path, cfg: TrainConfig, **kw) -> Path:
     # training needs autograd whatever grad mode earlier code in this process left behind
     with torch.enable_grad():
@@ -471,23 +485,41 @@ def test_text_encoder_word_convolution_is_causal_and_starts_at_zero():
         TinyTextEncoder(local_kernel=-1)
 
 
-def test_training_adds_a_word_convolution_to_the_shipped_encoder(tmp_path):
-    # lr 0: the kernel the shipped encoder lacks starts at zero, everything else is as shipped,
-    # so the exported weights sample exactly what the shipped ones do
-    cfg = TrainConfig(iters=1, batch=2, warmup=1, lr=0.0, init=str(tinyflow.WEIGHTS_DIR), text_kernel=3)
+def _weights_without_word_convolution(dest: Path) -> Path:
+    """The shipped weights with the text encoder's word convolution removed (an encoder made before it)."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    shutil.copytree(tinyflow.WEIGHTS_DIR, dest)
+    f = dest / "text_encoder" / "diffusion_pytorch_model.safetensors"
+    save_file({k: v for k, v in load_file(str(f)).items() if not k.startswith("local.")}, str(f))
+    config = json.loads((dest / "text_encoder" / "config.json").read_text())
+    (dest / "text_encoder" / "config.json").write_text(json.dumps({**config, "local_kernel": 0}))
+    return dest
+
+
+def test_training_adds_a_word_convolution_to_an_encoder_without_one(tmp_path):
+    # lr 0: the kernel the initial encoder lacks starts at zero and everything else is as loaded,
+    # so the exported weights sample exactly what the initial ones do
+    init = _weights_without_word_convolution(tmp_path / "init")
+    cfg = TrainConfig(iters=1, batch=2, warmup=1, lr=0.0, init=str(init), text_kernel=3)
     out = _train(tmp_path / "ckpt", cfg)
-    shipped = load_file(str(tinyflow.WEIGHTS_DIR / "text_encoder" / "diffusion_pytorch_model.safetensors"))
+    before = load_file(str(init / "text_encoder" / "diffusion_pytorch_model.safetensors"))
     got = load_file(str(out / "text_encoder_ema" / "diffusion_pytorch_model.safetensors"))
-    assert set(got) - set(shipped) == {"local.weight", "local.bias"}
-    assert all(torch.equal(got[k], v) for k, v in shipped.items())
+    assert set(got) - set(before) == {"local.weight", "local.bias"}
+    assert all(torch.equal(got[k], v) for k, v in before.items())
     assert not got["local.weight"].any() and got["local.weight"].shape == (64, 64, 3)
     export_weights(out, tmp_path / "w")
     tf = tinyflow.load(tmp_path / "w")
     assert tf.text_encoder.config.local_kernel == 3
     a = tf.sample(["a red circle and a square"], seeds=[0], steps=2).latent
-    b = tinyflow.load().sample(["a red circle and a square"], seeds=[0], steps=2).latent
+    b = tinyflow.load(init).sample(["a red circle and a square"], seeds=[0], steps=2).latent
     assert torch.equal(a, b)
     assert 0.0 <= monitor(out, n=2, steps=2)["accuracy"] <= 1.0  # --eval builds the encoder from its config
+    # the other way round, a learned convolution is never dropped: an encoder without one refuses it
+    with pytest.raises(ConfigError, match=r"text_encoder weights do not fit.*unexpected \['local\.bias'"):
+        _train(tmp_path / "ckpt2", dataclasses.replace(cfg, init=str(tmp_path / "w"), text_kernel=0))
 
 
 @pytest.mark.parametrize("bad, message", [(dict(text_layers=0), "text_layers must be >= 1"),

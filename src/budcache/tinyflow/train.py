@@ -67,7 +67,7 @@ class TrainConfig:
     init_parts: str = "all"
     #: Width of the text encoder's causal word convolution (0: none, the encoder shipped before it).
     #: With ``init``, a kernel the initial weights lack starts at zero, so training starts from them.
-    text_kernel: int = 0
+    text_kernel: int = 3
 
     def template_mix(self) -> grammar.TemplateMix:
         """The prompt mix of training batches: 10% empty, the rest split by the ``mix_*`` weights."""
@@ -76,6 +76,10 @@ class TrainConfig:
             raise ConfigError(f"mix_single, mix_pair and mix_count must be finite, >= 0 and not all 0 (got {w})")
         k = 0.9 / sum(w)
         return grammar.TemplateMix(empty=0.1, single=w[0] * k, pair=w[1] * k, count=w[2] * k)
+
+
+#: Fields whose default changed after checkpoints were written without them: the value those runs used.
+_BEFORE_FIELD = {"text_kernel": 0}
 
 
 class _Batches(IterableDataset):
@@ -240,8 +244,10 @@ def train(out: str | Path, cfg: TrainConfig, *, device: str = "cpu", minutes: fl
         raise ConfigError(f"{out} exists and is not a tinyflow checkpoint; choose another --out")
     if (out / "state.json").exists():
         state = json.loads((out / "state.json").read_text())
-        # Fields newer than the checkpoint take their defaults (what the run used); init: first run only.
-        made = {**asdict(TrainConfig()), **state["config"], "workers": cfg.workers, "init": cfg.init}
+        # Fields newer than the checkpoint take the value the run used (the default, or _BEFORE_FIELD);
+        # init: first run only.
+        made = {**asdict(TrainConfig()), **_BEFORE_FIELD, **state["config"], "workers": cfg.workers,
+                "init": cfg.init}
         if made != asdict(cfg):
             raise ConfigError(f"checkpoint {out} was made with config {state['config']}, not {asdict(cfg)}")
         for name, m in models.items():
