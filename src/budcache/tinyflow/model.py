@@ -42,11 +42,12 @@ class TinyTextEncoder(ModelMixin, ConfigMixin):
     (B, D) read from the leading ``<cls>`` token.
 
     ``local_kernel = k > 0`` adds a causal convolution over the embedded words before the attention
-    layers, ``h_t <- h_t + sum_{j<k} W_j h_{t-j}``, so each word's state is a function of the ``k - 1``
-    words before it ("red square" differs from "blue square" at the shape token). FLUX gives text
-    tokens no rotary position, so the transformer reads the token states as a set; without such a
-    local term two prompts that swap attributes between two objects encode almost alike. The
-    convolution starts at zero: an encoder with it starts as the same encoder without it.
+    layers, ``h_t <- h_t + b + sum_{j<k} W_j h_{t-j}`` (``W_j`` is ``local.weight[:, :, k - 1 - j]``),
+    so each word's state is a function of the ``k - 1`` words before it ("red square" differs from
+    "blue square" at the shape token). FLUX gives text tokens no rotary position, so the transformer
+    reads the token states as a set; without such a local term two prompts that swap attributes
+    between two objects encode almost alike. The convolution starts at zero and is built after the
+    other layers: with the same seed, an encoder with it starts as the same encoder without it.
     """
 
     @register_to_config
@@ -57,16 +58,17 @@ class TinyTextEncoder(ModelMixin, ConfigMixin):
             raise ValueError(f"local_kernel must be >= 0 (got {local_kernel})")
         self.embed = nn.Embedding(len(vocab), dim)
         self.pos = nn.Parameter(torch.randn(max_tokens, dim) * 0.02)
-        self.local: nn.Conv1d | None = None
-        if local_kernel:
-            self.local = nn.Conv1d(dim, dim, local_kernel)
-            nn.init.zeros_(self.local.weight)
-            nn.init.zeros_(self.local.bias)
         layer = nn.TransformerEncoderLayer(dim, heads, dim * 4, dropout=0.0, activation="gelu",
                                            batch_first=True, norm_first=True)
         self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
         self.norm = nn.LayerNorm(dim)
         self.pool = nn.Linear(dim, dim)
+        # Built last, so the other layers draw the same random init with or without it.
+        self.local: nn.Conv1d | None = None
+        if local_kernel:
+            self.local = nn.Conv1d(dim, dim, local_kernel)
+            nn.init.zeros_(self.local.weight)
+            nn.init.zeros_(self.local.bias)
 
     def embed_words(self, ids: torch.Tensor) -> torch.Tensor:
         """Token ids (B, L) -> the attention layers' input (B, L, D): word + position (+ word convolution)."""

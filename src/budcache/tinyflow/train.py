@@ -191,6 +191,12 @@ def _load_init(path: Path, models: dict[str, torch.nn.Module], text_encoder: boo
             raise ConfigError(f"--init {path}: no {sub}/diffusion_pytorch_model.safetensors there "
                               "(expected the layout that --export writes)")
         sd = load_file(str(f))
+        if sub == "text_encoder":
+            have = sd["local.weight"].shape[-1] if "local.weight" in sd else 0
+            want = models["text_encoder"].config.local_kernel
+            if have and have != want:
+                raise ConfigError(f"--init {path}: its text encoder has a word convolution of width {have}, "
+                                  f"this run's has {want or 'none'}; pass --text-kernel {have}")
         for name in names:
             missing, unexpected = models[name].load_state_dict(sd, strict=False)
             # A word convolution the initial encoder lacks keeps its zero init (the loaded encoder's output).
@@ -249,7 +255,9 @@ def train(out: str | Path, cfg: TrainConfig, *, device: str = "cpu", minutes: fl
         made = {**asdict(TrainConfig()), **_BEFORE_FIELD, **state["config"], "workers": cfg.workers,
                 "init": cfg.init}
         if made != asdict(cfg):
-            raise ConfigError(f"checkpoint {out} was made with config {state['config']}, not {asdict(cfg)}")
+            diff = ", ".join(f"--{k.replace('_', '-')} {made.get(k)!r} (not {v!r})"
+                             for k, v in asdict(cfg).items() if made.get(k) != v)
+            raise ConfigError(f"checkpoint {out} was made with config {made}; to resume it pass {diff}")
         for name, m in models.items():
             sd = load_file(str(out / name / "diffusion_pytorch_model.safetensors"), device=str(device))
             m.load_state_dict(sd)
