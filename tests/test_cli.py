@@ -88,7 +88,8 @@ def test_train_tinyflow_takes_its_options_and_resumes(tmp_path, capsys):
 
     out = tmp_path / "ckpt"
     args = ["train-tinyflow", "--out", str(out), "--iters", "1", "--batch", "2", "--warmup", "1",
-            "--device", "cpu", "--mix-pair", "0.4", "--init", str(tinyflow.WEIGHTS_DIR), "--export", str(tmp_path / "w")]
+            "--device", "cpu", "--mix-pair", "0.4", "--init", str(tinyflow.WEIGHTS_DIR),
+            "--export", str(tmp_path / "w")]
     with torch.enable_grad():
         assert main(args) == 0
     state = json.loads((out / "state.json").read_text())

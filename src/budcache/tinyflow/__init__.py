@@ -35,9 +35,9 @@ LATENT_SHAPE = (ROWS * COLS, 48)
 DEFAULT_GUIDANCE = 1.0
 
 
-def _weights(path: str | Path | None) -> Path:
+def _weights(path: str | Path | None, subfolders: tuple[str, str] = ("transformer", "text_encoder")) -> Path:
     p = Path(path) if path is not None else WEIGHTS_DIR
-    for sub in ("transformer", "text_encoder"):
+    for sub in subfolders:
         if not (p / sub / "config.json").is_file():
             raise ConfigError(f"tinyflow weights not found: {p / sub / 'config.json'} is missing")
     return p
@@ -131,15 +131,21 @@ class TinyFlow:
 
 
 def load(path: str | Path | None = None, device: str | torch.device = "cpu",
-         dtype: torch.dtype = torch.float32) -> TinyFlow:
-    """Load tinyflow from the package (or ``path``) with no network access."""
+         dtype: torch.dtype = torch.float32,
+         subfolders: tuple[str, str] = ("transformer", "text_encoder")) -> TinyFlow:
+    """Load tinyflow from the package (or ``path``) with no network access.
+
+    ``subfolders`` name the transformer's and the text encoder's directories under ``path`` (a training
+    checkpoint's EMA weights: ``("transformer_ema", "text_encoder_ema")``); each is built from its own
+    ``config.json``, so any depth or word convolution loads as it was trained.
+    """
     from diffusers import FluxTransformer2DModel
 
-    p = _weights(path)
-    tr = FluxTransformer2DModel.from_pretrained(p / "transformer", local_files_only=True, torch_dtype=dtype,
-                                                    low_cpu_mem_usage=False)
-    enc = TinyTextEncoder.from_pretrained(p / "text_encoder", local_files_only=True, torch_dtype=dtype,
-                                                    low_cpu_mem_usage=False)
+    p = _weights(path, subfolders)
+    tr = FluxTransformer2DModel.from_pretrained(p / subfolders[0], local_files_only=True, torch_dtype=dtype,
+                                                low_cpu_mem_usage=False)
+    enc = TinyTextEncoder.from_pretrained(p / subfolders[1], local_files_only=True, torch_dtype=dtype,
+                                          low_cpu_mem_usage=False)
     if tuple(enc.config.vocab) != grammar.VOCAB:
         raise ConfigError(f"text encoder at {p} was trained on another vocabulary")
     return TinyFlow(tr.to(device).eval(), enc.to(device).eval())

@@ -255,9 +255,9 @@ def train(out: str | Path, cfg: TrainConfig, *, device: str = "cpu", minutes: fl
         made = {**asdict(TrainConfig()), **_BEFORE_FIELD, **state["config"], "workers": cfg.workers,
                 "init": cfg.init}
         if made != asdict(cfg):
-            diff = ", ".join(f"--{k.replace('_', '-')} {made.get(k)!r} (not {v!r})"
-                             for k, v in asdict(cfg).items() if made.get(k) != v)
-            raise ConfigError(f"checkpoint {out} was made with config {made}; to resume it pass {diff}")
+            diff = ", ".join(f"--{k.replace('_', '-')} {made[k]!r} (not {v!r})"
+                             for k, v in asdict(cfg).items() if made[k] != v)
+            raise ConfigError(f"checkpoint {out} was made with config {state['config']}; to resume it pass {diff}")
         for name, m in models.items():
             sd = load_file(str(out / name / "diffusion_pytorch_model.safetensors"), device=str(device))
             m.load_state_dict(sd)
@@ -338,16 +338,11 @@ def train(out: str | Path, cfg: TrainConfig, *, device: str = "cpu", minutes: fl
 def monitor(ckpt: str | Path, n: int = 256, steps: int = 28, device: str = "cpu", batch: int = 256,
             guidance: float = 1.0) -> dict[str, float]:
     """Checker accuracy of the EMA weights on ``n`` held-out pairs (plain Euler, FLUX schedule)."""
-    from diffusers import FluxTransformer2DModel
-
-    from . import checker
+    from . import checker, load
     from .model import latent_to_image
 
-    # both from their own config.json, so a checkpoint of another depth (--text-layers) loads as it was trained
-    t = FluxTransformer2DModel.from_pretrained(str(Path(ckpt) / "transformer_ema"), local_files_only=True).to(device)
-    e = TinyTextEncoder.from_pretrained(str(Path(ckpt) / "text_encoder_ema"), local_files_only=True).to(device)
-    t.eval()
-    e.eval()
+    tf = load(ckpt, device, subfolders=("transformer_ema", "text_encoder_ema"))
+    t, e = tf.transformer, tf.text_encoder
     pairs = grammar.heldout_pairs(n)
     sig = torch.linspace(1.0, 1.0 / steps, steps)
     sig = TRAIN_SHIFT * sig / (1 + (TRAIN_SHIFT - 1) * sig)
