@@ -17,6 +17,8 @@ torch.set_num_threads(1)
 N = 8
 MASK = (True, False, True, False, False, True, False, False)
 ITEMS = 6
+LR = 0.1
+ATOL = 1e-6
 
 
 def _setup():
@@ -34,7 +36,7 @@ def _setup():
 def _worker(out: str, micro_batch: int) -> None:
     problem, calib = _setup()
     rank, size = world()
-    cfg = AlignConfig(lr=0.02, accumulation=2, micro_batch=micro_batch, epochs=2, warmup=0.0)
+    cfg = AlignConfig(lr=LR, accumulation=2, micro_batch=micro_batch, epochs=2, warmup=0.0)
     res = align(problem, calib, MASK, cfg)
     if rank == 0:
         Path(out).write_text(json.dumps({"size": size, "sigmas": res.sigmas.double().tolist(),
@@ -45,7 +47,7 @@ def _worker(out: str, micro_batch: int) -> None:
 def test_two_processes_equal_one_process_with_same_effective_batch(tmp_path):
     problem, calib = _setup()
     # one process: 2 items per pass x 2 accumulated = 4 items per update
-    one = align(problem, calib, MASK, AlignConfig(lr=0.02, accumulation=2, micro_batch=2, epochs=2, warmup=0.0))
+    one = align(problem, calib, MASK, AlignConfig(lr=LR, accumulation=2, micro_batch=2, epochs=2, warmup=0.0))
     # two processes: 1 item per pass x 2 accumulated x 2 ranks = 4 items per update
     out = tmp_path / "ddp.json"
     spawn(_worker, 2, str(out), 1)
@@ -54,5 +56,6 @@ def test_two_processes_equal_one_process_with_same_effective_batch(tmp_path):
     assert len(two["losses"]) == len(one.history) == 4   # ceil(6 / 4) = 2 updates per epoch
     for a, b in zip(two["losses"], (h["loss"] for h in one.history)):
         assert a == pytest.approx(b, rel=1e-5)
-    torch.testing.assert_close(torch.tensor(two["sigmas"], dtype=torch.float64), one.sigmas.double(), rtol=0, atol=1e-6)
-    assert float((one.sigmas - problem.sigmas(N)).abs().max()) > 1e-3  # the sigmas did move
+    torch.testing.assert_close(torch.tensor(two["sigmas"], dtype=torch.float64), one.sigmas.double(), rtol=0, atol=ATOL)
+    # the sigmas moved far more than the tolerance of the comparison above, so it cannot pass vacuously
+    assert float((one.sigmas - problem.sigmas(N)).abs().max()) > 100 * ATOL
