@@ -367,6 +367,19 @@ def test_training_resumes_a_checkpoint_written_before_the_word_convolution(tmp_p
     assert json.loads((out / "state.json").read_text())["step"] == 2
 
 
+def test_training_resumes_a_checkpoint_written_before_the_lookahead_convolution(tmp_path):
+    cfg = TrainConfig(iters=2, batch=2, warmup=1, text_lookahead=0)
+    out = tmp_path / "ckpt"
+    _train(out, cfg, minutes=0)
+    state = json.loads((out / "state.json").read_text())
+    del state["config"]["text_lookahead"]
+    (out / "state.json").write_text(json.dumps(state))
+    with pytest.raises(ConfigError, match=r"to resume it pass --text-lookahead 0 \(not 2\)$"):
+        _train(out, dataclasses.replace(cfg, text_lookahead=2))
+    _train(out, cfg)
+    assert json.loads((out / "state.json").read_text())["step"] == 2
+
+
 def _train(out: Path, cfg: TrainConfig, **kw) -> Path:
     # training needs autograd whatever grad mode earlier code in this process left behind
     with torch.enable_grad():
@@ -486,17 +499,45 @@ def test_text_encoder_word_convolution_is_causal_and_starts_at_zero():
         TinyTextEncoder(local_kernel=-1)
 
 
+def test_text_encoder_lookahead_sees_the_words_after_and_starts_at_zero():
+    torch.manual_seed(0)
+    causal = TinyTextEncoder(local_kernel=3)
+    torch.manual_seed(0)
+    both = TinyTextEncoder(local_kernel=3, lookahead=2)  # same seed: the same init as without it
+    ids = torch.from_numpy(grammar.tokenize(["a red circle and a blue square", "two green triangles"]))
+    for a, b in zip(causal(ids), both(ids)):
+        assert torch.equal(a, b)
+    # once trained (random weights here): word t reaches words t-2..t+2, and the look-ahead alone t-2..t
+    torch.nn.init.normal_(both.ahead.weight)
+    for local in (False, True):
+        if local:
+            torch.nn.init.normal_(both.local.weight)
+        base = both.embed_words(ids)
+        for t in range(1, ids.shape[1]):
+            other = ids.clone()
+            other[:, t] = (other[:, t] % (len(grammar.VOCAB) - 2)) + 2
+            changed = (both.embed_words(other) - base).abs().amax(dim=(0, 2)) > 0
+            expect = torch.zeros(ids.shape[1], dtype=torch.bool)
+            expect[max(0, t - 2):(t + 3 if local else t + 1)] = True
+            assert torch.equal(changed, expect), (local, t)
+    # an adjective's state now depends on its shape: "blue" differs in "a blue square" and "a blue circle"
+    sq, ci = both(torch.from_numpy(grammar.tokenize(["a blue square", "a blue circle"])))[0][:, 2]
+    assert not torch.allclose(sq, ci)
+    with pytest.raises(ValueError, match="lookahead must be >= 0"):
+        TinyTextEncoder(lookahead=-1)
+
+
 def _weights_without_word_convolution(dest: Path) -> Path:
-    """The shipped weights with the text encoder's word convolution removed (an encoder made before it)."""
+    """The shipped weights with the text encoder's word convolutions removed (an encoder made before them)."""
     import shutil
 
     from safetensors.torch import save_file
 
     shutil.copytree(tinyflow.WEIGHTS_DIR, dest)
     f = dest / "text_encoder" / "diffusion_pytorch_model.safetensors"
-    save_file({k: v for k, v in load_file(str(f)).items() if not k.startswith("local.")}, str(f))
+    save_file({k: v for k, v in load_file(str(f)).items() if not k.startswith(("local.", "ahead."))}, str(f))
     config = json.loads((dest / "text_encoder" / "config.json").read_text())
-    (dest / "text_encoder" / "config.json").write_text(json.dumps({**config, "local_kernel": 0}))
+    (dest / "text_encoder" / "config.json").write_text(json.dumps({**config, "local_kernel": 0, "lookahead": 0}))
     return dest
 
 
@@ -504,16 +545,17 @@ def test_training_adds_a_word_convolution_to_an_encoder_without_one(tmp_path):
     # lr 0: the kernel the initial encoder lacks starts at zero and everything else is as loaded,
     # so the exported weights sample exactly what the initial ones do
     init = _weights_without_word_convolution(tmp_path / "init")
-    cfg = TrainConfig(iters=1, batch=2, warmup=1, lr=0.0, init=str(init), text_kernel=3)
+    cfg = TrainConfig(iters=1, batch=2, warmup=1, lr=0.0, init=str(init), text_kernel=3, text_lookahead=2)
     out = _train(tmp_path / "ckpt", cfg)
     before = load_file(str(init / "text_encoder" / "diffusion_pytorch_model.safetensors"))
     got = load_file(str(out / "text_encoder_ema" / "diffusion_pytorch_model.safetensors"))
-    assert set(got) - set(before) == {"local.weight", "local.bias"}
+    assert set(got) - set(before) == {"local.weight", "local.bias", "ahead.weight"}
     assert all(torch.equal(got[k], v) for k, v in before.items())
     assert not got["local.weight"].any() and got["local.weight"].shape == (64, 64, 3)
+    assert not got["ahead.weight"].any() and got["ahead.weight"].shape == (64, 64, 2)
     export_weights(out, tmp_path / "w")
     tf = tinyflow.load(tmp_path / "w")
-    assert tf.text_encoder.config.local_kernel == 3
+    assert tf.text_encoder.config.local_kernel == 3 and tf.text_encoder.config.lookahead == 2
     a = tf.sample(["a red circle and a square"], seeds=[0], steps=2).latent
     b = tinyflow.load(init).sample(["a red circle and a square"], seeds=[0], steps=2).latent
     assert torch.equal(a, b)
@@ -523,11 +565,16 @@ def test_training_adds_a_word_convolution_to_an_encoder_without_one(tmp_path):
         with pytest.raises(ConfigError, match=f"word convolution of width 3, this run's has "
                                               f"{other or 'none'}; pass --text-kernel 3"):
             _train(tmp_path / f"c{other}", dataclasses.replace(cfg, init=str(tmp_path / "w"), text_kernel=other))
+    for other in (0, 1):
+        with pytest.raises(ConfigError, match=f"look-ahead convolution of width 2, this run's has "
+                                              f"{other or 'none'}; pass --text-lookahead 2"):
+            _train(tmp_path / f"a{other}", dataclasses.replace(cfg, init=str(tmp_path / "w"), text_lookahead=other))
 
 
 @pytest.mark.parametrize("bad, message", [(dict(text_layers=0), "text_layers must be >= 1"),
                                           (dict(init_parts="encoder"), "init_parts must be 'all' or 'transformer'"),
-                                          (dict(text_kernel=-1), "text_kernel must be >= 0")])
+                                          (dict(text_kernel=-1), "text_kernel must be >= 0"),
+                                          (dict(text_lookahead=-1), "text_lookahead must be >= 0")])
 def test_training_rejects_bad_text_encoder_settings(tmp_path, bad, message):
     with pytest.raises(ConfigError, match=message):
         train(tmp_path / "x", TrainConfig(iters=1, batch=2, **bad), progress=False)

@@ -48,14 +48,24 @@ class TinyTextEncoder(ModelMixin, ConfigMixin):
     reads the token states as a set; without such a local term two prompts that swap attributes
     between two objects encode almost alike. The convolution starts at zero and is built after the
     other layers: with the same seed, an encoder with it starts as the same encoder without it.
+
+    ``lookahead = m > 0`` adds the mirror term over the ``m`` words *after* each word,
+    ``h_t <- h_t + sum_{1<=j<=m} U_j e_{t+j}`` (``U_j`` is ``ahead.weight[:, :, j - 1]``; ``e`` the
+    embedded words, no bias), so an adjective's state carries the shape it qualifies ("blue" in "a
+    blue square" differs from "blue" in "a blue circle"). Without it only the shape token is bound
+    and the colour and size tokens float free in the set, which the transformer can give to either
+    object. It too starts at zero and is built last.
     """
 
     @register_to_config
     def __init__(self, vocab: list[str] | tuple[str, ...] = VOCAB, max_tokens: int = MAX_TOKENS,
-                 dim: int = TEXT_DIM, layers: int = 2, heads: int = 4, local_kernel: int = 0) -> None:
+                 dim: int = TEXT_DIM, layers: int = 2, heads: int = 4, local_kernel: int = 0,
+                 lookahead: int = 0) -> None:
         super().__init__()
         if local_kernel < 0:
             raise ValueError(f"local_kernel must be >= 0 (got {local_kernel})")
+        if lookahead < 0:
+            raise ValueError(f"lookahead must be >= 0 (got {lookahead})")
         self.embed = nn.Embedding(len(vocab), dim)
         self.pos = nn.Parameter(torch.randn(max_tokens, dim) * 0.02)
         layer = nn.TransformerEncoderLayer(dim, heads, dim * 4, dropout=0.0, activation="gelu",
@@ -69,13 +79,21 @@ class TinyTextEncoder(ModelMixin, ConfigMixin):
             self.local = nn.Conv1d(dim, dim, local_kernel)
             nn.init.zeros_(self.local.weight)
             nn.init.zeros_(self.local.bias)
+        self.ahead: nn.Conv1d | None = None
+        if lookahead:
+            self.ahead = nn.Conv1d(dim, dim, lookahead, bias=False)
+            nn.init.zeros_(self.ahead.weight)
 
     def embed_words(self, ids: torch.Tensor) -> torch.Tensor:
-        """Token ids (B, L) -> the attention layers' input (B, L, D): word + position (+ word convolution)."""
-        h = self.embed(ids) + self.pos[: ids.shape[1]]
+        """Token ids (B, L) -> the attention layers' input (B, L, D): word + position (+ word convolutions)."""
+        e = self.embed(ids) + self.pos[: ids.shape[1]]
+        h = e
         if self.local is not None:  # causal: pad k-1 positions on the left
-            x = F.pad(h.transpose(1, 2), (self.local.kernel_size[0] - 1, 0))
+            x = F.pad(e.transpose(1, 2), (self.local.kernel_size[0] - 1, 0))
             h = h + self.local(x).transpose(1, 2)
+        if self.ahead is not None:  # strictly after: drop the word itself, pad m positions on the right
+            x = F.pad(e.transpose(1, 2)[:, :, 1:], (0, self.ahead.kernel_size[0]))
+            h = h + self.ahead(x).transpose(1, 2)
         return h
 
     def forward(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -68,6 +68,10 @@ class TrainConfig:
     #: Width of the text encoder's causal word convolution (0: none, the encoder shipped before it).
     #: With ``init``, a kernel the initial weights lack starts at zero, so training starts from them.
     text_kernel: int = 3
+    #: Width of the text encoder's look-ahead convolution over the words after each word (0: none, the
+    #: encoder shipped before it), so an adjective's state carries its shape. Starts at zero, like
+    #: ``text_kernel``.
+    text_lookahead: int = 2
 
     def template_mix(self) -> grammar.TemplateMix:
         """The prompt mix of training batches: 10% empty, the rest split by the ``mix_*`` weights."""
@@ -79,7 +83,7 @@ class TrainConfig:
 
 
 #: Fields whose default changed after checkpoints were written without them: the value those runs used.
-_BEFORE_FIELD = {"text_kernel": 0}
+_BEFORE_FIELD = {"text_kernel": 0, "text_lookahead": 0}
 
 
 class _Batches(IterableDataset):
@@ -192,15 +196,18 @@ def _load_init(path: Path, models: dict[str, torch.nn.Module], text_encoder: boo
                               "(expected the layout that --export writes)")
         sd = load_file(str(f))
         if sub == "text_encoder":
-            have = sd["local.weight"].shape[-1] if "local.weight" in sd else 0
-            want = models["text_encoder"].config.local_kernel
-            if have and have != want:
-                raise ConfigError(f"--init {path}: its text encoder has a word convolution of width {have}, "
-                                  f"this run's has {want or 'none'}; pass --text-kernel {have}")
+            for key, field, flag, what in (("local.weight", "local_kernel", "--text-kernel", "word convolution"),
+                                           ("ahead.weight", "lookahead", "--text-lookahead",
+                                            "look-ahead convolution")):
+                have = sd[key].shape[-1] if key in sd else 0
+                want = getattr(models["text_encoder"].config, field)
+                if have and have != want:
+                    raise ConfigError(f"--init {path}: its text encoder has a {what} of width {have}, "
+                                      f"this run's has {want or 'none'}; pass {flag} {have}")
         for name in names:
             missing, unexpected = models[name].load_state_dict(sd, strict=False)
             # A word convolution the initial encoder lacks keeps its zero init (the loaded encoder's output).
-            missing = [k for k in missing if not (sub == "text_encoder" and k.startswith("local."))]
+            missing = [k for k in missing if not (sub == "text_encoder" and k.startswith(("local.", "ahead.")))]
             if missing or unexpected:
                 raise ConfigError(f"--init {path}: {sub} weights do not fit tinyflow's architecture "
                                   f"(missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})")
@@ -228,11 +235,14 @@ def train(out: str | Path, cfg: TrainConfig, *, device: str = "cpu", minutes: fl
         raise ConfigError(f"init_parts must be 'all' or 'transformer' (got {cfg.init_parts!r})")
     if cfg.text_kernel < 0:
         raise ConfigError(f"text_kernel must be >= 0 (got {cfg.text_kernel})")
+    if cfg.text_lookahead < 0:
+        raise ConfigError(f"text_lookahead must be >= 0 (got {cfg.text_lookahead})")
     mix = cfg.template_mix()
     out = Path(out)
     torch.manual_seed(cfg.seed)
-    transformer, encoder = new_transformer(), TinyTextEncoder(layers=cfg.text_layers, local_kernel=cfg.text_kernel)
-    ema_t, ema_e = new_transformer(), TinyTextEncoder(layers=cfg.text_layers, local_kernel=cfg.text_kernel)
+    enc = dict(layers=cfg.text_layers, local_kernel=cfg.text_kernel, lookahead=cfg.text_lookahead)
+    transformer, encoder = new_transformer(), TinyTextEncoder(**enc)
+    ema_t, ema_e = new_transformer(), TinyTextEncoder(**enc)
     ema_t.load_state_dict(transformer.state_dict())
     ema_e.load_state_dict(encoder.state_dict())
     models = {"transformer": transformer, "text_encoder": encoder,
