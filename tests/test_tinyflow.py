@@ -442,7 +442,9 @@ def test_training_resumes_exactly(tmp_path, capsys):
 
 def test_training_starts_from_exported_weights(tmp_path):
     # lr 0: one step leaves the weights where --init put them, so the checkpoint holds the shipped weights
-    cfg = TrainConfig(iters=1, batch=2, warmup=1, lr=0.0, init=str(tinyflow.WEIGHTS_DIR))
+    enc = json.loads((tinyflow.WEIGHTS_DIR / "text_encoder" / "config.json").read_text())
+    cfg = TrainConfig(iters=1, batch=2, warmup=1, lr=0.0, init=str(tinyflow.WEIGHTS_DIR),
+                      text_kernel=enc.get("local_kernel", 0), text_lookahead=enc.get("lookahead", 0))
     out = _train(tmp_path / "ckpt", cfg)
     for sub in ("transformer", "text_encoder"):
         shipped = load_file(str(tinyflow.WEIGHTS_DIR / sub / "diffusion_pytorch_model.safetensors"))
