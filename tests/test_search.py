@@ -703,11 +703,13 @@ def _check_exhaustive(tinyflow_exhaustive, cfg: SearchConfig) -> None:
     fresh = Evaluator(problem.make_sampler, calib)
     res = search(fresh.losses, cfg)
     ranked = sorted(losses)
-    assert res.loss == pytest.approx(best, rel=1e-5), \
-        f"search found {list(res.compute)} (rank {ranked.index(min(ranked, key=lambda v: abs(v - res.loss)))} " \
-        f"of 330), the optimum is {list(masks[losses.index(best)])}"
     argmins = {m for m, v in zip(masks, losses) if v <= best * (1 + 1e-6)}
-    assert res.compute in argmins
+    assert res.compute in argmins, \
+        f"search found {list(res.compute)} (rank {ranked.index(losses[masks.index(res.compute)])} " \
+        f"of 330), the optimum is {list(masks[losses.index(best)])}"
+    # the loss it reports is that mask's, up to float32 rounding: the search scores masks in other batches
+    # (shared prefixes) than the one-call enumeration, which moves the loss by ~1e-5 relative
+    assert res.loss == pytest.approx(best, rel=1e-4)
     # the search is far cheaper than the enumeration
     assert fresh.stats.evaluations < 330
     assert fresh.stats.item_evaluations < brute_stats.item_evaluations
