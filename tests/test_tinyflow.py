@@ -353,29 +353,18 @@ def test_training_resumes_a_checkpoint_written_before_the_mix_fields(tmp_path):
     assert json.loads((out / "state.json").read_text())["step"] == 2
 
 
-def test_training_resumes_a_checkpoint_written_before_the_word_convolution(tmp_path):
-    # such a run had no convolution; the default is now one of width 3, so it resumes with --text-kernel 0
-    cfg = TrainConfig(iters=2, batch=2, warmup=1, text_kernel=0)
+@pytest.mark.parametrize("field, default", [("text_kernel", 3), ("text_lookahead", 2)])
+def test_training_resumes_a_checkpoint_written_before_a_text_convolution(tmp_path, field, default):
+    # such a run had no such convolution; the default now has one, so it resumes with --<field> 0
+    cfg = TrainConfig(iters=2, batch=2, warmup=1, **{field: 0})
     out = tmp_path / "ckpt"
     _train(out, cfg, minutes=0)
     state = json.loads((out / "state.json").read_text())
-    del state["config"]["text_kernel"]
+    del state["config"][field]
     (out / "state.json").write_text(json.dumps(state))
-    with pytest.raises(ConfigError, match=r"was made with config .*; to resume it pass --text-kernel 0 \(not 3\)$"):
-        _train(out, dataclasses.replace(cfg, text_kernel=3))
-    _train(out, cfg)
-    assert json.loads((out / "state.json").read_text())["step"] == 2
-
-
-def test_training_resumes_a_checkpoint_written_before_the_lookahead_convolution(tmp_path):
-    cfg = TrainConfig(iters=2, batch=2, warmup=1, text_lookahead=0)
-    out = tmp_path / "ckpt"
-    _train(out, cfg, minutes=0)
-    state = json.loads((out / "state.json").read_text())
-    del state["config"]["text_lookahead"]
-    (out / "state.json").write_text(json.dumps(state))
-    with pytest.raises(ConfigError, match=r"to resume it pass --text-lookahead 0 \(not 2\)$"):
-        _train(out, dataclasses.replace(cfg, text_lookahead=2))
+    flag = "--" + field.replace("_", "-")
+    with pytest.raises(ConfigError, match=rf"was made with config .*; to resume it pass {flag} 0 \(not {default}\)$"):
+        _train(out, dataclasses.replace(cfg, **{field: default}))
     _train(out, cfg)
     assert json.loads((out / "state.json").read_text())["step"] == 2
 
