@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import json
+import re
 import socket
 import sys
 from pathlib import Path
@@ -29,10 +30,11 @@ torch.set_num_threads(1)
 
 
 # ----------------------------------------------------------------------------- checker on true renders
-def test_checker_accepts_fresh_renders_of_random_specs():
+@pytest.mark.parametrize("layout", grammar.PAIR_LAYOUTS)
+def test_checker_accepts_fresh_renders_of_random_specs(layout):
     rng = np.random.default_rng(20240607)
     specs = [grammar.sample_spec(rng, TemplateMix(empty=0.0)) for _ in range(2000)]
-    scenes = [grammar.realise(s, rng) for s in specs]
+    scenes = [grammar.realise(s, rng, pair_layout=layout) for s in specs]
     images = render.render(scenes)
     assert images.shape == (2000, 3, 32, 32)
     assert float(images.min()) >= 0.0 and float(images.max()) <= 1.0
@@ -218,6 +220,39 @@ def test_realised_objects_do_not_overlap():
                 assert abs(a.cx - b.cx) >= gap or abs(a.cy - b.cy) >= gap
 
 
+def _pairs(layout: str, n: int = 400) -> list[tuple[grammar.SceneObject, ...]]:
+    rng = np.random.default_rng(4)
+    mix = TemplateMix(empty=0.0, single=0.0, pair=1.0, count=0.0)
+    return [grammar.realise(grammar.sample_spec(rng, mix), rng, pair_layout=layout) for _ in range(n)]
+
+
+def test_ordered_pairs_read_left_to_right_and_leave_the_rest_free():
+    scenes = _pairs("ordered")
+    for a, b in scenes:  # first-named object left of the second, boxes GAP apart in x
+        assert a.cx + grammar.SIZES[a.size] + grammar.GAP <= b.cx - grammar.SIZES[b.size] + 1e-9
+        for o in (a, b):
+            h = grammar.SIZES[o.size]
+            assert h <= o.cx <= grammar.IMAGE_SIZE - h and h <= o.cy <= grammar.IMAGE_SIZE - h
+    # vertical positions, sizes and colours stay free: every combination occurs
+    cy = np.array([[a.cy, b.cy] for a, b in scenes])
+    assert (cy[:, 0] < cy[:, 1] - 8).mean() > 0.15 and (cy[:, 0] > cy[:, 1] + 8).mean() > 0.15
+    assert {(a.size, b.size) for a, b in scenes} == {(x, y) for x in grammar.SIZES for y in grammar.SIZES}
+    assert len({a.colour for a, _ in scenes} | {b.colour for _, b in scenes}) == len(grammar.COLOURS)
+
+
+def test_free_pairs_are_placed_in_either_order():
+    scenes = _pairs("free")
+    left_first = np.mean([a.cx < b.cx for a, b in scenes])
+    assert 0.3 < left_first < 0.7
+    assert any(abs(a.cx - b.cx) < grammar.SIZES[a.size] + grammar.SIZES[b.size] for a, b in scenes)  # stacked
+
+
+def test_pair_layout_is_checked():
+    spec = grammar.parse_prompt("a circle and a square")
+    with pytest.raises(ConfigError, match=r"pair_layout must be one of \('ordered', 'free'\) \(got 'diagonal'\)"):
+        grammar.realise(spec, np.random.default_rng(0), pair_layout="diagonal")
+
+
 # ----------------------------------------------------------------------------- latents
 def test_image_latent_round_trip_is_exact():
     g = torch.Generator().manual_seed(0)
@@ -310,6 +345,9 @@ def test_make_batch_is_deterministic():
     ids2, params2 = make_batch(4, 0, 3)
     assert ids.shape == (4, grammar.MAX_TOKENS) and params.shape == (4, grammar.MAX_OBJECTS, 6)
     assert torch.equal(ids, ids2) and torch.equal(params, params2)
+    pair_only = TemplateMix(empty=0.0, single=0.0, pair=1.0, count=0.0)
+    ordered, free = make_batch(8, 0, 3, pair_only)[1], make_batch(8, 0, 3, pair_only, "free")[1]
+    assert not torch.equal(ordered, free)
     ids3, params3 = make_batch(4, 0, 4)
     ids4, params4 = make_batch(4, 1, 3)
     assert not torch.equal(params, params3) and not torch.equal(params, params4)
@@ -353,17 +391,20 @@ def test_training_resumes_a_checkpoint_written_before_the_mix_fields(tmp_path):
     assert json.loads((out / "state.json").read_text())["step"] == 2
 
 
-@pytest.mark.parametrize("field, default", [("text_kernel", 3), ("text_lookahead", 2)])
-def test_training_resumes_a_checkpoint_written_before_a_text_convolution(tmp_path, field, default):
-    # such a run had no such convolution; the default now has one, so it resumes with --<field> 0
-    cfg = TrainConfig(iters=2, batch=2, warmup=1, **{field: 0})
+@pytest.mark.parametrize("field, before, default", [("text_kernel", 0, 3), ("text_lookahead", 0, 2),
+                                                   ("pair_layout", "free", "ordered")])
+def test_training_resumes_a_checkpoint_written_before_a_field(tmp_path, field, before, default):
+    # such a run had no word convolution / look-ahead and drew pairs anywhere; the defaults changed,
+    # so it resumes with the value it was made with, and a refusal names the flag and that value
+    cfg = TrainConfig(iters=2, batch=2, warmup=1, **{field: before})
     out = tmp_path / "ckpt"
     _train(out, cfg, minutes=0)
     state = json.loads((out / "state.json").read_text())
     del state["config"][field]
     (out / "state.json").write_text(json.dumps(state))
     flag = "--" + field.replace("_", "-")
-    with pytest.raises(ConfigError, match=rf"was made with config .*; to resume it pass {flag} 0 \(not {default}\)$"):
+    message = rf"was made with config .*; to resume it pass {flag} {re.escape(repr(before))} \(not {re.escape(repr(default))}\)$"
+    with pytest.raises(ConfigError, match=message):
         _train(out, dataclasses.replace(cfg, **{field: default}))
     _train(out, cfg)
     assert json.loads((out / "state.json").read_text())["step"] == 2
@@ -565,7 +606,8 @@ def test_training_adds_a_word_convolution_to_an_encoder_without_one(tmp_path):
 @pytest.mark.parametrize("bad, message", [(dict(text_layers=0), "text_layers must be >= 1"),
                                           (dict(init_parts="encoder"), "init_parts must be 'all' or 'transformer'"),
                                           (dict(text_kernel=-1), "text_kernel must be >= 0"),
-                                          (dict(text_lookahead=-1), "text_lookahead must be >= 0")])
+                                          (dict(text_lookahead=-1), "text_lookahead must be >= 0"),
+                                          (dict(pair_layout="grid"), "pair_layout must be one of")])
 def test_training_rejects_bad_text_encoder_settings(tmp_path, bad, message):
     with pytest.raises(ConfigError, match=message):
         train(tmp_path / "x", TrainConfig(iters=1, batch=2, **bad), progress=False)

@@ -8,7 +8,8 @@ every free attribute at random, so the model must *choose* them when sampling.
 Templates:
 - one object, with any subset of size, colour and position stated
   ("a circle", "a large red square in the top left");
-- two objects ("a red circle and a square");
+- two objects ("a red circle and a square"), drawn in reading order by default: the first-named
+  object to the left of the second (``pair_layout="ordered"``; ``"free"`` places them anywhere);
 - counts ("two green triangles", "three circles").
 """
 
@@ -48,6 +49,9 @@ MAX_OBJECTS = 3
 GAP = 2.0
 #: Margin in pixels that keeps a stated position away from a third's border.
 POSITION_MARGIN = 1.0
+#: How the two objects of a pair are laid out: "ordered" puts the first-named object to the left of the
+#: second (their boxes at least GAP apart in x), "free" anywhere without overlap.
+PAIR_LAYOUTS = ("ordered", "free")
 
 VOCAB: tuple[str, ...] = (
     "<pad>", "<cls>", "a", "and", "in", "the",
@@ -238,10 +242,20 @@ def _centre_range(position: str | None, half: float) -> tuple[tuple[float, float
     return rng_of(col), rng_of(row)
 
 
-def realise(spec: Spec, rng: np.random.Generator, max_tries: int = 200) -> tuple[SceneObject, ...]:
-    """Draw every free attribute at random; objects never overlap (gap >= GAP px)."""
+def realise(spec: Spec, rng: np.random.Generator, max_tries: int = 200,
+            pair_layout: str = "ordered") -> tuple[SceneObject, ...]:
+    """Draw every free attribute at random; objects never overlap (gap >= GAP px).
+
+    With ``pair_layout="ordered"`` a two-object scene reads left to right like its prompt: the first
+    object's box ends at least GAP px left of where the second's starts,
+    ``cx_1 + h_1 + GAP <= cx_2 - h_2``; the vertical positions stay free.
+    """
+    if pair_layout not in PAIR_LAYOUTS:
+        raise ConfigError(f"pair_layout must be one of {PAIR_LAYOUTS} (got {pair_layout!r})")
     if spec.template == "empty":
         spec = sample_spec(rng, TemplateMix(empty=0.0))
+    if spec.template == "pair" and pair_layout == "ordered" and all(o.position is None for o in spec.objects):
+        return _realise_ordered_pair(spec, rng)
     for _ in range(max_tries):
         placed: list[SceneObject] = []
         for o in spec.objects:
@@ -261,6 +275,19 @@ def realise(spec: Spec, rng: np.random.Generator, max_tries: int = 200) -> tuple
         else:
             return tuple(placed)
     raise ConfigError(f"could not place the objects of {prompt_of(spec)!r} without overlap")
+
+
+def _realise_ordered_pair(spec: Spec, rng: np.random.Generator) -> tuple[SceneObject, ...]:
+    """Two objects side by side: ``cx_1`` uniform where the second still fits, then ``cx_2`` uniform right of it."""
+    a, b = spec.objects
+    colours = [o.colour or COLOUR_NAMES[rng.integers(len(COLOUR_NAMES))] for o in (a, b)]
+    sizes = [o.size or SIZE_NAMES[rng.integers(len(SIZE_NAMES))] for o in (a, b)]
+    h1, h2 = SIZES[sizes[0]], SIZES[sizes[1]]
+    cx1 = rng.uniform(h1, IMAGE_SIZE - h1 - GAP - 2 * h2)
+    cx2 = rng.uniform(cx1 + h1 + GAP + h2, IMAGE_SIZE - h2)
+    cy1, cy2 = rng.uniform(h1, IMAGE_SIZE - h1), rng.uniform(h2, IMAGE_SIZE - h2)
+    return (SceneObject(a.shape, colours[0], sizes[0], float(cx1), float(cy1)),
+            SceneObject(b.shape, colours[1], sizes[1], float(cx2), float(cy2)))
 
 
 def _apart(cx: float, cy: float, half: float, other: SceneObject) -> bool:
@@ -293,6 +320,6 @@ def heldout_pairs(n: int, seed: int = 1_000_003, mix: TemplateMix | None = None)
 
 __all__ = [
     "IMAGE_SIZE", "SHAPES", "COLOURS", "SIZES", "POSITIONS", "VOCAB", "MAX_TOKENS",
-    "ObjectSpec", "Spec", "SceneObject", "TemplateMix", "prompt_of", "parse_prompt",
+    "PAIR_LAYOUTS", "ObjectSpec", "Spec", "SceneObject", "TemplateMix", "prompt_of", "parse_prompt",
     "sample_spec", "realise", "tokenize", "heldout_pairs",
 ]

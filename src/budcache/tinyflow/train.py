@@ -72,6 +72,9 @@ class TrainConfig:
     #: encoder shipped before it), so an adjective's state carries its shape. Starts at zero, like
     #: ``text_kernel``.
     text_lookahead: int = 2
+    #: Layout of two-object training scenes (:data:`grammar.PAIR_LAYOUTS`): "ordered" draws the
+    #: first-named object left of the second, "free" anywhere (the data of runs before the option).
+    pair_layout: str = "ordered"
 
     def template_mix(self) -> grammar.TemplateMix:
         """The prompt mix of training batches: 10% empty, the rest split by the ``mix_*`` weights."""
@@ -83,29 +86,30 @@ class TrainConfig:
 
 
 #: Fields whose default changed after checkpoints were written without them: the value those runs used.
-_BEFORE_FIELD = {"text_kernel": 0, "text_lookahead": 0}
+_BEFORE_FIELD = {"text_kernel": 0, "text_lookahead": 0, "pair_layout": "free"}
 
 
 class _Batches(IterableDataset):
     """Deterministic stream of (token ids, scene params); batch i depends on (seed, i) only."""
 
     def __init__(self, start: int, stop: int, batch: int, seed: int,
-                 mix: grammar.TemplateMix = grammar.TemplateMix()) -> None:
+                 mix: grammar.TemplateMix = grammar.TemplateMix(), pair_layout: str = "ordered") -> None:
         self.start, self.stop, self.batch, self.seed, self.mix = start, stop, batch, seed, mix
+        self.pair_layout = pair_layout
 
     def __iter__(self):
         info = get_worker_info()
         wid, nw = (info.id, info.num_workers) if info else (0, 1)
         for i in range(self.start + wid, self.stop, nw):
-            yield make_batch(self.batch, self.seed, i, self.mix)
+            yield make_batch(self.batch, self.seed, i, self.mix, self.pair_layout)
 
 
-def make_batch(batch: int, seed: int, index: int,
-               mix: grammar.TemplateMix = grammar.TemplateMix()) -> tuple[torch.Tensor, torch.Tensor]:
+def make_batch(batch: int, seed: int, index: int, mix: grammar.TemplateMix = grammar.TemplateMix(),
+               pair_layout: str = "ordered") -> tuple[torch.Tensor, torch.Tensor]:
     """Token ids (B, L) and packed scene parameters (B, M, 6) of training batch ``index``."""
     rng = np.random.default_rng([seed, index])
     specs = [grammar.sample_spec(rng, mix) for _ in range(batch)]
-    scenes = [grammar.realise(s, rng) for s in specs]
+    scenes = [grammar.realise(s, rng, pair_layout=pair_layout) for s in specs]
     ids = torch.from_numpy(grammar.tokenize([grammar.prompt_of(s) for s in specs]))
     return ids, scene_params(scenes)
 
@@ -237,6 +241,8 @@ def train(out: str | Path, cfg: TrainConfig, *, device: str = "cpu", minutes: fl
         raise ConfigError(f"text_kernel must be >= 0 (got {cfg.text_kernel})")
     if cfg.text_lookahead < 0:
         raise ConfigError(f"text_lookahead must be >= 0 (got {cfg.text_lookahead})")
+    if cfg.pair_layout not in grammar.PAIR_LAYOUTS:
+        raise ConfigError(f"pair_layout must be one of {grammar.PAIR_LAYOUTS} (got {cfg.pair_layout!r})")
     mix = cfg.template_mix()
     out = Path(out)
     torch.manual_seed(cfg.seed)
@@ -284,7 +290,7 @@ def train(out: str | Path, cfg: TrainConfig, *, device: str = "cpu", minutes: fl
         return out
 
     img_ids, txt_ids = image_ids(device=device), text_ids(device=device)
-    loader = DataLoader(_Batches(step, cfg.iters, cfg.batch, cfg.seed, mix), batch_size=None,
+    loader = DataLoader(_Batches(step, cfg.iters, cfg.batch, cfg.seed, mix, cfg.pair_layout), batch_size=None,
                         num_workers=cfg.workers, prefetch_factor=4 if cfg.workers else None,
                         persistent_workers=False)
     t0 = last_save = time.time()
