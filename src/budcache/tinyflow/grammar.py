@@ -246,9 +246,10 @@ def realise(spec: Spec, rng: np.random.Generator, max_tries: int = 200,
             pair_layout: str = "ordered") -> tuple[SceneObject, ...]:
     """Draw every free attribute at random; objects never overlap (gap >= GAP px).
 
-    With ``pair_layout="ordered"`` a two-object scene reads left to right like its prompt: the first
-    object's box ends at least GAP px left of where the second's starts,
-    ``cx_1 + h_1 + GAP <= cx_2 - h_2``; the vertical positions stay free.
+    With ``pair_layout="ordered"`` a two-object scene whose prompt states no position (every pair the
+    templates draw) reads left to right like its prompt: the first object's box ends at least GAP px
+    left of where the second's starts, ``cx_1 + h_1 + GAP <= cx_2 - h_2``; the vertical positions stay
+    free. A pair with a stated position is placed as with ``"free"``.
     """
     if pair_layout not in PAIR_LAYOUTS:
         raise ConfigError(f"pair_layout must be one of {PAIR_LAYOUTS} (got {pair_layout!r})")
