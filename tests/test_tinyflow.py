@@ -425,10 +425,13 @@ def test_training_resumes_exactly(tmp_path, capsys):
     a, b = tmp_path / "a", tmp_path / "b"
     _train(a, cfg)
 
-    # B: stop after one step (minutes=0 ends the run after its first step), twice, then finish
-    for expected in (1, 2):
-        _train(b, cfg, minutes=0)
-        assert json.loads((b / "state.json").read_text())["step"] == expected
+    # B: stop after one step (minutes=0 ends the run after its first step), then at step 3, then finish
+    _train(b, cfg, minutes=0)
+    assert json.loads((b / "state.json").read_text())["step"] == 1
+    _train(b, cfg, stop_at=3)
+    assert json.loads((b / "state.json").read_text())["step"] == 3
+    _train(b, cfg, stop_at=3)  # already there: nothing to do
+    assert json.loads((b / "state.json").read_text())["step"] == 3
     _train(b, cfg)
     assert "resumed from" in capsys.readouterr().out
 
@@ -628,6 +631,12 @@ def test_training_init_with_weights_of_another_architecture_is_refused(tmp_path)
         save_file({"foo.weight": torch.zeros(2)}, str(tmp_path / "w" / sub / "diffusion_pytorch_model.safetensors"))
     with pytest.raises(ConfigError, match="do not fit tinyflow's architecture"):
         _train(tmp_path / "ckpt", TrainConfig(iters=1, batch=2, init=str(tmp_path / "w")))
+
+
+def test_train_rejects_a_stop_before_the_first_step(tmp_path):
+    with pytest.raises(ConfigError, match=r"stop_at must be >= 1 \(got 0\)"):
+        train(tmp_path / "x", TrainConfig(iters=2, batch=2), progress=False, stop_at=0)
+    assert not (tmp_path / "x").exists()
 
 
 def test_train_rejects_empty_runs(tmp_path):
