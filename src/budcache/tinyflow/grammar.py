@@ -260,8 +260,7 @@ def realise(spec: Spec, rng: np.random.Generator, max_tries: int = 200,
     for _ in range(max_tries):
         placed: list[SceneObject] = []
         for o in spec.objects:
-            colour = o.colour or COLOUR_NAMES[rng.integers(len(COLOUR_NAMES))]
-            size = o.size or SIZE_NAMES[rng.integers(len(SIZE_NAMES))]
+            colour, size = _colour_and_size(o, rng)
             half = SIZES[size]
             (x0, x1), (y0, y1) = _centre_range(o.position, half)
             ok = False
@@ -281,14 +280,19 @@ def realise(spec: Spec, rng: np.random.Generator, max_tries: int = 200,
 def _realise_ordered_pair(spec: Spec, rng: np.random.Generator) -> tuple[SceneObject, ...]:
     """Two objects side by side: ``cx_1`` uniform where the second still fits, then ``cx_2`` uniform right of it."""
     a, b = spec.objects
-    colours = [o.colour or COLOUR_NAMES[rng.integers(len(COLOUR_NAMES))] for o in (a, b)]
-    sizes = [o.size or SIZE_NAMES[rng.integers(len(SIZE_NAMES))] for o in (a, b)]
-    h1, h2 = SIZES[sizes[0]], SIZES[sizes[1]]
+    (ca, sa), (cb, sb) = _colour_and_size(a, rng), _colour_and_size(b, rng)
+    h1, h2 = SIZES[sa], SIZES[sb]
     cx1 = rng.uniform(h1, IMAGE_SIZE - h1 - GAP - 2 * h2)
     cx2 = rng.uniform(cx1 + h1 + GAP + h2, IMAGE_SIZE - h2)
     cy1, cy2 = rng.uniform(h1, IMAGE_SIZE - h1), rng.uniform(h2, IMAGE_SIZE - h2)
-    return (SceneObject(a.shape, colours[0], sizes[0], float(cx1), float(cy1)),
-            SceneObject(b.shape, colours[1], sizes[1], float(cx2), float(cy2)))
+    return (SceneObject(a.shape, ca, sa, float(cx1), float(cy1)),
+            SceneObject(b.shape, cb, sb, float(cx2), float(cy2)))
+
+
+def _colour_and_size(o: ObjectSpec, rng: np.random.Generator) -> tuple[str, str]:
+    """The object's colour and size: as stated, else drawn at random (colour first)."""
+    colour = o.colour or COLOUR_NAMES[rng.integers(len(COLOUR_NAMES))]
+    return colour, o.size or SIZE_NAMES[rng.integers(len(SIZE_NAMES))]
 
 
 def _apart(cx: float, cy: float, half: float, other: SceneObject) -> bool:
