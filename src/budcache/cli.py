@@ -61,7 +61,8 @@ def cmd_sample(a: argparse.Namespace) -> int:
     seeds = [a.seed + i for i in range(len(prompts))]
     if a.policy and a.nfe:
         raise ConfigError("give either --policy FILE or --nfe K (uniform policy), not both")
-    policy = CachePolicy.load(a.policy) if a.policy else (CachePolicy.uniform(a.steps, a.nfe) if a.nfe else None)
+    policy = CachePolicy.load(a.policy) if a.policy else (
+        CachePolicy.uniform(a.steps, a.nfe, estimator=a.mechanism) if a.nfe else None)
     if policy is not None and policy.steps != a.steps:
         if a.steps_given:
             raise ConfigError(f"--steps {a.steps} but the policy {a.policy} is for {policy.steps} steps")
@@ -69,12 +70,16 @@ def cmd_sample(a: argparse.Namespace) -> int:
     # Settings the policy was searched with are the defaults; an explicit option overrides them.
     meta = dict(policy.meta) if policy is not None else {}
     a.solver = a.solver or str(meta.get("solver", "euler"))
-    a.mechanism = a.mechanism or str(meta.get("mechanism", "reuse"))
+    if policy is not None and policy.estimator is not None and a.mechanism not in (None, policy.estimator):
+        raise ConfigError(f"--mechanism {a.mechanism} but the policy's skipped steps use {policy.estimator}; "
+                          "a policy runs with its own estimators (omit --mechanism)")
+    a.mechanism = (policy.estimator if policy is not None else None) or a.mechanism or "reuse"
     a.guidance = a.guidance if a.guidance is not None else float(meta.get("guidance", 1.0))
     tf = tinyflow.load(a.model)
     t0 = time.perf_counter()
     with torch.no_grad():
-        res = tf.sample(prompts, seeds, steps=a.steps, solver=a.solver, policy=policy, mechanism=a.mechanism,
+        res = tf.sample(prompts, seeds, steps=a.steps, solver=a.solver, policy=policy,
+                        mechanism=None if a.mechanism == "mixed" else a.mechanism,
                         guidance=a.guidance, progress=not a.quiet)
     wall = time.perf_counter() - t0
     images = tf.images(res.latent)
@@ -97,6 +102,13 @@ def cmd_show(a: argparse.Namespace) -> int:
     print(f"speed-up    <= {pol.speedup_bound:.2f}x (if cached steps cost nothing)")
     print(f"mask        {pol.strip()}   (C computed, . cached)")
     print(f"computed    {list(pol.compute)}")
+    if pol.estimator is not None:
+        print(f"estimators  {pol.estimator_strip()}   (r reuse, f/F forecast1/2, t/T taylor1/2, o output, "
+              "v/V vtaylor1/2)")
+        if pol.estimators is not None:
+            print("per step    " + ", ".join(f"{k}:{n}" for k, n in zip(pol.skipped, pol.estimators)))
+        else:
+            print(f"estimator   {pol.estimator} (every skipped step, from meta.mechanism)")
     if pol.sigmas is not None:
         print("sigmas      " + " ".join(f"{s:.4f}" for s in pol.sigmas))
     for k, v in pol.meta.items():
@@ -152,6 +164,20 @@ def _int_list(text: str) -> list[int]:
     return vals
 
 
+def _name_list(text: str) -> list[str]:
+    """Comma-separated estimator names ('none': an empty list)."""
+    from .estimators import ESTIMATORS
+
+    if text.strip().lower() == "none":
+        return []
+    names = [v.strip() for v in text.split(",") if v.strip()]
+    bad = [n for n in names if n not in ESTIMATORS]
+    if bad or not names:
+        raise argparse.ArgumentTypeError(f"unknown estimator(s) {bad or [text]}; choose from {list(ESTIMATORS)} "
+                                         "or 'none'")
+    return names
+
+
 def add_pipeline_args(p: argparse.ArgumentParser) -> None:
     """Options that point a command at a diffusers pipeline instead of tinyflow."""
     g = p.add_argument_group("diffusers pipeline (instead of tinyflow)")
@@ -197,12 +223,14 @@ def cmd_search(a: argparse.Namespace) -> int:
     if problem is not None and a.model is not None:
         raise ConfigError("--model (tinyflow weights) and --pipeline exclude each other")
     outcomes = run(a.out, nfes=a.nfe, steps=a.steps, solver=a.solver, mechanism=a.mechanism, guidance=a.guidance,
+                   estimators=a.estimators,
                    calib_pairs=a.calib_pairs, prompt_file=a.prompts, seeds_per_prompt=a.seeds_per_prompt,
                    heldout_pairs=a.heldout, seed=a.seed, loss=a.loss, resume=a.resume, progress=not a.quiet,
                    naive=a.naive, model=a.model, problem=problem, **backend_kwargs(a), **kw)
     for o in outcomes:
         h = o.heldout
-        print(f"K={o.nfe:>3}  loss {o.result.loss:.4e}  {o.policy.strip()}  held-out PSNR: budcache "
+        print(f"K={o.nfe:>3}  loss {o.policy.meta['search_loss']:.4e}  {o.policy.estimator_strip()}  "
+              f"held-out PSNR: budcache "
               f"{h['budcache']['psnr']:.2f} | uniform {h['uniform']['psnr']:.2f} | plain {h['plain']['psnr']:.2f} dB")
     print(f"wrote policies, plots and report.md to {a.out} in {time.perf_counter() - t0:.1f} s")
     return 0
@@ -216,7 +244,7 @@ def cmd_train(a: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .hooks import MECHANISMS
+    from .sampler import ALL_MECHANISMS
     from .search.distributed import add_backend_args
     from .solvers import SOLVERS
 
@@ -231,8 +259,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--policy", default=None, help="policy JSON file (budcache search writes them)")
     s.add_argument("--nfe", type=int, default=None, help="uniform policy with this many computed steps")
     s.add_argument("--solver", default=None, choices=sorted(SOLVERS), help="default: the policy's, else euler")
-    s.add_argument("--mechanism", default=None, choices=[*MECHANISMS, "output"],
-                   help="default: the policy's, else reuse")
+    s.add_argument("--mechanism", default=None, choices=list(ALL_MECHANISMS),
+                   help="for --nfe or a policy that names no estimator (default reuse); a policy's own "
+                        "estimators always apply")
     s.add_argument("--guidance", type=float, default=None,
                    help="classifier-free guidance scale (1 = off); default: the policy's, else 1")
     s.add_argument("--seed", type=int, default=0, help="seed of the first image; image i uses seed+i")
@@ -246,9 +275,14 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("--nfe", type=_int_list, default=[10], help="budget(s) K, e.g. 10 or 6,8,10,14")
     se.add_argument("--steps", type=int, default=28, help="solver steps N")
     se.add_argument("--solver", default="euler", choices=sorted(SOLVERS))
-    se.add_argument("--mechanism", default="forecast1", choices=[*MECHANISMS, "output"],
-                    help="how a skipped step is approximated: forecast1 (default: linear extrapolation of the "
-                         "residual), forecast2, reuse (the paper's), or output (velocity reuse)")
+    se.add_argument("--mechanism", default="vtaylor1", choices=list(ALL_MECHANISMS),
+                    help="how skipped steps are filled while the mask is searched: vtaylor1 (default: the velocity, "
+                         "linear in sigma), vtaylor2, output (velocity reuse), taylor1/taylor2 (the block-stack "
+                         "residual in sigma), forecast1/forecast2 (residual in the step index), reuse (the paper's); "
+                         "or taylorseer: search the compute schedule of diffusers' TaylorSeer, its own estimator")
+    se.add_argument("--estimators", type=_name_list, default=["vtaylor1", "vtaylor2", "output"],
+                    help="after the mask search, each skipped step may switch to any of these estimators "
+                         "(comma-separated; default vtaylor1,vtaylor2,output; 'none': keep --mechanism everywhere)")
     se.add_argument("--guidance", type=float, default=1.0)
     se.add_argument("--prompts", default=None, help="calibration prompts (.txt, .jsonl or .csv); default: "
                     "tinyflow prompts covering every template")

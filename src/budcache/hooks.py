@@ -17,9 +17,10 @@ When only some elements of a batch compute (several candidate masks run as one
 batch), the stack runs on that subset alone and the tail scatters the results
 back. ``R_hat`` comes from the mechanism: ``reuse`` (``R_hat = R_j``, the last
 computed step ``j``) or ``forecast`` (Newton/Taylor extrapolation of the
-residual in the step index from the last 2 or 3 computed steps), unless the
-step's :class:`Decision` carries its own ``estimator`` (e.g. DiCache's
-trajectory alignment).
+residual in the step index from the last 2 or 3 computed steps, defined in
+:mod:`budcache.estimators`), unless the step's :class:`Decision` carries its
+own ``estimator`` (the sampler's per-step estimators, DiCache's trajectory
+alignment).
 
 :func:`probe_stack` reads signals of a step without running the whole stack
 (the stack input, the first block's timestep embedding, the output of the
@@ -32,7 +33,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -41,6 +42,7 @@ from diffusers.hooks._helpers import TransformerBlockRegistry
 from diffusers.hooks.hooks import BaseState, CacheContext, HookRegistry, ModelHook, StateManager
 
 from .errors import ConfigError
+from .estimators import History
 
 _MODEL_HOOK = "budcache_model"
 _HEAD_HOOK = "budcache_head"
@@ -73,82 +75,8 @@ class Decision:
     resume_context: str = "cond"
 
 
-@dataclass(frozen=True)
-class ResidualHistory:
-    """Per-element residuals of the last computed steps, newest first (immutable).
-
-    ``img[i]``/``txt[i]`` are (B, T, D)/(B, L, D); ``steps[i]`` (B,) is the step
-    each element computed it at (-1 when the element has fewer entries).
-    """
-
-    img: tuple[torch.Tensor, ...] = ()
-    txt: tuple[torch.Tensor | None, ...] = ()
-    steps: tuple[torch.Tensor, ...] = ()
-
-    def push(self, idx: torch.Tensor | None, img: torch.Tensor, txt: torch.Tensor | None, step: int,
-             batch: int, depth: int) -> ResidualHistory:
-        """New history where elements ``idx`` (``None``: all, in order) gain the residual of ``step``.
-
-        ``img``/``txt`` hold the new residuals of those elements only; older
-        entries move one level down and the oldest beyond ``depth`` is dropped.
-        """
-        full = idx is None
-        steps_new = torch.full((img.shape[0],), float(step), device=img.device)
-
-        def shifted(old: tuple[torch.Tensor | None, ...], new: torch.Tensor | None, fill: float) -> tuple:
-            if new is None:
-                return (None,) * depth
-
-            def level(i: int) -> torch.Tensor:
-                if i < len(old) and old[i] is not None:
-                    return old[i]
-                return torch.full((batch, *new.shape[1:]), fill, dtype=new.dtype, device=new.device)
-
-            if full:
-                return (new, *(level(i - 1) for i in range(1, depth)))
-            out = [level(0).index_copy(0, idx, new)]
-            for i in range(1, depth):
-                out.append(level(i).index_copy(0, idx, level(i - 1).index_select(0, idx)))
-            return tuple(out)
-
-        return ResidualHistory(img=shifted(self.img, img, 0.0), txt=shifted(self.txt, txt, 0.0),
-                               steps=shifted(self.steps, steps_new, -1.0))
-
-    def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> ResidualHistory:
-        """Apply ``fn`` to every stored tensor (e.g. select or tile batch elements)."""
-        return ResidualHistory(tuple(fn(t) for t in self.img),
-                               tuple(fn(t) if t is not None else None for t in self.txt),
-                               tuple(fn(t) for t in self.steps))
-
-    def estimate(self, step: int, order: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``R_hat`` at ``step``: the newest residual extrapolated with up to ``order`` differences.
-
-        Order 1: ``R0 + (R0 - R1) / (s0 - s1) * (k - s0)``; order 2 adds
-        ``d2 (k - s0)(k - s1)`` with ``d2`` the second divided difference.
-        Elements with fewer stored steps fall back to the order they have.
-        """
-        if not self.img:
-            raise ConfigError("no computed step is cached yet: the first step of a generation must compute")
-        return self._estimate(self.img, step, order), (
-            self._estimate(self.txt, step, order) if self.txt and self.txt[0] is not None else None)
-
-    def _estimate(self, r: tuple[torch.Tensor, ...], k: int, order: int) -> torch.Tensor:
-        out = r[0]
-        if order < 1 or len(r) < 2:
-            return out
-        view = (-1,) + (1,) * (r[0].dim() - 1)
-        s0, s1 = self.steps[0].view(view).to(r[0].dtype), self.steps[1].view(view).to(r[0].dtype)
-        have1 = s1 >= 0
-        d1 = (r[0] - r[1]) / torch.where(have1, s0 - s1, torch.ones_like(s0))
-        first = out + d1 * (k - s0)
-        out = torch.where(have1, first, out)
-        if order < 2 or len(r) < 3:
-            return out
-        s2 = self.steps[2].view(view).to(r[0].dtype)
-        have2 = s2 >= 0
-        d1b = (r[1] - r[2]) / torch.where(have2, s1 - s2, torch.ones_like(s1))
-        d2 = (d1 - d1b) / torch.where(have2, s0 - s2, torch.ones_like(s0))
-        return torch.where(have2, first + d2 * (k - s0) * (k - s1), out)
+#: The per-element residual history of a cache context (see :class:`budcache.estimators.History`).
+ResidualHistory = History
 
 
 class _State(BaseState):

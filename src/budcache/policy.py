@@ -22,15 +22,17 @@ from typing import Any, TypeVar
 import torch
 
 from .errors import ConfigError, PolicyError
+from .estimators import ESTIMATORS
 from .io import PathLike, dumps_json, loads_json_limited, read_json_limited, write_json
 
 FORMAT = "budcache.policy"
-VERSION = 1
-SUPPORTED_VERSIONS = (1,)
+VERSION = 2
+SUPPORTED_VERSIONS = (1, 2)
 MAX_STEPS = 10_000
 MAX_FILE_BYTES = 1 << 20
 MAX_FILE_DEPTH = 16
 KEYS = ("format", "version", "steps", "compute", "sigmas", "meta")
+KEYS_V2 = (*KEYS, "estimators")
 
 _P = TypeVar("_P", bound="CachePolicy")
 
@@ -43,12 +45,25 @@ class CachePolicy:
     learned schedule of ``steps + 1`` values, strictly decreasing and ending >= 0.
     ``meta`` is free JSON metadata, stored as a deep read-only copy (objects become
     read-only mappings, arrays become tuples).
+
+    ``estimators`` (version 2) names, for every skipped step in ascending order,
+    how it is filled (a name of :data:`budcache.estimators.ESTIMATORS`). A
+    policy without it (every version-1 file) says nothing itself: its
+    ``meta["mechanism"]``, when present, or the sampler's mechanism applies.
+
+    Args:
+        steps: N, the solver steps.
+        compute: the K computed steps (sorted, unique, containing 0).
+        sigmas: optional learned schedule, N + 1 values.
+        meta: free JSON metadata.
+        estimators: optional estimator name per skipped step (N - K names).
     """
 
     steps: int
     compute: tuple[int, ...]
     sigmas: tuple[float, ...] | None = None
     meta: Mapping[str, Any] = field(default_factory=dict, hash=False)
+    estimators: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         steps = _check_steps(self.steps)
@@ -56,6 +71,32 @@ class CachePolicy:
         if self.sigmas is not None:
             object.__setattr__(self, "sigmas", _check_sigmas(self.sigmas, steps))
         object.__setattr__(self, "meta", _freeze_meta(self.meta))
+        if self.estimators is not None:
+            object.__setattr__(self, "estimators", _check_estimators(self.estimators, steps - len(self.compute)))
+
+    @property
+    def estimator(self) -> str | None:
+        """The estimator every skipped step uses: the policy's own (``"mixed"`` when they differ), else
+        ``meta["mechanism"]``, else ``None`` (the sampler's mechanism decides)."""
+        if self.estimators is not None:
+            names = set(self.estimators)
+            return next(iter(names)) if len(names) == 1 else ("mixed" if names else None)
+        mech = self.meta.get("mechanism")
+        return mech if isinstance(mech, str) else None
+
+    def estimator_at(self, step: int, default: str = "reuse") -> str | None:
+        """The estimator of ``step`` (``None`` for a computed step)."""
+        if self.is_computed(step):
+            return None
+        if self.estimators is not None:
+            return self.estimators[self.skipped.index(step)]
+        return self.estimator or default
+
+    def with_estimators(self: _P, estimators: str | Sequence[str] | None) -> _P:
+        """A copy whose skipped steps use ``estimators`` (one name for all, one per skipped step, or ``None``)."""
+        if isinstance(estimators, str):
+            estimators = (estimators,) * (self.steps - self.nfe)
+        return dataclasses.replace(self, estimators=None if estimators is None else tuple(estimators))
 
     # ----------------------------------------------------------------- views
     @property
@@ -95,6 +136,20 @@ class CachePolicy:
         """The mask as text: 'C' for computed steps, '.' for cached ones."""
         return "".join("C" if m else "." for m in self.mask)
 
+    def estimator_strip(self) -> str:
+        """One character per step: 'C' computed, else the skipped step's estimator code letter
+        (r reuse, f/F forecast1/2, t/T taylor1/2, o output, v/V vtaylor1/2, '.' unspecified)."""
+        letters = {"reuse": "r", "forecast1": "f", "forecast2": "F", "taylor1": "t", "taylor2": "T",
+                   "output": "o", "vtaylor1": "v", "vtaylor2": "V"}
+        out = []
+        for k, m in enumerate(self.mask):
+            if m:
+                out.append("C")
+            else:
+                name = self.estimators[self.skipped.index(k)] if self.estimators is not None else self.estimator
+                out.append(letters.get(name, ".") if name else ".")
+        return "".join(out)
+
     def __str__(self) -> str:
         text = self.strip()
         if len(text) > 80:
@@ -105,7 +160,7 @@ class CachePolicy:
         )
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (type(self), (self.steps, self.compute, self.sigmas, _thaw(self.meta)))
+        return (type(self), (self.steps, self.compute, self.sigmas, _thaw(self.meta), self.estimators))
 
     # ------------------------------------------------------- derived policies
     def with_sigmas(self: _P, sigmas: Sequence[float] | torch.Tensor | None) -> _P:
@@ -156,26 +211,40 @@ class CachePolicy:
         return cls(_check_steps(steps), tuple(range(steps)), **kw)
 
     @classmethod
-    def uniform(cls: type[_P], steps: int, nfe: int, **kw: Any) -> _P:
-        """Compute ``nfe`` evenly spaced steps: ``floor(i * steps / nfe)`` for i < nfe."""
+    def uniform(cls: type[_P], steps: int, nfe: int, estimator: str | None = None, **kw: Any) -> _P:
+        """Compute ``nfe`` evenly spaced steps: ``floor(i * steps / nfe)`` for i < nfe.
+
+        Args:
+            steps: N.
+            nfe: K.
+            estimator: the estimator of every skipped step (stored in the policy, version 2);
+                ``None`` leaves it to the sampler's mechanism, as version 1 did.
+        """
         steps = _check_steps(steps)
         if not _is_int(nfe) or not 1 <= nfe <= steps:
             raise _fail(
                 "compute", f"nfe {_brief(nfe)} out of range for {steps} steps (allowed 1..{steps})"
             )
+        if estimator is not None:
+            kw["estimators"] = (estimator,) * (steps - nfe)
         return cls(steps, tuple(i * steps // nfe for i in range(nfe)), **kw)
 
     # ------------------------------------------------------------------ JSON
     def to_dict(self) -> dict[str, Any]:
-        """The JSON form: format, version, steps, compute, sigmas (or None), meta."""
-        return {
+        """The JSON form: format, version, steps, compute, sigmas (or None), meta; version 2 adds
+        ``estimators`` (one name per skipped step). A policy without estimators is written as version 1,
+        so files readable by earlier releases stay so."""
+        out = {
             "format": FORMAT,
-            "version": VERSION,
+            "version": 1 if self.estimators is None else VERSION,
             "steps": self.steps,
             "compute": list(self.compute),
             "sigmas": None if self.sigmas is None else list(self.sigmas),
             "meta": _thaw(self.meta),
         }
+        if self.estimators is not None:
+            out["estimators"] = list(self.estimators)
+        return out
 
     @classmethod
     def from_dict(cls: type[_P], d: Any) -> _P:
@@ -183,7 +252,10 @@ class CachePolicy:
         allowed = ", ".join(KEYS)
         if not isinstance(d, Mapping):
             raise PolicyError(f"policy: expected a JSON object with keys {allowed}, got {_type(d)}")
-        unknown = [k for k in d if k not in KEYS]
+        v2 = d.get("version") == 2 and _is_int(d.get("version"))
+        if v2:
+            allowed = ", ".join(KEYS_V2)
+        unknown = [k for k in d if k not in (KEYS_V2 if v2 else KEYS)]
         if unknown:
             raise PolicyError(f"policy: unknown key(s) {_short(unknown)} (allowed keys: {allowed})")
         missing = [k for k in KEYS if k not in d]
@@ -207,7 +279,10 @@ class CachePolicy:
             raise _fail("sigmas", f"must be an array of numbers or null, got {_type(d['sigmas'])}")
         if not isinstance(d["meta"], Mapping):
             raise _fail("meta", f"must be an object, got {_type(d['meta'])}")
-        return cls(d["steps"], d["compute"], d["sigmas"], d["meta"])
+        est = d.get("estimators")
+        if v2 and est is not None and not isinstance(est, (list, tuple)):
+            raise _fail("estimators", f"must be an array of estimator names or null, got {_type(est)}")
+        return cls(d["steps"], d["compute"], d["sigmas"], d["meta"], None if est is None else tuple(est))
 
     def to_json(self) -> str:
         """The JSON text written by :meth:`save`."""
@@ -320,6 +395,19 @@ def _check_compute(compute: object, steps: int) -> tuple[int, ...]:
     if values[0] != 0:
         raise _fail("compute", f"step 0 must always be computed (got {_short(values)})")
     return values
+
+
+def _check_estimators(estimators: object, skipped: int) -> tuple[str, ...]:
+    if isinstance(estimators, (str, bytes, Mapping)) or not isinstance(estimators, Sequence):
+        raise _fail("estimators", f"must be a sequence of estimator names, got {_type(estimators)}")
+    if len(estimators) != skipped:
+        raise _fail("estimators", f"has {len(estimators)} names but the policy skips {skipped} steps "
+                    "(one name per skipped step, ascending)")
+    for pos, name in enumerate(estimators):
+        if not isinstance(name, str) or name not in ESTIMATORS:
+            raise _fail("estimators", f"entry {pos} is {_brief(name)}, not an estimator "
+                        f"(allowed: {', '.join(ESTIMATORS)})")
+    return tuple(estimators)
 
 
 def _check_sigmas(sigmas: object, steps: int) -> tuple[float, ...]:

@@ -31,22 +31,36 @@ from typing import Any
 
 import torch
 
+from . import estimators as est
 from .denoisers import Denoiser, as_denoiser
 from .errors import ConfigError, ModelOutputError
 from .hooks import MECHANISMS, CacheHandle, Estimator, Probe, ResidualHistory, apply_cache, find_cache, probe_stack
+from .peers import PEER_MECHANISMS, apply_taylorseer_schedule
 from .policy import CachePolicy
 from .solvers import Solver, get_solver
 
-#: Every cache mechanism: residual ones (hooks on a transformer) and velocity reuse.
-ALL_MECHANISMS = (*MECHANISMS, "output")
+#: Every mechanism a sampler accepts: budcache's estimators (see :mod:`budcache.estimators`) and the peers'
+#: caches that a static schedule drives (:mod:`budcache.peers`).
+ALL_MECHANISMS = (*est.ESTIMATORS, *PEER_MECHANISMS)
 
 
 # ------------------------------------------------------------------------------ controllers
 class Controller:
-    """Decides per step which batch elements compute; ``decide`` returns a bool tensor (B,)."""
+    """Decides per step which batch elements compute; ``decide`` returns a bool tensor (B,).
+
+    A controller may also name each skipped element's estimator: ``codes(step, state)`` returns
+    estimator codes (B,) (:data:`budcache.estimators.CODES`), or ``None`` for the sampler's mechanism.
+    """
 
     def decide(self, step: int, state: SamplerState) -> torch.Tensor:  # pragma: no cover - interface
         raise NotImplementedError
+
+    def codes(self, step: int, state: SamplerState) -> torch.Tensor | None:
+        return None
+
+    def estimator_codes(self) -> set[int]:
+        """Every estimator code the controller may name (for the sampler's set-up)."""
+        return set()
 
 
 class ComputeAll(Controller):
@@ -56,26 +70,64 @@ class ComputeAll(Controller):
         return torch.ones(state.x.shape[0], dtype=torch.bool)
 
 
+def policy_plan(policy: CachePolicy) -> torch.Tensor:
+    """A policy as a plan (N,) of codes: 0 computes, ``c > 0`` skips with estimator ``NAMES[c]``."""
+    if policy.estimators is None:
+        raise ConfigError("this policy names no estimator per step (a version-1 policy)")
+    plan = torch.zeros(policy.steps, dtype=torch.long)
+    for k, name in zip(policy.skipped, policy.estimators):
+        plan[k] = est.CODES[name]
+    return plan
+
+
 class StaticMask(Controller):
     """A static mask: (N,) shared by the batch, or (B, N), one mask per element (candidate masks).
 
-    Step 0 must compute for every element (nothing is cached before it).
+    ``plan`` (same shape, integer codes; see :meth:`from_plan`) names each
+    skipped step's estimator: 0 computes, a code ``c > 0`` skips with
+    ``budcache.estimators.NAMES[c]``. A policy with per-step estimators
+    brings its plan. Step 0 must compute for every element
+    (nothing is cached before it).
     """
 
-    def __init__(self, mask: torch.Tensor | Sequence[bool] | CachePolicy) -> None:
+    def __init__(self, mask: torch.Tensor | Sequence[bool] | CachePolicy, plan: torch.Tensor | None = None) -> None:
         if isinstance(mask, CachePolicy):
+            plan = policy_plan(mask) if mask.estimators is not None else None
             mask = mask.mask_tensor()
         m = torch.as_tensor(mask, dtype=torch.bool)
         if m.dim() not in (1, 2) or m.shape[-1] < 1:
             raise ConfigError(f"mask must have shape (N,) or (B, N); got {tuple(m.shape)}")
         if not bool(m[..., 0].all()):
             raise ConfigError("mask: step 0 must be computed for every element")
+        if plan is not None:
+            plan = torch.as_tensor(plan, dtype=torch.long)
+            if plan.shape != m.shape or bool(((plan == est.COMPUTE) != m).any()):
+                raise ConfigError("plan and mask disagree on which steps compute")
+            if int(plan.min()) < 0 or int(plan.max()) > max(est.NAMES):
+                raise ConfigError(f"plan codes must lie in 0..{max(est.NAMES)}")
         self.mask = m
+        self.plan = plan
         self.steps = m.shape[-1]
 
+    @classmethod
+    def from_plan(cls, plan: torch.Tensor | Sequence[int]) -> StaticMask:
+        """A plan (N,) or (B, N) of codes: 0 computes, ``c > 0`` skips with estimator ``NAMES[c]``."""
+        p = torch.as_tensor(plan, dtype=torch.long)
+        return cls(p == est.COMPUTE, p)
+
     def decide(self, step: int, state: SamplerState) -> torch.Tensor:
+        return self._column(self.mask, step, state)
+
+    def codes(self, step: int, state: SamplerState) -> torch.Tensor | None:
+        return None if self.plan is None else self._column(self.plan, step, state)
+
+    def estimator_codes(self) -> set[int]:
+        return set() if self.plan is None else set(int(c) for c in self.plan.unique().tolist()) - {est.COMPUTE}
+
+    @staticmethod
+    def _column(table: torch.Tensor, step: int, state: SamplerState) -> torch.Tensor:
         b = state.x.shape[0]
-        col = self.mask[..., step]
+        col = table[..., step]
         if col.dim() == 0:
             return col.expand(b).clone()
         if col.shape[0] != b:
@@ -166,6 +218,7 @@ class SamplerState:
     computed: tuple[torch.Tensor, ...]    # per past step: (B,) bool, which elements computed
     last_v: torch.Tensor | None = None    # last velocity (for the ``output`` mechanism)
     cache: dict[str, ResidualHistory] | None = None  # residual caches per CFG context
+    velocities: est.History | None = None  # velocities of the last computed steps (velocity forecasts)
 
 
 @dataclass(frozen=True)
@@ -190,8 +243,9 @@ class Sampler:
     """One cached sampling loop: denoiser, sigmas, solver, controller, mechanism, guidance."""
 
     def __init__(self, denoiser: Denoiser, sigmas: torch.Tensor, solver: Solver | str = "euler",
-                 controller: Controller | CachePolicy | torch.Tensor | None = None, mechanism: str = "reuse",
+                 controller: Controller | CachePolicy | torch.Tensor | None = None, mechanism: str | None = None,
                  guidance: float = 1.0, check_finite: bool = True) -> None:
+        mechanism = resolve_mechanism(controller, mechanism)
         if mechanism not in ALL_MECHANISMS:
             raise ConfigError(f"mechanism {mechanism!r} is unknown; choose one of {list(ALL_MECHANISMS)}")
         if sigmas.dim() != 1 or sigmas.numel() < 2:
@@ -212,9 +266,24 @@ class Sampler:
         self.guidance = float(guidance)
         self.check_finite = check_finite
         self.cached = not isinstance(self.controller, ComputeAll)
-        if self.cached and mechanism in MECHANISMS and getattr(denoiser, "transformer", None) is None:
-            raise ConfigError(f"mechanism {mechanism!r} needs a diffusers transformer; a plain callable "
-                              "supports only 'output' (velocity reuse)")
+        self.peer = mechanism in PEER_MECHANISMS
+        if self.peer:
+            if not isinstance(self.controller, (StaticMask, ComputeAll)) or (
+                    isinstance(self.controller, StaticMask) and self.controller.mask.dim() != 1):
+                raise ConfigError(f"mechanism {mechanism!r} runs one static mask (N,) shared by the batch")
+            if getattr(denoiser, "transformer", None) is None:
+                raise ConfigError(f"mechanism {mechanism!r} needs a diffusers transformer")
+            mechanism = "reuse"  # no budcache estimator runs: the peer's hooks fill the skipped steps
+        names = {mechanism} | {est.NAMES[c] for c in self.controller.estimator_codes()}
+        specs = [est.ESTIMATORS[n] for n in names]
+        self.residual_depth = max([s.depth for s in specs if s.target == "residual"], default=0)
+        self.velocity_depth = max([s.depth for s in specs if s.target == "velocity"], default=0)
+        # the legacy paths (one version-1 mechanism, no per-step plan) run exactly as before
+        self.legacy = not self.controller.estimator_codes() and mechanism in (*MECHANISMS, "output")
+        if self.cached and self.residual_depth and getattr(denoiser, "transformer", None) is None:
+            bad = sorted(n for n in names if est.ESTIMATORS[n].target == "residual")
+            raise ConfigError(f"mechanism {bad[0]!r} needs a diffusers transformer; a plain callable "
+                              f"supports only velocity estimators {list(est.velocity_names())}")
 
     def start(self, noise: torch.Tensor) -> SamplerState:
         """The state before step 0, at ``x = noise``."""
@@ -230,7 +299,12 @@ class Sampler:
             raise ConfigError(f"until={until} must lie in [{state.step}, {self.steps}]")
         if self.guidance != 1.0 and uncond is None:
             raise ConfigError("guidance != 1 needs the unconditional conditioning (uncond)")
+        if self.peer and self.cached and (state.step != 0 or until != self.steps):
+            raise ConfigError("a peer mechanism's state lives in its own hooks: run the whole schedule in one call")
         handle = self._install()
+        remove_peer = None
+        if self.peer and self.cached:
+            remove_peer = apply_taylorseer_schedule(self.denoiser.transformer, self.controller.mask.tolist())
         try:
             steps = range(state.step, until)
             if progress:
@@ -243,16 +317,20 @@ class Sampler:
         finally:
             if handle is not None:
                 handle.remove()
+            if remove_peer is not None:
+                remove_peer()
         return state
 
     def _install(self) -> CacheHandle | None:
-        if not (self.cached and self.mechanism in MECHANISMS):
+        if not (self.cached and self.residual_depth) or self.peer:
             return None
         tr = self.denoiser.transformer
         if find_cache(tr) is not None:
             raise ConfigError("this transformer already carries a budcache cache (budcache.diffusers.apply); "
                               "remove it before sampling with budcache's sampler")
-        return apply_cache(tr, self.mechanism, depth=getattr(self.controller, "residual_depth", None))
+        mech = self.mechanism if self.mechanism in MECHANISMS else "reuse"
+        depth = max(self.residual_depth, getattr(self.controller, "residual_depth", 1) or 1)
+        return apply_cache(tr, mech, depth=depth)
 
     def _velocity(self, x: torch.Tensor, sigma: torch.Tensor, cond: Any, uncond: Any) -> torch.Tensor:
         v = self.denoiser(x, sigma, cond, "cond")
@@ -276,7 +354,12 @@ class Sampler:
         else:
             compute = self.controller.decide(k, state).to(dtype=torch.bool)
         cache = state.cache
-        if handle is not None:
+        velocities = state.velocities
+        if self.peer:
+            v = self._velocity(x, sigma, cond, uncond)  # the peer's hooks skip or compute inside
+        elif self.cached and not self.legacy:
+            v, cache, velocities = self._planned(state, compute, sigma, cond, uncond, handle, estimator, resume)
+        elif handle is not None:
             handle.restore(cache)
             handle.set_decision(k, compute, estimator, resume)
             v = self._velocity(x, sigma, cond, uncond)
@@ -289,7 +372,62 @@ class Sampler:
             raise ModelOutputError(f"the model returned NaN or Inf at step {k} (sigma={float(self.sigmas[k]):.4f})")
         x_next, history = self.solver.step(x, v, k, self.sigmas, state.history)
         return replace(state, x=x_next, step=k + 1, history=history, nfe=state.nfe + compute.long(),
-                       computed=(*state.computed, compute), last_v=v, cache=cache)
+                       computed=(*state.computed, compute), last_v=v, cache=cache, velocities=velocities)
+
+    def _planned(self, state: SamplerState, compute: torch.Tensor, sigma: torch.Tensor, cond: Any, uncond: Any,
+                 handle: CacheHandle | None, estimator: Estimator | None, resume: Probe | None
+                 ) -> tuple[torch.Tensor, dict[str, ResidualHistory] | None, est.History | None]:
+        """One step with per-element estimators (:mod:`budcache.estimators`).
+
+        Computing elements run the stack; residual-estimated ones go through the
+        hooks with their own estimator; velocity-estimated ones take a forecast
+        of the stored velocities (the model is not called for a step where no
+        element needs it).
+        """
+        k, x = state.step, state.x
+        b = x.shape[0]
+        codes = self.controller.codes(k, state) if estimator is None else None
+        if codes is None:
+            codes = torch.full((b,), est.CODES[self.mechanism], dtype=torch.long)
+        codes = torch.where(compute, torch.zeros_like(codes), codes)
+        is_vel = torch.tensor([False] + [est.ESTIMATORS[est.NAMES[c]].target == "velocity"
+                                         for c in range(1, max(est.NAMES) + 1)])
+        vel = is_vel[codes] & ~compute
+        res = ~compute & ~vel
+        n_comp = int(compute.sum())
+        cache, velocities = state.cache, state.velocities
+        if vel.any() and velocities is None:
+            raise ConfigError(f"step {k} forecasts a velocity but no step has computed yet")
+        v: torch.Tensor | None = None
+        if handle is not None and (n_comp or bool(res.any())):
+            handle.restore(cache)
+            if estimator is None:
+                sig = self.sigmas.detach()
+
+                def estimator(hist: ResidualHistory, step: int, _c: torch.Tensor = codes) -> Any:
+                    return est.mixed(hist, step, _c, sig)
+            handle.set_decision(k, compute, estimator, resume)
+            v = self._velocity(x, sigma, cond, uncond)
+            cache = handle.snapshot()
+        elif n_comp == b:
+            v = self._velocity(x, sigma, cond, uncond)
+        elif n_comp:
+            idx = torch.nonzero(compute).squeeze(1).to(x.device)
+            v_sub = self._velocity(x.index_select(0, idx), sigma.index_select(0, idx), _select(cond, idx),
+                                   _select(uncond, idx))
+            v = torch.zeros_like(x).index_copy(0, idx, v_sub)
+        if vel.any():
+            v_hat = est.velocity(velocities, k, codes, self.sigmas)
+            v = v_hat if v is None else torch.where(vel.to(x.device).view((-1,) + (1,) * (x.dim() - 1)), v_hat, v)
+        assert v is not None
+        if self.velocity_depth and n_comp:
+            if n_comp == b:
+                velocities = (velocities or est.History()).push(None, v, None, k, b, self.velocity_depth)
+            else:
+                idx = torch.nonzero(compute).squeeze(1).to(x.device)
+                velocities = (velocities or est.History()).push(idx, v.index_select(0, idx), None, k, b,
+                                                                 self.velocity_depth)
+        return v, cache, velocities
 
     def _output_reuse(self, state: SamplerState, compute: torch.Tensor, sigma: torch.Tensor, cond: Any,
                       uncond: Any, k: int) -> torch.Tensor:
@@ -318,7 +456,8 @@ def map_state(state: SamplerState, fn: Any) -> SamplerState:
     cache = None if state.cache is None else {k: h.map(fn) for k, h in state.cache.items()}
     return replace(state, x=fn(state.x), history=tuple(fn(h) for h in state.history), nfe=fn(state.nfe),
                    computed=tuple(fn(c) for c in state.computed),
-                   last_v=None if state.last_v is None else fn(state.last_v), cache=cache)
+                   last_v=None if state.last_v is None else fn(state.last_v), cache=cache,
+                   velocities=None if state.velocities is None else state.velocities.map(fn))
 
 
 def tile_state(state: SamplerState, n: int) -> SamplerState:
@@ -353,8 +492,23 @@ def _select(cond: Any, idx: torch.Tensor) -> Any:
                       "give it a select(idx) method or use a tensor")
 
 
+def resolve_mechanism(policy: Any, mechanism: str | None) -> str:
+    """The default estimator of a sampler: the policy's own, else the caller's, else ``reuse``.
+
+    A policy that states its estimator (version 2's per-step names, or a version-1
+    file's ``meta["mechanism"]``) is run with it whatever the caller's mechanism:
+    ``mechanism`` only fills in for policies, masks and controllers that say
+    nothing. To run a policy with another estimator on purpose, make that
+    policy: ``policy.with_estimators(name)``.
+    """
+    stated = policy.estimator if isinstance(policy, CachePolicy) else None
+    if stated is not None and stated != "mixed":
+        return stated
+    return mechanism or "reuse"
+
+
 def sample(model: Any, noise: torch.Tensor, cond: Any, sigmas: torch.Tensor, *, solver: Solver | str = "euler",
-           policy: CachePolicy | Controller | torch.Tensor | None = None, mechanism: str = "reuse",
+           policy: CachePolicy | Controller | torch.Tensor | None = None, mechanism: str | None = None,
            guidance: float = 1.0, uncond: Any = None, progress: bool = False, **geometry: Any) -> SampleResult:
     """Sample from ``noise`` with one call: ``sample(model, noise, cond, sigmas, policy=...)``.
 

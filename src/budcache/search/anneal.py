@@ -371,3 +371,59 @@ def search(losses: LossesFn, cfg: SearchConfig, *, init: Sequence[int] | None = 
         if bar is not None:
             bar.close()
     return SearchResult(st["best"], st["best_loss"], st["history"], len(memo), time.perf_counter() - t0)
+
+
+@dataclass
+class RefineResult:
+    """Per-skipped-step estimators found by :func:`refine_estimators`, with their loss and history."""
+
+    plan: tuple[int, ...]
+    loss: float
+    history: list[dict[str, Any]] = field(default_factory=list)
+    evaluations: int = 0
+
+
+def refine_estimators(plan_losses: Callable[[Sequence[tuple[int, ...]]], list[float]], plan: Sequence[int],
+                      choices: Sequence[int], *, rounds: int = 8, progress: bool = False) -> RefineResult:
+    """Steepest descent over the estimator of every skipped step; the computed steps never move.
+
+    ``plan`` holds 0 for computed steps and an estimator code for skipped ones
+    (:mod:`budcache.estimators`). The neighbourhood of a plan sets one skipped
+    step to another code of ``choices``; all neighbours are scored as one batch
+    (``plan_losses``), the best strictly improving one is taken, and the
+    descent stops at a local minimum or after ``rounds`` rounds. The budget K
+    is the same at every move, since only skipped steps change. Deterministic.
+    """
+    cur = tuple(int(c) for c in plan)
+    loss = plan_losses([cur])[0]
+    history = [{"round": 0, "loss": loss, "plan": list(cur)}]
+    evaluated = {cur}
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=rounds, desc="estimators", dynamic_ncols=True)
+    try:
+        for r in range(1, rounds + 1):
+            neigh = []
+            for k, c in enumerate(cur):
+                if c == 0:
+                    continue
+                for alt in choices:
+                    if alt != c:
+                        cand = cur[:k] + (int(alt),) + cur[k + 1:]
+                        neigh.append(cand)
+            if not neigh:
+                break
+            vals = plan_losses(neigh)
+            evaluated.update(neigh)
+            i = int(np.argmin(vals))
+            if bar is not None:
+                bar.update(1)
+            if not vals[i] < loss:
+                break
+            cur, loss = neigh[i], vals[i]
+            history.append({"round": r, "loss": loss, "plan": list(cur)})
+    finally:
+        if bar is not None:
+            bar.close()
+    return RefineResult(cur, loss, history, len(evaluated))

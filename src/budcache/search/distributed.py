@@ -42,7 +42,8 @@ import torch
 
 from ..errors import BudcacheError, ConfigError, require
 from .calibration import CalibrationSet, LossFn, latent_mse
-from .evaluator import Evaluator, EvaluatorStats, check_computes, mask_of
+from ..peers import PEER_MECHANISMS
+from .evaluator import Evaluator, EvaluatorStats, PeerScheduleEvaluator, check_computes, mask_of
 
 BACKENDS = ("inprocess", "ray")
 
@@ -208,7 +209,8 @@ class RayEvaluator:
     def __init__(self, factory: Callable[[str], Any], calib: CalibrationSet, *, loss: LossFn = latent_mse,
                  workers: int = 1, address: str | None = None, prefix_sharing: bool = True,
                  batch_candidates: bool = False, max_batch: int = 512, max_state_bytes: int = 2 * 2**30,
-                 threads: int = 1, gpus: float | None = None, max_retries: int = 3) -> None:
+                 threads: int = 1, gpus: float | None = None, max_retries: int = 3,
+                 estimator: str | None = None) -> None:
         if type(workers) is not int or workers < 1:
             raise ConfigError(f"--workers must be an integer >= 1 (got {workers!r})")
         if calib.teacher is None:
@@ -235,7 +237,7 @@ class RayEvaluator:
                     raise ConfigError(f"{workers} workers need {n:g} {kind}s but the Ray cluster has "
                                       f"{res.get(kind, 0):g}; use fewer --workers")
             opts = {"prefix_sharing": prefix_sharing, "batch_candidates": batch_candidates, "max_batch": max_batch,
-                    "max_state_bytes": max_state_bytes, "threads": threads}
+                    "max_state_bytes": max_state_bytes, "threads": threads, "estimator": estimator}
             self._args = (self._ray.put(factory), self._ray.put(calib), loss, opts)
             self._actor_cls = self._ray.remote(EvalWorker)
             self.actors = [self._new_actor() for _ in range(workers)]
@@ -339,23 +341,33 @@ class RayEvaluator:
 # ------------------------------------------------------------------------------ entry points
 def make_evaluator(backend: str, problem: Any, calib: CalibrationSet, *, loss: LossFn = latent_mse,
                    naive: bool = False, workers: int = 1, address: str | None = None,
-                   factory: Callable[[str], Any] | None = None, threads: int = 1) -> Any:
+                   factory: Callable[[str], Any] | None = None, threads: int = 1,
+                   estimator: str | None = None) -> Any:
     """The evaluator of a backend: ``inprocess`` (default) or ``ray`` (``workers`` actors; ``factory(device)``
     builds a replica on each, default: ``problem.replica_factory()`` if defined, else ``problem`` shipped as
     it is). Both score masks in canonical batches with ``threads`` torch threads, so a mask's loss is the same
-    bits whichever backend, worker or call scored it; ``naive`` also turns prefix sharing off."""
+    bits whichever backend, worker or call scored it; ``naive`` also turns prefix sharing off. ``estimator``
+    (a name of :mod:`budcache.estimators`) fills the masks' skipped steps and enables plans (per-step
+    estimators) in-process; a problem whose mechanism is a peer's (``taylorseer``) is scored whole-generation
+    by :class:`~budcache.search.evaluator.PeerScheduleEvaluator` (in-process only)."""
     if backend not in BACKENDS:
         raise ConfigError(f"--backend {backend!r} is unknown; choose one of {list(BACKENDS)}")
+    peer = getattr(problem, "mechanism", None) in PEER_MECHANISMS
     if backend == "inprocess":
         if workers != 1 or address:
             raise ConfigError("--workers and --ray-address apply only with --backend ray")
         align_weights(getattr(problem, "transformer", None))
+        if peer:
+            return PeerScheduleEvaluator(problem.make_sampler, to_device(calib, str(calib.noise.device)),
+                                         mechanism=problem.mechanism, loss=loss, threads=threads)
         return Evaluator(problem.make_sampler, to_device(calib, str(calib.noise.device)), loss=loss,
-                         prefix_sharing=not naive, batch_candidates=False, threads=threads)
+                         prefix_sharing=not naive, batch_candidates=False, threads=threads, estimator=estimator)
+    if peer:
+        raise ConfigError(f"mechanism {problem.mechanism!r} is searched in-process only (--backend inprocess)")
     if factory is None:  # a problem may say how to rebuild itself on a worker (e.g. from a model path)
         factory = problem.replica_factory() if hasattr(problem, "replica_factory") else ShippedProblem(problem)
     return RayEvaluator(factory, calib, loss=loss, workers=workers, address=address, prefix_sharing=not naive,
-                        batch_candidates=False, threads=threads)
+                        batch_candidates=False, threads=threads, estimator=estimator)
 
 
 def add_backend_args(p: argparse.ArgumentParser) -> None:

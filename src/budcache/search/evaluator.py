@@ -21,11 +21,32 @@ from dataclasses import dataclass
 
 import torch
 
+from .. import estimators as est
 from ..errors import ConfigError, ModelOutputError
 from ..sampler import Sampler, SamplerState, StaticMask, map_state, slice_state, tile_cond, tile_state
 from .calibration import CalibrationSet, LossFn, latent_mse
 
+#: A mask (True computes) or, with per-step estimators, a plan (0 computes, c > 0 skips with estimator c).
 Mask = tuple[bool, ...]
+Plan = tuple[int, ...]
+
+
+def plan_of(steps: int, compute: Sequence[int], estimator: str | Sequence[str]) -> Plan:
+    """The plan of a compute set whose skipped steps use ``estimator`` (one name, or one per skipped step)."""
+    s = set(int(c) for c in compute)
+    skipped = [k for k in range(steps) if k not in s]
+    names = [estimator] * len(skipped) if isinstance(estimator, str) else list(estimator)
+    if len(names) != len(skipped):
+        raise ConfigError(f"{len(names)} estimator names for {len(skipped)} skipped steps")
+    out = [est.COMPUTE] * steps
+    for k, n in zip(skipped, names):
+        out[k] = est.CODES[est.get(n).name]
+    return tuple(out)
+
+
+def plan_names(plan: Plan) -> tuple[str, ...]:
+    """Estimator names of a plan's skipped steps, ascending."""
+    return tuple(est.NAMES[c] for c in plan if c != est.COMPUTE)
 
 
 def mask_of(steps: int, compute: Sequence[int]) -> Mask:
@@ -82,7 +103,8 @@ class Evaluator:
 
     def __init__(self, make_sampler, calib: CalibrationSet, *, loss: LossFn = latent_mse,
                  prefix_sharing: bool = True, batch_candidates: bool = True, max_batch: int = 512,
-                 max_state_bytes: int = 2 * 2**30, threads: int | None = None) -> None:
+                 max_state_bytes: int = 2 * 2**30, threads: int | None = None,
+                 estimator: str | None = None) -> None:
         if threads is not None and (type(threads) is not int or threads < 1):
             raise ConfigError(f"threads must be an integer >= 1 (got {threads!r})")
         if calib.teacher is None:
@@ -98,6 +120,10 @@ class Evaluator:
         self._state_bytes = 0
         self.steps = make_sampler(None).steps
         self.memo: dict[tuple[int, ...], float] = {}
+        self.plan_memo: dict[Plan, float] = {}
+        # None: masks run with the sampler's own mechanism (version 1); a name: skipped steps of a compute
+        # set use that estimator, and plans (per-step estimators) can be scored with plan_losses
+        self.estimator = None if estimator is None else est.get(estimator).name
         self.stats = EvaluatorStats()
         self._states: OrderedDict[Mask, SamplerState] = OrderedDict()
         self._start = make_sampler(None).start(calib.noise)
@@ -120,12 +146,41 @@ class Evaluator:
             if self.threads is not None and self.threads != prev:
                 torch.set_num_threads(self.threads)
             try:
-                self._run([mask_of(self.steps, k) for k in todo])
+                if self.estimator is None:
+                    self._run([mask_of(self.steps, k) for k in todo])
+                else:
+                    plans = [plan_of(self.steps, k, self.estimator) for k in todo]
+                    self._run([p for p in plans if p not in self.plan_memo])
+                    for k, p in zip(todo, plans):
+                        self.memo[k] = self.plan_memo[p]
             finally:
                 if torch.get_num_threads() != prev:
                     torch.set_num_threads(prev)
             self.stats.wall_s += time.perf_counter() - t0
         return [self.memo[k] for k in keys]
+
+    def plan_losses(self, plans: Sequence[Sequence[int]]) -> list[float]:
+        """Losses of plans (per-step estimators, see :func:`plan_of`); needs an evaluator with ``estimator``."""
+        if self.estimator is None:
+            raise ConfigError("plan_losses needs an evaluator built with an estimator")
+        keys = [tuple(int(c) for c in p) for p in plans]
+        for p in keys:
+            if len(p) != self.steps or p[0] != est.COMPUTE or not all(c == est.COMPUTE or c in est.NAMES for c in p):
+                raise ConfigError(f"plan {list(p)} is invalid for {self.steps} steps")
+        todo = list(dict.fromkeys(p for p in keys if p not in self.plan_memo))
+        self.stats.memo_hits += len(keys) - len(todo)
+        if todo:
+            t0 = time.perf_counter()
+            prev = torch.get_num_threads()
+            if self.threads is not None and self.threads != prev:
+                torch.set_num_threads(self.threads)
+            try:
+                self._run(todo)
+            finally:
+                if torch.get_num_threads() != prev:
+                    torch.set_num_threads(prev)
+            self.stats.wall_s += time.perf_counter() - t0
+        return [self.plan_memo[p] for p in keys]
 
     # -- internals ---------------------------------------------------------------------
     def _prefix_start(self, mask: Mask) -> tuple[Mask, SamplerState]:
@@ -163,8 +218,12 @@ class Evaluator:
 
     def _run_group(self, start: SamplerState, masks: list[Mask]) -> None:
         c, r = len(self.calib), len(masks)
-        rows = torch.tensor(masks, dtype=torch.bool).repeat_interleave(c, 0)  # (r*C, N), candidate-major
-        sampler: Sampler = self.make_sampler(StaticMask(rows))
+        if self.estimator is None:
+            rows = torch.tensor(masks, dtype=torch.bool).repeat_interleave(c, 0)  # (r*C, N), candidate-major
+            sampler: Sampler = self.make_sampler(StaticMask(rows))
+        else:
+            rows = torch.tensor(masks, dtype=torch.long).repeat_interleave(c, 0)
+            sampler = self.make_sampler(StaticMask.from_plan(rows))
         state = tile_state(start, r) if r > 1 else start
         cond, uncond = tile_cond(self.calib.cond, r), tile_cond(self.calib.uncond, r)
         last_nfe = [state.nfe]
@@ -189,7 +248,11 @@ class Evaluator:
         teacher = self.calib.teacher
         for i, m in enumerate(masks):
             x = state.x[i * c:(i + 1) * c]
-            self.memo[compute_of(m)] = float(self.loss(x.float(), teacher.float()).mean())
+            value = float(self.loss(x.float(), teacher.float()).mean())
+            if self.estimator is None:
+                self.memo[compute_of(m)] = value
+            else:
+                self.plan_memo[m] = value
             self.stats.evaluations += 1
 
     def _non_finite(self, start: SamplerState, masks: list[Mask], step: int, exc: Exception) -> ModelOutputError:
@@ -200,12 +263,16 @@ class Evaluator:
         if len(masks) > 1:
             bad = []
             for m in masks:
-                s: Sampler = self.make_sampler(StaticMask(torch.tensor([m] * c, dtype=torch.bool)))
+                rows = torch.tensor([m] * c)
+                s: Sampler = self.make_sampler(StaticMask(rows) if self.estimator is None else
+                                               StaticMask.from_plan(rows))
                 try:
                     s.run(start, self.calib.cond, self.calib.uncond, until=step + 1)
                 except ModelOutputError:
                     bad.append(m)
             bad = bad or masks
+        if self.estimator is not None:
+            bad = [tuple(c == est.COMPUTE for c in m) for m in bad]
         computes = [list(compute_of(m)) for m in bad]
         strips = ["".join("C" if b else "." for b in m) for m in bad]
         more = f" (and {len(bad) - 1} more: {computes[1:]})" if len(bad) > 1 else ""
@@ -240,3 +307,64 @@ def make_calibration(make_sampler, prompts: list[str], seeds: list[int], noise: 
         st = sampler.run(sampler.start(noise[idx]), _select(cond, idx), _select(uncond, idx))
         outs.append(st.x)
     return CalibrationSet(list(prompts), list(seeds), noise, cond, uncond, torch.cat(outs), dict(info or {}))
+
+
+class PeerScheduleEvaluator:
+    """Loss of compute masks that drive a peer's cache (e.g. diffusers' TaylorSeer) on the calibration set.
+
+    The peer's state lives in its own hooks, so there is no prefix sharing and
+    no candidate batching: every mask runs one whole generation of the C
+    calibration items through ``make_sampler`` with the peer's hooks installed
+    for that mask (the sampler's ``mechanism`` names the peer). Memoised;
+    deterministic with a fixed ``threads``.
+    """
+
+    sa_batch: int = 1
+
+    def __init__(self, make_sampler, calib: CalibrationSet, *, mechanism: str, loss: LossFn = latent_mse,
+                 threads: int | None = None) -> None:
+        if calib.teacher is None:
+            raise ConfigError("the calibration set has no teacher outputs; build it with make_calibration")
+        self.make_sampler = make_sampler
+        self.calib = calib
+        self.mechanism = mechanism
+        self.loss = loss
+        self.threads = threads
+        self.steps = make_sampler(None).steps
+        self.memo: dict[tuple[int, ...], float] = {}
+        self.stats = EvaluatorStats()
+
+    def loss_of(self, compute: Sequence[int]) -> float:
+        return self.losses([compute])[0]
+
+    def close(self) -> None:
+        """Nothing to release."""
+
+    def losses(self, computes: Sequence[Sequence[int]]) -> list[float]:
+        keys = check_computes(computes, self.steps)
+        todo = list(dict.fromkeys(k for k in keys if k not in self.memo))
+        self.stats.memo_hits += len(keys) - len(todo)
+        prev = torch.get_num_threads()
+        if todo and self.threads is not None and self.threads != prev:
+            torch.set_num_threads(self.threads)
+        try:
+            for k in todo:
+                t0 = time.perf_counter()
+                mask = torch.tensor(mask_of(self.steps, k))
+                sampler: Sampler = self.make_sampler(StaticMask(mask), mechanism=self.mechanism)
+                try:
+                    st = sampler.run(sampler.start(self.calib.noise), self.calib.cond, self.calib.uncond)
+                except ModelOutputError as exc:
+                    err = ModelOutputError(f"while evaluating compute set {list(k)} with {self.mechanism}: {exc}")
+                    err.step, err.computes = None, [k]
+                    raise err from None
+                self.memo[k] = float(self.loss(st.x.float(), self.calib.teacher.float()).mean())
+                self.stats.evaluations += 1
+                self.stats.item_evaluations += len(k) * len(self.calib)
+                self.stats.steps_run += self.steps
+                self.stats.stack_calls += len(k) * (2 if sampler.guidance != 1.0 else 1)
+                self.stats.wall_s += time.perf_counter() - t0
+        finally:
+            if torch.get_num_threads() != prev:
+                torch.set_num_threads(prev)
+        return [self.memo[k] for k in keys]

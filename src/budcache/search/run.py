@@ -18,9 +18,15 @@ from ..errors import ConfigError
 from ..io import atomic_write_text, write_json
 from ..policy import CachePolicy
 from ..sampler import Sampler, _select
-from .anneal import SearchConfig, SearchResult, search
+from .. import estimators as est
+from ..peers import PEER_MECHANISMS
+from .anneal import RefineResult, SearchConfig, SearchResult, refine_estimators, search
 from .calibration import CalibrationSet, get_loss, pairs_for, read_prompt_file, tinyflow_prompts
-from .evaluator import EvaluatorStats, make_calibration
+from .evaluator import Evaluator, EvaluatorStats, make_calibration, plan_names, plan_of
+
+#: The estimator the default search fills skipped steps with, and the alternatives it may choose per step.
+DEFAULT_MECHANISM = "vtaylor1"
+DEFAULT_REFINE: tuple[str, ...] = ("vtaylor1", "vtaylor2", "output")
 
 
 @dataclass
@@ -124,11 +130,16 @@ def quality(problem: Any, latents: torch.Tensor, teacher: torch.Tensor) -> dict[
     mse = (latents - teacher).pow(2).flatten(1).mean(1)
     a, b = problem.images(latents), problem.images(teacher)
     if a is None or b is None:
-        psnr = latent_psnr(mse, teacher)
-    else:
-        img_mse = (a - b).pow(2).flatten(1).mean(1).clamp_min(1e-12)
-        psnr = 10 * torch.log10(1.0 / img_mse)
-    return {"latent_mse": mse.cpu().numpy(), "psnr": psnr.cpu().numpy()}
+        return {"latent_mse": mse.cpu().numpy(), "psnr": latent_psnr(mse, teacher).cpu().numpy()}
+    img_mse = (a - b).pow(2).flatten(1).mean(1).clamp_min(1e-12)
+    psnr = 10 * torch.log10(1.0 / img_mse)
+    out = {"latent_mse": mse.cpu().numpy(), "psnr": psnr.cpu().numpy()}
+    if a.dim() == 4 and min(a.shape[-2:]) >= 7:
+        from torchmetrics.functional.image import structural_similarity_index_measure as ssim
+
+        out["ssim"] = ssim(a.float().clamp(0, 1), b.float().clamp(0, 1), data_range=1.0,
+                           reduction="none").cpu().numpy()
+    return out
 
 
 @dataclass
@@ -140,18 +151,30 @@ class BudgetOutcome:
     policy: CachePolicy
     stats: EvaluatorStats
     heldout: dict[str, dict[str, float]] = field(default_factory=dict)
+    refined: RefineResult | None = None
 
 
 def heldout_table(problem: Any, held: CalibrationSet, policy: CachePolicy) -> dict[str, dict[str, float]]:
-    """Held-out latent MSE, PSNR and paired wins of the policy vs uniform and plain K steps."""
+    """Held-out quality of the policy vs uniform (same estimator) and plain K steps.
+
+    Per method: mean latent MSE, mean and median PSNR, mean SSIM (on decoded
+    images, when the problem decodes them), and the pairs where budcache's
+    latent MSE is lower (paired wins).
+    """
     k = policy.nfe
+    uniform = CachePolicy.uniform(policy.steps, k, meta={"mechanism": policy.meta.get("mechanism", "reuse")})
+    if policy.estimators is not None:
+        uniform = uniform.with_estimators(str(policy.meta.get("mechanism", policy.estimators[0])))
     runs = {"budcache": problem.final_latents(held, policy),
-            "uniform": problem.final_latents(held, CachePolicy.uniform(policy.steps, k)),
+            "uniform": problem.final_latents(held, uniform),
             "plain": problem.final_latents(held, None, plain_steps=k)}
     q = {name: quality(problem, lat, held.teacher) for name, lat in runs.items()}
     out = {}
     for name, m in q.items():
-        row = {"latent_mse": float(m["latent_mse"].mean()), "psnr": float(m["psnr"].mean())}
+        row = {"latent_mse": float(m["latent_mse"].mean()), "psnr": float(m["psnr"].mean()),
+               "psnr_median": float(np.median(m["psnr"]))}
+        if "ssim" in m:
+            row["ssim"] = float(m["ssim"].mean())
         if name != "budcache":
             row["budcache_wins"] = int((q["budcache"]["latent_mse"] < m["latent_mse"]).sum())
         out[name] = row
@@ -231,28 +254,38 @@ def report(outcomes: list[BudgetOutcome], meta: dict[str, Any]) -> str:
              f"Model {meta['model']}, {meta['steps']} steps, solver {meta['solver']}, mechanism "
              f"{meta['mechanism']}, guidance {meta['guidance']}; calibration {meta['calibration_pairs']} pairs "
              f"(digest {meta['digest']}); held-out {meta['heldout_pairs']} pairs, disjoint from calibration.", "",
-             "| NFE | best calib. loss | masks evaluated | item evaluations | batched stack calls | wall (s) | mask |",
+             "Plan: `C` computed; skipped steps by estimator (`r` reuse, `f`/`F` forecast1/2, `t`/`T` taylor1/2, "
+             "`o` output, `v`/`V` vtaylor1/2).", "",
+             "| NFE | best calib. loss | masks evaluated | item evaluations | batched stack calls | wall (s) | plan |",
              "|---|---|---|---|---|---|---|"]
     for o in outcomes:
-        lines.append(f"| {o.nfe} | {o.result.loss:.4e} | {o.stats.evaluations} | {o.stats.item_evaluations} | "
-                     f"{o.stats.stack_calls} | {o.result.wall_s:.1f} | `{o.policy.strip()}` |")
-    lines += ["", "Held-out quality against the full-step output (latent MSE, image PSNR; wins = pairs where "
-              "budcache's latent MSE is lower):", "",
-              "| NFE | budcache MSE | PSNR | uniform MSE | PSNR | wins vs uniform | plain K-step MSE | PSNR | "
-              "wins vs plain |", "|---|---|---|---|---|---|---|---|---|"]
+        lines.append(f"| {o.nfe} | {o.policy.meta.get('search_loss', o.result.loss):.4e} | {o.stats.evaluations} | "
+                     f"{o.stats.item_evaluations} | {o.stats.stack_calls} | {o.result.wall_s:.1f} | "
+                     f"`{o.policy.estimator_strip()}` |")
+    has_ssim = all("ssim" in o.heldout["budcache"] for o in outcomes)
+    cols = ["latent MSE", "PSNR", "median PSNR"] + (["SSIM"] if has_ssim else [])
+    lines += ["", "Held-out quality against the full-step output (mean latent MSE, mean and median PSNR"
+              + (", mean SSIM" if has_ssim else "") + "; wins = pairs where budcache's latent MSE is lower):", "",
+              "| NFE | method | " + " | ".join(cols) + " | budcache wins |",
+              "|---|---|" + "---|" * len(cols) + "---|"]
     for o in outcomes:
         h = o.heldout
         n = h["_n"]["pairs"]
-        lines.append(f"| {o.nfe} | {h['budcache']['latent_mse']:.4e} | {h['budcache']['psnr']:.2f} | "
-                     f"{h['uniform']['latent_mse']:.4e} | {h['uniform']['psnr']:.2f} | "
-                     f"{h['uniform']['budcache_wins']}/{n} | {h['plain']['latent_mse']:.4e} | "
-                     f"{h['plain']['psnr']:.2f} | {h['plain']['budcache_wins']}/{n} |")
+        for name in ("budcache", "uniform", "plain"):
+            r = h[name]
+            vals = [f"{r['latent_mse']:.4e}", f"{r['psnr']:.2f}", f"{r['psnr_median']:.2f}"]
+            if has_ssim:
+                vals.append(f"{r['ssim']:.4f}")
+            wins = "" if name == "budcache" else f"{r['budcache_wins']}/{n}"
+            label = {"budcache": "budcache", "uniform": "uniform mask, same estimator", "plain": "plain K steps"}
+            lines.append(f"| {o.nfe} | {label[name]} | " + " | ".join(vals) + f" | {wins} |")
     lines.append("")
     return "\n".join(lines)
 
 
 @torch.no_grad()
-def run(out: str | Path, *, nfes: Sequence[int], steps: int = 28, solver: str = "euler", mechanism: str = "forecast1",
+def run(out: str | Path, *, nfes: Sequence[int], steps: int = 28, solver: str = "euler",
+        mechanism: str = DEFAULT_MECHANISM, estimators: Sequence[str] | None = DEFAULT_REFINE,
         guidance: float = 1.0, calib_pairs: int = 32, prompt_file: str | None = None, seeds_per_prompt: int = 1,
         heldout_pairs: int = 64, seed: int = 0, loss: str = "logmse", resume: bool = False, progress: bool = True,
         naive: bool = False, model: str | None = None, problem: Any = None, backend: str = "inprocess",
@@ -264,6 +297,19 @@ def run(out: str | Path, *, nfes: Sequence[int], steps: int = 28, solver: str = 
     own steps, solver, mechanism and guidance then apply. ``backend="ray"``
     scores masks on ``workers`` Ray actors (joining ``ray_address`` if given);
     the policies are the in-process ones.
+
+    Args:
+        out: output folder (policies, checkpoints, plots, report).
+        nfes: the budgets K to search.
+        steps, solver, guidance: the sampler the policies are for.
+        mechanism: the estimator of the skipped steps while the mask is searched (``vtaylor1`` by
+            default), or a peer mechanism (``taylorseer``: its compute schedule is searched).
+        estimators: after the mask search, each skipped step may switch to another of these
+            estimators (steepest descent, the budget unchanged); ``None`` or empty: no per-step
+            choice. Version-1 mechanisms without it reproduce version 1's search bit for bit.
+        calib_pairs, prompt_file, seeds_per_prompt, heldout_pairs, seed, loss: calibration and
+            evaluation data and the search loss.
+        resume, progress, naive, model, problem, backend, workers, ray_address: see the CLI.
     """
     from .. import tinyflow
 
@@ -300,22 +346,41 @@ def run(out: str | Path, *, nfes: Sequence[int], steps: int = 28, solver: str = 
     held = problem.calibration(hp, hs)
     from .distributed import make_evaluator
 
+    est.get(mechanism) if mechanism not in PEER_MECHANISMS else None
+    refine = [est.get(n).name for n in (estimators or ()) if mechanism not in PEER_MECHANISMS]
+    legacy = mechanism in ("reuse", "forecast1", "forecast2", "output") and not refine
+    estimator = None if (legacy or mechanism in PEER_MECHANISMS) else mechanism
     evaluator = make_evaluator(backend, problem, calib, loss=loss_fn, naive=naive, workers=workers,
-                               address=ray_address)
+                               address=ray_address, estimator=estimator)
+    planner = evaluator if isinstance(evaluator, Evaluator) else None
     outcomes: list[BudgetOutcome] = []
     prev: tuple[int, ...] | None = None
     for k, cfg in configs.items():
         before = EvaluatorStats(**asdict(evaluator.stats))
         res = search(evaluator.losses, cfg, init=prev, checkpoint=out / f"checkpoint_N{steps}_K{k}.json",
                      resume=resume, digest=calib.digest, progress=progress, sa_batch=evaluator.sa_batch)
+        refined = None
+        names = None
+        if estimator is not None:
+            plan = plan_of(steps, res.compute, mechanism)
+            names = plan_names(plan)
+            if len(set(refine) | {mechanism}) > 1:
+                if planner is None:  # a remote backend scores masks; per-step estimators are scored here
+                    planner = make_evaluator("inprocess", problem, calib, loss=loss_fn, naive=naive,
+                                             estimator=estimator)
+                refined = refine_estimators(planner.plan_losses, plan, [est.CODES[n] for n in refine],
+                                            progress=progress)
+                names = plan_names(refined.plan)
         stats = EvaluatorStats(**{f: getattr(evaluator.stats, f) - getattr(before, f) for f in asdict(before)})
         policy = CachePolicy(steps, res.compute, meta={
-            "model": problem.name, "solver": solver, "schedule": getattr(problem, "schedule", "flux"), "mechanism": mechanism, "guidance": guidance,
-            "budget": k, "search_loss": res.loss, "loss": loss, "calibration_digest": calib.digest,
-            "calibration_pairs": len(calib), "budcache_version": __version__})
+            "model": problem.name, "solver": solver, "schedule": getattr(problem, "schedule", "flux"),
+            "mechanism": mechanism, "guidance": guidance, "budget": k,
+            "search_loss": refined.loss if refined is not None else res.loss, "loss": loss,
+            "calibration_digest": calib.digest, "calibration_pairs": len(calib), "budcache_version": __version__},
+            estimators=names)
         policy.save(out / f"policy_N{steps}_K{k}.json")
         plot_history(res.history, out / f"history_N{steps}_K{k}.png", f"search N={steps}, K={k}")
-        o = BudgetOutcome(k, res, policy, stats)
+        o = BudgetOutcome(k, res, policy, stats, refined=refined)
         o.heldout = heldout_table(problem, held, policy)
         outcomes.append(o)
         prev = res.compute

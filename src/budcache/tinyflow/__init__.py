@@ -86,9 +86,13 @@ class TinyFlow:
 
     @torch.no_grad()
     def sample(self, prompts: Sequence[str], seeds: Sequence[int], steps: int = 28, *, solver: str = "euler",
-               policy: Any = None, mechanism: str = "reuse", guidance: float = DEFAULT_GUIDANCE,
+               policy: Any = None, mechanism: str | None = None, guidance: float = DEFAULT_GUIDANCE,
                sigmas: torch.Tensor | None = None, progress: bool = False) -> Any:
-        """Sample with budcache's sampler; returns a :class:`budcache.sampler.SampleResult`."""
+        """Sample with budcache's sampler; returns a :class:`budcache.sampler.SampleResult`.
+
+        A policy runs with the estimators it names (version 2) or was searched with (``meta["mechanism"]``);
+        ``mechanism`` applies only to policies and masks that name none (default ``reuse``).
+        """
         from ..sampler import sample
 
         if len(prompts) != len(seeds):

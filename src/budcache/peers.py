@@ -1,0 +1,104 @@
+"""Peers' caches driven by a budcache compute schedule, their own estimator code unchanged.
+
+diffusers' TaylorSeer decides whether a step computes in one method,
+``TaylorSeerCacheHook._measure_should_compute`` (warm-up steps, then every
+``cache_interval``-th). :class:`ScheduledTaylorSeerHook` overrides only that
+method: the step counter advances as in diffusers, and the decision is read
+from a static mask. Everything else (its Taylor factors, prediction, lite-mode
+block skipping, state per cache context) is diffusers' own code.
+
+:func:`apply_taylorseer_schedule` registers the hooks on the same modules and
+under the same hook name as ``transformer.enable_cache(TaylorSeerCacheConfig(...))``;
+the handle it returns removes them.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from diffusers.hooks import taylorseer_cache as _ts
+from diffusers.hooks.hooks import HookRegistry, StateManager
+
+from .errors import ConfigError
+
+#: Peer mechanisms whose compute schedule budcache can search and apply.
+PEER_MECHANISMS = ("taylorseer",)
+
+
+class ScheduledTaylorSeerHook(_ts.TaylorSeerCacheHook):
+    """diffusers' TaylorSeer hook whose compute decision comes from a static mask.
+
+    Args:
+        mask: per step, True when the step computes (step 0 must).
+        state_manager, taylor_factors_dtype: as for ``TaylorSeerCacheHook``.
+    """
+
+    def __init__(self, mask: Sequence[bool], taylor_factors_dtype: torch.dtype, state_manager: StateManager) -> None:
+        super().__init__(cache_interval=1, disable_cache_before_step=0, taylor_factors_dtype=taylor_factors_dtype,
+                         state_manager=state_manager)
+        self.mask = tuple(bool(m) for m in mask)
+
+    @torch.compiler.disable
+    def _measure_should_compute(self) -> tuple[bool, Any]:
+        state = self.state_manager.get_state()
+        state.current_step += 1
+        step = state.current_step
+        if not 0 <= step < len(self.mask):
+            raise ConfigError(f"TaylorSeer schedule: call for step {step} but the schedule has {len(self.mask)} "
+                              "steps (a generation with another step count, or a hook not reset between "
+                              "generations)")
+        return self.mask[step], state
+
+
+def apply_taylorseer_schedule(transformer: torch.nn.Module, mask: Sequence[bool], *, max_order: int = 1,
+                              lite: bool = True, factors_dtype: torch.dtype = torch.float32) -> Callable[[], None]:
+    """Install diffusers' TaylorSeer on ``transformer`` with ``mask`` as its compute schedule.
+
+    Args:
+        transformer: a diffusers transformer.
+        mask: per step, True when it computes; ``mask[0]`` must be True.
+        max_order: TaylorSeer's Taylor order (diffusers' default 1).
+        lite: lite mode (skip every block, forecast the output projection), as budcache compare runs it.
+        factors_dtype: dtype of the stored Taylor factors.
+
+    Returns:
+        A function that removes the hooks again.
+    """
+    mask = tuple(bool(m) for m in mask)
+    if not mask or not mask[0]:
+        raise ConfigError("TaylorSeer schedule: step 0 must compute")
+    if lite:
+        active, inactive = _ts._PROJ_OUT_IDENTIFIERS, _ts._BLOCK_IDENTIFIERS
+    else:
+        active, inactive = _ts._TRANSFORMER_BLOCK_IDENTIFIERS, ()
+    hooked: list[torch.nn.Module] = []
+    for name, sub in transformer.named_modules():
+        is_inactive = any(re.fullmatch(p, name) for p in inactive)
+        if not (is_inactive or any(re.fullmatch(p, name) for p in active)):
+            continue
+        manager = StateManager(_ts.TaylorSeerState, init_kwargs={
+            "taylor_factors_dtype": factors_dtype, "max_order": max_order, "is_inactive": is_inactive})
+        HookRegistry.check_if_exists_or_initialize(sub).register_hook(
+            ScheduledTaylorSeerHook(mask, factors_dtype, manager), _ts._TAYLORSEER_CACHE_HOOK)
+        hooked.append(sub)
+    if not hooked:
+        raise ConfigError(f"{type(transformer).__name__} has no module TaylorSeer hooks "
+                          f"(patterns {list(active)})")
+
+    def remove() -> None:
+        for sub in hooked:
+            reg = getattr(sub, "_diffusers_hook", None)
+            if reg is not None and reg.get_hook(_ts._TAYLORSEER_CACHE_HOOK) is not None:
+                reg.remove_hook(_ts._TAYLORSEER_CACHE_HOOK, recurse=False)
+        hooked.clear()
+
+    return remove
+
+
+def taylorseer_grid_mask(steps: int, before: int, interval: int) -> tuple[bool, ...]:
+    """TaylorSeer's own schedule as a mask: step ``s`` computes when ``s < before`` or
+    ``(s - before - 1) % interval == 0``."""
+    return tuple(s < before or (s - before - 1) % interval == 0 for s in range(steps))
