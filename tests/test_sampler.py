@@ -67,7 +67,8 @@ def test_full_policy_reproduces_the_uncached_sampler_bit_for_bit(tr, mechanism, 
 
 
 def test_mechanisms_are_the_documented_ones():
-    assert set(ALL_MECHANISMS) == {"reuse", "forecast1", "forecast2", "output"}
+    assert set(ALL_MECHANISMS) == {"reuse", "forecast1", "forecast2", "taylor1", "taylor2", "output", "vtaylor1",
+                                   "vtaylor2", "taylorseer"}
 
 
 # ----------------------------------------------------------------------------- exact budgets

@@ -87,6 +87,8 @@ def apply_taylorseer_schedule(transformer: torch.nn.Module, mask: Sequence[bool]
     if not hooked:
         raise ConfigError(f"{type(transformer).__name__} has no module TaylorSeer hooks "
                           f"(patterns {list(active)})")
+    # diffusers caches which sub-modules carry hooks (to set cache contexts); the new hooks stale it
+    HookRegistry.check_if_exists_or_initialize(transformer).invalidate_child_registries_cache()
 
     def remove() -> None:
         for sub in hooked:
@@ -94,6 +96,7 @@ def apply_taylorseer_schedule(transformer: torch.nn.Module, mask: Sequence[bool]
             if reg is not None and reg.get_hook(_ts._TAYLORSEER_CACHE_HOOK) is not None:
                 reg.remove_hook(_ts._TAYLORSEER_CACHE_HOOK, recurse=False)
         hooked.clear()
+        HookRegistry.check_if_exists_or_initialize(transformer).invalidate_child_registries_cache()
 
     return remove
 
