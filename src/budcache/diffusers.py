@@ -19,19 +19,28 @@ from typing import Any
 
 import torch
 
+from . import estimators as est
 from .errors import ConfigError, PolicyError
-from .hooks import CacheHandle, Decision, apply_cache, find_cache
+from .hooks import MECHANISMS, CacheHandle, Decision, apply_cache, find_cache
+from .peers import PEER_MECHANISMS, apply_taylorseer_schedule
 from .policy import CachePolicy
 
 
 class _TimestepResolver:
     """Maps a call's timestep to the policy's step via the scheduler's timesteps."""
 
-    def __init__(self, policy: CachePolicy, scheduler: Any, timestep_scale: float = 1000.0) -> None:
+    def __init__(self, policy: CachePolicy, scheduler: Any, timestep_scale: float = 1000.0,
+                 mechanism: str = "reuse") -> None:
         self.policy = policy
         self.scheduler = scheduler
         self.scale = timestep_scale
         self.mask = policy.mask_tensor()
+        # the estimator of every step: legacy mechanisms run in the hooks as before; others per step
+        names = [None if m else (policy.estimators[policy.skipped.index(k)] if policy.estimators is not None
+                                 else mechanism) for k, m in enumerate(policy.mask)]
+        self.specs = [None if n is None else est.get(n) for n in names]
+        self.legacy = policy.estimators is None and mechanism in MECHANISMS
+        self.sigmas: torch.Tensor | None = None  # host copy of the scheduler's sigmas, taken at step 0
 
     def __call__(self, module: torch.nn.Module, args: tuple, kwargs: dict, state: Any) -> Decision:
         t = kwargs.get("timestep")
@@ -70,7 +79,26 @@ class _TimestepResolver:
                                   "scheduler runs another one; configure the scheduler so its sigmas equal the "
                                   "policy's (custom sigmas with any resolution shift disabled)")
         b = kwargs["hidden_states"].shape[0] if "hidden_states" in kwargs else 1
-        return Decision(k, self.mask[k].expand(b).clone())
+        compute = self.mask[k].expand(b).clone()
+        spec = self.specs[k]
+        if spec is None or self.legacy:
+            return Decision(k, compute)
+        if k == 0 or self.sigmas is None:
+            sig = getattr(self.scheduler, "sigmas", None)
+            if sig is None or len(sig) < n + 1:
+                raise ConfigError("the pipeline's scheduler exposes no N+1 sigmas; budcache's forecasts in sigma "
+                                  "need them (use a flow-matching scheduler)")
+            self.sigmas = torch.as_tensor(sig).detach().to("cpu", torch.float64)[:n + 1]
+        sigmas = self.sigmas if spec.time == "sigma" else None
+        if spec.target == "velocity":
+            def velocity(hist: Any, step: int, _o: int = spec.order) -> torch.Tensor:
+                s = None if sigmas is None else sigmas.to(hist.img[0].device)
+                return est.newton(hist.img, hist.steps, step, _o, s)
+            return Decision(k, compute, velocity=velocity)
+
+        def residual(hist: Any, step: int, _o: int = spec.order) -> Any:
+            return hist.estimate(step, _o, None if sigmas is None else sigmas.to(hist.img[0].device))
+        return Decision(k, compute, estimator=residual)
 
 
 def _transformer_and_scheduler(target: Any) -> tuple[torch.nn.Module, Any]:
@@ -90,8 +118,11 @@ def apply(target: Any, policy: CachePolicy | str | os.PathLike, *, nfe: int | No
 
     ``policy`` is a :class:`CachePolicy`, a path to a policy JSON file, or
     ``"uniform"`` with ``nfe`` and ``steps`` (a budget without a search).
-    ``mechanism`` defaults to the one the policy was searched with (its
-    ``meta``), else ``"reuse"``. A policy with learned sigmas must run with
+    A policy runs with the estimators it names (version 2) or was searched
+    with (``meta["mechanism"]``); ``mechanism`` applies only to a policy that
+    names none (default ``"reuse"``). Velocity estimators skip the whole
+    transformer call and forecast its output; a ``taylorseer`` policy installs
+    diffusers' TaylorSeer with the policy's mask as its schedule. A policy with learned sigmas must run with
     those sigmas (the scheduler's sigmas must equal them; mind pipelines that
     shift custom sigmas by resolution): another schedule is an error at step 0.
     """
@@ -99,9 +130,11 @@ def apply(target: Any, policy: CachePolicy | str | os.PathLike, *, nfe: int | No
         if policy == "uniform":
             if nfe is None or steps is None:
                 raise ConfigError("policy 'uniform' needs nfe=K and steps=N")
-            policy = CachePolicy.uniform(steps, nfe)
+            policy = CachePolicy.uniform(steps, nfe, estimator=mechanism)
         else:
             policy = CachePolicy.load(policy)
+    if not isinstance(policy, CachePolicy):
+        raise ConfigError(f"policy must be a CachePolicy, a policy file or 'uniform'; got {type(policy).__name__}")
     if isinstance(target, torch.nn.Module) and not hasattr(target, "scheduler"):
         if scheduler is None:
             raise ConfigError("a bare transformer needs scheduler=... to map timesteps to steps")
@@ -109,11 +142,36 @@ def apply(target: Any, policy: CachePolicy | str | os.PathLike, *, nfe: int | No
     else:
         tr, sched = _transformer_and_scheduler(target)
         scheduler = scheduler or sched
-    if find_cache(tr) is not None:
+    if find_cache(tr) is not None or getattr(tr, "_budcache_peer", None) is not None:
         raise ConfigError("a budcache cache is already applied; call budcache.diffusers.remove first")
-    if mechanism is None:
-        mechanism = str(policy.meta.get("mechanism", "reuse"))
-    return apply_cache(tr, mechanism, resolver=_TimestepResolver(policy, scheduler))
+    stated = policy.estimator
+    if stated is not None and stated != "mixed":
+        mechanism = stated
+    mechanism = mechanism or "reuse"
+    if mechanism in PEER_MECHANISMS:
+        handle = PeerHandle(tr, apply_taylorseer_schedule(tr, policy.mask))
+        tr._budcache_peer = handle
+        return handle  # type: ignore[return-value]
+    est.get(mechanism)
+    resolver = _TimestepResolver(policy, scheduler, mechanism=mechanism)
+    specs = [s for s in resolver.specs if s is not None]
+    res_depth = max([s.depth for s in specs if s.target == "residual"], default=1)
+    out_depth = max([s.depth for s in specs if s.target == "velocity"], default=0)
+    legacy = mechanism if mechanism in MECHANISMS and policy.estimators is None else "reuse"
+    return apply_cache(tr, legacy, resolver=resolver, depth=res_depth, output_depth=out_depth)
+
+
+class PeerHandle:
+    """A peer's cache installed by :func:`apply` (``taylorseer`` policies); :meth:`remove` takes it off."""
+
+    def __init__(self, transformer: torch.nn.Module, remove: Any) -> None:
+        self.transformer = transformer
+        self._remove = remove
+
+    def remove(self) -> None:
+        self._remove()
+        if getattr(self.transformer, "_budcache_peer", None) is self:
+            del self.transformer._budcache_peer
 
 
 def remove(target: Any) -> None:
@@ -123,3 +181,6 @@ def remove(target: Any) -> None:
     handle = find_cache(tr)
     if handle is not None:
         handle.remove()
+    peer = getattr(tr, "_budcache_peer", None)
+    if peer is not None:
+        peer.remove()

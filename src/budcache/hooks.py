@@ -40,6 +40,7 @@ import torch
 from diffusers.hooks._common import _ALL_TRANSFORMER_BLOCK_IDENTIFIERS
 from diffusers.hooks._helpers import TransformerBlockRegistry
 from diffusers.hooks.hooks import BaseState, CacheContext, HookRegistry, ModelHook, StateManager
+from diffusers.models.modeling_outputs import Transformer2DModelOutput
 
 from .errors import ConfigError
 from .estimators import History
@@ -62,7 +63,10 @@ class Decision:
     """Which elements compute at ``step``: ``compute`` is a bool tensor (B,).
 
     ``estimator`` (optional) replaces the mechanism's ``R_hat`` for the
-    skipped elements of this step. ``resume`` (optional) is a :class:`Probe`
+    skipped elements of this step. ``velocity`` (optional, every element
+    skipped) forecasts the model's whole output from the outputs stored at
+    computed steps, and the model is not run at all (pipelines; budcache's
+    sampler forecasts velocities itself). ``resume`` (optional) is a :class:`Probe`
     of this step's call in context ``resume_context``: there, the computing
     elements take its output of the first ``probe.blocks`` blocks instead of
     running them again (other contexts run every block).
@@ -73,6 +77,7 @@ class Decision:
     estimator: Estimator | None = None
     resume: Probe | None = None
     resume_context: str = "cond"
+    velocity: Callable[[History, int], torch.Tensor] | None = None
 
 
 #: The per-element residual history of a cache context (see :class:`budcache.estimators.History`).
@@ -91,6 +96,7 @@ class _State(BaseState):
         self.head_in: tuple[torch.Tensor, torch.Tensor | None] | None = None
         self.last_step = -1
         self.signature: tuple | None = None  # (shape, dtype, device) of the latest input
+        self.outputs = History()  # model outputs of computed steps (velocity estimators on pipelines)
 
     def reset(self, *args: Any, **kwargs: Any) -> None:
         self.__init__()
@@ -302,7 +308,21 @@ class _ModelHook(ModelHook):
                 st.reset()  # a new generation starts clean
             st.decision = decision
             st.last_step = decision.step
-            return self.fn_ref.original_forward(*args, **kwargs)
+            if decision.velocity is not None:
+                if bool(decision.compute.any()):
+                    raise ConfigError("a velocity forecast applies to steps where no element computes")
+                if not st.outputs.img:
+                    raise ConfigError("no computed step is cached yet: the first step of a generation must compute")
+                self.cache.stats.calls += 1
+                self.cache.stats.skipped_calls += 1
+                out = decision.velocity(st.outputs, decision.step)
+                return (out,) if not kwargs.get("return_dict", True) else Transformer2DModelOutput(sample=out)
+            result = self.fn_ref.original_forward(*args, **kwargs)
+            if self.cache.output_depth and bool(decision.compute.all()):
+                sample = result[0] if isinstance(result, tuple) else result.sample
+                st.outputs = st.outputs.push(None, sample.detach(), None, decision.step, sample.shape[0],
+                                             self.cache.output_depth)
+            return result
         finally:
             if own_context:
                 self.state_manager.set_context(None)
@@ -319,7 +339,8 @@ class CacheHandle:
     """
 
     def __init__(self, transformer: torch.nn.Module, mechanism: str = "reuse",
-                 resolver: Callable[..., Decision] | None = None, depth: int | None = None) -> None:
+                 resolver: Callable[..., Decision] | None = None, depth: int | None = None,
+                 output_depth: int = 0) -> None:
         if mechanism not in MECHANISMS:
             raise ConfigError(f"mechanism {mechanism!r} is not a residual mechanism; choose one of {list(MECHANISMS)}")
         if depth is not None and (not isinstance(depth, int) or depth < 1):
@@ -328,6 +349,7 @@ class CacheHandle:
         self.mechanism = mechanism
         self.order = MECHANISMS[mechanism]
         self.depth = max(self.order + 1, depth or 1)
+        self.output_depth = int(output_depth)  # model outputs kept per context (0: none)
         self.bypass = False
         self.resolver = resolver
         self.state_manager = StateManager(_State)
@@ -435,9 +457,12 @@ def _block_stack(transformer: torch.nn.Module) -> list[tuple[str, torch.nn.Modul
 
 
 def apply_cache(transformer: torch.nn.Module, mechanism: str = "reuse",
-                resolver: Callable[..., Decision] | None = None, depth: int | None = None) -> CacheHandle:
-    """Install a residual cache on ``transformer`` (per instance, removable)."""
-    return CacheHandle(transformer, mechanism, resolver, depth).install()
+                resolver: Callable[..., Decision] | None = None, depth: int | None = None,
+                output_depth: int = 0) -> CacheHandle:
+    """Install a residual cache on ``transformer`` (per instance, removable); ``output_depth`` > 0 also
+    keeps that many model outputs per context for velocity forecasts."""
+    return CacheHandle(transformer, mechanism, resolver, depth, output_depth).install()
+
 
 
 def find_cache(transformer: torch.nn.Module) -> CacheHandle | None:
