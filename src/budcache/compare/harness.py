@@ -43,7 +43,8 @@ from ..solvers import SOLVERS
 from .methods import BudcacheMethod, PlainMethod, UniformMethod, build_methods
 
 DEFAULT_NFES = (6, 8, 10, 14)
-DEFAULT_METHODS = ("budcache", "budcache-forecast", "uniform", "plain", "fbcache", "magcache", "taylorseer")
+DEFAULT_METHODS = ("budcache", "budcache-reuse", "budcache-forecast", "uniform", "plain", "fbcache", "magcache",
+                   "taylorseer", "taylorseer-searched")
 #: Methods evaluated in the transfer study (static masks: no re-fitting per setting).
 TRANSFER_METHODS = ("budcache", "uniform", "plain")
 
@@ -216,6 +217,7 @@ def _row(setting: str, nfe: int, name: str, kind: str, q: dict[str, np.ndarray],
          wall: float, fit_s: float, info: dict[str, Any]) -> dict[str, Any]:
     row: dict[str, Any] = {"setting": setting, "budget": nfe, "method": name, "kind": kind,
                            "latent_mse": float(q["latent_mse"].mean()), "psnr": float(q["psnr"].mean()),
+                           "psnr_median": float(np.median(q["psnr"])),
                            **({"ssim": float(q["ssim"].mean())} if "ssim" in q else {})}
     if "lpips" in q:
         row["lpips"] = float(q["lpips"].mean())
@@ -224,6 +226,17 @@ def _row(setting: str, nfe: int, name: str, kind: str, q: dict[str, np.ndarray],
     row.update({"nfe_mean": float(nfes.mean()), "nfe_min": float(nfes.min()), "nfe_max": float(nfes.max()),
                 "wall_ms": 1000 * wall, "fit_s": fit_s, "info": info})
     return row
+
+
+def paired_wins(rows: list[dict[str, Any]], psnr: dict[str, np.ndarray], ours: str = "budcache") -> None:
+    """Add ``budcache_wins`` (pairs where ``ours`` has the higher PSNR) and ``pairs`` to every other row."""
+    if ours not in psnr:
+        return
+    mine = psnr[ours]
+    for r in rows:
+        if r["method"] != ours and r["method"] in psnr:
+            r["budcache_wins"] = int((mine > psnr[r["method"]]).sum())
+            r["pairs"] = int(len(mine))
 
 
 def _fit_info(m: Any) -> dict[str, Any]:
@@ -275,6 +288,7 @@ def run(out: str | Path, cfg: CompareConfig, progress: bool = True, problem: Any
     full_images = _images(problem, evalset.teacher[:cfg.grid_rows])
     grid: dict[str, torch.Tensor] = {} if full_images is None else {"full": full_images}  # no decoder: no grid
     policies: dict[str, dict[int, CachePolicy]] = {}
+    per_item: dict[tuple[int, str], np.ndarray] = {}
     bar = tqdm(total=len(cfg.nfes) * len(methods), desc="compare", disable=not progress, unit="method")
     for k in sorted(cfg.nfes):
         for m in methods:
@@ -285,6 +299,7 @@ def run(out: str | Path, cfg: CompareConfig, progress: bool = True, problem: Any
             lat, nfes, wall = evaluate(problem, m, evalset, cfg.batch, f"{m.name} K={k}", progress)
             q = quality(problem, lat, evalset.teacher, ep, lpips)
             rows.append(_row("main", k, m.name, getattr(m, "kind", "?"), q, nfes, wall, fit_s, _fit_info(m)))
+            per_item[(k, m.name)] = q["psnr"]
             if k == grid_nfe and grid:
                 grid[m.name] = _images(problem, lat[:cfg.grid_rows])
             if isinstance(m, BudcacheMethod) and m.policy is not None:
@@ -292,6 +307,7 @@ def run(out: str | Path, cfg: CompareConfig, progress: bool = True, problem: Any
                 tag = "" if m.name == "budcache" else m.name.replace("budcache-", "") + "_"
                 m.policy.save(out / f"policy_{tag}N{cfg.steps}_K{k}.json")
             bar.update(1)
+        paired_wins([r for r in rows if r["budget"] == k], {n: v for (kk, n), v in per_item.items() if kk == k})
     bar.close()
     transfer = _transfer(problem, cfg, policies, (ep, es), lpips, progress) if cfg.transfer and policies else []
     meta = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -320,7 +336,6 @@ def _transfer(problem: Any, cfg: CompareConfig, policies: dict[str, dict[int, Ca
     settings = [(s, cfg.guidance) for s in cfg.transfer_solvers] + [(cfg.solver, g) for g in cfg.transfer_guidance]
     ep, es = pairs
     budgets = sorted({k for by_k in policies.values() for k in by_k})
-    mechanisms = {"budcache": "reuse", "budcache-forecast": "forecast1"}
     rows = []
     bar = tqdm(total=len(settings) * len(budgets), desc="transfer", disable=not progress, unit="budget")
     for solver, g in settings:
@@ -328,7 +343,8 @@ def _transfer(problem: Any, cfg: CompareConfig, policies: dict[str, dict[int, Ca
         evalset = p.calibration(ep, es)  # the full-step output under this setting is the reference
         label = f"{solver}, guidance {g:g}"
         for k in budgets:
-            fixed = [BudcacheMethod(name=name, mechanism=mechanisms.get(name, "reuse"), policies={k: by_k[k]})
+            fixed = [BudcacheMethod(name=name, mechanism=str(by_k[k].meta.get("mechanism", "reuse")),
+                                    policies={k: by_k[k]})
                      for name, by_k in policies.items() if k in by_k]
             for m in (*fixed, UniformMethod(), PlainMethod()):
                 m.fit(p, None, k)
@@ -381,17 +397,21 @@ def merge_results(parts: Sequence[CompareResult]) -> CompareResult:
 
 
 # ------------------------------------------------------------------------------ outputs
-COLUMNS = ("setting", "budget", "method", "kind", "latent_mse", "psnr", "ssim", "lpips", "checker_acc", "nfe_mean",
-           "nfe_min", "nfe_max", "wall_ms", "fit_s")
+COLUMNS = ("setting", "budget", "method", "kind", "latent_mse", "psnr", "psnr_median", "ssim", "lpips",
+           "checker_acc", "budcache_wins", "pairs", "nfe_mean", "nfe_min", "nfe_max", "wall_ms", "fit_s")
 
 
 def best_flags(rows: list[dict[str, Any]]) -> dict[tuple[str, int], dict[str, str]]:
-    """Per (setting, budget): the method with the best PSNR and the one with the lowest latent MSE."""
+    """Per (setting, budget): the method with the best mean PSNR, median PSNR and SSIM, and the lowest MSE."""
     out: dict[tuple[str, int], dict[str, str]] = {}
     for key in {(r["setting"], r["budget"]) for r in rows}:
         group = [r for r in rows if (r["setting"], r["budget"]) == key]
         out[key] = {"psnr": max(group, key=lambda r: r["psnr"])["method"],
                     "latent_mse": min(group, key=lambda r: r["latent_mse"])["method"]}
+        for metric in ("psnr_median", "ssim"):
+            have = [r for r in group if metric in r]
+            if have:
+                out[key][metric] = max(have, key=lambda r: r[metric])["method"]
     return out
 
 
@@ -406,8 +426,8 @@ def markdown(res: CompareResult) -> str:
     if m.get("full_checker_acc") is not None:
         lines.append(f"Checker accuracy of the full {m['steps']}-step images: {m['full_checker_acc']:.1%}.")
     has_lpips = any("lpips" in r for r in res.rows)
-    head = "| method | kind | NFE mean [min, max] | latent MSE | PSNR (dB) | SSIM |" + \
-        (" LPIPS |" if has_lpips else "") + " checker | ms/image | fit (s) |"
+    head = "| method | kind | NFE mean [min, max] | latent MSE | PSNR (dB) | median PSNR | SSIM |" + \
+        (" LPIPS |" if has_lpips else "") + " checker | budcache wins | ms/image | fit (s) |"
     sep = "|" + "---|" * (head.count("|") - 1)
     flags = best_flags(res.rows)
     misses = []
@@ -421,8 +441,14 @@ def markdown(res: CompareResult) -> str:
             lp = f" {r['lpips']:.4f} |" if has_lpips else ""
             acc = f"{r['checker_acc']:.1%}" if "checker_acc" in r else "n/a"
             ssim = f"{r['ssim']:.4f}" if "ssim" in r else "n/a"
+            med = f"{r['psnr_median']:.2f}" if "psnr_median" in r else "n/a"
+            if f.get("psnr_median") == r["method"]:
+                med = f"**{med}**"
+            if f.get("ssim") == r["method"]:
+                ssim = f"**{ssim}**"
+            wins = f"{r['budcache_wins']}/{r['pairs']}" if "budcache_wins" in r else ""
             lines.append(f"| {r['method']} | {r['kind']} | {r['nfe_mean']:.2f} [{r['nfe_min']:.2f}, "
-                         f"{r['nfe_max']:.2f}] | {mse} | {psnr} | {ssim} |{lp} {acc} | "
+                         f"{r['nfe_max']:.2f}] | {mse} | {psnr} | {med} | {ssim} |{lp} {acc} | {wins} | "
                          f"{r['wall_ms']:.1f} | {r['fit_s']:.1f} |")
         ours = [r for r in group if r["method"].startswith("budcache")]
         for metric, unit, better in (("psnr", " dB", max), ("latent_mse", "", min)):

@@ -29,6 +29,7 @@ import ast
 import contextlib
 import io
 import math
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -39,6 +40,7 @@ from ..baselines.base import MethodRun
 from ..errors import ConfigError, MissingExtraError
 from ..policy import CachePolicy
 from ..sampler import _select
+from ..search.calibration import get_loss
 
 #: Bisection stops once the calibration mean NFE is this close to the target.
 NFE_TOLERANCE = 0.5
@@ -226,6 +228,7 @@ class BudcacheMethod(StaticMethod):
 
     name: str = "budcache"
     mechanism: str | None = "reuse"
+    estimators: tuple[str, ...] = ()
     policies: dict[int, CachePolicy] = field(default_factory=dict)
     search_kw: dict[str, Any] = field(default_factory=dict)
     loss: str = "mse"
@@ -245,34 +248,83 @@ class BudcacheMethod(StaticMethod):
             return
         from ..search.anneal import SearchConfig, search
         from ..search.calibration import get_loss
-        from ..search.evaluator import Evaluator
+        from ..peers import PEER_MECHANISMS
+        from ..search.evaluator import Evaluator, PeerScheduleEvaluator
+        from ..search.run import refine_plan, search_estimators
 
-        mech = self.mechanism
+        mech = self.mechanism or "reuse"
+        estimator, refine = search_estimators(mech, self.estimators)
 
-        def make_sampler(controller: Any, *args: Any, **kw: Any) -> Any:
-            kw.setdefault("mechanism", mech)
-            return problem.make_sampler(controller, *args, **kw)
+        class _Problem:  # the comparison's problem, with this method's mechanism as the sampler's default
+            def __getattr__(self, name: str) -> Any:
+                return getattr(problem, name)
 
+            mechanism = mech
+
+            @staticmethod
+            def make_sampler(controller: Any, *args: Any, **kw: Any) -> Any:
+                kw.setdefault("mechanism", mech)
+                return problem.make_sampler(controller, *args, **kw)
+
+        view = _Problem()
         if self._calib is not calib:
-            self._evaluator = Evaluator(make_sampler, calib, loss=get_loss(self.loss))
+            if mech in PEER_MECHANISMS:
+                self._evaluator = PeerScheduleEvaluator(view.make_sampler, calib, mechanism=mech,
+                                                        loss=get_loss(self.loss))
+            else:
+                self._evaluator = Evaluator(view.make_sampler, calib, loss=get_loss(self.loss), estimator=estimator)
             self._calib, self._last = calib, None
         cfg = SearchConfig(steps=problem.steps, nfe=nfe, **self.search_kw)
+        t0 = time.perf_counter()
         res = search(self._evaluator.losses, cfg, init=self._last, progress=self.progress)
+        refined, names = refine_plan(view, calib, self._evaluator, res.compute, mech, refine, get_loss(self.loss),
+                                     progress=self.progress)
         self._last = res.compute
-        self.search_wall_s = res.wall_s
+        self.search_wall_s = time.perf_counter() - t0
         self.policy = CachePolicy(problem.steps, res.compute, meta={
             "solver": problem.solver, "guidance": problem.guidance, "mechanism": mech, "budget": nfe,
-            "search_loss": res.loss, "loss": self.loss, "calibration_digest": calib.digest,
-            "calibration_pairs": len(calib)})
+            "search_loss": refined.loss if refined is not None else res.loss, "loss": self.loss,
+            "calibration_digest": calib.digest, "calibration_pairs": len(calib)}, estimators=names)
+
+
+def default_method(**kw: Any) -> BudcacheMethod:
+    """budcache's default search (``budcache search`` with no options): the mask searched with velocity
+    forecasts in sigma, then each skipped step's estimator chosen among vtaylor1, vtaylor2 and output."""
+    from ..search.run import DEFAULT_MECHANISM, DEFAULT_REFINE
+
+    return BudcacheMethod(name="budcache", mechanism=DEFAULT_MECHANISM, estimators=DEFAULT_REFINE, **kw)
+
+
+def reuse_method(**kw: Any) -> BudcacheMethod:
+    """The paper's budcache: the mask searched and run with residual reuse."""
+    return BudcacheMethod(name="budcache-reuse", mechanism="reuse", **kw)
 
 
 def forecast_method(**kw: Any) -> BudcacheMethod:
-    """budcache's mask searched and run with the residual forecast mechanism (linear extrapolation)."""
+    """budcache's mask searched and run with the residual forecast mechanism (linear in the step index)."""
     return BudcacheMethod(name="budcache-forecast", mechanism="forecast1", **kw)
 
 
-#: The compare method that runs a given policy of each mechanism.
-POLICY_METHODS: dict[str, str] = {"reuse": "budcache", "forecast1": "budcache-forecast"}
+def taylorseer_searched_method(**kw: Any) -> BudcacheMethod:
+    """diffusers' TaylorSeer (its own code, lite mode) on the compute schedule budcache's search finds."""
+    return BudcacheMethod(name="taylorseer-searched", mechanism="taylorseer", **kw)
+
+
+#: The compare method that runs a given policy of each version-1 mechanism; any other estimator (and version-2
+#: policies) goes to ``budcache``.
+POLICY_METHODS: dict[str, str] = {"reuse": "budcache-reuse", "forecast1": "budcache-forecast",
+                                  "taylorseer": "taylorseer-searched"}
+BUDCACHE_METHODS: dict[str, Callable[..., BudcacheMethod]] = {
+    "budcache": default_method, "budcache-reuse": reuse_method, "budcache-forecast": forecast_method,
+    "taylorseer-searched": taylorseer_searched_method}
+
+
+def policy_method(policy: CachePolicy) -> str:
+    """The compare method that runs ``policy``: by its mechanism (``meta``), ``budcache`` for any estimator."""
+    mech = str(policy.meta.get("mechanism", "reuse"))
+    if policy.estimators is not None:
+        return "budcache"
+    return POLICY_METHODS.get(mech, "budcache")
 
 
 # ------------------------------------------------------------------------------ peers' hooks
@@ -437,7 +489,8 @@ class TaylorSeerMethod(HookMethod):
 
     Its schedule is static: the first ``before`` steps, then every
     ``interval``-th. ``fit`` tries every ``(before, interval)`` that computes
-    exactly K steps and keeps the one with the lowest calibration loss.
+    exactly K steps and keeps the one with the lowest calibration loss
+    (``loss``: the search's default, log-MSE, so both are picked by the same rule).
     """
 
     name: str = "taylorseer"
@@ -445,6 +498,7 @@ class TaylorSeerMethod(HookMethod):
     before: int | None = None
     interval: int | None = None
     max_order: int = 1
+    loss: str = "logmse"
     candidates: list[dict[str, Any]] = field(default_factory=list)
 
     def install(self, transformer: torch.nn.Module) -> Callable[[], None]:
@@ -470,7 +524,8 @@ class TaylorSeerMethod(HookMethod):
         for before, interval in options:
             self.before, self.interval = before, interval
             run = self.sample(problem, calib.noise, calib.cond, calib.uncond)
-            self.candidates.append({"before": before, "interval": interval, "loss": _calib_loss(run.latent, calib)})
+            value = float(get_loss(self.loss)(run.latent.float(), calib.teacher.float()).mean())
+            self.candidates.append({"before": before, "interval": interval, "loss": value})
         best = min(self.candidates, key=lambda c: c["loss"])
         self.before, self.interval = best["before"], best["interval"]
 
@@ -488,8 +543,7 @@ def _cachedit_methods() -> dict[str, Callable[[], Any]]:
 
 #: Compare's own methods by name (factories); budcache.baselines.METHODS joins them in :func:`build_methods`.
 OWN_METHODS: dict[str, Callable[[], Any]] = {
-    "budcache": BudcacheMethod,
-    "budcache-forecast": forecast_method,
+    **BUDCACHE_METHODS,
     "uniform": UniformMethod,
     "plain": PlainMethod,
     "fbcache": FirstBlockCacheMethod,
@@ -529,23 +583,16 @@ def build_methods(names: Sequence[str], *, policies: dict[int, CachePolicy] | No
         raise ConfigError(f"methods listed twice: {sorted(n for n in set(names) if list(names).count(n) > 1)}")
     routed: dict[str, dict[int, CachePolicy]] = {}
     for k, pol in (policies or {}).items():
-        mech = str(pol.meta.get("mechanism", "reuse"))
-        target = POLICY_METHODS.get(mech)
-        if target is None:
-            raise ConfigError(f"the policy for NFE {k} uses mechanism {mech!r}; compare runs given policies with "
-                              + ", ".join(f"{m} ({n})" for m, n in POLICY_METHODS.items()))
+        target = policy_method(pol)
         if target not in names:
-            raise ConfigError(f"the policy for NFE {k} is a {mech} policy, for method {target!r}, which is not "
-                              f"among the methods {list(names)}")
+            raise ConfigError(f"the policy for NFE {k} (mechanism {pol.meta.get('mechanism', 'reuse')!r}) runs as "
+                              f"method {target!r}, which is not among the methods {list(names)}")
         routed.setdefault(target, {})[k] = pol
     out: list[Any] = []
     for n in names:
-        if n == "budcache":
-            out.append(BudcacheMethod(policies=routed.get(n, {}), search_kw=dict(search_kw or {}),
-                                      loss=search_loss, progress=progress))
-        elif n == "budcache-forecast":
-            out.append(forecast_method(policies=routed.get(n, {}), search_kw=dict(search_kw or {}),
-                                       loss=search_loss, progress=progress))
+        if n in BUDCACHE_METHODS:
+            out.append(BUDCACHE_METHODS[n](policies=routed.get(n, {}), search_kw=dict(search_kw or {}),
+                                           loss=search_loss, progress=progress))
         else:
             out.append(avail[n]())
     return out

@@ -342,7 +342,7 @@ class RayEvaluator:
 def make_evaluator(backend: str, problem: Any, calib: CalibrationSet, *, loss: LossFn = latent_mse,
                    naive: bool = False, workers: int = 1, address: str | None = None,
                    factory: Callable[[str], Any] | None = None, threads: int = 1,
-                   estimator: str | None = None) -> Any:
+                   estimator: str | None = None, mechanism: str | None = None) -> Any:
     """The evaluator of a backend: ``inprocess`` (default) or ``ray`` (``workers`` actors; ``factory(device)``
     builds a replica on each, default: ``problem.replica_factory()`` if defined, else ``problem`` shipped as
     it is). Both score masks in canonical batches with ``threads`` torch threads, so a mask's loss is the same
@@ -352,18 +352,19 @@ def make_evaluator(backend: str, problem: Any, calib: CalibrationSet, *, loss: L
     by :class:`~budcache.search.evaluator.PeerScheduleEvaluator` (in-process only)."""
     if backend not in BACKENDS:
         raise ConfigError(f"--backend {backend!r} is unknown; choose one of {list(BACKENDS)}")
-    peer = getattr(problem, "mechanism", None) in PEER_MECHANISMS
+    mechanism = mechanism or getattr(problem, "mechanism", None)
+    peer = mechanism in PEER_MECHANISMS
     if backend == "inprocess":
         if workers != 1 or address:
             raise ConfigError("--workers and --ray-address apply only with --backend ray")
         align_weights(getattr(problem, "transformer", None))
         if peer:
             return PeerScheduleEvaluator(problem.make_sampler, to_device(calib, str(calib.noise.device)),
-                                         mechanism=problem.mechanism, loss=loss, threads=threads)
+                                         mechanism=mechanism, loss=loss, threads=threads)
         return Evaluator(problem.make_sampler, to_device(calib, str(calib.noise.device)), loss=loss,
                          prefix_sharing=not naive, batch_candidates=False, threads=threads, estimator=estimator)
     if peer:
-        raise ConfigError(f"mechanism {problem.mechanism!r} is searched in-process only (--backend inprocess)")
+        raise ConfigError(f"mechanism {mechanism!r} is searched in-process only (--backend inprocess)")
     if factory is None:  # a problem may say how to rebuild itself on a worker (e.g. from a model path)
         factory = problem.replica_factory() if hasattr(problem, "replica_factory") else ShippedProblem(problem)
     return RayEvaluator(factory, calib, loss=loss, workers=workers, address=address, prefix_sharing=not naive,

@@ -283,6 +283,48 @@ def report(outcomes: list[BudgetOutcome], meta: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def search_estimators(mechanism: str, estimators: Sequence[str] | None) -> tuple[str | None, list[str]]:
+    """The evaluator's estimator and the per-step choices of a search with ``mechanism``.
+
+    A version-1 mechanism without per-step choices keeps version 1's evaluator
+    (``None``: masks run with the sampler's mechanism, bit for bit as before);
+    a peer mechanism has neither (its own hooks fill skipped steps).
+    """
+    if mechanism in PEER_MECHANISMS:
+        if estimators and set(estimators) - {mechanism}:
+            raise ConfigError(f"mechanism {mechanism!r} fills skipped steps with its own estimator; "
+                              "per-step estimators (--estimators) do not apply (use --estimators none)")
+        return None, []
+    est.get(mechanism)
+    refine = [est.get(n).name for n in (estimators or ())]
+    if set(refine) <= {mechanism}:
+        refine = []
+    legacy = mechanism in ("reuse", "forecast1", "forecast2", "output") and not refine
+    return (None if legacy else mechanism), refine
+
+
+def refine_plan(problem: Any, calib: CalibrationSet, evaluator: Any, compute: Sequence[int], mechanism: str,
+                refine: Sequence[str], loss_fn: Any, *, naive: bool = False, progress: bool = False
+                ) -> tuple[RefineResult | None, tuple[str, ...] | None]:
+    """Per-skipped-step estimators for a searched mask: ``(refinement or None, names or None)``.
+
+    ``None`` names: a version-1 search (the policy states its mechanism in ``meta``).
+    """
+    if getattr(evaluator, "estimator", None) is None:
+        return None, None
+    plan = plan_of(len(plan_of(problem.steps, compute, mechanism)), compute, mechanism)
+    if not refine:
+        return None, plan_names(plan)
+    planner = evaluator
+    if not isinstance(planner, Evaluator):  # a remote backend scores masks; per-step estimators are scored here
+        from .distributed import make_evaluator
+
+        planner = make_evaluator("inprocess", problem, calib, loss=loss_fn, naive=naive, estimator=mechanism)
+    refined = refine_estimators(planner.plan_losses, plan, [est.CODES[n] for n in dict.fromkeys(
+        [mechanism, *refine])], progress=progress)
+    return refined, plan_names(refined.plan)
+
+
 @torch.no_grad()
 def run(out: str | Path, *, nfes: Sequence[int], steps: int = 28, solver: str = "euler",
         mechanism: str = DEFAULT_MECHANISM, estimators: Sequence[str] | None = DEFAULT_REFINE,
@@ -346,31 +388,17 @@ def run(out: str | Path, *, nfes: Sequence[int], steps: int = 28, solver: str = 
     held = problem.calibration(hp, hs)
     from .distributed import make_evaluator
 
-    est.get(mechanism) if mechanism not in PEER_MECHANISMS else None
-    refine = [est.get(n).name for n in (estimators or ()) if mechanism not in PEER_MECHANISMS]
-    legacy = mechanism in ("reuse", "forecast1", "forecast2", "output") and not refine
-    estimator = None if (legacy or mechanism in PEER_MECHANISMS) else mechanism
+    estimator, refine = search_estimators(mechanism, estimators)
     evaluator = make_evaluator(backend, problem, calib, loss=loss_fn, naive=naive, workers=workers,
-                               address=ray_address, estimator=estimator)
-    planner = evaluator if isinstance(evaluator, Evaluator) else None
+                               address=ray_address, estimator=estimator, mechanism=mechanism)
     outcomes: list[BudgetOutcome] = []
     prev: tuple[int, ...] | None = None
     for k, cfg in configs.items():
         before = EvaluatorStats(**asdict(evaluator.stats))
         res = search(evaluator.losses, cfg, init=prev, checkpoint=out / f"checkpoint_N{steps}_K{k}.json",
                      resume=resume, digest=calib.digest, progress=progress, sa_batch=evaluator.sa_batch)
-        refined = None
-        names = None
-        if estimator is not None:
-            plan = plan_of(steps, res.compute, mechanism)
-            names = plan_names(plan)
-            if len(set(refine) | {mechanism}) > 1:
-                if planner is None:  # a remote backend scores masks; per-step estimators are scored here
-                    planner = make_evaluator("inprocess", problem, calib, loss=loss_fn, naive=naive,
-                                             estimator=estimator)
-                refined = refine_estimators(planner.plan_losses, plan, [est.CODES[n] for n in refine],
-                                            progress=progress)
-                names = plan_names(refined.plan)
+        refined, names = refine_plan(problem, calib, evaluator, res.compute, mechanism, refine, loss_fn,
+                                     naive=naive, progress=progress)
         stats = EvaluatorStats(**{f: getattr(evaluator.stats, f) - getattr(before, f) for f in asdict(before)})
         policy = CachePolicy(steps, res.compute, meta={
             "model": problem.name, "solver": solver, "schedule": getattr(problem, "schedule", "flux"),
