@@ -308,3 +308,56 @@ def test_controllers():
     static = StaticMask(POLICY)
     assert static.steps == N
     assert [bool(static.decide(k, state)[0]) for k in range(N)] == list(POLICY.mask)
+
+
+# ----------------------------------------------------------------------------- per-step estimators
+MIXED = CachePolicy(N, (0, 2, 5), estimators=("vtaylor1", "taylor2", "output", "forecast1", "vtaylor2"))
+
+
+@pytest.mark.parametrize("guidance", [1.0, 3.0])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_mixed_estimators_keep_the_budget_exact(tr, batch, guidance):
+    x, cond, uncond = make_inputs(batch)
+    with StackRuns(tr) as runs:
+        res = run(tr, x, cond, policy=MIXED, mechanism=None, guidance=guidance, uncond=uncond)
+    passes = 2 if guidance != 1.0 else 1
+    assert runs.count == passes * K and runs.batches == [batch] * (passes * K)
+    assert res.nfe.tolist() == [K] * batch
+    assert res.computed[:, 0].tolist() == list(MIXED.mask)
+    # every estimator really ran: the mixed result differs from each single-estimator policy
+    for name in ("vtaylor1", "taylor2", "output"):
+        single = run(tr, x, cond, policy=MIXED.with_estimators(name), guidance=guidance, uncond=uncond)
+        assert not torch.allclose(res.latent, single.latent, atol=1e-6)
+
+
+@pytest.mark.parametrize("guidance", [1.0, 3.0])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_searched_peer_schedule_keeps_the_budget_exact(tr, batch, guidance):
+    """diffusers' TaylorSeer on a budcache mask computes exactly the mask's steps (its own estimator fills the rest)."""
+    x, cond, uncond = make_inputs(batch)
+    pol = CachePolicy(N, (0, 1, 4), meta={"mechanism": "taylorseer"})
+    with StackRuns(tr) as runs:
+        res = run(tr, x, cond, policy=pol, mechanism=None, guidance=guidance, uncond=uncond)
+    passes = 2 if guidance != 1.0 else 1
+    assert runs.count == passes * 3
+    assert res.nfe.tolist() == [3] * batch
+    other = run(tr, x, cond, policy=CachePolicy(N, (0, 3, 6), meta={"mechanism": "taylorseer"}), mechanism=None,
+                guidance=guidance, uncond=uncond)
+    assert not torch.allclose(res.latent, other.latent, atol=1e-6)  # the mask drives the peer's decisions
+
+
+def test_per_element_plans_match_one_by_one_runs(tr):
+    """A (B, N) plan runs B different masks and estimators as one batch, element b as if alone."""
+    x, cond, _ = make_inputs(2)
+    from budcache import estimators as est
+
+    plans = torch.tensor([[0, est.CODES["vtaylor1"], 0, est.CODES["taylor1"], est.CODES["taylor1"], 0, 3, 3],
+                          [0, 0, est.CODES["output"], est.CODES["vtaylor2"], 0, est.CODES["reuse"], 0, 1]])
+    with StackRuns(tr) as runs:
+        both = sample(tr, x, cond, SIGMAS, policy=StaticMask.from_plan(plans), rows=ROWS, cols=COLS)
+    assert both.nfe.tolist() == [3, 4]
+    assert sum(runs.batches) == 7  # element-steps that ran the stack
+    for b in range(2):
+        alone = sample(tr, x[b:b + 1], cond.select(torch.tensor([b])), SIGMAS,
+                       policy=StaticMask.from_plan(plans[b]), rows=ROWS, cols=COLS)
+        torch.testing.assert_close(both.latent[b:b + 1], alone.latent, rtol=1e-4, atol=1e-5)

@@ -250,7 +250,7 @@ class BudcacheMethod(StaticMethod):
         from ..search.calibration import get_loss
         from ..peers import PEER_MECHANISMS
         from ..search.evaluator import Evaluator, PeerScheduleEvaluator
-        from ..search.run import refine_plan, search_estimators
+        from ..search.run import PEER_SEARCH, peer_grid_start, refine_plan, search_estimators
 
         mech = self.mechanism or "reuse"
         estimator, refine = search_estimators(mech, self.estimators)
@@ -274,9 +274,14 @@ class BudcacheMethod(StaticMethod):
             else:
                 self._evaluator = Evaluator(view.make_sampler, calib, loss=get_loss(self.loss), estimator=estimator)
             self._calib, self._last = calib, None
-        cfg = SearchConfig(steps=problem.steps, nfe=nfe, **self.search_kw)
+        kw = dict(self.search_kw)
+        init = self._last
         t0 = time.perf_counter()
-        res = search(self._evaluator.losses, cfg, init=self._last, progress=self.progress)
+        if mech in PEER_MECHANISMS:
+            kw = {**PEER_SEARCH, **{k: v for k, v in kw.items() if k == "seed"}}
+            init = peer_grid_start(self._evaluator, problem.steps, nfe) or init
+        cfg = SearchConfig(steps=problem.steps, nfe=nfe, **kw)
+        res = search(self._evaluator.losses, cfg, init=init, progress=self.progress)
         refined, names = refine_plan(view, calib, self._evaluator, res.compute, mech, refine, get_loss(self.loss),
                                      progress=self.progress)
         self._last = res.compute

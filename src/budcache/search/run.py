@@ -27,6 +27,9 @@ from .evaluator import Evaluator, EvaluatorStats, make_calibration, plan_names, 
 #: The estimator the default search fills skipped steps with, and the alternatives it may choose per step.
 DEFAULT_MECHANISM = "vtaylor1"
 DEFAULT_REFINE: tuple[str, ...] = ("vtaylor1", "vtaylor2", "output")
+#: Search settings for a peer mechanism (no prefix sharing, so every mask costs a whole generation): start from
+#: the peer's best grid schedule (which keeps step 1 free: prefix 1), anneal briefly, then hill-climb.
+PEER_SEARCH: dict[str, Any] = {"sa_iters": 40, "hc_rounds": 6, "prefix": 1}
 
 
 @dataclass
@@ -325,6 +328,26 @@ def refine_plan(problem: Any, calib: CalibrationSet, evaluator: Any, compute: Se
     return refined, plan_names(refined.plan)
 
 
+def peer_grid_start(evaluator: Any, steps: int, nfe: int) -> tuple[int, ...] | None:
+    """The best of TaylorSeer's own (warm-up, interval) schedules with exactly ``nfe`` computed steps, scored by
+    ``evaluator``: the searched schedule starts from it, so it can only improve on the peer's grid
+    (``None`` when no grid point computes exactly ``nfe`` steps)."""
+    from ..peers import taylorseer_grid_mask
+
+    options = []
+    for before in range(1, nfe + 1):
+        for interval in range(1, steps + 1):
+            mask = taylorseer_grid_mask(steps, before, interval)
+            if sum(mask) == nfe:
+                options.append(tuple(k for k, m in enumerate(mask) if m))
+                break
+    if not options:
+        return None
+    options = list(dict.fromkeys(options))
+    losses = evaluator.losses(options)
+    return options[int(np.argmin(losses))]
+
+
 @torch.no_grad()
 def run(out: str | Path, *, nfes: Sequence[int], steps: int = 28, solver: str = "euler",
         mechanism: str = DEFAULT_MECHANISM, estimators: Sequence[str] | None = DEFAULT_REFINE,
@@ -371,6 +394,8 @@ def run(out: str | Path, *, nfes: Sequence[int], steps: int = 28, solver: str = 
     for k in nfes:
         if not 1 <= k <= steps:
             raise ConfigError(f"--nfe {k} must lie in 1..{steps} (the number of steps)")
+    if mechanism in PEER_MECHANISMS:  # whole generations per mask: a shorter annealing from the peer's grid
+        search_kw = {**PEER_SEARCH, **search_kw}
     configs = {k: SearchConfig(steps=steps, nfe=k, seed=seed, **search_kw) for k in sorted(set(nfes))}
     loss_fn = get_loss(loss)
     if prompt_file:
@@ -395,6 +420,8 @@ def run(out: str | Path, *, nfes: Sequence[int], steps: int = 28, solver: str = 
     prev: tuple[int, ...] | None = None
     for k, cfg in configs.items():
         before = EvaluatorStats(**asdict(evaluator.stats))
+        if mechanism in PEER_MECHANISMS:
+            prev = peer_grid_start(evaluator, steps, k) or prev
         res = search(evaluator.losses, cfg, init=prev, checkpoint=out / f"checkpoint_N{steps}_K{k}.json",
                      resume=resume, digest=calib.digest, progress=progress, sa_batch=evaluator.sa_batch)
         refined, names = refine_plan(problem, calib, evaluator, res.compute, mechanism, refine, loss_fn,
