@@ -165,3 +165,40 @@ def test_static_mask_plan_must_agree_with_mask() -> None:
         StaticMask(torch.tensor([True, False, True]), torch.tensor([0, 0, 0]))
     with pytest.raises(ConfigError, match="step 0 must be computed"):
         StaticMask.from_plan([1, 0, 0])
+
+
+# ------------------------------------------------------------------------------ version 1 unchanged
+@pytest.mark.slow
+def test_version_1_policies_reproduce_their_earlier_outputs_bit_for_bit() -> None:
+    """Outputs written by the release before version 2 (tests/data/make_v1_reference.py) are reproduced exactly."""
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    import budcache.diffusers as bd
+    from budcache import tinyflow
+
+    ref = load_file(str(Path(__file__).parent / "data" / "v1_reference.safetensors"))
+    prompts = ["a red circle", "two green triangles", "a small blue square in the top left"]
+    seeds = [3, 4, 5]
+    prev = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.no_grad():
+            tf = tinyflow.load()
+            for mech in ("reuse", "forecast1", "forecast2", "output"):
+                pol = CachePolicy(28, (0, 1, 3, 6, 10, 15, 21, 27), meta={"mechanism": mech})
+                assert pol.to_dict()["version"] == 1
+                got = tf.sample(prompts, seeds, 28, policy=pol).latent  # follows meta["mechanism"]
+                assert torch.equal(got, ref[f"sample_{mech}"]), mech
+            pipe = tinyflow.load_pipeline()
+            for mech in ("reuse", "forecast1"):
+                bd.apply(pipe, CachePolicy(28, (0, 1, 3, 6, 10, 15, 21, 27), meta={"mechanism": mech}))
+                try:
+                    got = pipe(**tf.pipeline_inputs(prompts[:1], seeds=seeds[:1]), num_inference_steps=28,
+                               output_type="latent").images
+                finally:
+                    bd.remove(pipe)
+                assert torch.equal(got, ref[f"pipeline_{mech}"]), mech
+    finally:
+        torch.set_num_threads(prev)
