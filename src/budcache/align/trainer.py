@@ -38,11 +38,12 @@ import torch
 from torch.utils.checkpoint import checkpoint as _checkpoint
 
 from .. import __version__
+from ..estimators import newton
 from ..errors import ConfigError, ModelOutputError
 from ..hooks import MECHANISMS, find_cache
 from ..io import atomic_write_bytes
 from ..policy import CachePolicy
-from ..sampler import Controller, Sampler, SamplerState, StaticMask, _select
+from ..sampler import Controller, Sampler, SamplerState, StaticMask, _select, policy_plan
 from ..search.calibration import CalibrationSet, get_loss
 from . import distributed
 from .params import PARAMETRISATIONS, Schedule, make_schedule
@@ -134,8 +135,8 @@ class _ResidualTap:
     with its graph (torch hooks on the first and last block), the newest
     ``order + 1`` per cache context. On a skipped step ``k`` it rebuilds the
     mechanism's estimate ``R_hat_k`` from those graph residuals (reuse:
-    ``R_hat = R_j``; forecast: the same Newton extrapolation in the step index
-    as :meth:`budcache.hooks.ResidualHistory.estimate`) and adds
+    ``R_hat = R_j``; forecast: :func:`budcache.estimators.newton`, the
+    definition the hooks use) and adds
     ``R_hat - R_hat.detach()`` (zero) to the first block's output. The value is
     the cache's; the gradient also reaches the sigmas and latents of the steps
     that computed the residuals. Image stream only: the model's output reads
@@ -185,18 +186,11 @@ class _ResidualTap:
             self.h_in = None
 
     def estimate(self, hist: list[tuple[int, torch.Tensor]], k: int) -> torch.Tensor:
-        """``R_hat_k`` from graph residuals, newest first: up to ``order`` divided differences in the step index."""
-        (s0, r0) = hist[0]
-        if self.order < 1 or len(hist) < 2:
-            return r0
-        (s1, r1) = hist[1]
-        d1 = (r0 - r1) / (s0 - s1)
-        out = r0 + d1 * (k - s0)
-        if self.order < 2 or len(hist) < 3:
-            return out
-        (s2, r2) = hist[2]
-        d2 = (d1 - (r1 - r2) / (s1 - s2)) / (s0 - s2)
-        return out + d2 * (k - s0) * (k - s1)
+        """``R_hat_k`` from graph residuals, newest first: :func:`budcache.estimators.newton` of ``order``
+        in the step index (the hooks' own definition, here on tensors that keep their graph)."""
+        values = tuple(r for _, r in hist)
+        steps = tuple(torch.full((r.shape[0],), float(s), device=r.device) for s, r in hist)
+        return newton(values, steps, k, self.order)
 
     def _head_out(self, module: Any, args: tuple, kwargs: dict, out: Any) -> Any:
         hist = self.residual.get(self.context)
@@ -281,19 +275,24 @@ class CheckpointedDenoiser:
         return _checkpoint(run, x, sigma, use_reentrant=False)
 
 
-def student_sampler(problem: Any, mask: Sequence[bool], sigmas: torch.Tensor, grad_checkpointing: bool = True,
+def student_sampler(problem: Any, mask: Sequence[bool] | CachePolicy, sigmas: torch.Tensor,
+                    grad_checkpointing: bool = True,
                     residual_grad: bool = False) -> Sampler:
     """The cached sampler of ``mask`` on ``sigmas`` (all-compute: the plain sampler, no hooks).
 
     Call :func:`release` on it after the backward pass when ``residual_grad`` is on.
     """
-    m = [bool(v) for v in mask]
-    controller = None if all(m) else StaticMask(torch.tensor(m))
+    plan = policy_plan(mask) if isinstance(mask, CachePolicy) and mask.estimators is not None else None
+    m = [bool(v) for v in (mask.mask if isinstance(mask, CachePolicy) else mask)]
+    controller = None if all(m) else StaticMask(torch.tensor(m), plan)
     sampler = problem.make_sampler(controller, len(m), sigmas=sigmas)
     if sampler.steps != len(m):
         raise ConfigError(f"the sampler has {sampler.steps} steps but the mask {len(m)}")
     tap = None
-    if residual_grad and not all(m):
+    # Velocity forecasts keep their graph (nothing to tap); the straight-through residual tap serves one
+    # version-1 residual mechanism on every skipped step.
+    velocity_only = sampler.residual_depth == 0
+    if residual_grad and not all(m) and not velocity_only and sampler.legacy:
         if sampler.mechanism not in MECHANISMS or getattr(sampler.denoiser, "transformer", None) is None:
             raise ConfigError(f"residual gradients need a residual mechanism ({', '.join(MECHANISMS)}) on a "
                               f"diffusers transformer, not {sampler.mechanism!r}; align with residual_grad=False")
@@ -450,6 +449,7 @@ def align(problem: Any, calib: CalibrationSet, policy: CachePolicy | Sequence[bo
     if calib.teacher is None:
         raise ConfigError("the calibration set has no teacher outputs; build it with problem.calibration")
     mask = _as_mask(policy)
+    student = policy if isinstance(policy, CachePolicy) and policy.estimators is not None else mask
     n_steps = len(mask)
     base = base_sigmas(problem, policy) if init_sigmas is None else init_sigmas.detach()
     if base.numel() != n_steps + 1:
@@ -530,7 +530,7 @@ def align(problem: Any, calib: CalibrationSet, policy: CachePolicy | Sequence[bo
             for b in range(0, len(mine), cfg.micro_batch):
                 cs, rows = data_for(epoch, mine[b:b + cfg.micro_batch])
                 noise, cond, uncond, teacher = _rows(cs, rows)
-                sampler = student_sampler(problem, mask, sched(), cfg.grad_checkpointing, cfg.residual_grad)
+                sampler = student_sampler(problem, student, sched(), cfg.grad_checkpointing, cfg.residual_grad)
                 try:
                     x = sampler.run(sampler.start(noise), cond, uncond).x
                     per_item = loss_fn(x.float(), teacher.float())           # (b,)
