@@ -381,6 +381,7 @@ class RefineResult:
     loss: float
     history: list[dict[str, Any]] = field(default_factory=list)
     evaluations: int = 0
+    wall_s: float = 0.0
 
 
 def refine_estimators(plan_losses: Callable[[Sequence[tuple[int, ...]]], list[float]], plan: Sequence[int],
@@ -394,6 +395,7 @@ def refine_estimators(plan_losses: Callable[[Sequence[tuple[int, ...]]], list[fl
     descent stops at a local minimum or after ``rounds`` rounds. The budget K
     is the same at every move, since only skipped steps change. Deterministic.
     """
+    t0 = time.perf_counter()
     cur = tuple(int(c) for c in plan)
     loss = plan_losses([cur])[0]
     history = [{"round": 0, "loss": loss, "plan": list(cur)}]
@@ -426,4 +428,4 @@ def refine_estimators(plan_losses: Callable[[Sequence[tuple[int, ...]]], list[fl
     finally:
         if bar is not None:
             bar.close()
-    return RefineResult(cur, loss, history, len(evaluated))
+    return RefineResult(cur, loss, history, len(evaluated), time.perf_counter() - t0)

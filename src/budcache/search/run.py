@@ -259,12 +259,14 @@ def report(outcomes: list[BudgetOutcome], meta: dict[str, Any]) -> str:
              f"(digest {meta['digest']}); held-out {meta['heldout_pairs']} pairs, disjoint from calibration.", "",
              "Plan: `C` computed; skipped steps by estimator (`r` reuse, `f`/`F` forecast1/2, `t`/`T` taylor1/2, "
              "`o` output, `v`/`V` vtaylor1/2).", "",
-             "| NFE | best calib. loss | masks evaluated | item evaluations | batched stack calls | wall (s) | plan |",
-             "|---|---|---|---|---|---|---|"]
+             "| NFE | mask search loss | with per-step estimators | masks evaluated | mask search (s) | "
+             "estimator plans evaluated | estimator choice (s) | plan |",
+             "|---|---|---|---|---|---|---|---|"]
     for o in outcomes:
-        lines.append(f"| {o.nfe} | {o.policy.meta.get('search_loss', o.result.loss):.4e} | {o.stats.evaluations} | "
-                     f"{o.stats.item_evaluations} | {o.stats.stack_calls} | {o.result.wall_s:.1f} | "
-                     f"`{o.policy.estimator_strip()}` |")
+        r = o.refined
+        lines.append(f"| {o.nfe} | {o.result.loss:.4e} | {r.loss if r else o.result.loss:.4e} | "
+                     f"{o.stats.evaluations} | {o.result.wall_s:.1f} | {r.evaluations if r else 0} | "
+                     f"{r.wall_s if r else 0.0:.1f} | `{o.policy.estimator_strip()}` |")
     has_ssim = all("ssim" in o.heldout["budcache"] for o in outcomes)
     cols = ["latent MSE", "PSNR", "median PSNR"] + (["SSIM"] if has_ssim else [])
     lines += ["", "Held-out quality against the full-step output (mean latent MSE, mean and median PSNR"
@@ -448,5 +450,8 @@ def run(out: str | Path, *, nfes: Sequence[int], steps: int = 28, solver: str = 
     atomic_write_text(out / "report.md", report(outcomes, meta))
     write_json(out / "summary.json", {"meta": meta, "budgets": [
         {"nfe": o.nfe, "compute": list(o.result.compute), "loss": o.result.loss, "stats": asdict(o.stats),
-         "wall_s": o.result.wall_s, "heldout": o.heldout} for o in outcomes]})
+         "wall_s": o.result.wall_s, "heldout": o.heldout,
+         "estimators": list(o.policy.estimators) if o.policy.estimators is not None else None,
+         "estimator_loss": o.refined.loss if o.refined else None,
+         "estimator_wall_s": o.refined.wall_s if o.refined else 0.0} for o in outcomes]})
     return outcomes
