@@ -72,3 +72,89 @@ def test_peer_mechanisms_refuse_per_step_estimators() -> None:
         search_estimators("taylorseer", ["vtaylor1"])
     with pytest.raises(ConfigError, match="unknown"):
         search_estimators("warp", None)
+
+
+# ------------------------------------------------------------------------------ evaluators on a tiny FLUX
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from budcache.denoisers import FluxCond, FluxDenoiser  # noqa: E402
+from budcache.sampler import Sampler, StaticMask  # noqa: E402
+from budcache.schedules import flux  # noqa: E402
+from budcache.search.calibration import latent_mse  # noqa: E402
+from budcache.search.evaluator import Evaluator, PeerScheduleEvaluator, make_calibration  # noqa: E402
+from helpers import make_transformer  # noqa: E402
+
+ROWS, COLS, TXT, N, C = 4, 4, 8, 8, 3
+
+
+@pytest.fixture(scope="module")
+def tr():
+    return make_transformer()
+
+
+def _factory(tr, guidance: float = 1.0):
+    sigmas = flux(N, ROWS * COLS)
+
+    def make_sampler(controller, mechanism: str = "vtaylor1"):
+        return Sampler(FluxDenoiser(tr, ROWS, COLS), sigmas, "euler", controller, mechanism, guidance)
+
+    return make_sampler
+
+
+def _calib(make_sampler, guidance: float = 1.0):
+    g = torch.Generator().manual_seed(3)
+    noise = torch.randn(C, ROWS * COLS, 16, generator=g)
+    cond = FluxCond(torch.randn(C, TXT, 32, generator=g), torch.randn(C, 32, generator=g))
+    uncond = FluxCond(torch.randn(C, TXT, 32, generator=g), torch.randn(C, 32, generator=g))
+    with torch.no_grad():
+        return make_calibration(make_sampler, [f"p{i}" for i in range(C)], list(range(C)), noise, cond,
+                                uncond if guidance != 1.0 else None)
+
+
+@pytest.mark.parametrize("guidance", [1.0, 3.0])
+def test_plan_losses_equal_direct_sampling(tr, guidance):
+    make = _factory(tr, guidance)
+    calib = _calib(make, guidance)
+    rng = np.random.default_rng(0)
+    codes = [est.CODES[n] for n in ("vtaylor1", "vtaylor2", "output", "taylor2", "reuse")]
+    plans = []
+    base = (0, V1, 0, V1, V1, 0, V1, V1)
+    for _ in range(8):  # neighbours of one plan share prefixes: later ones resume from stored states
+        k = int(rng.choice([1, 3, 4, 6, 7]))
+        plans.append(base[:k] + (int(rng.choice(codes)),) + base[k + 1:])
+    ev = Evaluator(make, calib, estimator="vtaylor1")
+    with torch.no_grad():
+        got = ev.plan_losses(plans[:3]) + ev.plan_losses(plans[3:])
+        for p, value in zip(plans, got):
+            s = make(StaticMask.from_plan(torch.tensor([p] * C)))
+            st = s.run(s.start(calib.noise), calib.cond, calib.uncond)
+            assert st.nfe.tolist() == [3] * C
+            assert value == pytest.approx(float(latent_mse(st.x, calib.teacher).mean()), rel=1e-4, abs=1e-12)
+        # a compute set is scored as its plan with the evaluator's estimator
+        assert ev.loss_of((0, 2, 5)) == pytest.approx(ev.plan_losses([base])[0], rel=0, abs=0)
+    assert len(set(round(v, 10) for v in got)) > 3
+
+
+def test_plan_losses_need_an_estimator(tr):
+    make = _factory(tr)
+    ev = Evaluator(make, _calib(make))
+    with pytest.raises(ConfigError, match="plan_losses needs an evaluator built with an estimator"):
+        ev.plan_losses([(0,) * N])
+
+
+def test_peer_schedule_losses_equal_direct_sampling(tr):
+    make = _factory(tr)
+    calib = _calib(make)
+    ev = PeerScheduleEvaluator(make, calib, mechanism="taylorseer")
+    computes = [(0, 1, 4), (0, 3, 6), (0, 2, 5)]
+    with torch.no_grad():
+        got = ev.losses(computes)
+        for comp, value in zip(computes, got):
+            mask = torch.tensor([k in comp for k in range(N)])
+            s = make(StaticMask(mask), mechanism="taylorseer")
+            st = s.run(s.start(calib.noise), calib.cond, calib.uncond)
+            assert value == float(latent_mse(st.x, calib.teacher).mean())
+    assert len(set(got)) == 3 and ev.stats.evaluations == 3
+    ev.losses(computes[:1])
+    assert ev.stats.evaluations == 3 and ev.stats.memo_hits == 1
