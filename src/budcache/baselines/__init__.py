@@ -15,6 +15,7 @@ from collections.abc import Callable
 from .base import Method, MethodRun
 from .calibrate import ThresholdFit, calibrate_threshold
 from .dicache import DiCache, DiCacheController
+from .ertacache import ERTACache
 from .lemica import LeMiCa, brute_force_path, lexminimax_path
 from .recache import ReCache
 from .teacache import TeaCache, TeaCacheController
@@ -25,7 +26,8 @@ METHODS: dict[str, Callable[..., Method]] = {
     "dicache": DiCache,
     "lemica": LeMiCa,
     "recache": ReCache,
+    "ertacache": ERTACache,
 }
 
-__all__ = ["METHODS", "DiCache", "DiCacheController", "LeMiCa", "Method", "MethodRun", "ReCache", "TeaCache",
+__all__ = ["METHODS", "DiCache", "DiCacheController", "ERTACache", "LeMiCa", "Method", "MethodRun", "ReCache", "TeaCache",
            "TeaCacheController", "ThresholdFit", "brute_force_path", "calibrate_threshold", "lexminimax_path"]
