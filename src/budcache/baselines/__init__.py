@@ -16,6 +16,7 @@ from .base import Method, MethodRun
 from .calibrate import ThresholdFit, calibrate_threshold
 from .dicache import DiCache, DiCacheController
 from .ertacache import ERTACache
+from .meancache import MeanCache
 from .lemica import LeMiCa, brute_force_path, lexminimax_path
 from .recache import ReCache
 from .teacache import TeaCache, TeaCacheController
@@ -27,7 +28,8 @@ METHODS: dict[str, Callable[..., Method]] = {
     "lemica": LeMiCa,
     "recache": ReCache,
     "ertacache": ERTACache,
+    "meancache": MeanCache,
 }
 
-__all__ = ["METHODS", "DiCache", "DiCacheController", "ERTACache", "LeMiCa", "Method", "MethodRun", "ReCache", "TeaCache",
+__all__ = ["METHODS", "DiCache", "DiCacheController", "ERTACache", "LeMiCa", "MeanCache", "Method", "MethodRun", "ReCache", "TeaCache",
            "TeaCacheController", "ThresholdFit", "brute_force_path", "calibrate_threshold", "lexminimax_path"]
