@@ -17,6 +17,7 @@ from .calibrate import ThresholdFit, calibrate_threshold
 from .dicache import DiCache, DiCacheController
 from .ertacache import ERTACache
 from .meancache import MeanCache
+from .gcache import GCache
 from .lemica import LeMiCa, brute_force_path, lexminimax_path
 from .recache import ReCache
 from .teacache import TeaCache, TeaCacheController
@@ -29,7 +30,8 @@ METHODS: dict[str, Callable[..., Method]] = {
     "recache": ReCache,
     "ertacache": ERTACache,
     "meancache": MeanCache,
+    "gcache": GCache,
 }
 
-__all__ = ["METHODS", "DiCache", "DiCacheController", "ERTACache", "LeMiCa", "MeanCache", "Method", "MethodRun", "ReCache", "TeaCache",
+__all__ = ["METHODS", "DiCache", "DiCacheController", "ERTACache", "GCache", "LeMiCa", "MeanCache", "Method", "MethodRun", "ReCache", "TeaCache",
            "TeaCacheController", "ThresholdFit", "brute_force_path", "calibrate_threshold", "lexminimax_path"]
