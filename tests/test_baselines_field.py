@@ -8,22 +8,32 @@ import itertools
 import numpy as np
 import pytest
 import torch
+from helpers import make_transformer
+from test_baselines import BlockRuns, TinyProblem, calibration, inputs
 
 from budcache.baselines import ECAD, METHODS, ERTACache, GCache, MeanCache, Method
 from budcache.baselines.ecad import crowding, non_dominated_fronts, ranks, repair, select
-from budcache.baselines.ertacache import (ERTAController, accumulate_schedule, fit_affine, rectify,
-                                          schedule_for_budget, sources)
-from budcache.baselines.gcache import (bayes_opt, bound_weights, brute_force_gcache_path, gcache_path,
-                                       local_errors)
-from budcache.baselines.meancache import (brute_force_peak_path, edge_costs, mean_velocity, objective,
-                                          peak_suppressed_path)
+from budcache.baselines.ertacache import (
+    ERTAController,
+    accumulate_schedule,
+    fit_affine,
+    rectify,
+    schedule_for_budget,
+    sources,
+)
+from budcache.baselines.gcache import bayes_opt, bound_weights, brute_force_gcache_path, gcache_path, local_errors
+from budcache.baselines.meancache import (
+    brute_force_peak_path,
+    edge_costs,
+    mean_velocity,
+    objective,
+    peak_suppressed_path,
+)
 from budcache.baselines.profile import StepSolver, record_trajectory
 from budcache.errors import ConfigError
 from budcache.hooks import ResidualHistory
 from budcache.sampler import StaticMask
 from budcache.solvers import get_solver
-from helpers import make_transformer
-from test_baselines import BlockRuns, TinyProblem, calibration, inputs
 
 torch.set_num_threads(1)
 N = 8
@@ -154,7 +164,7 @@ def test_ertacache_with_guidance_computes_both_passes_exactly_k(tr):
     m = ERTACache()
     m.fit(problem, c, 4)
     x, cond, uncond = inputs(2, seed=7)
-    run, head, tail = counted_run(m, problem, x, cond, uncond)
+    run, _, tail = counted_run(m, problem, x, cond, uncond)
     assert run.nfe.tolist() == [4.0, 4.0] and tail == 2 * 2 * 4
     assert bool(torch.isfinite(run.latent).all())
 

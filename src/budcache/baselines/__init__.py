@@ -19,9 +19,9 @@ from .calibrate import ThresholdFit, calibrate_threshold
 from .dicache import DiCache, DiCacheController
 from .ecad import ECAD
 from .ertacache import ERTACache
-from .meancache import MeanCache
 from .gcache import GCache
 from .lemica import LeMiCa, brute_force_path, lexminimax_path
+from .meancache import MeanCache
 from .recache import ReCache
 from .teacache import TeaCache, TeaCacheController
 
@@ -37,5 +37,22 @@ METHODS: dict[str, Callable[..., Method]] = {
     "ecad": ECAD,
 }
 
-__all__ = ["METHODS", "DiCache", "DiCacheController", "ECAD", "ERTACache", "GCache", "LeMiCa", "MeanCache", "Method", "MethodRun", "ReCache", "TeaCache",
-           "TeaCacheController", "ThresholdFit", "brute_force_path", "calibrate_threshold", "lexminimax_path"]
+__all__ = [
+    "ECAD",
+    "METHODS",
+    "DiCache",
+    "DiCacheController",
+    "ERTACache",
+    "GCache",
+    "LeMiCa",
+    "MeanCache",
+    "Method",
+    "MethodRun",
+    "ReCache",
+    "TeaCache",
+    "TeaCacheController",
+    "ThresholdFit",
+    "brute_force_path",
+    "calibrate_threshold",
+    "lexminimax_path",
+]

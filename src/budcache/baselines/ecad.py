@@ -201,7 +201,8 @@ class ECAD:
         for g in range(self.generations):
             rank, dist = ranks(objs)
 
-            def tournament() -> np.ndarray:
+            def tournament(pop: list[np.ndarray] = pop, rank: np.ndarray = rank,
+                           dist: np.ndarray = dist) -> np.ndarray:
                 a, b = rng.integers(0, len(pop), 2)
                 better = a if (rank[a], -dist[a]) < (rank[b], -dist[b]) else b
                 return pop[int(better)]

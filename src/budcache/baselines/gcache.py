@@ -256,4 +256,4 @@ class GCache:
         return MethodRun(latent, computed.sum(0).double(), {"computed": computed, "compute": list(self.policy.compute)})
 
 
-__all__ = ["GCache", "bound_weights", "gcache_path", "brute_force_gcache_path", "local_errors", "bayes_opt"]
+__all__ = ["GCache", "bayes_opt", "bound_weights", "brute_force_gcache_path", "gcache_path", "local_errors"]
