@@ -10,6 +10,15 @@
   bin, then single computed steps separated by cache bins that grow towards
   the end, like cache-dit's predefined masks; the warm-up length is chosen on
   the calibration loss.
+- ``cachedit-dmd`` and ``cachedit-foca``: the same static steps mask with one
+  of cache-dit's residual calibrators forecasting the cached residual on the
+  cached steps instead of reusing it: ``DMDCalibratorConfig`` (dynamic mode
+  decomposition of the last compute-step snapshots, exponential
+  extrapolation; it falls back to a Taylor forecast with fewer than 4
+  snapshots) and ``FoCaCalibratorConfig`` (FoCa: BDF2 predictor, Heun
+  corrector), both at cache-dit 1.5.3's defaults, for the image and the text
+  stream. cache-dit's own code runs unchanged; the mask's warm-up length is
+  chosen on the calibration loss with the calibrator on.
 
 cache-dit patches the forward methods of the transformer instance it is
 applied to, and they stay patched after ``disable_cache`` (the outputs stay
@@ -196,4 +205,39 @@ class CacheDitStepsMethod(DBCacheMethod):
         self.warmup, self.mask = best["warmup"], best["mask"]
 
 
-METHODS: dict[str, Callable[[], Any]] = {"dbcache": DBCacheMethod, "cachedit-steps": CacheDitStepsMethod}
+@dataclass
+class CacheDitCalibratedMethod(CacheDitStepsMethod):
+    """cache-dit's static steps mask with one of its calibrators (``dmd`` or ``foca``) on the cached steps."""
+
+    name: str = "cachedit-dmd"
+    calibrator: str = "dmd"
+
+    def calibrator_config(self) -> Any:
+        cd = _cache_dit()
+        configs = {"dmd": "DMDCalibratorConfig", "foca": "FoCaCalibratorConfig"}
+        if self.calibrator not in configs:
+            raise MissingExtraError(f"cache-dit calibrator {self.calibrator!r} is not one of {sorted(configs)}")
+        cls = getattr(cd, configs[self.calibrator], None)
+        if cls is None:
+            raise MissingExtraError(f"this cache-dit ({getattr(cd, '__version__', '?')}) has no "
+                                    f"{configs[self.calibrator]}; cache-dit 1.5.3 ships it")
+        return cls()
+
+    def install(self, transformer: torch.nn.Module) -> Callable[[], None]:
+        cd = _cache_dit()
+        cd.enable_cache(transformer, cache_config=self.config(), calibrator_config=self.calibrator_config())
+        return lambda: cd.disable_cache(transformer)
+
+
+def dmd_method() -> CacheDitCalibratedMethod:
+    """cache-dit's steps mask with its DMD calibrator."""
+    return CacheDitCalibratedMethod(name="cachedit-dmd", calibrator="dmd")
+
+
+def foca_method() -> CacheDitCalibratedMethod:
+    """cache-dit's steps mask with its FoCa calibrator."""
+    return CacheDitCalibratedMethod(name="cachedit-foca", calibrator="foca")
+
+
+METHODS: dict[str, Callable[[], Any]] = {"dbcache": DBCacheMethod, "cachedit-steps": CacheDitStepsMethod,
+                                         "cachedit-dmd": dmd_method, "cachedit-foca": foca_method}
