@@ -5,11 +5,23 @@
 >>> images = pipe(..., num_inference_steps=policy.steps).images
 >>> bd.remove(pipe)
 
-The step of each transformer call is found by matching its timestep to the
-pipeline scheduler's timesteps (never by counting calls), so warm-up calls,
-CFG's two passes and interrupted generations cannot shift it. A policy whose
-step count differs from the pipeline's schedule is an error. State is kept per
-``cache_context`` (separate caches for CFG's passes) and starts clean at step 0.
+The step of each transformer call comes from host-side state: the pipeline's
+``cache_context(..., step_index=i)`` when it passes one, else the scheduler's
+own ``step_index`` (``None`` before its first ``step``: the generation's start),
+read when the pipeline enters ``transformer.cache_context(name)``, before the
+call and outside any compiled region. No device tensor is read back during a
+generation and the hooked forward never branches on the step number, so
+``torch.compile(pipe.transformer, fullgraph=True)`` keeps one graph per
+variant (compute, skip). The schedule is still checked on the host: a policy
+whose step count differs from the scheduler's, an img2img ``strength`` (a
+scheduler that begins past step 0) and, at step 0, a learned schedule the
+scheduler does not run are errors. State is kept per ``cache_context``
+(separate caches for CFG's passes) and starts clean at step 0.
+
+``step_from="timestep"`` keeps the former resolver for loops that call the
+transformer without stepping the scheduler: it matches each call's timestep
+against the scheduler's timesteps, which reads a device tensor back per call
+(a host sync, and a graph break under ``torch.compile``).
 """
 
 from __future__ import annotations
@@ -73,6 +85,69 @@ class _TimestepResolver:
         return Decision(k, self.mask[k].expand(b).clone())
 
 
+class _SchedulerSteps:
+    """The step of each call from the scheduler's host state (``step_index``, ``begin_index``, ``len(timesteps)``).
+
+    ``host_decision`` runs when a ``cache_context`` is entered (or at the call,
+    for pipelines without one) and reads no device tensor: a schedule's length
+    is its shape, the indices are Python ints, and the learned-sigmas check at
+    step 0 reads the scheduler's ``sigmas``, which diffusers' flow-matching
+    schedulers keep on the CPU.
+    """
+
+    def __init__(self, policy: CachePolicy, scheduler: Any) -> None:
+        self.policy = policy
+        self.scheduler = scheduler
+        self.mask = tuple(bool(c) for c in policy.mask_tensor().tolist())
+        self._flags = {True: torch.ones(1, dtype=torch.bool), False: torch.zeros(1, dtype=torch.bool)}
+
+    def __call__(self, module: torch.nn.Module, args: tuple, kwargs: dict, state: Any) -> Decision:
+        raise AssertionError("host resolver: the hooks call host_decision")  # pragma: no cover
+
+    def host_decision(self, context: Any) -> Decision:
+        sched = self.scheduler
+        ts = getattr(sched, "timesteps", None)
+        if ts is None:
+            raise ConfigError("the pipeline's scheduler has no timesteps yet (set_timesteps was not called)")
+        n = len(ts)
+        begin = getattr(sched, "begin_index", None)
+        if begin not in (None, 0):
+            raise PolicyError(f"policy field 'steps': the pipeline starts at step {begin} of {n} (img2img "
+                              f"'strength'), so it runs {n - begin} steps, not the policy's {self.policy.steps}; "
+                              f"search a policy for {n - begin} steps with that strength")
+        if n != self.policy.steps:
+            raise PolicyError(f"policy field 'steps': the policy is for {self.policy.steps} steps but the pipeline "
+                              f"runs {n} (num_inference_steps, strength or custom sigmas); search a policy for "
+                              f"{n} steps")
+        k = getattr(context, "step_index", None)
+        if k is None:
+            if not hasattr(sched, "step_index"):
+                raise ConfigError(f"{type(sched).__name__} keeps no step_index, so budcache cannot tell the step "
+                                  "on the host; apply with step_from='timestep'")
+            k = sched.step_index
+            if k is None:  # before the scheduler's first step() of this generation
+                k = begin or 0
+        k = int(k)
+        if not 0 <= k < n:
+            raise ConfigError(f"the scheduler is at step {k} of {n}: budcache takes each call's step from the "
+                              "scheduler's step_index, so call the transformer from the denoising loop (or apply "
+                              "with step_from='timestep')")
+        if k == 0 and self.policy.sigmas is not None:
+            self._check_sigmas(n)
+        c = self.mask[k]
+        return Decision(k, self._flags[c], computes=c)
+
+    def _check_sigmas(self, n: int) -> None:
+        want = torch.tensor(self.policy.sigmas[:-1], dtype=torch.float64)
+        have = getattr(self.scheduler, "sigmas", None)
+        # once per generation, at step 0; diffusers' flow-matching schedulers keep sigmas on the CPU
+        have = torch.zeros(0) if have is None else have.detach().to("cpu", torch.float64)[:n]
+        if have.shape != want.shape or not torch.allclose(have, want, atol=1e-4):
+            raise PolicyError("policy field 'sigmas': the policy carries a learned schedule but the pipeline's "
+                              "scheduler runs another one; configure the scheduler so its sigmas equal the "
+                              "policy's (custom sigmas with any resolution shift disabled)")
+
+
 def _transformer_and_scheduler(target: Any) -> tuple[torch.nn.Module, Any]:
     tr = getattr(target, "transformer", None)
     if isinstance(tr, torch.nn.Module):
@@ -85,7 +160,7 @@ def _transformer_and_scheduler(target: Any) -> tuple[torch.nn.Module, Any]:
 
 
 def apply(target: Any, policy: CachePolicy | str | os.PathLike, *, nfe: int | None = None, steps: int | None = None,
-          mechanism: str | None = None, scheduler: Any = None) -> CacheHandle:
+          mechanism: str | None = None, scheduler: Any = None, step_from: str = "scheduler") -> CacheHandle:
     """Install ``policy`` on a pipeline's transformer (or a transformer with ``scheduler=``).
 
     ``policy`` is a :class:`CachePolicy`, a path to a policy JSON file, or
@@ -94,7 +169,14 @@ def apply(target: Any, policy: CachePolicy | str | os.PathLike, *, nfe: int | No
     ``meta``), else ``"reuse"``. A policy with learned sigmas must run with
     those sigmas (the scheduler's sigmas must equal them; mind pipelines that
     shift custom sigmas by resolution): another schedule is an error at step 0.
+
+    ``step_from``: ``"scheduler"`` (default) takes each call's step from the
+    scheduler's host state, with no device read and no graph break;
+    ``"timestep"`` matches the call's timestep against the scheduler's
+    timesteps (a device read per call), for loops that never step the scheduler.
     """
+    if step_from not in ("scheduler", "timestep"):
+        raise ConfigError(f"step_from must be 'scheduler' or 'timestep' (got {step_from!r})")
     if isinstance(policy, (str, os.PathLike)):
         if policy == "uniform":
             if nfe is None or steps is None:
@@ -113,7 +195,8 @@ def apply(target: Any, policy: CachePolicy | str | os.PathLike, *, nfe: int | No
         raise ConfigError("a budcache cache is already applied; call budcache.diffusers.remove first")
     if mechanism is None:
         mechanism = str(policy.meta.get("mechanism", "reuse"))
-    return apply_cache(tr, mechanism, resolver=_TimestepResolver(policy, scheduler))
+    resolver = _SchedulerSteps(policy, scheduler) if step_from == "scheduler" else _TimestepResolver(policy, scheduler)
+    return apply_cache(tr, mechanism, resolver=resolver)
 
 
 def remove(target: Any) -> None:

@@ -32,7 +32,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -71,6 +71,12 @@ class Decision:
     estimator: Estimator | None = None
     resume: Probe | None = None
     resume_context: str = "cond"
+    #: Host-side facts of a static policy, so no hook reads ``compute`` back: ``True`` every element computes,
+    #: ``False`` none does (``compute`` then need not match the batch). ``None``: read ``compute``.
+    computes: bool | None = None
+    #: ``step`` as a 0-d tensor on the model's device: compiled hooks use it in tensor math instead of the int,
+    #: so no graph is specialised on the step.
+    at: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -85,15 +91,18 @@ class ResidualHistory:
     txt: tuple[torch.Tensor | None, ...] = ()
     steps: tuple[torch.Tensor, ...] = ()
 
-    def push(self, idx: torch.Tensor | None, img: torch.Tensor, txt: torch.Tensor | None, step: int,
-             batch: int, depth: int) -> ResidualHistory:
+    def push(self, idx: torch.Tensor | None, img: torch.Tensor, txt: torch.Tensor | None,
+             step: int | torch.Tensor, batch: int, depth: int) -> ResidualHistory:
         """New history where elements ``idx`` (``None``: all, in order) gain the residual of ``step``.
 
         ``img``/``txt`` hold the new residuals of those elements only; older
         entries move one level down and the oldest beyond ``depth`` is dropped.
         """
         full = idx is None
-        steps_new = torch.full((img.shape[0],), float(step), device=img.device)
+        if torch.is_tensor(step):  # a 0-d step tensor (compiled hooks): no host read, no specialisation
+            steps_new = step.to(device=img.device, dtype=torch.get_default_dtype()).reshape(1).expand(img.shape[0]).clone()
+        else:
+            steps_new = torch.full((img.shape[0],), float(step), device=img.device)
 
         def shifted(old: tuple[torch.Tensor | None, ...], new: torch.Tensor | None, fill: float) -> tuple:
             if new is None:
@@ -163,6 +172,7 @@ class _State(BaseState):
         self.head_in: tuple[torch.Tensor, torch.Tensor | None] | None = None
         self.last_step = -1
         self.signature: tuple | None = None  # (shape, dtype, device) of the latest input
+        self.called = False  # a host-resolved decision was used by a call (set in the forward, read on the host)
 
     def reset(self, *args: Any, **kwargs: Any) -> None:
         self.__init__()
@@ -285,10 +295,17 @@ class _BlockHook(ModelHook):
             raise ConfigError("budcache: the transformer was called without a step decision")
         h, e = self._streams(kw)
         st.batch = h.shape[0]
-        if d.compute.shape[0] != st.batch:
-            raise ConfigError(f"decision covers {d.compute.shape[0]} elements but the batch has {st.batch}")
-        n = int(d.compute.sum())
-        self.cache.stats.calls += 1
+        host = d.computes is not None
+        if host:
+            # a static policy: every element computes or none does, known on the host; the model hook counts
+            # this call on the host once it is done (no Python counter changes inside a compiled graph)
+            n = st.batch if d.computes else 0
+            st.called = True
+        else:
+            if d.compute.shape[0] != st.batch:
+                raise ConfigError(f"decision covers {d.compute.shape[0]} elements but the batch has {st.batch}")
+            n = int(d.compute.sum())
+            self.cache.stats.calls += 1
         if n != st.batch and not st.history.img:
             raise ConfigError(f"budcache: step {d.step} skips elements that have no cached residual yet "
                                "(the first step of a generation must compute)")
@@ -300,14 +317,16 @@ class _BlockHook(ModelHook):
             st.head_in = (h, e)
         elif n == 0:
             st.mode, st.idx = "skip", None
-            self.cache.stats.skipped_calls += 1
+            if not host:
+                self.cache.stats.skipped_calls += 1
             return
         else:
             st.mode = "subset"
             st.idx = torch.nonzero(d.compute, as_tuple=False).squeeze(1).to(h.device)
             st.head_in = (h, e)
-        self.cache.stats.stack_runs += 1
-        self.cache.stats.elements_computed += n
+        if not host:
+            self.cache.stats.stack_runs += 1
+            self.cache.stats.elements_computed += n
 
     def _end(self, st: _State, output: Any) -> Any:
         h_out, e_out = self._unpack(output)
@@ -320,6 +339,7 @@ class _BlockHook(ModelHook):
         r_txt = (e_out - e_in_s).detach() if (e_out is not None and e_in_s is not None) else None
         idx = st.idx
         depth = self.cache.depth
+        step = st.decision.at if st.decision.at is not None else st.decision.step
         if st.mode == "subset":
             est_img, est_txt = self.cache._estimate(st)
             full_h = (h_in + est_img.to(h_in.dtype)).index_copy(0, st.idx, h_out)
@@ -327,16 +347,40 @@ class _BlockHook(ModelHook):
             if e_out is not None:
                 base = e_in + est_txt.to(e_in.dtype) if est_txt is not None else e_in
                 full_e = base.index_copy(0, st.idx, e_out)
-            st.history = st.history.push(idx, r_img, r_txt, st.decision.step, st.batch, depth)
+            st.history = st.history.push(idx, r_img, r_txt, step, st.batch, depth)
             st.head_in = None
             return self._pack(full_h, full_e)
-        st.history = st.history.push(idx, r_img, r_txt, st.decision.step, st.batch, depth)
+        st.history = st.history.push(idx, r_img, r_txt, step, st.batch, depth)
         st.head_in = None
         return output
 
 
+class _ContextWatch(StateManager):
+    """Sees each ``cache_context`` enter and exit, on the host and outside any compiled region.
+
+    diffusers' ``cache_context`` sets the context on every ``StateManager`` a
+    stateful hook holds; the model hook holds this one, so a host resolver
+    decides the step before the (possibly compiled) transformer call begins.
+    """
+
+    def __init__(self, hook: _ModelHook) -> None:
+        super().__init__(_State)
+        self._hook = hook
+
+    def set_context(self, context: CacheContext | None) -> None:
+        super().set_context(context)
+        self._hook._context_changed(context)
+
+
 class _ModelHook(ModelHook):
-    """Hook of the transformer: sets the context and resolves the step decision."""
+    """Hook of the transformer: sets the context and resolves the step decision.
+
+    A resolver with ``host_decision(context) -> Decision`` (a static policy)
+    decides on the host when a ``cache_context`` is entered: the forward then
+    reads only the step's variant (compute or skip), never the step number, a
+    counter or a device tensor, so a compiled transformer keeps one graph per
+    variant. Other resolvers run inside the forward.
+    """
 
     _is_stateful = True
 
@@ -344,11 +388,55 @@ class _ModelHook(ModelHook):
         super().__init__()
         self.cache = cache
         self.state_manager = cache.state_manager
+        self.host = callable(getattr(cache.resolver, "host_decision", None))
+        self._open: _State | None = None  # the state whose host decision awaits its call's end
+        self.watch = _ContextWatch(self) if self.host else None
 
     def reset_state(self, module: torch.nn.Module) -> torch.nn.Module:
         self.state_manager.reset()
         return module
 
+    # -- host side (outside any compiled region) ------------------------------------------------
+    def _state_of(self, name: str) -> _State:
+        cache = self.state_manager._state_cache
+        if name not in cache:
+            cache[name] = _State()
+        return cache[name]
+
+    def _context_changed(self, context: CacheContext | None) -> None:
+        self._finish()
+        if context is not None and not self.cache.bypass:
+            self._resolve(self._state_of(context.name), context)
+
+    def _resolve(self, st: _State, context: CacheContext) -> None:
+        d = self.cache.resolver.host_decision(context)
+        if d.step != 0 and d.step == st.last_step:
+            raise ConfigError(
+                f"{type(self.cache.transformer).__name__} was called twice at step {d.step} in one cache context; "
+                "wrap each pass (e.g. CFG's conditional and unconditional) in transformer.cache_context(name)")
+        if d.step == 0 or d.step != st.last_step + 1:
+            st.reset()  # a generation is a run of consecutive steps; anything else starts clean
+        if d.at is None:
+            d = replace(d, at=self.cache._step_tensor(d.step))
+        st.decision, st.called = d, False
+        self._open = st
+
+    def _finish(self) -> None:
+        """Count the call a host decision was made for, once it has run (host ints only)."""
+        st, self._open = self._open, None
+        if st is None or not st.called:
+            return
+        st.called = False
+        st.last_step = st.decision.step
+        stats = self.cache.stats
+        stats.calls += 1
+        if st.decision.computes:
+            stats.stack_runs += 1
+            stats.elements_computed += st.batch
+        else:
+            stats.skipped_calls += 1
+
+    # -- forward (traced when the transformer is compiled) --------------------------------------
     def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
         if self.cache.bypass:
             return self.fn_ref.original_forward(*args, **kwargs)
@@ -357,12 +445,27 @@ class _ModelHook(ModelHook):
             self.state_manager.set_context(CacheContext(_DEFAULT_CONTEXT))
         try:
             st: _State = self.state_manager.get_state()
+            x = kwargs.get("hidden_states", args[0] if args else None)
+            sig = (tuple(x.shape), x.dtype, x.device) if torch.is_tensor(x) else None
+            if self.host:
+                if own_context:  # no cache_context around the call: decide here (a compiled graph sees the step)
+                    self._resolve(st, self.state_manager.context)
+                if st.decision is None or st.called:
+                    raise ConfigError(
+                        f"{type(module).__name__} was called twice in one cache context; wrap each call (e.g. CFG's "
+                        "conditional and unconditional pass) in its own transformer.cache_context(name)")
+                if st.signature is not None and sig != st.signature:
+                    st.history = ResidualHistory()  # a new batch size or resolution: no residual carries over
+                st.signature = sig
+                try:
+                    return self.fn_ref.original_forward(*args, **kwargs)
+                finally:
+                    if own_context:
+                        self._finish()
             decision = self.cache._take_decision(module, st, args, kwargs)
             if self.cache.resolver is not None:
                 # Pipelines: a generation is a run of consecutive steps on one input shape; anything
                 # else (step 0, a jump, a new batch size or resolution) starts clean.
-                x = kwargs.get("hidden_states", args[0] if args else None)
-                sig = (tuple(x.shape), x.dtype, x.device) if torch.is_tensor(x) else None
                 if decision.step == st.last_step and sig == st.signature:
                     raise ConfigError(
                         f"{type(module).__name__} was called twice at step {decision.step} in one cache context; "
@@ -405,6 +508,7 @@ class CacheHandle:
         self.state_manager = StateManager(_State)
         self.stats = CacheStats()
         self._pending: Decision | None = None
+        self._steps: dict[tuple[int, torch.device], torch.Tensor] = {}
         self._blocks = _block_stack(transformer)
         self._installed = False
 
@@ -464,7 +568,16 @@ class CacheHandle:
             if not st.history.img:
                 raise ConfigError("no computed step is cached yet: the first step of a generation must compute")
             return d.estimator(st.history, d.step)
-        return st.history.estimate(d.step, self.order)
+        return st.history.estimate(d.at if d.at is not None else d.step, self.order)
+
+    def _step_tensor(self, step: int) -> torch.Tensor:
+        """``step`` as a 0-d tensor on the transformer's device, made once per step and device, then reused."""
+        p = next(self.transformer.parameters(), None)
+        dev = p.device if p is not None else torch.device("cpu")
+        t = self._steps.get((step, dev))
+        if t is None:
+            t = self._steps[(step, dev)] = torch.full((), float(step), dtype=torch.get_default_dtype(), device=dev)
+        return t
 
     def snapshot(self) -> dict[str, ResidualHistory]:
         """The residual history of every context (immutable values; cheap)."""
