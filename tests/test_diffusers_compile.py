@@ -258,3 +258,54 @@ def test_inductor_fullgraph_k10_of_28_equals_eager_and_compiles_once(env):
     assert graphs == [3, 0]  # step 0 (no residual yet), a computed step, a skipped step; none in generation 2
     for out in outs:
         torch.testing.assert_close(out, eager, atol=1e-4, rtol=1e-4)
+
+
+# ----------------------------------------------------------------------------- CUDA (not run without a GPU)
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_hook_path_never_synchronises():
+    """torch's sync debug mode raises on any device-to-host sync inside the hooked transformer calls."""
+    tf = tinyflow.load(device="cuda")
+    pipe = tf.pipeline()
+    bd.apply(pipe, POLICY)
+    tr = pipe.transformer
+
+    def strict(*_):
+        torch.cuda.set_sync_debug_mode("error")
+
+    def lax(*_):
+        torch.cuda.set_sync_debug_mode("default")
+
+    hooks = [tr.register_forward_pre_hook(strict), tr.register_forward_hook(lax)]
+    try:
+        for guidance in (1.0, 3.0):
+            out = pipe(**tf.pipeline_inputs(PROMPTS, guidance, SEEDS), num_inference_steps=N, output_type="latent")
+            assert torch.isfinite(out.images).all()
+    finally:
+        lax()
+        for h in hooks:
+            h.remove()
+        bd.remove(pipe)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_graphs_capture_each_variant_once():
+    """mode="reduce-overhead" (CUDA graphs): equal to eager, and a second generation compiles nothing."""
+    tf = tinyflow.load(device="cuda")
+    pipe = tf.pipeline()
+    bd.apply(pipe, CachePolicy.uniform(28, 10))
+    inputs = tf.pipeline_inputs(PROMPTS, 1.0, SEEDS)
+    eager = pipe(**inputs, num_inference_steps=28, output_type="latent").images
+    _fresh_dynamo()
+    tr = pipe.transformer
+    pipe.transformer = torch.compile(tr, fullgraph=True, mode="reduce-overhead")
+    try:
+        outs = []
+        for g in range(2):
+            with torch._dynamo.config.patch(error_on_recompile=g > 0):
+                outs.append(pipe(**inputs, num_inference_steps=28, output_type="latent").images.clone())
+    finally:
+        pipe.transformer = tr
+        bd.remove(pipe)
+    assert counters["stats"]["unique_graphs"] == 3
+    for out in outs:
+        torch.testing.assert_close(out, eager, atol=1e-3, rtol=1e-3)
