@@ -199,13 +199,24 @@ def _fresh_dynamo():
     counters.clear()
 
 
-def _compiled_generations(env, pipe, policy, steps, guidance, mechanism, backend, generations=2):
-    """Eager hooked output, then ``generations`` runs of the compiled transformer: (eager, outs, graphs per run)."""
+def _compiled_generations(env, pipe, policy, steps, guidance, mechanism, backend, generations=2, order="apply_first"):
+    """Eager hooked output, then ``generations`` runs of the compiled transformer: (eager, outs, graphs per run).
+
+    ``order``: "apply_first" compiles the hooked transformer; "compile_first" applies the policy to a pipeline
+    whose transformer is already a ``torch.compile`` wrapper; "in_place" uses ``nn.Module.compile``.
+    """
     bd.apply(pipe, policy, mechanism=mechanism)
     eager = generate(env, guidance, steps, pipe=pipe)
     _fresh_dynamo()
     transformer = pipe.transformer
-    pipe.transformer = torch.compile(transformer, fullgraph=True, backend=backend)
+    if order == "in_place":
+        transformer.compile(fullgraph=True, backend=backend)
+    else:
+        if order == "compile_first":
+            bd.remove(pipe)
+        pipe.transformer = torch.compile(transformer, fullgraph=True, backend=backend)
+        if order == "compile_first":
+            bd.apply(pipe, policy, mechanism=mechanism)
     outs, graphs = [], []
     try:
         for g in range(generations):
@@ -214,8 +225,9 @@ def _compiled_generations(env, pipe, policy, steps, guidance, mechanism, backend
                 outs.append(generate(env, guidance, steps, pipe=pipe))
             graphs.append(counters["stats"]["unique_graphs"] - before)
     finally:
-        pipe.transformer = transformer
         bd.remove(pipe)
+        pipe.transformer = transformer
+        transformer._compiled_call_impl = None  # undo nn.Module.compile: the module is shared with other tests
     assert not counters["graph_break"], dict(counters["graph_break"])
     return eager, outs, graphs
 
@@ -231,6 +243,15 @@ def test_compiled_hooks_have_no_graph_break_and_a_fixed_number_of_graphs(env, me
     assert graphs == [3 * (2 if guidance != 1.0 else 1), 0]
     for out in outs:
         torch.testing.assert_close(out, eager, atol=1e-6 * guidance, rtol=0)
+
+
+@pytest.mark.parametrize("order", ["compile_first", "in_place"])
+def test_apply_to_an_already_compiled_transformer_and_module_compile(env, order):
+    pipe = env.tf.pipeline()
+    eager, outs, graphs = _compiled_generations(env, pipe, POLICY, N, 1.0, "reuse", "eager", order=order)
+    assert graphs == [3, 0]
+    for out in outs:
+        torch.testing.assert_close(out, eager, atol=1e-6, rtol=0)
 
 
 def test_explain_reports_one_graph_per_variant_and_no_break(env):

@@ -148,9 +148,15 @@ class _SchedulerSteps:
                               "policy's (custom sigmas with any resolution shift disabled)")
 
 
+def _unwrap(module: torch.nn.Module) -> torch.nn.Module:
+    """The module itself under a ``torch.compile`` wrapper: hooks go on it, and the compiled wrapper traces them."""
+    return getattr(module, "_orig_mod", module)
+
+
 def _transformer_and_scheduler(target: Any) -> tuple[torch.nn.Module, Any]:
     tr = getattr(target, "transformer", None)
     if isinstance(tr, torch.nn.Module):
+        tr = _unwrap(tr)
         sched = getattr(target, "scheduler", None)
         if sched is None:
             raise ConfigError(f"{type(target).__name__} has no scheduler")
@@ -187,7 +193,7 @@ def apply(target: Any, policy: CachePolicy | str | os.PathLike, *, nfe: int | No
     if isinstance(target, torch.nn.Module) and not hasattr(target, "scheduler"):
         if scheduler is None:
             raise ConfigError("a bare transformer needs scheduler=... to map timesteps to steps")
-        tr = target
+        tr = _unwrap(target)
     else:
         tr, sched = _transformer_and_scheduler(target)
         scheduler = scheduler or sched
@@ -201,7 +207,7 @@ def apply(target: Any, policy: CachePolicy | str | os.PathLike, *, nfe: int | No
 
 def remove(target: Any) -> None:
     """Remove budcache's hooks from a pipeline or transformer (no-op if none)."""
-    tr = target if isinstance(target, torch.nn.Module) and not hasattr(target, "scheduler") else \
+    tr = _unwrap(target) if isinstance(target, torch.nn.Module) and not hasattr(target, "scheduler") else \
         _transformer_and_scheduler(target)[0]
     handle = find_cache(tr)
     if handle is not None:
