@@ -130,7 +130,11 @@ def part1(tf: Any, inputs: dict, a: argparse.Namespace) -> None:
 
 
 def part2(tf: Any, inputs: dict, a: argparse.Namespace) -> None:
-    from diffusers.hooks import FirstBlockCacheConfig, MagCacheConfig, TaylorSeerCacheConfig
+    from diffusers.hooks import (
+        FirstBlockCacheConfig,
+        MagCacheConfig,
+        TaylorSeerCacheConfig,
+    )
 
     n, k = a.steps, a.nfe
     ratio, max_skip = magcache_schedule(n, k)

@@ -20,13 +20,13 @@ import pytest
 import torch
 import torch._dynamo
 from diffusers.hooks.hooks import CacheContext
+from helpers import StackRuns
 from torch._dynamo.utils import counters
 
 import budcache.diffusers as bd
 from budcache import tinyflow
 from budcache.errors import ConfigError, PolicyError
 from budcache.policy import CachePolicy
-from helpers import StackRuns
 
 torch.set_num_threads(1)
 
@@ -260,9 +260,10 @@ def test_explain_reports_one_graph_per_variant_and_no_break(env):
     tr = env.pipe.transformer
     x = env.tf.noise([0])
     cond = env.tf.encode(["a circle"])
-    kw = dict(hidden_states=x, encoder_hidden_states=cond.prompt_embeds, pooled_projections=cond.pooled_prompt_embeds,
-              guidance=None, txt_ids=torch.zeros(cond.prompt_embeds.shape[1], 3),
-              img_ids=env.pipe._prepare_latent_image_ids(1, 8, 8, x.device, x.dtype), return_dict=False)
+    kw = {"hidden_states": x, "encoder_hidden_states": cond.prompt_embeds,
+          "pooled_projections": cond.pooled_prompt_embeds, "guidance": None,
+          "txt_ids": torch.zeros(cond.prompt_embeds.shape[1], 3),
+          "img_ids": env.pipe._prepare_latent_image_ids(1, 8, 8, x.device, x.dtype), "return_dict": False}
     for k in (0, 1):
         env.pipe.scheduler._step_index = k
         with tr.cache_context("cond"):
@@ -271,7 +272,8 @@ def test_explain_reports_one_graph_per_variant_and_no_break(env):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(shutil.which("gcc") is None and shutil.which("cc") is None, reason="inductor on CPU needs a C compiler")
+@pytest.mark.skipif(shutil.which("gcc") is None and shutil.which("cc") is None,
+                    reason="inductor on CPU needs a C compiler")
 def test_inductor_fullgraph_k10_of_28_equals_eager_and_compiles_once(env):
     """The issue's check: tinyflow's transformer, K = 10 of 28, fullgraph=True, inductor on CPU."""
     pipe = env.tf.pipeline()

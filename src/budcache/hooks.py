@@ -100,7 +100,7 @@ class ResidualHistory:
         """
         full = idx is None
         if torch.is_tensor(step):  # a 0-d step tensor (compiled hooks): no host read, no specialisation
-            steps_new = step.to(device=img.device, dtype=torch.get_default_dtype()).reshape(1).expand(img.shape[0]).clone()
+            steps_new = step.to(img.device, torch.get_default_dtype()).reshape(1).expand(img.shape[0]).clone()
         else:
             steps_new = torch.full((img.shape[0],), float(step), device=img.device)
 
