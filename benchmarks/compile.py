@@ -16,6 +16,7 @@ Each configuration has its own transformer instance, compiled once; timings
 interleave the configurations and take the median of ``--repeats`` rounds.
 
 Usage: python benchmarks/compile.py [--batch 2] [--repeats 5] [--backend inductor] [--break-backend eager]
+       [--parts 12] [--only NAME]
 """
 
 from __future__ import annotations
@@ -156,6 +157,8 @@ def part2(tf: Any, inputs: dict, a: argparse.Namespace) -> None:
           "generation 2 | graphs compiled, generation 1 | graphs compiled, generation 2 | break reasons |\n"
           "|---|---|---|---|---|---|---|---|")
     for name, make in configs.items():
+        if a.only and a.only.lower() not in name.lower():
+            continue
         how = make()
         pipe = _setup(tf, how)
         runs = _Runs(pipe.transformer)
@@ -200,6 +203,7 @@ def main() -> None:
     ap.add_argument("--fbc-threshold", type=float, default=0.05)
     ap.add_argument("--mag-threshold", type=float, default=0.06)
     ap.add_argument("--parts", default="12")
+    ap.add_argument("--only", default="", help="part 2: only the caches whose name contains this")
     a = ap.parse_args()
     torch.set_grad_enabled(False)
     torch._dynamo.config.recompile_limit = 64  # the diffusers caches recompile; let them, and count it
