@@ -214,7 +214,7 @@ def _direct_call(env, sigma: float):
 
 def test_two_calls_at_one_step_in_one_context_are_an_error(env):
     generate(env)  # sets the scheduler's timesteps
-    bd.apply(env.pipe, POLICY)
+    bd.apply(env.pipe, POLICY, step_from="timestep")
     s0 = float(env.pipe.scheduler.sigmas[0])
     _direct_call(env, s0)
     with pytest.raises(ConfigError, match="cache_context"):
@@ -237,7 +237,7 @@ def test_a_jump_in_steps_starts_a_new_generation(env):
     generate(env)
     sig = env.pipe.scheduler.sigmas
     pol = CachePolicy.from_steps(N, [0, 1, 2, 5])
-    bd.apply(env.pipe, pol)
+    bd.apply(env.pipe, pol, step_from="timestep")
     for k in (0, 1, 2):
         _direct_call(env, float(sig[k]))
     with pytest.raises(ConfigError, match="first step of a generation must compute"):

@@ -115,15 +115,19 @@ class History:
     txt: tuple[torch.Tensor | None, ...] = ()
     steps: tuple[torch.Tensor, ...] = ()
 
-    def push(self, idx: torch.Tensor | None, img: torch.Tensor, txt: torch.Tensor | None, step: int,
-             batch: int, depth: int) -> History:
+    def push(self, idx: torch.Tensor | None, img: torch.Tensor, txt: torch.Tensor | None,
+             step: int | torch.Tensor, batch: int, depth: int) -> History:
         """New history where elements ``idx`` (``None``: all, in order) gain the values of ``step``.
 
         ``img``/``txt`` hold the new values of those elements only; older
         entries move one level down and the oldest beyond ``depth`` is dropped.
+        ``step`` may be a 0-d tensor (compiled hooks: no host read, no graph specialised on it).
         """
         full = idx is None
-        steps_new = torch.full((img.shape[0],), float(step), device=img.device)
+        if torch.is_tensor(step):
+            steps_new = step.to(img.device, torch.get_default_dtype()).reshape(1).expand(img.shape[0]).clone()
+        else:
+            steps_new = torch.full((img.shape[0],), float(step), device=img.device)
 
         def shifted(old: tuple[torch.Tensor | None, ...], new: torch.Tensor | None, fill: float) -> tuple:
             if new is None:
@@ -150,7 +154,7 @@ class History:
                        tuple(fn(t) if t is not None else None for t in self.txt),
                        tuple(fn(t) for t in self.steps))
 
-    def estimate(self, step: int, order: int, sigmas: torch.Tensor | None = None
+    def estimate(self, step: int | torch.Tensor, order: int, sigmas: torch.Tensor | None = None
                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Both streams at ``step``: Newton extrapolation of ``order`` (module docstring).
 
@@ -162,13 +166,13 @@ class History:
         return newton(self.img, self.steps, step, order, sigmas), txt
 
 
-def newton(values: Sequence[torch.Tensor], steps: Sequence[torch.Tensor], k: int, order: int,
+def newton(values: Sequence[torch.Tensor], steps: Sequence[torch.Tensor], k: int | torch.Tensor, order: int,
            sigmas: torch.Tensor | None = None) -> torch.Tensor:
     """Newton extrapolation to step ``k`` of per-element ``values`` stored at ``steps`` (newest first).
 
     The time of step ``j`` is ``j`` itself, or ``sigmas[j]`` when ``sigmas`` is
-    given. Elements whose older entries are missing (step -1) use the order
-    they have.
+    given. ``k`` may be a 0-d tensor (compiled hooks). Elements whose older
+    entries are missing (step -1) use the order they have.
     """
     out = values[0]
     if order < 1 or len(values) < 2:
@@ -182,7 +186,10 @@ def newton(values: Sequence[torch.Tensor], steps: Sequence[torch.Tensor], k: int
             return s.to(dtype), s >= 0
         return sigmas.to(values[0].device)[s.clamp_min(0).long()].to(dtype), s >= 0
 
-    t = k if sigmas is None else sigmas[k].to(device=values[0].device, dtype=dtype)
+    if sigmas is None:
+        t = k
+    else:
+        t = sigmas.to(values[0].device)[k.long() if torch.is_tensor(k) else k].to(dtype)
     s0, _ = time(0)
     s1, have1 = time(1)
     d1 = (values[0] - values[1]) / torch.where(have1, s0 - s1, torch.ones_like(s0))

@@ -33,7 +33,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -63,10 +63,7 @@ class Decision:
     """Which elements compute at ``step``: ``compute`` is a bool tensor (B,).
 
     ``estimator`` (optional) replaces the mechanism's ``R_hat`` for the
-    skipped elements of this step. ``velocity`` (optional, every element
-    skipped) forecasts the model's whole output from the outputs stored at
-    computed steps, and the model is not run at all (pipelines; budcache's
-    sampler forecasts velocities itself). ``resume`` (optional) is a :class:`Probe`
+    skipped elements of this step. ``resume`` (optional) is a :class:`Probe`
     of this step's call in context ``resume_context``: there, the computing
     elements take its output of the first ``probe.blocks`` blocks instead of
     running them again (other contexts run every block).
@@ -77,7 +74,15 @@ class Decision:
     estimator: Estimator | None = None
     resume: Probe | None = None
     resume_context: str = "cond"
-    velocity: Callable[[History, int], torch.Tensor] | None = None
+    #: Host-side facts of a static policy, so no hook reads ``compute`` back: ``True`` every element computes,
+    #: ``False`` none does (``compute`` then need not match the batch). ``None``: read ``compute``.
+    computes: bool | None = None
+    #: ``step`` as a 0-d tensor on the model's device: compiled hooks use it in tensor math instead of the int,
+    #: so no graph is specialised on the step.
+    at: torch.Tensor | None = None
+    #: Every element skipped with a velocity estimator: forecast the model's whole output from the outputs
+    #: stored at computed steps; the model does not run (pipelines; budcache's sampler forecasts velocities itself).
+    velocity: Callable[[History, Any], torch.Tensor] | None = None
 
 
 #: The per-element residual history of a cache context (see :class:`budcache.estimators.History`).
@@ -96,6 +101,7 @@ class _State(BaseState):
         self.head_in: tuple[torch.Tensor, torch.Tensor | None] | None = None
         self.last_step = -1
         self.signature: tuple | None = None  # (shape, dtype, device) of the latest input
+        self.called = False  # a host-resolved decision was used by a call (set in the forward, read on the host)
         self.outputs = History()  # model outputs of computed steps (velocity estimators on pipelines)
 
     def reset(self, *args: Any, **kwargs: Any) -> None:
@@ -219,10 +225,17 @@ class _BlockHook(ModelHook):
             raise ConfigError("budcache: the transformer was called without a step decision")
         h, e = self._streams(kw)
         st.batch = h.shape[0]
-        if d.compute.shape[0] != st.batch:
-            raise ConfigError(f"decision covers {d.compute.shape[0]} elements but the batch has {st.batch}")
-        n = int(d.compute.sum())
-        self.cache.stats.calls += 1
+        host = d.computes is not None
+        if host:
+            # a static policy: every element computes or none does, known on the host; the model hook counts
+            # this call on the host once it is done (no Python counter changes inside a compiled graph)
+            n = st.batch if d.computes else 0
+            st.called = True
+        else:
+            if d.compute.shape[0] != st.batch:
+                raise ConfigError(f"decision covers {d.compute.shape[0]} elements but the batch has {st.batch}")
+            n = int(d.compute.sum())
+            self.cache.stats.calls += 1
         if n != st.batch and not st.history.img:
             raise ConfigError(f"budcache: step {d.step} skips elements that have no cached residual yet "
                                "(the first step of a generation must compute)")
@@ -234,14 +247,16 @@ class _BlockHook(ModelHook):
             st.head_in = (h, e)
         elif n == 0:
             st.mode, st.idx = "skip", None
-            self.cache.stats.skipped_calls += 1
+            if not host:
+                self.cache.stats.skipped_calls += 1
             return
         else:
             st.mode = "subset"
             st.idx = torch.nonzero(d.compute, as_tuple=False).squeeze(1).to(h.device)
             st.head_in = (h, e)
-        self.cache.stats.stack_runs += 1
-        self.cache.stats.elements_computed += n
+        if not host:
+            self.cache.stats.stack_runs += 1
+            self.cache.stats.elements_computed += n
 
     def _end(self, st: _State, output: Any) -> Any:
         h_out, e_out = self._unpack(output)
@@ -254,6 +269,7 @@ class _BlockHook(ModelHook):
         r_txt = (e_out - e_in_s).detach() if (e_out is not None and e_in_s is not None) else None
         idx = st.idx
         depth = self.cache.depth
+        step = st.decision.at if st.decision.at is not None else st.decision.step
         if st.mode == "subset":
             est_img, est_txt = self.cache._estimate(st)
             full_h = (h_in + est_img.to(h_in.dtype)).index_copy(0, st.idx, h_out)
@@ -261,16 +277,40 @@ class _BlockHook(ModelHook):
             if e_out is not None:
                 base = e_in + est_txt.to(e_in.dtype) if est_txt is not None else e_in
                 full_e = base.index_copy(0, st.idx, e_out)
-            st.history = st.history.push(idx, r_img, r_txt, st.decision.step, st.batch, depth)
+            st.history = st.history.push(idx, r_img, r_txt, step, st.batch, depth)
             st.head_in = None
             return self._pack(full_h, full_e)
-        st.history = st.history.push(idx, r_img, r_txt, st.decision.step, st.batch, depth)
+        st.history = st.history.push(idx, r_img, r_txt, step, st.batch, depth)
         st.head_in = None
         return output
 
 
+class _ContextWatch(StateManager):
+    """Sees each ``cache_context`` enter and exit, on the host and outside any compiled region.
+
+    diffusers' ``cache_context`` sets the context on every ``StateManager`` a
+    stateful hook holds; the model hook holds this one, so a host resolver
+    decides the step before the (possibly compiled) transformer call begins.
+    """
+
+    def __init__(self, hook: _ModelHook) -> None:
+        super().__init__(_State)
+        self._hook = hook
+
+    def set_context(self, context: CacheContext | None) -> None:
+        super().set_context(context)
+        self._hook._context_changed(context)
+
+
 class _ModelHook(ModelHook):
-    """Hook of the transformer: sets the context and resolves the step decision."""
+    """Hook of the transformer: sets the context and resolves the step decision.
+
+    A resolver with ``host_decision(context) -> Decision`` (a static policy)
+    decides on the host when a ``cache_context`` is entered: the forward then
+    reads only the step's variant (compute or skip), never the step number, a
+    counter or a device tensor, so a compiled transformer keeps one graph per
+    variant. Other resolvers run inside the forward.
+    """
 
     _is_stateful = True
 
@@ -278,11 +318,55 @@ class _ModelHook(ModelHook):
         super().__init__()
         self.cache = cache
         self.state_manager = cache.state_manager
+        self.host = callable(getattr(cache.resolver, "host_decision", None))
+        self._open: _State | None = None  # the state whose host decision awaits its call's end
+        self.watch = _ContextWatch(self) if self.host else None
 
     def reset_state(self, module: torch.nn.Module) -> torch.nn.Module:
         self.state_manager.reset()
         return module
 
+    # -- host side (outside any compiled region) ------------------------------------------------
+    def _state_of(self, name: str) -> _State:
+        cache = self.state_manager._state_cache
+        if name not in cache:
+            cache[name] = _State()
+        return cache[name]
+
+    def _context_changed(self, context: CacheContext | None) -> None:
+        self._finish()
+        if context is not None and not self.cache.bypass:
+            self._resolve(self._state_of(context.name), context)
+
+    def _resolve(self, st: _State, context: CacheContext) -> None:
+        d = self.cache.resolver.host_decision(context)
+        if d.step != 0 and d.step == st.last_step:
+            raise ConfigError(
+                f"{type(self.cache.transformer).__name__} was called twice at step {d.step} in one cache context; "
+                "wrap each pass (e.g. CFG's conditional and unconditional) in transformer.cache_context(name)")
+        if d.step == 0 or d.step != st.last_step + 1:
+            st.reset()  # a generation is a run of consecutive steps; anything else starts clean
+        if d.at is None:
+            d = replace(d, at=self.cache._step_tensor(d.step))
+        st.decision, st.called = d, False
+        self._open = st
+
+    def _finish(self) -> None:
+        """Count the call a host decision was made for, once it has run (host ints only)."""
+        st, self._open = self._open, None
+        if st is None or not st.called:
+            return
+        st.called = False
+        st.last_step = st.decision.step
+        stats = self.cache.stats
+        stats.calls += 1
+        if st.decision.computes:
+            stats.stack_runs += 1
+            stats.elements_computed += st.batch
+        else:
+            stats.skipped_calls += 1
+
+    # -- forward (traced when the transformer is compiled) --------------------------------------
     def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
         if self.cache.bypass:
             return self.fn_ref.original_forward(*args, **kwargs)
@@ -291,12 +375,28 @@ class _ModelHook(ModelHook):
             self.state_manager.set_context(CacheContext(_DEFAULT_CONTEXT))
         try:
             st: _State = self.state_manager.get_state()
+            x = kwargs.get("hidden_states", args[0] if args else None)
+            sig = (tuple(x.shape), x.dtype, x.device) if torch.is_tensor(x) else None
+            if self.host:
+                if own_context:  # no cache_context around the call: decide here (a compiled graph sees the step)
+                    self._resolve(st, self.state_manager.context)
+                if st.decision is None or st.called:
+                    raise ConfigError(
+                        f"{type(module).__name__} was called twice in one cache context; wrap each call (e.g. CFG's "
+                        "conditional and unconditional pass) in its own transformer.cache_context(name)")
+                if st.signature is not None and sig != st.signature:
+                    st.history = ResidualHistory()  # a new batch size or resolution: no residual carries over
+                    st.outputs = History()
+                st.signature = sig
+                try:
+                    return self._run(st, args, kwargs)
+                finally:
+                    if own_context:
+                        self._finish()
             decision = self.cache._take_decision(module, st, args, kwargs)
             if self.cache.resolver is not None:
                 # Pipelines: a generation is a run of consecutive steps on one input shape; anything
                 # else (step 0, a jump, a new batch size or resolution) starts clean.
-                x = kwargs.get("hidden_states", args[0] if args else None)
-                sig = (tuple(x.shape), x.dtype, x.device) if torch.is_tensor(x) else None
                 if decision.step == st.last_step and sig == st.signature:
                     raise ConfigError(
                         f"{type(module).__name__} was called twice at step {decision.step} in one cache context; "
@@ -308,24 +408,30 @@ class _ModelHook(ModelHook):
                 st.reset()  # a new generation starts clean
             st.decision = decision
             st.last_step = decision.step
-            if decision.velocity is not None:
-                if bool(decision.compute.any()):
-                    raise ConfigError("a velocity forecast applies to steps where no element computes")
-                if not st.outputs.img:
-                    raise ConfigError("no computed step is cached yet: the first step of a generation must compute")
-                self.cache.stats.calls += 1
-                self.cache.stats.skipped_calls += 1
-                out = decision.velocity(st.outputs, decision.step)
-                return (out,) if not kwargs.get("return_dict", True) else Transformer2DModelOutput(sample=out)
-            result = self.fn_ref.original_forward(*args, **kwargs)
-            if self.cache.output_depth and bool(decision.compute.all()):
-                sample = result[0] if isinstance(result, tuple) else result.sample
-                st.outputs = st.outputs.push(None, sample.detach(), None, decision.step, sample.shape[0],
-                                             self.cache.output_depth)
-            return result
+            return self._run(st, args, kwargs)
         finally:
             if own_context:
                 self.state_manager.set_context(None)
+
+    def _run(self, st: _State, args: tuple, kwargs: dict) -> Any:
+        """The call itself: the model, or (velocity estimators) its forecast output; stores outputs when asked."""
+        d = st.decision
+        step = d.at if d.at is not None else d.step
+        if d.velocity is not None:
+            if not st.outputs.img:
+                raise ConfigError("no computed step is cached yet: the first step of a generation must compute")
+            if self.host:
+                st.called = True  # counted as a skipped call on the host
+            else:
+                self.cache.stats.calls += 1
+                self.cache.stats.skipped_calls += 1
+            out = d.velocity(st.outputs, step)
+            return (out,) if not kwargs.get("return_dict", True) else Transformer2DModelOutput(sample=out)
+        result = self.fn_ref.original_forward(*args, **kwargs)
+        if self.cache.output_depth and (d.computes if d.computes is not None else bool(d.compute.all())):
+            sample = result[0] if isinstance(result, tuple) else result.sample
+            st.outputs = st.outputs.push(None, sample.detach(), None, step, sample.shape[0], self.cache.output_depth)
+        return result
 
 
 class CacheHandle:
@@ -355,6 +461,7 @@ class CacheHandle:
         self.state_manager = StateManager(_State)
         self.stats = CacheStats()
         self._pending: Decision | None = None
+        self._steps: dict[tuple[int, torch.device], torch.Tensor] = {}
         self._blocks = _block_stack(transformer)
         self._installed = False
 
@@ -413,8 +520,17 @@ class CacheHandle:
         if d.estimator is not None:
             if not st.history.img:
                 raise ConfigError("no computed step is cached yet: the first step of a generation must compute")
-            return d.estimator(st.history, d.step)
-        return st.history.estimate(d.step, self.order)
+            return d.estimator(st.history, d.at if d.at is not None else d.step)
+        return st.history.estimate(d.at if d.at is not None else d.step, self.order)
+
+    def _step_tensor(self, step: int) -> torch.Tensor:
+        """``step`` as a 0-d tensor on the transformer's device, made once per step and device, then reused."""
+        p = next(self.transformer.parameters(), None)
+        dev = p.device if p is not None else torch.device("cpu")
+        t = self._steps.get((step, dev))
+        if t is None:
+            t = self._steps[(step, dev)] = torch.full((), float(step), dtype=torch.get_default_dtype(), device=dev)
+        return t
 
     def snapshot(self) -> dict[str, ResidualHistory]:
         """The residual history of every context (immutable values; cheap)."""
@@ -462,7 +578,6 @@ def apply_cache(transformer: torch.nn.Module, mechanism: str = "reuse",
     """Install a residual cache on ``transformer`` (per instance, removable); ``output_depth`` > 0 also
     keeps that many model outputs per context for velocity forecasts."""
     return CacheHandle(transformer, mechanism, resolver, depth, output_depth).install()
-
 
 
 def find_cache(transformer: torch.nn.Module) -> CacheHandle | None:
