@@ -259,6 +259,8 @@ def problem_from_args(a: argparse.Namespace, steps: int, solver: str, mechanism:
 
 
 def cmd_search(a: argparse.Namespace) -> int:
+    check_writable_dir(a.out, "--out")  # before the model stack is imported
+
     from .search.distributed import backend_kwargs
     from .search.run import run
 
@@ -267,7 +269,6 @@ def cmd_search(a: argparse.Namespace) -> int:
         kw["prefix"] = a.prefix
     kw["relative"] = a.relative_temperature
     t0 = time.perf_counter()
-    check_writable_dir(a.out, "--out")
     problem = problem_from_args(a, a.steps, a.solver, a.mechanism, a.guidance)
     if problem is not None and a.model is not None:
         raise ConfigError("--model (tinyflow weights) and --pipeline exclude each other")

@@ -95,6 +95,9 @@ def apply(target: Any, policy: CachePolicy | str | os.PathLike, *, nfe: int | No
     those sigmas (the scheduler's sigmas must equal them; mind pipelines that
     shift custom sigmas by resolution): another schedule is an error at step 0.
     """
+    if not isinstance(policy, (CachePolicy, str, os.PathLike)):
+        raise ConfigError(f"policy must be a CachePolicy, a path to a policy JSON file or 'uniform'; got "
+                          f"{type(policy).__name__}")
     if isinstance(policy, (str, os.PathLike)):
         if policy == "uniform":
             if nfe is None or steps is None:
