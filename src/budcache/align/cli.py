@@ -89,6 +89,7 @@ def run(a: argparse.Namespace) -> int:
     from ..io import atomic_write_text, check_writable_dir, write_json
     from ..policy import CachePolicy
     from ..search.anneal import SearchConfig
+    from ..search.evaluator import phase
     from . import distributed
     from .joint import joint
     from .trainer import align
@@ -102,11 +103,13 @@ def run(a: argparse.Namespace) -> int:
         check_writable_dir(out, "--out")
     problem = build_problem(a)
     (cp, cs), (hp, hs) = calibration_pairs(a, problem)
-    with torch.no_grad():
-        calib = problem.calibration(cp, cs)
-        held = problem.calibration(hp, hs)
-        select = problem.calibration(*calibration_pairs_validation(a, problem, cp)) if a.select_on_validation else None
     progress = not a.quiet and main
+    with torch.no_grad():
+        with phase("teacher (calibration)" if progress else None, len(cp) * a.steps):
+            calib = problem.calibration(cp, cs)
+        with phase("teacher (held-out)" if progress else None, len(hp) * a.steps):
+            held = problem.calibration(hp, hs)
+        select = problem.calibration(*calibration_pairs_validation(a, problem, cp)) if a.select_on_validation else None
     rows: list[dict[str, Any]] = []
     if mode in ("policy", "uniform"):
         base = src if src is not None else CachePolicy.uniform(a.steps, k, meta={"budget": k, "mask": "uniform"})
