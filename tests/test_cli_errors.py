@@ -154,6 +154,24 @@ def test_ctrl_c_during_search_prints_one_line_with_how_to_resume(tmp_path):
     assert ckpt["state"]["phase"] == "sa" and ckpt["sha256"]
 
 
+def test_ctrl_c_during_align_prints_one_line_with_how_to_resume(tmp_path):
+    out = tmp_path / "align"
+    args = ["align", "--uniform", "2", "--steps", "4", "--calib-pairs", "2", "--heldout", "1", "--accumulation", "1",
+            "--epochs", "10000", "--quiet", "--out", str(out)]
+    proc = subprocess.Popen([*RUN, *args], env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_for(out / "checkpoint_N4_K2.safetensors", proc)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == EXIT_INTERRUPTED, err[-3000:]
+    assert err.strip().splitlines() == [f"budcache align: interrupted; the checkpoints in {out} are kept: run the "
+                                        "same command with --resume to continue"]
+    again = budcache_cli(*args)  # without --resume: refused, the checkpoint kept
+    assert_one_line_error(again, "align", EXIT_USAGE, "checkpoint_N4_K2.safetensors", "--resume", "--force")
+
+
 def test_a_killed_searchs_checkpoint_survives_a_second_run_without_resume(tmp_path):
     out = tmp_path / "run"
     proc = _start_search(out)
