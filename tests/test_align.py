@@ -281,7 +281,7 @@ def test_original_opt_aligns_plain_sampler(problem, calib):
     assert p.steps == 3 and p.nfe == 3 and len(p.sigmas) == 4 and p.meta["alignment"]["plain"] is True
     before = policy_loss(problem, calib, None, plain_steps=3)
     assert policy_loss(problem, calib, p) < before
-    with pytest.raises(ConfigError):
+    with pytest.raises(ConfigError, match="segment parametrisation: every step computes"):
         align_plain(problem, calib, 3, AlignConfig(parametrisation="segment"))
 
 

@@ -59,3 +59,29 @@ def test_two_processes_equal_one_process_with_same_effective_batch(tmp_path):
     torch.testing.assert_close(torch.tensor(two["sigmas"], dtype=torch.float64), one.sigmas.double(), rtol=0, atol=ATOL)
     # the sigmas moved far more than the tolerance of the comparison above, so it cannot pass vacuously
     assert float((one.sigmas - problem.sigmas(N)).abs().max()) > 100 * ATOL
+
+
+@pytest.mark.slow
+def test_cli_nproc_2_learns_the_sigmas_of_one_process(tmp_path):
+    from budcache import CachePolicy
+    from budcache.cli import main
+
+    common = ["align", "--uniform", "2", "--steps", "4", "--calib-pairs", "4", "--heldout", "1", "--micro-batch", "1",
+              "--lr", "0.1", "--warmup", "0", "--quiet"]
+    # the same effective batch of 2: two ranks x 1 accumulated pass, or one rank x 2
+    assert main([*common, "--nproc", "2", "--accumulation", "1", "--out", str(tmp_path / "two")]) == 0
+    assert main([*common, "--nproc", "1", "--accumulation", "2", "--out", str(tmp_path / "one")]) == 0
+    two = CachePolicy.load(tmp_path / "two" / "policy_aligned_N4_K2.json")
+    one = CachePolicy.load(tmp_path / "one" / "policy_aligned_N4_K2.json")
+    summary = json.loads((tmp_path / "two" / "summary.json").read_text())
+    assert "effective batch 2" in (tmp_path / "two" / "report.md").read_text() and summary["nfe"] == 2
+    torch.testing.assert_close(torch.tensor(two.sigmas), torch.tensor(one.sigmas), rtol=0, atol=ATOL)
+    start = CachePolicy.uniform(4, 2)
+    assert max(abs(a - b) for a, b in zip(one.sigmas, _base_sigmas(4))) > 100 * ATOL  # it learned something
+    assert two.compute == one.compute == start.compute
+
+
+def _base_sigmas(n: int) -> list[float]:
+    from budcache import tinyflow
+
+    return tinyflow.load().sigmas(n).tolist()

@@ -242,7 +242,9 @@ def test_teacache_refit_and_sample(tiny):
     calib = calibration(tiny, items=3)
     coef, info = fit_rescaler(tiny, calib, degree=2)
     assert len(coef) == 3 and info["points"] == 3 * (N - 1)
-    assert np.isfinite(coef).all() and info["r2"] <= 1.0
+    # the input change predicts the output change (0.63 here; a least-squares fit with a constant is >= 0 by
+    # construction, so only a floor well above 0 fails when x and y are mispaired or the wrong quantities)
+    assert np.isfinite(coef).all() and info["r2"] > 0.5
     m = TeaCache(degree=2, max_evals=25)
     m.fit(tiny, calib, 4)
     assert m.coefficients == coef  # the refit, reused for the budget
@@ -493,7 +495,7 @@ def test_plackett_luce_samples_exactly_k_and_normalises():
     orders = itertools.permutations(range(5), 3)
     total = sum(math.exp(float(plackett_luce_log_prob(theta, torch.tensor(p)))) for p in orders)
     assert total == pytest.approx(1.0)
-    with pytest.raises(ConfigError):
+    with pytest.raises(ConfigError, match="cannot draw 6 distinct steps out of 5"):
         plackett_luce_sample(theta, 6)
 
 

@@ -18,7 +18,8 @@ def test_sample_writes_grid_and_reports_exact_nfe(tmp_path, capsys):
     summary = json.loads(capsys.readouterr().out)
     assert summary["nfe"] == 3 and summary["steps"] == 8 and summary["images"] == 2
     img = Image.open(out)
-    assert img.size[0] > 2 * 32 and img.mode == "RGB"
+    # two 32-px images in one row, a 1-px border around each, scaled 4x: (2 * 33 + 1) x (33 + 1) x 4
+    assert img.size == ((2 * 33 + 1) * 4, (33 + 1) * 4) and img.mode == "RGB"
 
 
 def test_sample_reads_prompt_file_and_policy(tmp_path, capsys):
@@ -57,12 +58,21 @@ def test_show_prints_strip_and_plots(tmp_path, capsys):
     assert Image.open(png).size[0] > 100
 
 
-@pytest.mark.parametrize("content", [b"", b"{not json", b"[1, 2]", b'{"format": "other"}'])
-def test_show_rejects_broken_policy_files(tmp_path, capsys, content):
+@pytest.mark.parametrize("content, why", [
+    (b"", "empty, expected a JSON document"),
+    (b"{not json", "not valid JSON"),
+    (b"[1, 2]", "expected a JSON object with keys"),
+    (b'{"format": "other"}', "missing key(s)"),
+    (b'{"format": "other", "version": 1, "steps": 4, "compute": [0], "sigmas": null, "meta": {}}',
+     "policy field 'format': expected 'budcache.policy', got 'other'"),
+])
+def test_show_rejects_broken_policy_files(tmp_path, capsys, content, why):
     pol = tmp_path / "bad.json"
     pol.write_bytes(content)
     assert main(["show", str(pol)]) == 2
-    assert "bad.json" in capsys.readouterr().err
+    captured = capsys.readouterr()
+    assert captured.err.startswith("budcache show: error: ") and str(pol) in captured.err and why in captured.err
+    assert captured.out == ""
 
 
 def test_sample_runs_a_policy_with_the_settings_it_was_searched_with(tmp_path, capsys):

@@ -101,7 +101,7 @@ def test_bisect_threshold_reaches_a_monotone_target():
         t, got = bisect_threshold(nfe, target, 0.0, 0.05)
         assert abs(got - target) <= 0.5 and nfe(t) == got
     t, got = bisect_threshold(lambda t: 28.0 - (t > 1.0) * 20, 14, 0.0, 0.5)  # jumps over the target: closest
-    assert got in (8.0, 28.0)
+    assert got == 8.0 and t > 1.0  # |8 - 14| < |28 - 14|; the bracket was widened past hi to find it
     with pytest.raises(ConfigError, match="lo < hi"):
         bisect_threshold(nfe, 6, 1.0, 1.0)
 
@@ -208,13 +208,15 @@ def test_markdown_names_budgets_where_budcache_is_not_best(tmp_path):
     cfg = CompareConfig(nfes=(3,), steps=N, methods=("budcache", "plain"), calib_pairs=2, eval_pairs=2,
                         search_kw={"sa_iters": 2, "hc_rounds": 1}, transfer=False, grid_rows=1)
     res = run(tmp_path, cfg, progress=False)
-    text = markdown(res)
+    assert "| budcache | static | 3.00 [3.00, 3.00]" in markdown(res)
     rows = {r["method"]: r for r in res.rows}
-    if rows["plain"]["psnr"] > rows["budcache"]["psnr"]:
-        assert f"K=3: best PSNR is plain ({rows['plain']['psnr']:.2f} dB); budcache's best, budcache, has " in text
-    else:
-        assert "K=3: best PSNR is plain" not in text
-    assert "| budcache | static | 3.00 [3.00, 3.00]" in text
+    # both outcomes, whichever the run gave: plain ahead by 1 dB, then behind by 1 dB
+    rows["plain"]["psnr"] = rows["budcache"]["psnr"] + 1.0
+    text = markdown(res)
+    assert f"K=3: best PSNR is plain ({rows['plain']['psnr']:.2f} dB); budcache's best, budcache, has " \
+           f"{rows['budcache']['psnr']:.2f} dB" in text
+    rows["plain"]["psnr"] = rows["budcache"]["psnr"] - 1.0
+    assert "K=3: best PSNR is plain" not in markdown(res)
 
 
 @torch.no_grad()

@@ -253,5 +253,16 @@ def test_policy_with_learned_sigmas_needs_those_sigmas(env):
 
 
 def test_mechanism_defaults_to_the_policys(env):
-    handle = bd.apply(env.pipe, CachePolicy.uniform(N, K).with_meta(mechanism="forecast2"))
+    pol = CachePolicy.uniform(N, K)
+    handle = bd.apply(env.pipe, pol.with_meta(mechanism="forecast2"))
     assert handle.mechanism == "forecast2"
+    by_meta = generate(env)
+    bd.remove(env.pipe)
+    outs = {}
+    for mechanism in ("forecast2", "reuse"):
+        bd.apply(env.pipe, pol, mechanism=mechanism)
+        outs[mechanism] = generate(env)
+        bd.remove(env.pipe)
+    # the images are the forecast's, not those of the default mechanism
+    assert torch.equal(by_meta, outs["forecast2"])
+    assert not torch.allclose(by_meta, outs["reuse"])

@@ -111,13 +111,29 @@ def test_interrupted_generation_does_not_leak_into_the_next(model):
 
 
 def test_forecast_mechanism_and_uniform_shortcut(model):
-    pipe = model[0]
-    bd.apply(pipe, "uniform", nfe=5, steps=STEPS, mechanism="forecast2")
+    pipe, attn, *_ = model
+    calls_per_step = 2 if isinstance(pipe, WanPipeline) else 1
+    outs, runs = {}, {}
+    for mechanism in ("reuse", "forecast2"):
+        counter = _Counter(attn)
+        bd.apply(pipe, "uniform", nfe=5, steps=STEPS, mechanism=mechanism)
+        try:
+            outs[mechanism] = _generate(model)
+        finally:
+            bd.remove(pipe)
+            counter.close()
+        runs[mechanism] = counter.n
+    # the shortcut is the uniform 5-of-10 policy: 5 block-stack runs per branch, whatever the mechanism
+    assert runs == {"reuse": 5 * calls_per_step, "forecast2": 5 * calls_per_step}
+    ref = CachePolicy.uniform(STEPS, 5)
+    bd.apply(pipe, ref, mechanism="reuse")
     try:
-        out = _generate(model)
+        assert torch.equal(_generate(model), outs["reuse"])
     finally:
         bd.remove(pipe)
-    assert torch.isfinite(out).all()
+    # the forecast really extrapolates: its output differs from plain reuse of the same mask
+    assert torch.isfinite(outs["forecast2"]).all()
+    assert not torch.allclose(outs["forecast2"], outs["reuse"])
 
 
 def test_unsupported_transformer_is_named():

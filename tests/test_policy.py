@@ -62,6 +62,8 @@ def _write(path: Path, content: str | bytes) -> Path:
         ({"steps": 3, "compute": [0], "sigmas": [1.0, 0.5, 0.5, 0.0]}, r"'sigmas': must be strictly decreasing: index 2"),
         ({"steps": 2, "compute": [0], "sigmas": [1.0, float("nan"), 0.0]}, r"'sigmas': value at index 1 is not finite"),
         ({"steps": 2, "compute": [0], "sigmas": [float("inf"), 0.5, 0.0]}, r"'sigmas': value at index 0 is not finite"),
+        ({"steps": 2, "compute": [0], "sigmas": [1e300, 0.5, 0.0]}, r"'sigmas': value at index 0 is 1e\+300, out of range"),
+        ({"steps": 2, "compute": [0], "sigmas": [1.0, 0.5, -2e4]}, r"'sigmas': value at index 2 is -20000.0, out of range"),
         ({"steps": 2, "compute": [0], "sigmas": [10**400, 0.5, 0.0]}, r"'sigmas': value at index 0 is not finite"),
         ({"steps": 2, "compute": [0], "sigmas": [1.0, 0.5, -0.1]}, r"'sigmas': last value must be >= 0"),
         ({"steps": 2, "compute": [0], "sigmas": [1.0, "x", 0.0]}, r"'sigmas': value at index 1 must be a number"),

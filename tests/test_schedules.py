@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import math
+import re
 from pathlib import Path
 from typing import Any, Callable
 
@@ -139,29 +140,29 @@ def test_get_schedule_errors() -> None:
         get_schedule("karras", 10)
     for name in SCHEDULES:
         assert name in str(info.value)
-    with pytest.raises(ConfigError):
+    with pytest.raises(ConfigError, match="number of steps must be >= 1, got 0"):
         get_schedule("linear", 0)
-    with pytest.raises(ConfigError):
+    with pytest.raises(ConfigError, match="bad arguments for schedule 'linear'.*'shift'"):
         get_schedule("linear", 5, shift=2.0)
-    with pytest.raises(ConfigError):
+    with pytest.raises(ConfigError, match="bad arguments for schedule 'flux'.*'image_seq_len'"):
         get_schedule("flux", 5)  # image_seq_len missing
 
 
 @pytest.mark.parametrize("bad", [0, -3, 2.5, True, "4"])
 def test_bad_step_count(bad: object) -> None:
     for fn in (linear, lambda n: flux(n, 1024), wan):
-        with pytest.raises(ConfigError):
+        with pytest.raises(ConfigError, match=f"number of steps must be .*>= 1, got {re.escape(repr(bad))}"):
             fn(bad)  # type: ignore[operator]
 
 
 def test_bad_parameters() -> None:
-    with pytest.raises(ConfigError):
+    with pytest.raises(ConfigError, match="shift must be a finite number > 0, got 0.0"):
         wan(10, shift=0.0)
-    with pytest.raises(ConfigError):
+    with pytest.raises(ConfigError, match="shift must be a finite number > 0, got nan"):
         wan(10, shift=float("nan"))
-    with pytest.raises(ConfigError):
+    with pytest.raises(ConfigError, match="image_seq_len must be an int >= 1, got 0"):
         flux(10, 0)
-    with pytest.raises(ConfigError):
+    with pytest.raises(ConfigError, match="max_seq_len and base_seq_len must differ"):
         flux(10, 1024, base_seq_len=256, max_seq_len=256)
 
 
@@ -191,7 +192,7 @@ def test_validate_sigmas_rejects() -> None:
         validate_sigmas(torch.tensor([1.5, 0.5, 0.0]))
     with pytest.raises(ConfigError, match="end at 0"):
         validate_sigmas(torch.tensor([1.0, 0.5, 0.1]), end_at_zero=True)
-    with pytest.raises(ConfigError):
+    with pytest.raises(ConfigError, match="sigmas must be a torch.Tensor, got list"):
         validate_sigmas([1.0, 0.0])  # type: ignore[arg-type]
-    with pytest.raises(ConfigError):
+    with pytest.raises(ConfigError, match="real floating-point tensor, got dtype torch.int64"):
         validate_sigmas(torch.tensor([2, 1, 0]))

@@ -7,6 +7,7 @@ import itertools
 import json
 import math
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -357,15 +358,21 @@ def test_fit_budget_with_explicit_prefix():
     assert {10, 19} <= set(out)
 
 
-@pytest.mark.parametrize("kw", [dict(steps=10, nfe=0), dict(steps=10, nfe=11), dict(steps=10, nfe=-3),
-                                dict(steps=0, nfe=1), dict(steps=10, nfe=3, t_min=0.0),
-                                dict(steps=10, nfe=3, t_min=-1e-3), dict(steps=10, nfe=3, t_min=0.1, t_max=0.01),
-                                dict(steps=10, nfe=3, t_max=float("nan")), dict(steps=10, nfe=3, restarts=0),
-                                dict(steps=10, nfe=3, sa_iters=-1), dict(steps=10, nfe=3, hc_rounds=-1),
-                                dict(steps=10, nfe=3, radius=0), dict(steps=10, nfe=3, prefix=0),
-                                dict(steps=10, nfe=3, prefix=4)])
-def test_search_config_rejects_bad_settings(kw):
-    with pytest.raises(ConfigError):
+@pytest.mark.parametrize("kw, why", [
+    (dict(steps=10, nfe=0), "nfe 0 must lie in 1..10"), (dict(steps=10, nfe=11), "nfe 11 must lie in 1..10"),
+    (dict(steps=10, nfe=-3), "nfe -3 must lie in 1..10"), (dict(steps=0, nfe=1), "nfe 1 must lie in 1..0"),
+    (dict(steps=10, nfe=3, t_min=0.0), "temperatures"), (dict(steps=10, nfe=3, t_min=-1e-3), "temperatures"),
+    (dict(steps=10, nfe=3, t_min=0.1, t_max=0.01), "temperatures"),
+    (dict(steps=10, nfe=3, t_max=float("nan")), "temperatures"),
+    (dict(steps=10, nfe=3, restarts=0), "restarts and radius >= 1"),
+    (dict(steps=10, nfe=3, sa_iters=-1), "sa_iters and hc_rounds must be >= 0"),
+    (dict(steps=10, nfe=3, hc_rounds=-1), "sa_iters and hc_rounds must be >= 0"),
+    (dict(steps=10, nfe=3, radius=0), "restarts and radius >= 1"),
+    (dict(steps=10, nfe=3, prefix=0), "prefix 0 must lie in 1..nfe=3"),
+    (dict(steps=10, nfe=3, prefix=4), "prefix 4 must lie in 1..nfe=3"),
+])
+def test_search_config_rejects_bad_settings(kw, why):
+    with pytest.raises(ConfigError, match=re.escape(why)):
         SearchConfig(**kw)
 
 
@@ -794,7 +801,7 @@ def test_pairs_for_repeats_prompts_with_seeds():
     prompts, seeds = pairs_for(["a", "b"], 3, seed=0)
     assert prompts == ["a"] * 3 + ["b"] * 3
     assert len(set(seeds)) == 6 and pairs_for(["a", "b"], 3, seed=0)[1] == seeds
-    with pytest.raises(ConfigError):
+    with pytest.raises(ConfigError, match=r"seeds per prompt must be >= 1 \(got 0\)"):
         pairs_for(["a"], 0, seed=0)
 
 

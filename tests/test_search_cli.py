@@ -104,3 +104,23 @@ def test_bad_budget_list_is_a_usage_error(tmp_path, capsys):
         main(["search", "--nfe", "2,x", "--out", str(tmp_path)])
     assert exc.value.code == 2
     assert "comma-separated integers" in capsys.readouterr().err
+
+
+def test_search_on_a_prompt_file_with_calib_pairs_and_prefix(tmp_path, capsys):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\na blue square\nthree triangles\na small yellow circle\n")
+    out = tmp_path / "o"
+    rc = main(["search", "--steps", "6", "--nfe", "3", "--prompts", str(prompts), "--seeds-per-prompt", "2",
+               "--calib-pairs", "5", "--prefix", "2", "--heldout", "2", "--sa-iters", "4", "--hc-rounds", "1",
+               "--quiet", "--out", str(out)])
+    assert rc == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["meta"]["calibration_pairs"] == 5  # 5 of the file's 4 x 2 pairs, not all 8 (nor 32)
+    pol = CachePolicy.load(out / "policy_N6_K3.json")
+    assert pol.compute[:2] == (0, 1) and pol.meta["calibration_pairs"] == 5  # the forced prefix of 2
+    # more pairs than the file gives is refused, naming both numbers
+    rc = main(["search", "--steps", "6", "--nfe", "3", "--prompts", str(prompts), "--calib-pairs", "9",
+               "--quiet", "--out", str(tmp_path / "o2")])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "--calib-pairs 9 but the prompt file" in err and "gives 4 pairs" in err

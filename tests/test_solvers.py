@@ -328,20 +328,20 @@ def test_unknown_solver() -> None:
 
 @pytest.mark.parametrize("bad", [0, 5, 2.0, True])
 def test_bad_solver_arguments(bad: object) -> None:
-    with pytest.raises(ConfigError):
+    with pytest.raises(ConfigError, match=rf"max_order must be an int in \[1, 4\], got {bad!r}"):
         IPNDM(max_order=bad)  # type: ignore[arg-type]
-    with pytest.raises(ConfigError):
+    with pytest.raises(ConfigError, match=rf"max_order must be an int in \[1, 4\], got {bad!r}"):
         get_solver("ipndm", max_order=bad)
-    with pytest.raises(ConfigError):
+    with pytest.raises(ConfigError, match="bad arguments for solver 'euler'"):
         get_solver("euler", max_order=2)
 
 
 @pytest.mark.parametrize("name", ALL)
 def test_bad_step_index(name: str) -> None:
     x = torch.zeros(2)
-    with pytest.raises(ConfigError):
+    with pytest.raises(ConfigError, match=r"step index k must be in \[0, 3\], got 4"):
         get_solver(name).step(x, x, 4, linear(4), ())
-    with pytest.raises(ConfigError):
+    with pytest.raises(ConfigError, match=r"step index k must be in \[0, 3\], got -1"):
         get_solver(name).step(x, x, -1, linear(4), ())
 
 

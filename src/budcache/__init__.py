@@ -7,11 +7,27 @@ The latency is fixed in advance: exactly K full evaluations per image.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 from .errors import BudcacheError, ConfigError, MissingExtraError, ModelOutputError, PolicyError
 from .policy import CachePolicy
-from .sampler import ComputeAll, SampleResult, Sampler, SamplerState, StaticMask, sample
+
+if TYPE_CHECKING:
+    from .sampler import ComputeAll, SampleResult, Sampler, SamplerState, StaticMask, sample
 
 __version__ = "0.1.0"
+
+# The sampler needs torch; it is imported on first use so that reading a policy (and ``budcache --help``,
+# ``budcache show``) starts without the model stack.
+_SAMPLER_NAMES = ("ComputeAll", "SampleResult", "Sampler", "SamplerState", "StaticMask", "sample")
+
+
+def __getattr__(name: str) -> Any:
+    if name in _SAMPLER_NAMES:
+        from . import sampler
+
+        return getattr(sampler, name)
+    raise AttributeError(f"module 'budcache' has no attribute {name!r}")
 
 __all__ = [
     "BudcacheError", "CachePolicy", "ComputeAll", "ConfigError", "MissingExtraError", "ModelOutputError",

@@ -1,28 +1,94 @@
-"""Command line: ``budcache search | align | compare | sample | show | train-tinyflow``."""
+"""Command line: ``budcache search | align | compare | sample | show | train-tinyflow``.
+
+A user's mistake never ends in a traceback: :func:`main` prints one line,
+``budcache <command>: error: ...``, and returns one of the exit codes below
+(README, "Errors and exit codes"). Only the chosen sub-command's options are
+built, so ``budcache --help`` and ``budcache show`` start without torch.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from .errors import BudcacheError, ConfigError
+from .io import check_writable_dir, check_writable_file, printable
+
+EXIT_OK = 0
+EXIT_USAGE = 2  #: a bad option, input file, policy or checkpoint (argparse's code for usage errors too)
+EXIT_IO = 3  #: the system refused a read or write during the run (disk full, permissions, I/O error)
+EXIT_INTERRUPTED = 130  #: Ctrl-C (128 + SIGINT); search and align keep their checkpoints
+EXIT_BROKEN_PIPE = 141  #: the reader of the output went away (128 + SIGPIPE), e.g. ``budcache show P | head -1``
+
+MAX_SEED = 2**63 - 1
 
 
 def _read_prompts(values: list[str]) -> list[str]:
     """Prompts given inline, or one per line from a file when a value names an existing .txt file."""
+    from .search.calibration import read_prompt_file
+
     out: list[str] = []
     for v in values:
         p = Path(v)
         if p.suffix == ".txt" and p.is_file():
-            out += [line.strip() for line in p.read_text().splitlines() if line.strip()]
+            out += read_prompt_file(p)
         else:
             out.append(v)
     if not out:
         raise ConfigError("no prompts given")
     return out
+
+
+def seed_arg(text: str) -> int:
+    """An argparse type: a seed in 0..2**63-1 (what torch's and NumPy's generators take)."""
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if not 0 <= v <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"{text[:40]} is out of range (allowed 0..{MAX_SEED})")
+    return v
+
+
+def guidance_arg(text: str) -> float:
+    """An argparse type: a classifier-free guidance scale, a finite number >= 0 (1 = off)."""
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not (math.isfinite(v) and v >= 0):
+        raise argparse.ArgumentTypeError(f"{text} is out of range (a finite number >= 0; 1 = off)")
+    return v
+
+
+def policy_settings(a: argparse.Namespace, policy: Any, default_mechanism: str) -> None:
+    """Fill ``a.solver``, ``a.mechanism`` and ``a.guidance`` from the policy's ``meta`` where not given.
+
+    The settings a policy was searched with are the defaults; an explicit option overrides them. A
+    ``meta`` value of the wrong type is an error naming the file and the field.
+    """
+    meta = dict(policy.meta)
+
+    def bad(key: str, want: str) -> ConfigError:
+        return ConfigError(f"policy {a.policy}: meta.{key} must be {want}, got {printable(repr(meta[key]))[:60]}")
+
+    for key in ("solver", "mechanism"):
+        if key in meta and not isinstance(meta[key], str):
+            raise bad(key, "a name (string)")
+    if "guidance" in meta:
+        g = meta["guidance"]
+        if isinstance(g, bool) or not isinstance(g, (int, float)) or not math.isfinite(g) or g < 0:
+            raise bad("guidance", "a number >= 0")
+    a.solver = a.solver or str(meta.get("solver", "euler"))
+    a.mechanism = a.mechanism or str(meta.get("mechanism", default_mechanism))
+    a.guidance = a.guidance if a.guidance is not None else float(meta.get("guidance", 1.0))
 
 
 def save_grid(images: "torch.Tensor", path: str | Path, columns: int, scale: int = 4) -> Path:  # noqa: F821
@@ -56,25 +122,33 @@ def cmd_sample(a: argparse.Namespace) -> int:
 
     if a.per_prompt < 1:
         raise ConfigError(f"--per-prompt must be >= 1 (got {a.per_prompt})")
+    if a.steps < 1:
+        raise ConfigError(f"--steps must be >= 1 (got {a.steps})")
     prompts = _read_prompts(a.prompts)
     prompts = [p for p in prompts for _ in range(a.per_prompt)]
+    if a.seed + len(prompts) - 1 > MAX_SEED:
+        raise ConfigError(f"--seed {a.seed}: image i uses seed+i, and {len(prompts)} images run past {MAX_SEED}")
     seeds = [a.seed + i for i in range(len(prompts))]
-    if a.policy and a.nfe:
+    if a.policy is not None and a.nfe is not None:
         raise ConfigError("give either --policy FILE or --nfe K (uniform policy), not both")
+    if a.nfe is not None and not 1 <= a.nfe <= a.steps:
+        raise ConfigError(f"--nfe {a.nfe} must lie in 1..{a.steps} (the number of steps)")
     policy = CachePolicy.load(a.policy) if a.policy else (
         CachePolicy.uniform(a.steps, a.nfe, estimator=a.mechanism) if a.nfe else None)
     if policy is not None and policy.steps != a.steps:
         if a.steps_given:
             raise ConfigError(f"--steps {a.steps} but the policy {a.policy} is for {policy.steps} steps")
         a.steps = policy.steps
-    # Settings the policy was searched with are the defaults; an explicit option overrides them.
-    meta = dict(policy.meta) if policy is not None else {}
-    a.solver = a.solver or str(meta.get("solver", "euler"))
-    if policy is not None and policy.estimator is not None and a.mechanism not in (None, policy.estimator):
-        raise ConfigError(f"--mechanism {a.mechanism} but the policy's skipped steps use {policy.estimator}; "
-                          "a policy runs with its own estimators (omit --mechanism)")
-    a.mechanism = (policy.estimator if policy is not None else None) or a.mechanism or "reuse"
-    a.guidance = a.guidance if a.guidance is not None else float(meta.get("guidance", 1.0))
+    if policy is not None and a.policy is not None:
+        policy_settings(a, policy, "reuse")
+        if policy.estimator is not None and a.mechanism not in (None, policy.estimator) and \
+                a.mechanism != policy.meta.get("mechanism"):
+            raise ConfigError(f"--mechanism {a.mechanism} but the policy's skipped steps use {policy.estimator}; "
+                              "a policy runs with its own estimators (omit --mechanism)")
+        a.mechanism = policy.estimator or a.mechanism
+    a.solver, a.mechanism = a.solver or "euler", a.mechanism or "reuse"
+    a.guidance = 1.0 if a.guidance is None else a.guidance
+    out = check_writable_file(a.out, "--out")  # before minutes of sampling, not after
     tf = tinyflow.load(a.model)
     t0 = time.perf_counter()
     with torch.no_grad():
@@ -83,7 +157,7 @@ def cmd_sample(a: argparse.Namespace) -> int:
                         guidance=a.guidance, progress=not a.quiet)
     wall = time.perf_counter() - t0
     images = tf.images(res.latent)
-    out = save_grid(images, a.out, columns=a.per_prompt if a.per_prompt > 1 else min(8, len(prompts)))
+    out = save_grid(images, out, columns=a.per_prompt if a.per_prompt > 1 else min(8, len(prompts)))
     verdicts = [checker.check(p, im).ok for p, im in zip(prompts, images)]
     summary = {"images": len(prompts), "steps": a.steps, "nfe": int(res.nfe.max()), "solver": a.solver,
                "policy": str(policy) if policy else "none (all steps)", "guidance": a.guidance,
@@ -96,7 +170,9 @@ def cmd_show(a: argparse.Namespace) -> int:
     from .policy import CachePolicy
 
     pol = CachePolicy.load(a.policy)
-    print(f"policy      {a.policy}")
+    if a.plot:
+        check_writable_file(a.plot, "--plot")
+    print(f"policy      {printable(a.policy)}")
     print(f"steps (N)   {pol.steps}")
     print(f"NFE (K)     {pol.nfe}")
     print(f"speed-up    <= {pol.speedup_bound:.2f}x (if cached steps cost nothing)")
@@ -111,11 +187,11 @@ def cmd_show(a: argparse.Namespace) -> int:
             print(f"estimator   {pol.estimator} (every skipped step, from meta.mechanism)")
     if pol.sigmas is not None:
         print("sigmas      " + " ".join(f"{s:.4f}" for s in pol.sigmas))
-    for k, v in pol.meta.items():
-        print(f"meta.{k:<7} {v}")
+    for k, v in pol.meta.items():  # a shared file's strings may hold escape codes: never print them raw
+        print(f"meta.{printable(k):<7} {printable(str(v))}")
     if a.plot:
         _plot_policy(pol, a.plot)
-        print(f"plot        {a.plot}")
+        print(f"plot        {printable(a.plot)}")
     return 0
 
 
@@ -166,7 +242,7 @@ def _int_list(text: str) -> list[int]:
 
 def _name_list(text: str) -> list[str]:
     """Comma-separated estimator names ('none': an empty list)."""
-    from .estimators import ESTIMATORS
+    from .specs import ESTIMATORS
 
     if text.strip().lower() == "none":
         return []
@@ -211,6 +287,8 @@ def problem_from_args(a: argparse.Namespace, steps: int, solver: str, mechanism:
 
 
 def cmd_search(a: argparse.Namespace) -> int:
+    check_writable_dir(a.out, "--out")  # before the model stack is imported
+
     from .search.distributed import backend_kwargs
     from .search.run import run
 
@@ -225,8 +303,8 @@ def cmd_search(a: argparse.Namespace) -> int:
     outcomes = run(a.out, nfes=a.nfe, steps=a.steps, solver=a.solver, mechanism=a.mechanism, guidance=a.guidance,
                    estimators=a.estimators,
                    calib_pairs=a.calib_pairs, prompt_file=a.prompts, seeds_per_prompt=a.seeds_per_prompt,
-                   heldout_pairs=a.heldout, seed=a.seed, loss=a.loss, resume=a.resume, progress=not a.quiet,
-                   naive=a.naive, model=a.model, problem=problem, **backend_kwargs(a), **kw)
+                   heldout_pairs=a.heldout, seed=a.seed, loss=a.loss, resume=a.resume, force=a.force,
+                   progress=not a.quiet, naive=a.naive, model=a.model, problem=problem, **backend_kwargs(a), **kw)
     for o in outcomes:
         h = o.heldout
         print(f"K={o.nfe:>3}  loss {o.policy.meta['search_loss']:.4e}  {o.policy.estimator_strip()}  "
@@ -243,15 +321,23 @@ def cmd_train(a: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from .sampler import ALL_MECHANISMS
-    from .search.distributed import add_backend_args
+#: Sub-commands and their one-line help, in the order ``budcache --help`` lists them.
+COMMANDS = {
+    "sample": "sample tinyflow with an optional cache policy; writes a PNG grid",
+    "search": "search the best cache policy for each budget (default: tinyflow, K=10 of 28)",
+    "align": "learn the sigma schedule of a cache policy (stage 2), of the plain K-step sampler, or jointly with "
+             "the mask",
+    "compare": "compare budcache with the baselines at equal NFE; writes tables and plots",
+    "show": "print a policy: mask strip, estimators, NFE, speed-up bound, sigmas",
+    "train-tinyflow": "train (or resume) the embedded model; see --help after it",
+}
+
+
+def _add_sample(sub: Any) -> None:
+    from .specs import ALL_MECHANISMS
     from .solvers import SOLVERS
 
-    ap = argparse.ArgumentParser(prog="budcache", description="Budget-exact step caching for diffusion transformers.")
-    sub = ap.add_subparsers(dest="command", required=True)
-
-    s = sub.add_parser("sample", help="sample tinyflow with an optional cache policy; writes a PNG grid")
+    s = sub.add_parser("sample", help=COMMANDS["sample"])
     s.add_argument("prompts", nargs="*", default=["a red circle", "a large square in the top left",
                                                   "a blue triangle and a yellow circle", "three circles"],
                    help="prompts of tinyflow's grammar, or .txt files with one prompt per line")
@@ -262,16 +348,22 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--mechanism", default=None, choices=list(ALL_MECHANISMS),
                    help="for --nfe or a policy that names no estimator (default reuse); a policy's own "
                         "estimators always apply")
-    s.add_argument("--guidance", type=float, default=None,
+    s.add_argument("--guidance", type=guidance_arg, default=None,
                    help="classifier-free guidance scale (1 = off); default: the policy's, else 1")
-    s.add_argument("--seed", type=int, default=0, help="seed of the first image; image i uses seed+i")
+    s.add_argument("--seed", type=seed_arg, default=0, help="seed of the first image; image i uses seed+i")
     s.add_argument("--per-prompt", type=int, default=1, help="images per prompt")
     s.add_argument("--model", default=None, help="tinyflow weights directory (default: the shipped model)")
     s.add_argument("--out", default="samples.png", help="PNG grid to write")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.set_defaults(func=cmd_sample)
 
-    se = sub.add_parser("search", help="search the best cache policy for each budget (default: tinyflow, K=10 of 28)")
+
+def _add_search(sub: Any) -> None:
+    from .specs import ALL_MECHANISMS
+    from .search.distributed import add_backend_args
+    from .solvers import SOLVERS
+
+    se = sub.add_parser("search", help=COMMANDS["search"])
     se.add_argument("--nfe", type=_int_list, default=[10], help="budget(s) K, e.g. 10 or 6,8,10,14")
     se.add_argument("--steps", type=int, default=28, help="solver steps N")
     se.add_argument("--solver", default="euler", choices=sorted(SOLVERS))
@@ -283,16 +375,18 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("--estimators", type=_name_list, default=["vtaylor1", "vtaylor2", "output"],
                     help="after the mask search, each skipped step may switch to any of these estimators "
                          "(comma-separated; default vtaylor1,vtaylor2,output; 'none': keep --mechanism everywhere)")
-    se.add_argument("--guidance", type=float, default=1.0)
+    se.add_argument("--guidance", type=guidance_arg, default=1.0)
     se.add_argument("--prompts", default=None, help="calibration prompts (.txt, .jsonl or .csv); default: "
                     "tinyflow prompts covering every template")
-    se.add_argument("--calib-pairs", type=int, default=32, help="calibration prompt x seed pairs (default 32)")
+    se.add_argument("--calib-pairs", type=int, default=None,
+                    help="calibration prompt x seed pairs (default 32; with --prompts: a seeded draw of this many "
+                         "of the file's pairs, default all)")
     se.add_argument("--seeds-per-prompt", type=int, default=1)
     se.add_argument("--heldout", type=int, default=64, help="held-out pairs for the report")
     se.add_argument("--loss", default="logmse", choices=["mse", "l1", "logmse"],
                     help="per-item loss averaged over the calibration set: logmse (default: log of each item's MSE, "
                          "every item counts equally, like mean PSNR), mse (the paper's) or l1")
-    se.add_argument("--seed", type=int, default=0)
+    se.add_argument("--seed", type=seed_arg, default=0)
     se.add_argument("--sa-iters", type=int, default=200)
     se.add_argument("--t-max", type=float, default=0.05)
     se.add_argument("--t-min", type=float, default=1e-5)
@@ -306,48 +400,115 @@ def build_parser() -> argparse.ArgumentParser:
                          "as the reference does)")
     se.add_argument("--naive", action="store_true", help="evaluate masks one by one from step 0 (for comparison)")
     se.add_argument("--resume", action="store_true", help="continue from the checkpoints in --out")
+    se.add_argument("--force", action="store_true",
+                    help="start over even though --out holds checkpoints of an earlier run (they are overwritten)")
     se.add_argument("--model", default=None, help="tinyflow weights directory (default: the shipped model)")
     se.add_argument("--out", default="runs/search", help="output directory")
     se.add_argument("--quiet", action="store_true")
     add_pipeline_args(se)
     add_backend_args(se)
-    se.set_defaults(func=cmd_search)
+    se.set_defaults(func=cmd_search, resumable=True)
 
-    from .align.cli import register as register_align
-    from .compare.cli import register as register_compare
 
-    register_align(sub)
-    register_compare(sub)
+def _add_align(sub: Any) -> None:
+    from .align.cli import register
 
-    sh = sub.add_parser("show", help="print a policy: mask strip, NFE, speed-up bound, sigmas")
+    register(sub)
+
+
+def _add_compare(sub: Any) -> None:
+    from .compare.cli import register
+
+    register(sub)
+
+
+def _add_show(sub: Any) -> None:
+    sh = sub.add_parser("show", help=COMMANDS["show"])
     sh.add_argument("policy")
     sh.add_argument("--plot", default=None, help="also write a PNG of the mask (needs budcache[plot])")
     sh.set_defaults(func=cmd_show)
 
-    t = sub.add_parser("train-tinyflow", help="train (or resume) the embedded model; see --help after it",
-                       add_help=False)
+
+def _add_train(sub: Any) -> None:
+    t = sub.add_parser("train-tinyflow", help=COMMANDS["train-tinyflow"], add_help=False)
     t.add_argument("rest", nargs=argparse.REMAINDER)
     t.set_defaults(func=cmd_train)
+
+
+_BUILDERS: dict[str, Callable[[Any], None]] = {
+    "sample": _add_sample, "search": _add_search, "align": _add_align, "compare": _add_compare, "show": _add_show,
+    "train-tinyflow": _add_train,
+}
+
+
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The CLI's parser: every sub-command's options, or with ``only`` just that one's.
+
+    The others are then listed with their help line but no options, so that
+    ``budcache --help`` and ``budcache show`` import no model code (``only=""``:
+    none built).
+    """
+    ap = argparse.ArgumentParser(prog="budcache", description="Budget-exact step caching for diffusion transformers.")
+    sub = ap.add_subparsers(dest="command", required=True)
+    for name, add in _BUILDERS.items():
+        if only is None or name == only:
+            add(sub)
+        else:
+            sub.add_parser(name, help=COMMANDS[name], add_help=name != "train-tinyflow")
     return ap
 
 
+def _os_error_message(exc: OSError) -> str:
+    """``PATH: reason`` for an OSError (disk full, permission denied, ...)."""
+    reason = exc.strerror or str(exc) or type(exc).__name__
+    return f"{printable(str(exc.filename))}: {reason}" if exc.filename else reason
+
+
+def _silence_stdout() -> None:
+    """After a broken pipe: point stdout at /dev/null so the interpreter's final flush cannot fail again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
-    ap = build_parser()
+    """Run the command line; returns the exit code (see the module docstring and README)."""
     args = sys.argv[1:] if argv is None else list(argv)
+    # transformers warns at import that torchvision is missing (budcache never needs it); the user can override.
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     if args[:1] == ["train-tinyflow"]:
         # argparse's REMAINDER drops a sub-command's leading options ("--out ..."), so these go to the
         # trainer's own parser untouched.
         a = argparse.Namespace(command="train-tinyflow", func=cmd_train, rest=args[1:])
     else:
-        a = ap.parse_args(args)
+        a = build_parser(args[0] if args and args[0] in COMMANDS else "").parse_args(args)
     if a.command == "sample":
         a.steps_given = a.steps is not None
         a.steps = 28 if a.steps is None else a.steps
+    prefix = f"budcache {a.command}"
     try:
-        return a.func(a)
+        code = a.func(a)
+        sys.stdout.flush()  # a closed pipe shows here, not at exit
+        return code
     except BudcacheError as exc:
-        print(f"budcache {a.command}: error: {exc}", file=sys.stderr)
-        return 2
+        print(f"{prefix}: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        if getattr(a, "resumable", False):
+            print(f"{prefix}: interrupted; the checkpoints in {printable(str(a.out))} are kept: run the same command "
+                  "with --resume to continue", file=sys.stderr)
+        else:
+            print(f"{prefix}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        _silence_stdout()
+        return EXIT_BROKEN_PIPE
+    except OSError as exc:
+        print(f"{prefix}: error: {_os_error_message(exc)}", file=sys.stderr)
+        return EXIT_IO
 
 
 if __name__ == "__main__":

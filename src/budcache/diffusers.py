@@ -239,6 +239,9 @@ def apply(target: Any, policy: CachePolicy | str | os.PathLike, *, nfe: int | No
     """
     if step_from not in ("scheduler", "timestep"):
         raise ConfigError(f"step_from must be 'scheduler' or 'timestep' (got {step_from!r})")
+    if not isinstance(policy, (CachePolicy, str, os.PathLike)):
+        raise ConfigError(f"policy must be a CachePolicy, a path to a policy JSON file or 'uniform'; got "
+                          f"{type(policy).__name__}")
     if isinstance(policy, (str, os.PathLike)):
         if policy == "uniform":
             if nfe is None or steps is None:
@@ -246,8 +249,6 @@ def apply(target: Any, policy: CachePolicy | str | os.PathLike, *, nfe: int | No
             policy = CachePolicy.uniform(steps, nfe, estimator=mechanism)
         else:
             policy = CachePolicy.load(policy)
-    if not isinstance(policy, CachePolicy):
-        raise ConfigError(f"policy must be a CachePolicy, a policy file or 'uniform'; got {type(policy).__name__}")
     if isinstance(target, torch.nn.Module) and not hasattr(target, "scheduler"):
         if scheduler is None:
             raise ConfigError("a bare transformer needs scheduler=... to map timesteps to steps")

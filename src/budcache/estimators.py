@@ -36,69 +36,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 
 from .errors import ConfigError
+from .specs import CODES, COMPUTE, ESTIMATORS, NAMES, EstimatorSpec, get, residual_names, velocity_names
 
-
-@dataclass(frozen=True)
-class EstimatorSpec:
-    """One estimator.
-
-    Args:
-        name: its name in policies and on the command line.
-        target: ``"residual"`` (block-stack residual, needs a transformer) or ``"velocity"`` (model output).
-        order: Newton order, 0 (reuse), 1 or 2.
-        time: the time variable of the forecast, ``"step"`` or ``"sigma"`` (irrelevant for order 0).
-        summary: one line for ``budcache show`` and the docs.
-    """
-
-    name: str
-    target: Literal["residual", "velocity"]
-    order: int
-    time: Literal["step", "sigma"]
-    summary: str
-
-    @property
-    def depth(self) -> int:
-        """Stored values it needs: ``order + 1``."""
-        return self.order + 1
-
-
-#: Every estimator by name. ``reuse``/``forecast1``/``forecast2``/``output`` are version 1's mechanisms.
-ESTIMATORS: dict[str, EstimatorSpec] = {s.name: s for s in (
-    EstimatorSpec("reuse", "residual", 0, "step", "reuse the last computed stack residual"),
-    EstimatorSpec("forecast1", "residual", 1, "step", "residual, linear in the step index"),
-    EstimatorSpec("forecast2", "residual", 2, "step", "residual, quadratic (Newton) in the step index"),
-    EstimatorSpec("taylor1", "residual", 1, "sigma", "residual, linear in sigma"),
-    EstimatorSpec("taylor2", "residual", 2, "sigma", "residual, quadratic (Newton) in sigma"),
-    EstimatorSpec("output", "velocity", 0, "step", "reuse the last computed velocity"),
-    EstimatorSpec("vtaylor1", "velocity", 1, "sigma", "velocity, linear in sigma"),
-    EstimatorSpec("vtaylor2", "velocity", 2, "sigma", "velocity, quadratic (Newton) in sigma"),
-)}
-
-#: Stable integer code of every estimator (plans store codes; 0 is reserved for "compute").
-CODES: dict[str, int] = {name: i + 1 for i, name in enumerate(ESTIMATORS)}
-NAMES: dict[int, str] = {c: n for n, c in CODES.items()}
-COMPUTE = 0
-
-
-def get(name: str) -> EstimatorSpec:
-    """The estimator called ``name``; a ConfigError lists the known ones."""
-    spec = ESTIMATORS.get(name) if isinstance(name, str) else None
-    if spec is None:
-        raise ConfigError(f"estimator {name!r} is unknown; choose one of {list(ESTIMATORS)}")
-    return spec
-
-
-def residual_names() -> tuple[str, ...]:
-    return tuple(n for n, s in ESTIMATORS.items() if s.target == "residual")
-
-
-def velocity_names() -> tuple[str, ...]:
-    return tuple(n for n, s in ESTIMATORS.items() if s.target == "velocity")
+__all__ = ["CODES", "COMPUTE", "ESTIMATORS", "NAMES", "EstimatorSpec", "History", "get", "mixed", "newton",
+           "residual_names", "velocity", "velocity_names"]
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ import tempfile
 from pathlib import Path
 from typing import Union
 
-from .errors import PolicyError
+from .errors import ConfigError, PolicyError
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -27,9 +27,12 @@ def atomic_write_bytes(path: PathLike, data: bytes) -> Path:
     original file is left untouched and the error is re-raised.
     """
     target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    mode = _target_mode(target)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        mode = _target_mode(target)
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    except OSError as exc:
+        raise _naming(exc, target) from exc
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
@@ -37,12 +40,71 @@ def atomic_write_bytes(path: PathLike, data: bytes) -> Path:
             os.fsync(fh.fileno())
         os.chmod(tmp, mode)
         os.replace(tmp, target)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
+        if isinstance(exc, OSError):
+            raise _naming(exc, target) from exc
         raise
     _fsync_dir(target.parent)
     return target
+
+
+def _naming(exc: OSError, target: Path) -> OSError:
+    """The same error (same subclass: ENOSPC, EACCES, ...) naming the file the caller meant to write."""
+    if exc.errno is None:
+        return exc
+    return OSError(exc.errno, exc.strerror or str(exc), str(target))
+
+
+def check_writable_dir(path: PathLike, option: str) -> Path:
+    """Create directory ``path`` if needed and check that a file can be written in it.
+
+    Run before a long job, so that an ``--out`` that is a file, read-only, or
+    under a file or ``/proc`` is a :class:`ConfigError` naming the option, not
+    a failure after the work is done.
+    """
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise ConfigError(f"{option} {printable(str(p))}: exists and is not a directory")
+    _probe(p, f"{option} {printable(str(p))}")
+    return p
+
+
+def check_writable_file(path: PathLike, option: str) -> Path:
+    """Check that file ``path`` can be written (its directory is created); see :func:`check_writable_dir`."""
+    p = Path(path)
+    label = f"{option} {printable(str(p))}"
+    if p.is_dir():
+        raise ConfigError(f"{label}: is a directory, expected a file name")
+    if p.parent.exists() and not p.parent.is_dir():
+        raise ConfigError(f"{label}: {printable(str(p.parent))} is not a directory")
+    _probe(p.parent, label)
+    return p
+
+
+def _probe(directory: Path, label: str) -> None:
+    """Create ``directory`` and a temporary file in it, or raise a ConfigError starting with ``label``."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=directory, prefix=".budcache-write-test-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise ConfigError(f"{label}: cannot write there ({exc.strerror or type(exc).__name__})") from None
+
+
+_CONTROL = {c: f"\\x{c:02x}" for c in (*range(0x20), 0x7F)}
+_CONTROL.update({c: f"\\u{c:04x}" for c in range(0x80, 0xA0)})
+
+
+def printable(text: str) -> str:
+    """``text`` with control characters (escape codes, carriage returns, newlines) shown as ``\\xNN``.
+
+    Everything printed from a file goes through it, so a shared file cannot
+    clear the terminal or fake output.
+    """
+    return text.translate(_CONTROL)
 
 
 def atomic_write_text(path: PathLike, text: str) -> Path:

@@ -23,9 +23,9 @@ from diffusers.hooks import taylorseer_cache as _ts
 from diffusers.hooks.hooks import HookRegistry, StateManager
 
 from .errors import ConfigError
+from .specs import PEER_MECHANISMS
 
-#: Peer mechanisms whose compute schedule budcache can search and apply.
-PEER_MECHANISMS = ("taylorseer",)
+__all__ = ["PEER_MECHANISMS", "ScheduledTaylorSeerHook", "apply_taylorseer_schedule", "taylorseer_grid_mask"]
 
 
 class ScheduledTaylorSeerHook(_ts.TaylorSeerCacheHook):

@@ -13,16 +13,15 @@ import json
 import math
 import numbers
 import operator
+import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, TypeVar
-
-import torch
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from .errors import ConfigError, PolicyError
-from .estimators import ESTIMATORS
+from .specs import ESTIMATORS
 from .io import PathLike, dumps_json, loads_json_limited, read_json_limited, write_json
 
 FORMAT = "budcache.policy"
@@ -31,10 +30,20 @@ SUPPORTED_VERSIONS = (1, 2)
 MAX_STEPS = 10_000
 MAX_FILE_BYTES = 1 << 20
 MAX_FILE_DEPTH = 16
+MAX_SIGMA = 1e4  # flow-matching sigmas lie in [0, 1], EDM-style ones below ~1e3; float32 must hold sigma**2 safely
 KEYS = ("format", "version", "steps", "compute", "sigmas", "meta")
 KEYS_V2 = (*KEYS, "estimators")
 
 _P = TypeVar("_P", bound="CachePolicy")
+
+if TYPE_CHECKING:
+    import torch
+
+
+def _is_tensor(v: object) -> bool:
+    """Whether ``v`` is a torch tensor, without importing torch (a policy is read, checked and shown without it)."""
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(v, torch.Tensor)
 
 
 @dataclass(frozen=True)
@@ -42,7 +51,8 @@ class CachePolicy:
     """Which of ``steps`` solver steps are computed in full (the rest reuse the cache).
 
     ``compute`` must be sorted, unique and contain step 0. ``sigmas`` is an optional
-    learned schedule of ``steps + 1`` values, strictly decreasing and ending >= 0.
+    learned schedule of ``steps + 1`` values, strictly decreasing, ending >= 0 and
+    at most ``MAX_SIGMA``.
     ``meta`` is free JSON metadata, stored as a deep read-only copy (objects become
     read-only mappings, arrays become tuples).
 
@@ -118,6 +128,8 @@ class CachePolicy:
 
     def mask_tensor(self, device: torch.device | str | None = None) -> torch.Tensor:
         """The mask as a 1-D ``torch.bool`` tensor of length ``steps``."""
+        import torch
+
         return torch.tensor(self.mask, dtype=torch.bool, device=device)
 
     @property
@@ -177,7 +189,7 @@ class CachePolicy:
     @classmethod
     def from_steps(cls: type[_P], steps: int, compute: Any, **kw: Any) -> _P:
         """Build from step indices in any order (ints, NumPy ints or a 1-D tensor)."""
-        if isinstance(compute, torch.Tensor):
+        if _is_tensor(compute):
             compute = compute.detach().cpu().reshape(-1).tolist()
         if isinstance(compute, (str, bytes, Mapping)) or not hasattr(compute, "__iter__"):
             raise _fail("compute", f"must be a sequence of step indices, got {_type(compute)}")
@@ -187,7 +199,7 @@ class CachePolicy:
     @classmethod
     def from_mask(cls: type[_P], mask: Sequence[bool | int] | torch.Tensor, **kw: Any) -> _P:
         """Build from a per-step mask (True/1 = computed); ``steps`` is ``len(mask)``."""
-        if isinstance(mask, torch.Tensor):
+        if _is_tensor(mask):
             if mask.ndim != 1:
                 shape = tuple(mask.shape)
                 raise PolicyError(f"policy mask: expected a 1-D tensor, got shape {shape}")
@@ -411,7 +423,7 @@ def _check_estimators(estimators: object, skipped: int) -> tuple[str, ...]:
 
 
 def _check_sigmas(sigmas: object, steps: int) -> tuple[float, ...]:
-    if isinstance(sigmas, torch.Tensor):
+    if _is_tensor(sigmas):
         sigmas = sigmas.detach().cpu()
     if hasattr(sigmas, "ndim") and hasattr(sigmas, "tolist"):  # tensor or NumPy array
         if sigmas.ndim != 1:
@@ -431,6 +443,8 @@ def _check_sigmas(sigmas: object, steps: int) -> tuple[float, ...]:
             f = math.inf
         if not math.isfinite(f):
             raise _fail("sigmas", f"value at index {pos} is not finite ({_brief(v)})")
+        if abs(f) > MAX_SIGMA:
+            raise _fail("sigmas", f"value at index {pos} is {f!r}, out of range (allowed 0..{MAX_SIGMA:g})")
         if values and f >= values[-1]:
             raise _fail(
                 "sigmas",

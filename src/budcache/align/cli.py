@@ -30,18 +30,29 @@ def calibration_pairs(a: argparse.Namespace, problem: Any) -> tuple[tuple[list[s
                                                                     tuple[list[str], list[int]]]:
     """(prompts, seeds) of the calibration set and of the held-out set (disjoint draws)."""
     from ..search.calibration import pairs_for, read_prompt_file
+    from ..search.run import draw_pairs
 
+    _check_counts(a)
     if a.prompts:
         prompts, seeds = pairs_for(read_prompt_file(a.prompts), a.seeds_per_prompt, a.seed)
+        if a.calib_pairs is not None:
+            prompts, seeds = draw_pairs(prompts, seeds, a.calib_pairs, a.seed, a.prompts)
     else:
-        if a.calib_pairs < 1:
-            raise ConfigError(f"--calib-pairs must be >= 1 (got {a.calib_pairs})")
-        n = -(-a.calib_pairs // a.seeds_per_prompt)
+        calib_pairs = 32 if a.calib_pairs is None else a.calib_pairs
+        n = -(-calib_pairs // a.seeds_per_prompt)
         prompts, seeds = pairs_for(problem.default_prompts(n, a.seed), a.seeds_per_prompt, a.seed)
-        prompts, seeds = prompts[:a.calib_pairs], seeds[:a.calib_pairs]
+        prompts, seeds = prompts[:calib_pairs], seeds[:calib_pairs]
+    return (prompts, seeds), problem.heldout_pairs(a.heldout, a.seed, prompts)
+
+
+def _check_counts(a: argparse.Namespace) -> None:
+    """The pair counts in range (before any model is loaded)."""
+    if a.calib_pairs is not None and a.calib_pairs < 1:
+        raise ConfigError(f"--calib-pairs must be >= 1 (got {a.calib_pairs})")
+    if a.seeds_per_prompt < 1:
+        raise ConfigError(f"--seeds-per-prompt must be >= 1 (got {a.seeds_per_prompt})")
     if a.heldout < 1:
         raise ConfigError(f"--heldout must be >= 1 (got {a.heldout})")
-    return (prompts, seeds), problem.heldout_pairs(a.heldout, a.seed, prompts)
 
 
 def _config(a: argparse.Namespace) -> Any:
@@ -75,9 +86,10 @@ def run(a: argparse.Namespace) -> int:
     """The command on one rank (every rank of a data-parallel run calls it)."""
     import torch
 
-    from ..io import atomic_write_text, write_json
+    from ..io import atomic_write_text, check_writable_dir, write_json
     from ..policy import CachePolicy
     from ..search.anneal import SearchConfig
+    from ..search.evaluator import phase
     from . import distributed
     from .joint import joint
     from .trainer import align
@@ -85,33 +97,19 @@ def run(a: argparse.Namespace) -> int:
     distributed.init_from_env()
     main = distributed.is_main()
     cfg = _config(a)
-    mode = _mode(a)
-    src = None
-    if mode == "policy":
-        src = CachePolicy.load(a.policy)
-        if a.steps_given and a.steps != src.steps:
-            raise ConfigError(f"--steps {a.steps} but the policy {a.policy} is for {src.steps} steps")
-        a.steps = src.steps
-        meta = dict(src.meta)
-        a.solver = a.solver or str(meta.get("solver", "euler"))
-        a.mechanism = a.mechanism or str(meta.get("mechanism", "reuse"))  # as sample and compare
-        a.guidance = a.guidance if a.guidance is not None else float(meta.get("guidance", 1.0))
-    a.solver, a.mechanism = a.solver or "euler", a.mechanism or "forecast1"
-    a.guidance = 1.0 if a.guidance is None else a.guidance
-    k = getattr(a, mode) if mode != "policy" else src.nfe
-    limit = a.steps
-    if not isinstance(k, int) or not 1 <= k <= limit:
-        raise ConfigError(f"--{mode} {k}: the budget must lie in 1..{limit} (the number of steps)")
+    mode, src, k = _target(a)
     out = Path(a.out)
     if main:
-        out.mkdir(parents=True, exist_ok=True)
+        check_writable_dir(out, "--out")
     problem = build_problem(a)
     (cp, cs), (hp, hs) = calibration_pairs(a, problem)
-    with torch.no_grad():
-        calib = problem.calibration(cp, cs)
-        held = problem.calibration(hp, hs)
-        select = problem.calibration(*calibration_pairs_validation(a, problem, cp)) if a.select_on_validation else None
     progress = not a.quiet and main
+    with torch.no_grad():
+        with phase("teacher (calibration)" if progress else None, len(cp) * a.steps):
+            calib = problem.calibration(cp, cs)
+        with phase("teacher (held-out)" if progress else None, len(hp) * a.steps):
+            held = problem.calibration(hp, hs)
+        select = problem.calibration(*calibration_pairs_validation(a, problem, cp)) if a.select_on_validation else None
     rows: list[dict[str, Any]] = []
     if mode in ("policy", "uniform"):
         base = src if src is not None else CachePolicy.uniform(a.steps, k, meta={"budget": k, "mask": "uniform"})
@@ -228,11 +226,50 @@ def _mode(a: argparse.Namespace) -> str:
     return modes[0]
 
 
+def _target(a: argparse.Namespace) -> tuple[str, Any, int]:
+    """(mode, source policy or None, budget K); fills steps, solver, mechanism and guidance (idempotent)."""
+    from ..cli import policy_settings
+    from ..policy import CachePolicy
+
+    mode = _mode(a)
+    src = None
+    if a.steps < 1:
+        raise ConfigError(f"--steps must be >= 1 (got {a.steps})")
+    if mode == "policy":
+        src = CachePolicy.load(a.policy)
+        if a.steps_given and a.steps != src.steps:
+            raise ConfigError(f"--steps {a.steps} but the policy {a.policy} is for {src.steps} steps")
+        a.steps = src.steps
+        policy_settings(a, src, "reuse")  # as sample and compare
+    a.solver, a.mechanism = a.solver or "euler", a.mechanism or "forecast1"
+    a.guidance = 1.0 if a.guidance is None else a.guidance
+    k = getattr(a, mode) if mode != "policy" else src.nfe
+    limit = a.steps
+    if not isinstance(k, int) or not 1 <= k <= limit:
+        raise ConfigError(f"--{mode} {k}: the budget must lie in 1..{limit} (the number of steps)")
+    return mode, src, k
+
+
+def checkpoint_names(a: argparse.Namespace, mode: str, k: int) -> list[str]:
+    """The checkpoint files a run of ``mode`` at budget ``k`` writes in ``--out``."""
+    if mode == "plain":
+        return [f"checkpoint_plain_K{k}.safetensors"]
+    if mode == "joint":
+        return [f"joint_K{k}_round{r}_{part}" for r in range(a.rounds + 1)
+                for part in ("search.json", "align.safetensors")]
+    return [f"checkpoint_N{a.steps}_K{k}.safetensors"]
+
+
 def cmd_align(a: argparse.Namespace) -> int:
     """Run locally, or in ``--nproc`` processes (gloo) over the calibration items."""
-    _mode(a)
+    from ..io import check_writable_dir
+    from ..search.run import refuse_overwrite
+
+    mode, _, k = _target(a)
+    _check_counts(a)
     if isinstance(a.nproc, bool) or a.nproc < 1:
         raise ConfigError(f"--nproc must be >= 1 (got {a.nproc})")
+    refuse_overwrite(check_writable_dir(a.out, "--out"), checkpoint_names(a, mode, k), a.resume, a.force)
     if a.nproc > 1:
         import torch.multiprocessing as mp
 
@@ -258,6 +295,7 @@ def _worker(a: argparse.Namespace) -> None:
 
 def register(sub: Any) -> None:
     """Add ``budcache align`` to the CLI's subparsers."""
+    from ..cli import add_pipeline_args, guidance_arg, seed_arg
     from ..hooks import MECHANISMS
     from ..solvers import SOLVERS
     from .params import PARAMETRISATIONS
@@ -291,30 +329,32 @@ def register(sub: Any) -> None:
                         "after every epoch; keep the best schedule (never worse than the start on it)")
     p.add_argument("--loss", default="mse", choices=["mse", "l1"])
     p.add_argument("--prompts", default=None, help="calibration prompts (.txt, .jsonl or .csv)")
-    p.add_argument("--calib-pairs", type=int, default=32)
+    p.add_argument("--calib-pairs", type=int, default=None,
+                   help="calibration pairs (default 32; with --prompts: a seeded draw of this many of the file's "
+                        "pairs, default all)")
     p.add_argument("--seeds-per-prompt", type=int, default=1)
     p.add_argument("--heldout", type=int, default=32, help="held-out pairs for the report")
     p.add_argument("--solver", default=None, choices=sorted(SOLVERS), help="default: the policy's, else euler")
     p.add_argument("--mechanism", default=None, choices=list(MECHANISMS),
                    help="default: the policy's (reuse if it names none, as sample and compare); "
                    "forecast1 for --uniform/--plain/--joint (as budcache search)")
-    p.add_argument("--guidance", type=float, default=None)
+    p.add_argument("--guidance", type=guidance_arg, default=None)
     p.add_argument("--rounds", type=int, default=4, help="joint: at most this many search + align rounds")
     p.add_argument("--tol", type=float, default=1e-3, help="joint: relative held-out improvement to go on")
     p.add_argument("--sa-iters", type=int, default=200, help="joint: annealing iterations of the first search")
     p.add_argument("--later-sa-iters", type=int, default=None,
                    help="joint: annealing iterations of later rounds (default: as the first; 0: hill climbing)")
     p.add_argument("--hc-rounds", type=int, default=20)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed_arg, default=0)
     p.add_argument("--nproc", type=int, default=1, help="local data-parallel processes (gloo)")
     p.add_argument("--model", default=None, help="tinyflow weights directory (default: the shipped model)")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint(s) in --out")
+    p.add_argument("--force", action="store_true",
+                   help="start over even though --out holds checkpoints of an earlier run (they are overwritten)")
     p.add_argument("--out", default="runs/align")
     p.add_argument("--quiet", action="store_true")
-    from ..cli import add_pipeline_args
-
     add_pipeline_args(p)
-    p.set_defaults(func=_entry)
+    p.set_defaults(func=_entry, resumable=True)
 
 
 def _entry(a: argparse.Namespace) -> int:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import math
+import stat
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -356,6 +357,9 @@ def save_checkpoint(path: Path, sched: Schedule, opt: torch.optim.Optimizer, ste
     atomic_write_bytes(path, save(tensors, metadata={"budcache": json.dumps(meta, allow_nan=False)}))
 
 
+_OPTIMIZER_TENSORS = ("exp_avg", "exp_avg_sq", "adam_step")
+
+
 def load_checkpoint(path: Path, sched: Schedule, opt: torch.optim.Optimizer,
                     fingerprint: dict[str, Any]) -> tuple[int, list[dict[str, Any]], dict[str, Any] | None]:
     """Restore a :func:`save_checkpoint` file; every problem is a ConfigError naming it."""
@@ -366,12 +370,14 @@ def load_checkpoint(path: Path, sched: Schedule, opt: torch.optim.Optimizer,
         return ConfigError(f"alignment checkpoint '{path}': {why}")
 
     try:
-        size = path.stat().st_size
+        info = path.stat()
+        if stat.S_ISDIR(info.st_mode):
+            raise bad("is a directory, expected a file")
+        if info.st_size > _MAX_CHECKPOINT_BYTES:
+            raise bad(f"file is {info.st_size} bytes, larger than the limit of {_MAX_CHECKPOINT_BYTES}")
+        raw = path.read_bytes()
     except OSError as exc:
         raise bad(f"cannot read it ({exc.strerror or exc})") from None
-    if size > _MAX_CHECKPOINT_BYTES:
-        raise bad(f"file is {size} bytes, larger than the limit of {_MAX_CHECKPOINT_BYTES}")
-    raw = path.read_bytes()
     try:
         tensors = load(raw)
         header_len = int.from_bytes(raw[:8], "little")
@@ -396,10 +402,19 @@ def load_checkpoint(path: Path, sched: Schedule, opt: torch.optim.Optimizer,
         raise bad("parameter 'theta' is not finite")
     with torch.no_grad():
         sched.theta.copy_(theta)
-    if "exp_avg" in tensors:
+    unknown = sorted(set(tensors) - {"theta", *_OPTIMIZER_TENSORS})
+    if unknown:
+        raise bad(f"unexpected tensor(s) {unknown}")
+    present = [k for k in _OPTIMIZER_TENSORS if k in tensors]
+    if present and len(present) != len(_OPTIMIZER_TENSORS):
+        missing = [k for k in _OPTIMIZER_TENSORS if k not in tensors]
+        raise bad(f"optimizer state incomplete: tensor(s) {missing} missing")
+    if present:
         for k in ("exp_avg", "exp_avg_sq"):
             if tensors[k].shape != theta.shape:
                 raise bad(f"optimizer state {k!r} has the wrong shape")
+        if tensors["adam_step"].numel() != 1:
+            raise bad("optimizer state 'adam_step' must hold one value")
         sd = opt.state_dict()
         sd["state"] = {0: {"step": tensors["adam_step"].reshape(()).to(torch.float32),
                            "exp_avg": tensors["exp_avg"].clone(), "exp_avg_sq": tensors["exp_avg_sq"].clone()}}

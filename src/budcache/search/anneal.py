@@ -169,12 +169,29 @@ def _save(path: Path, payload: dict[str, Any]) -> None:
 
 
 CHECKPOINT_FORMAT = "budcache.search-checkpoint"
+CHECKPOINT_VERSION = 2  # 2: a content digest ("sha256"); version 1 files (without it) are still read
 _MAX_CHECKPOINT_BYTES = 64 * 2**20
+
+
+def content_digest(payload: dict[str, Any]) -> str:
+    """SHA-256 of a checkpoint's canonical JSON, its own ``sha256`` field left out."""
+    import hashlib
+    import json
+
+    body = {k: v for k, v in payload.items() if k != "sha256"}
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"), allow_nan=False)
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def load_checkpoint(path: Path, cfg: SearchConfig, digest: str,
                     rng: np.random.Generator) -> tuple[dict[str, Any], list[tuple[Compute, float]]]:
-    """Read and validate a search checkpoint; restores ``rng``; every problem is a ConfigError naming it."""
+    """Read and validate a search checkpoint; restores ``rng``; every problem is a ConfigError naming it.
+
+    Every field is checked before anything runs: the content digest, each
+    mask (exactly K sorted steps with the forced prefix), each loss (a finite
+    number), the counters against the config, the history entries, and the
+    current and best losses against the memo.
+    """
     from ..io import read_json_limited
 
     data = read_json_limited(path, max_bytes=_MAX_CHECKPOINT_BYTES, max_depth=8, what="search checkpoint",
@@ -185,52 +202,112 @@ def load_checkpoint(path: Path, cfg: SearchConfig, digest: str,
 
     if not isinstance(data, dict) or data.get("format") != CHECKPOINT_FORMAT:
         raise bad(f"not a budcache search checkpoint (expected format {CHECKPOINT_FORMAT!r})")
-    if type(data.get("version")) is not int or data.get("version") != 1:
-        raise bad(f"unsupported version {data.get('version')!r} (supported: 1)")
+    if type(data.get("version")) is not int or data.get("version") not in (1, CHECKPOINT_VERSION):
+        raise bad(f"unsupported version {data.get('version')!r} (supported: 1, {CHECKPOINT_VERSION})")
+    if data["version"] >= 2:
+        try:
+            ok = data.get("sha256") == content_digest(data)
+        except (TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise bad("its content digest does not match: the file was edited or damaged; remove it or run with "
+                      "--force to start over")
     if data.get("config") != asdict(cfg) or data.get("digest") != digest:
         raise bad("it belongs to another search (config or calibration set differ); remove it or run without "
                   "--resume")
-
-    def compute_set(v: Any, field_name: str) -> Compute:
-        if not isinstance(v, list) or not all(type(i) is int and 0 <= i < cfg.steps for i in v) or \
-                len(v) != cfg.nfe or sorted(set(v)) != v:
-            raise bad(f"field {field_name!r} is not a sorted set of {cfg.nfe} steps in 0..{cfg.steps - 1}")
-        return tuple(v)
-
     try:
-        raw = data["state"]
-        st = {"restart": raw["restart"], "phase": raw["phase"], "it": raw["it"], "history": raw["history"],
-              "cur": None, "cur_loss": raw["cur_loss"], "best": None, "best_loss": raw["best_loss"],
-              "scale": raw["scale"]}
-        if not (isinstance(st["scale"], (int, float)) and math.isfinite(st["scale"]) and st["scale"] > 0):
-            raise bad("field 'state.scale' must be a positive finite number")
-        if not (type(st["restart"]) is int and 0 <= st["restart"] <= cfg.restarts):
-            raise bad("field 'state.restart' out of range")
-        if st["phase"] not in ("init", "sa", "hc", "done") or not (type(st["it"]) is int and st["it"] >= 0):
-            raise bad("field 'state.phase' or 'state.it' is invalid")
-        if not isinstance(st["history"], list):
-            raise bad("field 'state.history' must be a list")
-        if raw["cur"] is not None:
-            st["cur"] = compute_set(raw["cur"], "state.cur")
-            st["best"] = compute_set(raw["best"], "state.best")
-            if not all(isinstance(st[k], (int, float)) and math.isfinite(st[k]) for k in ("cur_loss", "best_loss")):
-                raise bad("losses in 'state' must be finite numbers")
-        elif st["phase"] not in ("init",):
-            raise bad("field 'state.cur' is missing")
-        memo_items = []
-        if not isinstance(data["memo"], list):
-            raise bad("field 'memo' must be a list")
-        for entry in data["memo"]:
-            if not (isinstance(entry, list) and len(entry) == 2 and isinstance(entry[1], (int, float))
-                    and math.isfinite(entry[1])):
-                raise bad("field 'memo' must hold [compute set, finite loss] pairs")
-            memo_items.append((compute_set(entry[0], "memo"), float(entry[1])))
+        st, memo_items = _checked_content(data, cfg, bad)
         rng.bit_generator.state = data["rng"]
     except ConfigError:
         raise
-    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+    except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as exc:
         raise bad(f"malformed content ({type(exc).__name__}: {exc})") from None
     return st, memo_items
+
+
+def _is_loss(v: Any) -> bool:
+    """A finite real number (JSON ``true`` is not a loss)."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _checked_content(data: dict[str, Any], cfg: SearchConfig,
+                     bad: Callable[[str], ConfigError]) -> tuple[dict[str, Any], list[tuple[Compute, float]]]:
+    """The search state and memo of a checkpoint, every field range-checked against ``cfg``."""
+    forced = list(range(cfg.forced))
+
+    def compute_set(v: Any, field_name: str) -> Compute:
+        if not isinstance(v, list) or not all(type(i) is int and 0 <= i < cfg.steps for i in v) or \
+                len(v) != cfg.nfe or sorted(set(v)) != v or v[:1] != [0]:
+            raise bad(f"field {field_name!r} is not a sorted set of {cfg.nfe} steps in 0..{cfg.steps - 1} "
+                      "with step 0")
+        return tuple(v)
+
+    raw = data["state"]
+    if not isinstance(raw, dict):
+        raise bad("field 'state' must be an object")
+    st = {"restart": raw["restart"], "phase": raw["phase"], "it": raw["it"], "history": raw["history"],
+          "cur": None, "cur_loss": raw["cur_loss"], "best": None, "best_loss": raw["best_loss"],
+          "scale": raw["scale"]}
+    if not (_is_loss(st["scale"]) and st["scale"] > 0):
+        raise bad("field 'state.scale' must be a positive finite number")
+    if not (type(st["restart"]) is int and 0 <= st["restart"] <= cfg.restarts):
+        raise bad(f"field 'state.restart' must lie in 0..{cfg.restarts}")
+    limits = {"init": 0, "sa": cfg.sa_iters, "hc": cfg.hc_rounds, "done": max(cfg.sa_iters, cfg.hc_rounds)}
+    if st["phase"] not in limits:
+        raise bad(f"field 'state.phase' must be one of {list(limits)}")
+    if not (type(st["it"]) is int and 0 <= st["it"] <= limits[st["phase"]]):
+        raise bad(f"field 'state.it' must lie in 0..{limits[st['phase']]} in phase {st['phase']!r}")
+    finished = st["restart"] == cfg.restarts
+    if finished and st["phase"] not in ("init", "done"):
+        raise bad(f"field 'state.phase' is {st['phase']!r} after the last restart")
+    if st["phase"] == "done" and not finished:
+        raise bad(f"field 'state.phase' is 'done' at restart {st['restart']} of {cfg.restarts}")
+    if not isinstance(data["memo"], list):
+        raise bad("field 'memo' must be a list")
+    memo: dict[Compute, float] = {}
+    for entry in data["memo"]:
+        if not (isinstance(entry, list) and len(entry) == 2 and _is_loss(entry[1])):
+            raise bad("field 'memo' must hold [compute set, finite loss] pairs")
+        memo[compute_set(entry[0], "memo")] = float(entry[1])
+    if raw["cur"] is None:
+        if not (st["phase"] == "init" and st["restart"] == 0):
+            raise bad("field 'state.cur' is missing")
+        if raw["best"] is not None or st["history"]:
+            raise bad("field 'state.cur' is missing while 'state.best' or 'state.history' is set")
+    else:
+        for key in ("cur", "best"):
+            st[key] = compute_set(raw[key], f"state.{key}")
+            if list(st[key][:len(forced)]) != forced:
+                raise bad(f"field 'state.{key}' lacks the forced prefix {forced}")
+            if not _is_loss(st[f"{key}_loss"]):
+                raise bad(f"field 'state.{key}_loss' must be a finite number")
+            if memo.get(st[key]) != st[f"{key}_loss"]:
+                raise bad(f"field 'state.{key}_loss' does not match the memo's loss of 'state.{key}'")
+        if st["best_loss"] > st["cur_loss"]:
+            raise bad("field 'state.best_loss' is larger than 'state.cur_loss'")
+    _check_history(st["history"], st, cfg, bad)
+    return st, list(memo.items())
+
+
+def _check_history(history: Any, st: dict[str, Any], cfg: SearchConfig, bad: Callable[[str], ConfigError]) -> None:
+    """Each history entry as :func:`search`'s ``log`` writes it (the plots and the report read them)."""
+    if not isinstance(history, list):
+        raise bad("field 'state.history' must be a list")
+    if len(history) > cfg.restarts * (1 + cfg.sa_iters + cfg.hc_rounds):
+        raise bad(f"field 'state.history' has {len(history)} entries, more than the config allows")
+    best = math.inf
+    for i, h in enumerate(history):
+        if not (isinstance(h, dict) and h.get("step") == i and type(h.get("step")) is int
+                and type(h.get("restart")) is int and 0 <= h["restart"] <= st["restart"]
+                and h.get("stage") in ("init", "sa", "hc") and _is_loss(h.get("loss")) and _is_loss(h.get("best_loss"))
+                and type(h.get("evaluations")) is int and h["evaluations"] >= 0):
+            raise bad(f"entry {i} of 'state.history' is malformed (expected step {i}, restart, stage init/sa/hc, "
+                      "finite loss and best_loss, evaluations)")
+        best = min(best, h["loss"])
+        if h["best_loss"] != best:
+            raise bad(f"entry {i} of 'state.history': best_loss {h['best_loss']} is not the lowest loss so far")
+    if history and history[-1]["best_loss"] != st["best_loss"]:
+        raise bad("the last entry of 'state.history' does not end at 'state.best_loss'")
 
 
 def search(losses: LossesFn, cfg: SearchConfig, *, init: Sequence[int] | None = None,
@@ -292,11 +369,12 @@ def search(losses: LossesFn, cfg: SearchConfig, *, init: Sequence[int] | None = 
     def save() -> None:
         if ckpt is None:
             return
-        _save(ckpt, {"format": "budcache.search-checkpoint", "version": 1, "config": asdict(cfg),
-                     "digest": digest, "rng": rng.bit_generator.state,
-                     "state": {**st, "cur": list(st["cur"]) if st["cur"] else None,
-                               "best": list(st["best"]) if st["best"] else None},
-                     "memo": [[list(k), v] for k, v in memo.items()]})
+        payload = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "config": asdict(cfg),
+                   "digest": digest, "rng": rng.bit_generator.state,
+                   "state": {**st, "cur": list(st["cur"]) if st["cur"] else None,
+                             "best": list(st["best"]) if st["best"] else None},
+                   "memo": [[list(k), v] for k, v in memo.items()]}
+        _save(ckpt, {**payload, "sha256": content_digest(payload)})
 
     def log(stage: str) -> None:
         entry = {"step": len(st["history"]), "restart": st["restart"], "stage": stage,

@@ -14,10 +14,13 @@ Three savings, all exact:
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import time
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -295,6 +298,39 @@ def _nbytes(state: SamplerState) -> int:
     return total
 
 
+_PHASE: contextvars.ContextVar[Any] = contextvars.ContextVar("budcache_phase", default=None)
+
+
+@contextlib.contextmanager
+def phase(desc: str | None, total: int | None = None) -> Iterator[None]:
+    """A progress bar labelled ``desc`` (``None``: none) over the sampler steps run inside, counted per item
+    (``total`` of them, when known).
+
+    Long phases of a job (the teacher outputs, the held-out evaluation) show
+    progress without threading a flag through every problem class.
+    """
+    if desc is None:
+        yield
+        return
+    from tqdm import tqdm
+
+    bar = tqdm(desc=desc, total=total, unit=" item-steps", unit_scale=True, dynamic_ncols=True)
+    token = _PHASE.set(bar)
+    try:
+        yield
+    finally:
+        _PHASE.reset(token)
+        bar.close()
+
+
+def step_counter(items: int) -> Any:
+    """A sampler ``callback`` that advances the current :func:`phase`'s bar by ``items`` per step (or None)."""
+    bar = _PHASE.get()
+    if bar is None:
+        return None
+    return lambda state: bar.update(items)
+
+
 def make_calibration(make_sampler, prompts: list[str], seeds: list[int], noise: torch.Tensor, cond,
                      uncond=None, info: dict | None = None, batch: int = 64) -> CalibrationSet:
     """A calibration set with its full-step teacher latents (computed once, in batches)."""
@@ -304,7 +340,8 @@ def make_calibration(make_sampler, prompts: list[str], seeds: list[int], noise: 
         idx = torch.arange(i, min(i + batch, len(prompts)), device=noise.device)
         from ..sampler import _select
 
-        st = sampler.run(sampler.start(noise[idx]), _select(cond, idx), _select(uncond, idx))
+        st = sampler.run(sampler.start(noise[idx]), _select(cond, idx), _select(uncond, idx),
+                         callback=step_counter(len(idx)))
         outs.append(st.x)
     return CalibrationSet(list(prompts), list(seeds), noise, cond, uncond, torch.cat(outs), dict(info or {}))
 

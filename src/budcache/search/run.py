@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -15,14 +16,14 @@ import torch
 
 from .. import __version__
 from ..errors import ConfigError
-from ..io import atomic_write_text, write_json
+from ..io import atomic_write_text, check_writable_dir, write_json
 from ..policy import CachePolicy
 from ..sampler import Sampler, _select
 from .. import estimators as est
 from ..peers import PEER_MECHANISMS
 from .anneal import RefineResult, SearchConfig, SearchResult, refine_estimators, search
 from .calibration import CalibrationSet, get_loss, pairs_for, read_prompt_file, tinyflow_prompts
-from .evaluator import Evaluator, EvaluatorStats, make_calibration, plan_names, plan_of
+from .evaluator import Evaluator, EvaluatorStats, make_calibration, phase, plan_names, plan_of, step_counter
 
 #: The estimator the default search fills skipped steps with, and the alternatives it may choose per step.
 DEFAULT_MECHANISM = "vtaylor1"
@@ -100,7 +101,8 @@ def run_items(sampler: Sampler, calib: CalibrationSet, batch: int = 64) -> torch
     outs = []
     for i in range(0, len(calib), batch):
         idx = torch.arange(i, min(i + batch, len(calib)), device=calib.noise.device)
-        st = sampler.run(sampler.start(calib.noise[idx]), _select(calib.cond, idx), _select(calib.uncond, idx))
+        st = sampler.run(sampler.start(calib.noise[idx]), _select(calib.cond, idx), _select(calib.uncond, idx),
+                         callback=step_counter(len(idx)))
         outs.append(st.x)
     return torch.cat(outs)
 
@@ -288,6 +290,45 @@ def report(outcomes: list[BudgetOutcome], meta: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def check_settings(*, steps: int, nfes: Sequence[int], heldout_pairs: int, seeds_per_prompt: int,
+                   calib_pairs: int | None, guidance: float) -> None:
+    """Every number of a search run in range, before any model is loaded; errors name the CLI option."""
+    if not isinstance(steps, int) or steps < 1:
+        raise ConfigError(f"--steps must be >= 1 (got {steps})")
+    if not nfes:
+        raise ConfigError("give at least one budget (--nfe)")
+    for k in nfes:
+        if not 1 <= k <= steps:
+            raise ConfigError(f"--nfe {k} must lie in 1..{steps} (the number of steps)")
+    if heldout_pairs < 1:
+        raise ConfigError(f"--heldout must be >= 1 (got {heldout_pairs})")
+    if seeds_per_prompt < 1:
+        raise ConfigError(f"--seeds-per-prompt must be >= 1 (got {seeds_per_prompt})")
+    if calib_pairs is not None and calib_pairs < 1:
+        raise ConfigError(f"--calib-pairs must be >= 1 (got {calib_pairs})")
+    if isinstance(guidance, bool) or not (math.isfinite(guidance) and guidance >= 0):
+        raise ConfigError(f"--guidance must be a finite number >= 0 (got {guidance})")
+
+
+def refuse_overwrite(out: Path, names: Sequence[str], resume: bool, force: bool) -> None:
+    """Refuse to start over where ``out`` holds checkpoints of an earlier run (without ``resume`` or ``force``)."""
+    if resume or force:
+        return
+    found = [n for n in names if (out / n).exists()]
+    if found:
+        raise ConfigError(f"--out {out} holds the checkpoint of an earlier run ({', '.join(found)}); give --resume "
+                          "to continue it, or --force to start over and overwrite it")
+
+
+def draw_pairs(prompts: list[str], seeds: list[int], n: int, seed: int, source: str) -> tuple[list[str], list[int]]:
+    """A seeded draw of ``n`` of the (prompt, seed) pairs, in file order (``--calib-pairs`` with ``--prompts``)."""
+    if n > len(prompts):
+        raise ConfigError(f"--calib-pairs {n} but the prompt file {source} gives {len(prompts)} pairs "
+                          "(prompts x --seeds-per-prompt)")
+    keep = sorted(np.random.default_rng(seed).choice(len(prompts), size=n, replace=False).tolist())
+    return [prompts[i] for i in keep], [seeds[i] for i in keep]
+
+
 def search_estimators(mechanism: str, estimators: Sequence[str] | None) -> tuple[str | None, list[str]]:
     """The evaluator's estimator and the per-step choices of a search with ``mechanism``.
 
@@ -352,18 +393,22 @@ def peer_grid_start(evaluator: Any, steps: int, nfe: int) -> tuple[int, ...] | N
 
 @torch.no_grad()
 def run(out: str | Path, *, nfes: Sequence[int], steps: int = 28, solver: str = "euler",
-        mechanism: str = DEFAULT_MECHANISM, estimators: Sequence[str] | None = DEFAULT_REFINE,
-        guidance: float = 1.0, calib_pairs: int = 32, prompt_file: str | None = None, seeds_per_prompt: int = 1,
-        heldout_pairs: int = 64, seed: int = 0, loss: str = "logmse", resume: bool = False, progress: bool = True,
-        naive: bool = False, model: str | None = None, problem: Any = None, backend: str = "inprocess",
-        workers: int = 1, ray_address: str | None = None, **search_kw: Any) -> list[BudgetOutcome]:
+        mechanism: str = DEFAULT_MECHANISM, estimators: Sequence[str] | None = DEFAULT_REFINE, guidance: float = 1.0, calib_pairs: int | None = None, prompt_file: str | None = None,
+        seeds_per_prompt: int = 1, heldout_pairs: int = 64, seed: int = 0, loss: str = "logmse",
+        resume: bool = False, force: bool = False, progress: bool = True, naive: bool = False,
+        model: str | None = None, problem: Any = None, backend: str = "inprocess", workers: int = 1,
+        ray_address: str | None = None, **search_kw: Any) -> list[BudgetOutcome]:
     """Search one policy per budget (warm-starting each from the last) and write all outputs to ``out``.
 
     ``problem`` is what the search runs on: tinyflow by default (weights from
     ``model``), or a :class:`budcache.search.pipeline.PipelineProblem`, whose
     own steps, solver, mechanism and guidance then apply. ``backend="ray"``
     scores masks on ``workers`` Ray actors (joining ``ray_address`` if given);
-    the policies are the in-process ones.
+    the policies are the in-process ones. ``calib_pairs`` defaults to 32
+    drawn prompts, or with ``prompt_file`` to all of the file's pairs (a
+    seeded draw of ``calib_pairs`` of them when given). A checkpoint of an
+    earlier run in ``out`` is continued with ``resume``, overwritten with
+    ``force``, and otherwise an error (it may hold hours of work).
 
     Args:
         out: output folder (policies, checkpoints, plots, report).
@@ -376,26 +421,19 @@ def run(out: str | Path, *, nfes: Sequence[int], steps: int = 28, solver: str = 
             choice. Version-1 mechanisms without it reproduce version 1's search bit for bit.
         calib_pairs, prompt_file, seeds_per_prompt, heldout_pairs, seed, loss: calibration and
             evaluation data and the search loss.
-        resume, progress, naive, model, problem, backend, workers, ray_address: see the CLI.
+        resume, force, progress, naive, model, problem, backend, workers, ray_address: see the CLI.
     """
     from .. import tinyflow
 
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    if not nfes:
-        raise ConfigError("give at least one budget (--nfe)")
-    for k in nfes:
-        if not 1 <= k <= steps:
-            raise ConfigError(f"--nfe {k} must lie in 1..{steps} (the number of steps)")
-    if heldout_pairs < 1:
-        raise ConfigError(f"held-out pairs must be >= 1 (got {heldout_pairs})")
+    if problem is not None:
+        steps, solver, mechanism, guidance = problem.steps, problem.solver, problem.mechanism, problem.guidance
+    check_settings(steps=steps, nfes=nfes, heldout_pairs=heldout_pairs, seeds_per_prompt=seeds_per_prompt,
+                   calib_pairs=calib_pairs, guidance=guidance)
+    out = check_writable_dir(out, "--out")
+    refuse_overwrite(out, [f"checkpoint_N{steps}_K{k}.json" for k in sorted(set(nfes))], resume, force)
     if problem is None:
         problem = TinyflowProblem(tinyflow.load(model), steps, solver, mechanism, guidance)
-    else:
-        steps, solver, mechanism, guidance = problem.steps, problem.solver, problem.mechanism, problem.guidance
-    for k in nfes:
-        if not 1 <= k <= steps:
-            raise ConfigError(f"--nfe {k} must lie in 1..{steps} (the number of steps)")
+    estimator, refine = search_estimators(mechanism, estimators)
     if mechanism in PEER_MECHANISMS:  # whole generations per mask: a shorter annealing from the peer's grid
         search_kw = {**PEER_SEARCH, **search_kw}
     configs = {k: SearchConfig(steps=steps, nfe=k, seed=seed, **search_kw) for k in sorted(set(nfes))}
@@ -403,19 +441,21 @@ def run(out: str | Path, *, nfes: Sequence[int], steps: int = 28, solver: str = 
     if prompt_file:
         base = read_prompt_file(prompt_file)
         prompts, seeds = pairs_for(base, seeds_per_prompt, seed)
+        if calib_pairs is not None:
+            prompts, seeds = draw_pairs(prompts, seeds, calib_pairs, seed, prompt_file)
     else:
-        if calib_pairs < 1:
-            raise ConfigError(f"calibration pairs must be >= 1 (got {calib_pairs})")
+        calib_pairs = 32 if calib_pairs is None else calib_pairs
         n_prompts = -(-calib_pairs // seeds_per_prompt)  # ceil: then keep exactly calib_pairs pairs
         prompts, seeds = pairs_for(problem.default_prompts(n_prompts, seed), seeds_per_prompt, seed)
         prompts, seeds = prompts[:calib_pairs], seeds[:calib_pairs]
-    calib = problem.calibration(prompts, seeds)
+    with phase("teacher (calibration)" if progress else None, len(prompts) * steps):
+        calib = problem.calibration(prompts, seeds)
     calib.info["loss"] = loss
     hp, hs = problem.heldout_pairs(heldout_pairs, seed, prompts)
-    held = problem.calibration(hp, hs)
+    with phase("teacher (held-out)" if progress else None, len(hp) * steps):
+        held = problem.calibration(hp, hs)
     from .distributed import make_evaluator
 
-    estimator, refine = search_estimators(mechanism, estimators)
     evaluator = make_evaluator(backend, problem, calib, loss=loss_fn, naive=naive, workers=workers,
                                address=ray_address, estimator=estimator, mechanism=mechanism)
     outcomes: list[BudgetOutcome] = []
@@ -438,7 +478,8 @@ def run(out: str | Path, *, nfes: Sequence[int], steps: int = 28, solver: str = 
         policy.save(out / f"policy_N{steps}_K{k}.json")
         plot_history(res.history, out / f"history_N{steps}_K{k}.png", f"search N={steps}, K={k}")
         o = BudgetOutcome(k, res, policy, stats, refined=refined)
-        o.heldout = heldout_table(problem, held, policy)
+        with phase(f"held-out K={k}" if progress else None, len(held) * (2 * steps + k)):
+            o.heldout = heldout_table(problem, held, policy)
         outcomes.append(o)
         prev = res.compute
     evaluator.close()

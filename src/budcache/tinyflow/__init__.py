@@ -40,6 +40,9 @@ def _weights(path: str | Path | None, subfolders: tuple[str, str] = ("transforme
     for sub in subfolders:
         if not (p / sub / "config.json").is_file():
             raise ConfigError(f"tinyflow weights not found: {p / sub / 'config.json'} is missing")
+        if not any((p / sub).glob("*.safetensors")):
+            raise ConfigError(f"tinyflow weights not found: {p / sub} holds no .safetensors file (other formats "
+                              "are not loaded)")
     return p
 
 
@@ -146,10 +149,16 @@ def load(path: str | Path | None = None, device: str | torch.device = "cpu",
     from diffusers import FluxTransformer2DModel
 
     p = _weights(path, subfolders)
-    tr = FluxTransformer2DModel.from_pretrained(p / subfolders[0], local_files_only=True, torch_dtype=dtype,
-                                                low_cpu_mem_usage=False)
-    enc = TinyTextEncoder.from_pretrained(p / subfolders[1], local_files_only=True, torch_dtype=dtype,
-                                          low_cpu_mem_usage=False)
+    models = []
+    for cls, sub in ((FluxTransformer2DModel, subfolders[0]), (TinyTextEncoder, subfolders[1])):
+        try:
+            models.append(cls.from_pretrained(p / sub, local_files_only=True, torch_dtype=dtype, use_safetensors=True,
+                                              low_cpu_mem_usage=False))
+        except (OSError, ValueError, TypeError, KeyError, RuntimeError) as exc:
+            # diffusers chains several OSErrors for one truncated or missing file: name the folder once
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ConfigError(f"tinyflow weights {p / sub}: cannot load them ({reason[:300]})") from None
+    tr, enc = models
     if tuple(enc.config.vocab) != grammar.VOCAB:
         raise ConfigError(f"text encoder at {p} was trained on another vocabulary")
     return TinyFlow(tr.to(device).eval(), enc.to(device).eval())
