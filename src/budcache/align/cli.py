@@ -15,7 +15,7 @@ from ..errors import ConfigError
 def build_problem(a: argparse.Namespace) -> Any:
     """The model and sampler settings alignment runs on (tinyflow by default, or ``--pipeline``)."""
     from .. import tinyflow
-    from ..cli import problem_from_args
+    from ..search.options import problem_from_args
     from ..search.run import TinyflowProblem
 
     problem = problem_from_args(a, a.steps, a.solver, a.mechanism, a.guidance)
@@ -228,7 +228,7 @@ def _mode(a: argparse.Namespace) -> str:
 
 def _target(a: argparse.Namespace) -> tuple[str, Any, int]:
     """(mode, source policy or None, budget K); fills steps, solver, mechanism and guidance (idempotent)."""
-    from ..cli import policy_settings
+    from ..search.options import policy_settings
     from ..policy import CachePolicy
 
     mode = _mode(a)
@@ -295,7 +295,7 @@ def _worker(a: argparse.Namespace) -> None:
 
 def register(sub: Any) -> None:
     """Add ``budcache align`` to the CLI's subparsers."""
-    from ..cli import add_pipeline_args, guidance_arg, seed_arg
+    from ..search.options import add_pipeline_args, guidance_arg, seed_arg
     from ..hooks import MECHANISMS
     from ..solvers import SOLVERS
     from .params import PARAMETRISATIONS

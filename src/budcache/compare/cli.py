@@ -57,7 +57,7 @@ def config_from_args(a: argparse.Namespace) -> Any:
 
 def problem_for(a: argparse.Namespace, cfg: Any) -> Any:
     """The model to compare on: tinyflow by default, or the diffusers pipeline of ``--pipeline``."""
-    from ..cli import problem_from_args
+    from ..search.options import problem_from_args
     from .harness import make_problem
 
     problem = problem_from_args(a, cfg.steps, cfg.solver, "reuse", cfg.guidance)
@@ -116,7 +116,7 @@ def register(sub: Any) -> None:
     c.add_argument("--batch", type=int, default=1, help="evaluation batch (1: wall time is per-image latency)")
     c.add_argument("--out", default="runs/compare", help="output directory")
     c.add_argument("--quiet", action="store_true", help="no progress bars")
-    from ..cli import add_pipeline_args
+    from ..search.options import add_pipeline_args
 
     add_pipeline_args(c)
     c.set_defaults(func=cmd_compare)
