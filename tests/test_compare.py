@@ -84,13 +84,19 @@ def test_given_policies_go_to_the_method_of_their_mechanism():
 
     reuse = CachePolicy(N, (0, 1, 6))
     fc = CachePolicy(N, (0, 2, 5, 7), meta={"mechanism": "forecast1"})
-    ms = {m.name: m for m in build_methods(["budcache", "budcache-forecast"], policies={3: reuse, 4: fc})}
-    assert ms["budcache"].policies == {3: reuse}
+    v2 = CachePolicy(N, (0, 4), meta={"mechanism": "vtaylor1"}).with_estimators("vtaylor1")
+    ts = CachePolicy(N, (0, 3, 6), meta={"mechanism": "taylorseer"})
+    ms = {m.name: m for m in build_methods(["budcache", "budcache-reuse", "budcache-forecast", "taylorseer-searched"],
+                                           policies={3: reuse, 4: fc, 2: v2, 5: ts})}
+    assert ms["budcache-reuse"].policies == {3: reuse} and ms["budcache-reuse"].mechanism == "reuse"
     assert ms["budcache-forecast"].policies == {4: fc} and ms["budcache-forecast"].mechanism == "forecast1"
-    with pytest.raises(ConfigError, match="forecast1 policy, for method 'budcache-forecast', which is not"):
+    assert ms["budcache"].policies == {2: v2} and ms["budcache"].mechanism == "vtaylor1"
+    assert ms["taylorseer-searched"].policies == {5: ts}
+    with pytest.raises(ConfigError, match="runs as method 'budcache-forecast', which is not among"):
         build_methods(["budcache", "plain"], policies={4: fc})
-    with pytest.raises(ConfigError, match="mechanism 'forecast2'"):
-        build_methods(["budcache"], policies={4: CachePolicy(N, (0, 2, 5, 7), meta={"mechanism": "forecast2"})})
+    # a version-1 policy of any other estimator runs as the default method
+    f2 = CachePolicy(N, (0, 2, 5, 7), meta={"mechanism": "forecast2"})
+    assert build_methods(["budcache"], policies={4: f2})[0].policies == {4: f2}
 
 
 def test_bisect_threshold_reaches_a_monotone_target():

@@ -38,8 +38,11 @@ def test_search_writes_one_budget_exact_policy_per_budget(searched):
         assert pol.meta["budget"] == k and pol.meta["model"] == "tinyflow"
         assert pol.meta["calibration_pairs"] == 2
         assert isinstance(pol.meta["search_loss"], float) and math.isfinite(pol.meta["search_loss"])
-        # the defaults: residual forecast, searched on the mean per-pair log-MSE
-        assert pol.meta["mechanism"] == "forecast1" and pol.meta["loss"] == "logmse"
+        # the defaults: velocity forecast in sigma while searching, then per-step estimators (policy version 2),
+        # searched on the mean per-pair log-MSE
+        assert pol.meta["mechanism"] == "vtaylor1" and pol.meta["loss"] == "logmse"
+        assert pol.estimators is not None and len(pol.estimators) == 6 - k
+        assert set(pol.estimators) <= {"vtaylor1", "vtaylor2", "output"}
         digests.add(pol.meta["calibration_digest"])
     assert len(digests) == 1 and len(digests.pop()) == 16
 
@@ -47,10 +50,10 @@ def test_search_writes_one_budget_exact_policy_per_budget(searched):
 def test_search_writes_report_summary_and_plots(searched):
     report = (searched / "report.md").read_text()
     rows = [line for line in report.splitlines() if line.startswith("| 2 |") or line.startswith("| 3 |")]
-    assert len(rows) == 4  # one row per budget in the search table and in the held-out table
+    assert len(rows) == 2 + 2 * 3  # the search table: one row per budget; held-out: budcache, uniform, plain
     pols = _policies(searched)
     for k in (2, 3):
-        assert f"`{pols[k].strip()}`" in report
+        assert f"`{pols[k].estimator_strip()}`" in report
 
     summary = json.loads((searched / "summary.json").read_text())
     assert [b["nfe"] for b in summary["budgets"]] == [2, 3]
