@@ -26,7 +26,6 @@ import platform
 import time
 from typing import Any
 
-import numpy as np
 import torch
 
 from budcache import tinyflow

@@ -11,11 +11,17 @@ import torch
 
 from budcache import CachePolicy, tinyflow
 from budcache.align import (
-    AlignConfig, CheckpointedDenoiser, align, align_plain, lr_factor, make_schedule, policy_loss, student_sampler,
+    AlignConfig,
+    CheckpointedDenoiser,
+    align,
+    align_plain,
+    lr_factor,
+    make_schedule,
+    policy_loss,
+    student_sampler,
 )
-from budcache.align.trainer import release
 from budcache.align.joint import joint
-from budcache.align.trainer import load_checkpoint
+from budcache.align.trainer import load_checkpoint, release
 from budcache.errors import ConfigError
 from budcache.schedules import flux, linear
 from budcache.search import SearchConfig

@@ -12,8 +12,17 @@ import pytest
 import torch
 
 from budcache.baselines import (
-    METHODS, DiCache, DiCacheController, LeMiCa, Method, ReCache, TeaCache, TeaCacheController, brute_force_path,
-    calibrate_threshold, lexminimax_path,
+    METHODS,
+    DiCache,
+    DiCacheController,
+    LeMiCa,
+    Method,
+    ReCache,
+    TeaCache,
+    TeaCacheController,
+    brute_force_path,
+    calibrate_threshold,
+    lexminimax_path,
 )
 from budcache.baselines.common import polyval, rel_l1
 from budcache.baselines.dicache import aligned_estimate, forced_steps

@@ -8,8 +8,6 @@ import itertools
 import numpy as np
 import pytest
 import torch
-from helpers import make_transformer
-from test_baselines import BlockRuns, TinyProblem, calibration, inputs
 
 from budcache.baselines import ECAD, METHODS, ERTACache, GCache, MeanCache, Method
 from budcache.baselines.ecad import crowding, non_dominated_fronts, ranks, repair, select
@@ -34,6 +32,8 @@ from budcache.errors import ConfigError
 from budcache.hooks import ResidualHistory
 from budcache.sampler import StaticMask
 from budcache.solvers import get_solver
+from helpers import make_transformer
+from test_baselines import BlockRuns, TinyProblem, calibration, inputs
 
 torch.set_num_threads(1)
 N = 8

@@ -336,7 +336,6 @@ def test_search_api_refuses_then_resumes_or_forces(tmp_path):
 def test_apply_with_a_policy_of_the_wrong_type_is_a_clear_error():
     import budcache.diffusers as bd
     from budcache.errors import ConfigError
-
     from helpers import make_transformer
 
     with pytest.raises(ConfigError, match=r"policy must be a CachePolicy, a path .* got int"):

@@ -14,8 +14,14 @@ from budcache import tinyflow
 from budcache.baselines.base import Method
 from budcache.cli import main
 from budcache.compare.harness import CompareConfig, markdown, pair_sets, quality, run
-from budcache.compare.methods import (OWN_METHODS, BudcacheMethod, PlainMethod, UniformMethod, bisect_threshold,
-                                      build_methods)
+from budcache.compare.methods import (
+    OWN_METHODS,
+    BudcacheMethod,
+    PlainMethod,
+    UniformMethod,
+    bisect_threshold,
+    build_methods,
+)
 from budcache.errors import ConfigError
 from budcache.policy import CachePolicy
 from budcache.search.run import TinyflowProblem

@@ -20,13 +20,13 @@ import pytest
 import torch
 import torch._dynamo
 from diffusers.hooks.hooks import CacheContext
-from helpers import StackRuns
 from torch._dynamo.utils import counters
 
 import budcache.diffusers as bd
 from budcache import tinyflow
 from budcache.errors import ConfigError, PolicyError
 from budcache.policy import CachePolicy
+from helpers import StackRuns
 
 torch.set_num_threads(1)
 

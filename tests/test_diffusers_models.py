@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline
-from helpers import make_sd3_pipeline, make_wan_pipeline
 
 import budcache.diffusers as bd
 from budcache import CachePolicy, ConfigError, PolicyError
+from helpers import make_sd3_pipeline, make_wan_pipeline
 
 torch.set_num_threads(1)
 STEPS = 10

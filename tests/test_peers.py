@@ -9,8 +9,14 @@ import pytest
 import torch
 
 from budcache import tinyflow
-from budcache.compare.methods import (BlockWork, FirstBlockCacheMethod, MagCacheMethod, TaylorSeerMethod,
-                                      magcache_schedule, taylorseer_count)
+from budcache.compare.methods import (
+    BlockWork,
+    FirstBlockCacheMethod,
+    MagCacheMethod,
+    TaylorSeerMethod,
+    magcache_schedule,
+    taylorseer_count,
+)
 from budcache.policy import CachePolicy
 from budcache.search.run import TinyflowProblem
 from helpers import StackRuns
@@ -189,9 +195,7 @@ def test_taylorseer_fit_computes_exactly_k(env):
 @torch.no_grad()
 def test_cachedit_in_budcache_sampler_equals_cachedit_on_flux_pipeline(env, guidance, static):
     cache_dit = pytest.importorskip("cache_dit")
-    from budcache.compare.cachedit import CacheDitStepsMethod, DBCacheMethod
-
-    from budcache.compare.cachedit import private_copy
+    from budcache.compare.cachedit import CacheDitStepsMethod, DBCacheMethod, private_copy
 
     m = CacheDitStepsMethod(mask=[1, 1, 0, 0, 1, 0, 0, 1, 0, 1]) if static else DBCacheMethod(threshold=0.3)
     m._steps, m._separate_cfg, m.warmup = N, guidance != 1.0, 2

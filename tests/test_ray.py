@@ -21,7 +21,12 @@ from budcache.search import Evaluator, SearchConfig, hc_neighbourhood, random_in
 from budcache.search.anneal import load_checkpoint
 from budcache.search.calibration import pairs_for, tinyflow_prompts
 from budcache.search.distributed import (
-    ALIGN, RayEvaluator, ShippedProblem, align_weights, make_evaluator, to_device,
+    ALIGN,
+    RayEvaluator,
+    ShippedProblem,
+    align_weights,
+    make_evaluator,
+    to_device,
 )
 from budcache.search.run import TinyflowProblem
 
@@ -218,7 +223,7 @@ def test_aligned_weights_make_a_copied_replica_bit_identical():
 # =============================================================================== Ray
 @pytest.fixture(scope="module")
 def ray_cluster():
-    ray = pytest.importorskip("ray", reason="ray is not installed (pip install 'budcache[ray]'); CI installs it")
+    pytest.importorskip("ray", reason="ray is not installed (pip install 'budcache[ray]'); CI installs it")
     import ray.cloudpickle
 
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers get this module's test models

@@ -7,7 +7,6 @@ import math
 import pytest
 import torch
 from diffusers import FluxTransformer2DModel
-from torch import nn
 
 from budcache.denoisers import FluxCond, FluxDenoiser
 from budcache.errors import ConfigError, ModelOutputError

@@ -5,8 +5,9 @@ from __future__ import annotations
 import ast
 import math
 import re
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import pytest

@@ -21,8 +21,20 @@ from budcache.errors import ConfigError, ModelOutputError
 from budcache.sampler import Sampler, StaticMask
 from budcache.schedules import flux
 from budcache.search import (
-    CalibrationSet, Evaluator, SearchConfig, compute_of, fit_budget, hc_neighbourhood, latent_mse,
-    make_calibration, mask_of, random_init, read_prompt_file, sa_proposal, search, tinyflow_prompts,
+    CalibrationSet,
+    Evaluator,
+    SearchConfig,
+    compute_of,
+    fit_budget,
+    hc_neighbourhood,
+    latent_mse,
+    make_calibration,
+    mask_of,
+    random_init,
+    read_prompt_file,
+    sa_proposal,
+    search,
+    tinyflow_prompts,
 )
 from budcache.search.calibration import pairs_for
 from helpers import make_transformer

@@ -10,12 +10,12 @@ from budcache.search.anneal import refine_estimators
 from budcache.search.evaluator import plan_names, plan_of
 from budcache.search.run import search_estimators
 
-V1, V2, O = est.CODES["vtaylor1"], est.CODES["vtaylor2"], est.CODES["output"]
+V1, V2, OUT = est.CODES["vtaylor1"], est.CODES["vtaylor2"], est.CODES["output"]
 
 
 def test_plan_of_and_names_round_trip() -> None:
     plan = plan_of(6, (0, 3), ["output", "vtaylor1", "vtaylor2", "reuse"])
-    assert plan == (0, O, V1, 0, V2, est.CODES["reuse"])
+    assert plan == (0, OUT, V1, 0, V2, est.CODES["reuse"])
     assert plan_names(plan) == ("output", "vtaylor1", "vtaylor2", "reuse")
     assert plan_of(4, (0, 2), "vtaylor1") == (0, V1, 0, V1)
     with pytest.raises(ConfigError, match="2 estimator names for 1 skipped steps"):
@@ -24,7 +24,7 @@ def test_plan_of_and_names_round_trip() -> None:
 
 def test_refinement_finds_the_best_assignment_and_never_moves_a_computed_step() -> None:
     """A separable loss: each skipped step has one best code; steepest descent reaches the optimum."""
-    best = {1: V2, 2: O, 4: V1, 5: V2}
+    best = {1: V2, 2: OUT, 4: V1, 5: V2}
     seen: list[tuple[int, ...]] = []
 
     def losses(plans):
@@ -35,13 +35,13 @@ def test_refinement_finds_the_best_assignment_and_never_moves_a_computed_step() 
         return out
 
     start = (0, V1, V1, 0, V1, V1)
-    res = refine_estimators(losses, start, [V1, V2, O])
-    assert res.plan == (0, V2, O, 0, V1, V2) and res.loss == 0.0
+    res = refine_estimators(losses, start, [V1, V2, OUT])
+    assert res.plan == (0, V2, OUT, 0, V1, V2) and res.loss == 0.0
     for p in seen:  # the budget is exact at every move: the computed steps are always 0 and 3
         assert [k for k, c in enumerate(p) if c == est.COMPUTE] == [0, 3]
     assert [h["loss"] for h in res.history] == sorted((h["loss"] for h in res.history), reverse=True)
     # deterministic
-    assert refine_estimators(losses, start, [V1, V2, O]).plan == res.plan
+    assert refine_estimators(losses, start, [V1, V2, OUT]).plan == res.plan
 
 
 def test_refinement_stops_at_a_local_minimum() -> None:
@@ -51,7 +51,7 @@ def test_refinement_stops_at_a_local_minimum() -> None:
         calls.append(len(plans))
         return [0.0 if p == (0, V1, 0) else 1.0 for p in plans]
 
-    res = refine_estimators(losses, (0, V1, 0), [V1, O])
+    res = refine_estimators(losses, (0, V1, 0), [V1, OUT])
     assert res.plan == (0, V1, 0) and len(res.history) == 1 and calls == [1, 1]
 
 

@@ -8,13 +8,13 @@ import math
 import pytest
 import torch
 from diffusers import StableDiffusion3Pipeline
-from helpers import make_sd3_pipeline, make_wan_pipeline
 
 import budcache.diffusers as bd
 from budcache import CachePolicy, ConfigError, tinyflow
 from budcache.cli import main
 from budcache.search.pipeline import PipelineProblem, load_embeddings, load_pipeline, save_embeddings
 from budcache.search.run import quality
+from helpers import make_sd3_pipeline, make_wan_pipeline
 
 torch.set_num_threads(1)
 PROMPTS = ["a red circle", "two blue squares", "a large yellow triangle", "three circles"]

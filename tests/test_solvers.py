@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -20,7 +20,7 @@ from torch import Tensor
 
 from budcache.errors import ConfigError
 from budcache.schedules import flux, linear, wan
-from budcache.solvers import SOLVERS, IPNDM, DPMSolverPP2M, Euler, Solver, get_solver
+from budcache.solvers import IPNDM, SOLVERS, DPMSolverPP2M, Euler, Solver, get_solver
 
 MU = (0.7, -0.4, 1.3, 0.2)
 S0 = (0.3, 0.5, 0.8, 1.0)

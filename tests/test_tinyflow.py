@@ -23,8 +23,14 @@ from budcache import tinyflow
 from budcache.errors import ConfigError
 from budcache.tinyflow import checker, grammar, render
 from budcache.tinyflow.grammar import ObjectSpec, SceneObject, Spec, TemplateMix
-from budcache.tinyflow.model import (TRANSFORMER_CONFIG, TinyTextEncoder, image_ids, image_to_latent,
-                                     latent_to_image, new_transformer)
+from budcache.tinyflow.model import (
+    TRANSFORMER_CONFIG,
+    TinyTextEncoder,
+    image_ids,
+    image_to_latent,
+    latent_to_image,
+    new_transformer,
+)
 from budcache.tinyflow.train import TrainConfig, export_weights, make_batch, monitor, train
 
 torch.set_num_threads(1)

@@ -13,7 +13,7 @@ from .errors import BudcacheError, ConfigError, MissingExtraError, ModelOutputEr
 from .policy import CachePolicy
 
 if TYPE_CHECKING:
-    from .sampler import ComputeAll, SampleResult, Sampler, SamplerState, StaticMask, sample
+    from .sampler import ComputeAll, Sampler, SampleResult, SamplerState, StaticMask, sample
 
 __version__ = "0.1.0"
 

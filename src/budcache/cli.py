@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 import time
@@ -18,6 +17,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from .errors import BudcacheError, ConfigError
+from .io import check_writable_dir, check_writable_file, printable
 from .search.options import (
     MAX_SEED,
     add_pipeline_args,
@@ -26,8 +27,6 @@ from .search.options import (
     problem_from_args,
     seed_arg,
 )
-from .errors import BudcacheError, ConfigError
-from .io import check_writable_dir, check_writable_file, printable
 
 EXIT_OK = 0
 EXIT_USAGE = 2  #: a bad option, input file, policy or checkpoint (argparse's code for usage errors too)
@@ -53,7 +52,7 @@ def _read_prompts(values: list[str]) -> list[str]:
     return out
 
 
-def save_grid(images: "torch.Tensor", path: str | Path, columns: int, scale: int = 4) -> Path:  # noqa: F821
+def save_grid(images: torch.Tensor, path: str | Path, columns: int, scale: int = 4) -> Path:  # noqa: F821
     """Write images (B, 3, H, W) in [0, 1] as one PNG grid, atomically."""
     import io
 
@@ -157,7 +156,7 @@ def cmd_show(a: argparse.Namespace) -> int:
     return 0
 
 
-def _plot_policy(pol: "CachePolicy", path: str) -> None:  # noqa: F821
+def _plot_policy(pol: CachePolicy, path: str) -> None:  # noqa: F821
     import io
 
     from .errors import require
@@ -264,8 +263,8 @@ COMMANDS = {
 
 
 def _add_sample(sub: Any) -> None:
-    from .specs import ALL_MECHANISMS
     from .solvers import SOLVERS
+    from .specs import ALL_MECHANISMS
 
     s = sub.add_parser("sample", help=COMMANDS["sample"])
     s.add_argument("prompts", nargs="*", default=["a red circle", "a large square in the top left",
@@ -289,9 +288,9 @@ def _add_sample(sub: Any) -> None:
 
 
 def _add_search(sub: Any) -> None:
-    from .specs import ALL_MECHANISMS
     from .search.distributed import add_backend_args
     from .solvers import SOLVERS
+    from .specs import ALL_MECHANISMS
 
     se = sub.add_parser("search", help=COMMANDS["search"])
     se.add_argument("--nfe", type=_int_list, default=[10], help="budget(s) K, e.g. 10 or 6,8,10,14")

@@ -165,7 +165,8 @@ class _BlockHook(ModelHook):
     # -- helpers -----------------------------------------------------------------------
     def _streams(self, kw: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor | None]:
         h = kw[self.meta.hidden_states_argument_name]
-        e = kw.get(self.meta.encoder_hidden_states_argument_name) if self.meta.return_encoder_hidden_states_index is not None else None
+        has_txt = self.meta.return_encoder_hidden_states_index is not None
+        e = kw.get(self.meta.encoder_hidden_states_argument_name) if has_txt else None
         return h, e
 
     def _pack(self, h: torch.Tensor, e: torch.Tensor | None) -> Any:
@@ -179,7 +180,8 @@ class _BlockHook(ModelHook):
     def _unpack(self, output: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
         if isinstance(output, tuple):
             h = output[self.meta.return_hidden_states_index]
-            e = output[self.meta.return_encoder_hidden_states_index] if self.meta.return_encoder_hidden_states_index is not None else None
+            i_txt = self.meta.return_encoder_hidden_states_index
+            e = output[i_txt] if i_txt is not None else None
             return h, e
         return output, None
 

@@ -21,8 +21,8 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from .errors import ConfigError, PolicyError
-from .specs import ESTIMATORS
 from .io import PathLike, dumps_json, loads_json_limited, read_json_limited, write_json
+from .specs import ESTIMATORS
 
 FORMAT = "budcache.policy"
 VERSION = 2

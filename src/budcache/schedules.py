@@ -8,7 +8,8 @@ ending at 0; step ``k`` goes from ``sigmas[k]`` to ``sigmas[k + 1]``.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor

@@ -13,8 +13,8 @@ from safetensors.torch import save_file
 torch.set_num_threads(1)
 torch.set_grad_enabled(False)
 
-from budcache import CachePolicy, tinyflow  # noqa: E402
 import budcache.diffusers as bd  # noqa: E402
+from budcache import CachePolicy, tinyflow  # noqa: E402
 
 PROMPTS = ["a red circle", "two green triangles", "a small blue square in the top left"]
 SEEDS = [3, 4, 5]

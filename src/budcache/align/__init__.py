@@ -5,7 +5,14 @@ from __future__ import annotations
 
 from .params import PARAMETRISATIONS, LD3Schedule, OffsetSchedule, Schedule, SegmentSchedule, make_schedule
 from .trainer import (
-    AlignConfig, AlignResult, CheckpointedDenoiser, align, align_plain, lr_factor, policy_loss, student_sampler,
+    AlignConfig,
+    AlignResult,
+    CheckpointedDenoiser,
+    align,
+    align_plain,
+    lr_factor,
+    policy_loss,
+    student_sampler,
 )
 
 __all__ = [

@@ -228,8 +228,8 @@ def _mode(a: argparse.Namespace) -> str:
 
 def _target(a: argparse.Namespace) -> tuple[str, Any, int]:
     """(mode, source policy or None, budget K); fills steps, solver, mechanism and guidance (idempotent)."""
-    from ..search.options import policy_settings
     from ..policy import CachePolicy
+    from ..search.options import policy_settings
 
     mode = _mode(a)
     src = None
@@ -295,8 +295,8 @@ def _worker(a: argparse.Namespace) -> None:
 
 def register(sub: Any) -> None:
     """Add ``budcache align`` to the CLI's subparsers."""
-    from ..search.options import add_pipeline_args, guidance_arg, seed_arg
     from ..hooks import MECHANISMS
+    from ..search.options import add_pipeline_args, guidance_arg, seed_arg
     from ..solvers import SOLVERS
     from .params import PARAMETRISATIONS
 

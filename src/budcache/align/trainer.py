@@ -39,8 +39,8 @@ import torch
 from torch.utils.checkpoint import checkpoint as _checkpoint
 
 from .. import __version__
-from ..estimators import newton
 from ..errors import ConfigError, ModelOutputError
+from ..estimators import newton
 from ..hooks import MECHANISMS, find_cache
 from ..io import atomic_write_bytes
 from ..policy import CachePolicy

@@ -50,7 +50,6 @@ from .base import MethodRun
 from .calibrate import ThresholdFit, calibrate_threshold
 from .common import check_budget, rel_l1, run_controller
 
-
 #: A threshold no accumulated probe distance reaches: only the forced steps compute.
 NEVER = 1e9
 

@@ -5,9 +5,19 @@
 """
 
 from .harness import DEFAULT_METHODS, DEFAULT_NFES, CompareConfig, CompareResult, make_problem, run
-from .methods import (BlockWork, BudcacheMethod, FirstBlockCacheMethod, MagCacheMethod,
-                      PlainMethod, TaylorSeerMethod, UniformMethod, available_methods, bisect_threshold,
-                      build_methods, forecast_method)
+from .methods import (
+                      BlockWork,
+                      BudcacheMethod,
+                      FirstBlockCacheMethod,
+                      MagCacheMethod,
+                      PlainMethod,
+                      TaylorSeerMethod,
+                      UniformMethod,
+                      available_methods,
+                      bisect_threshold,
+                      build_methods,
+                      forecast_method,
+)
 
 __all__ = ["CompareConfig", "CompareResult", "run", "make_problem", "DEFAULT_NFES", "DEFAULT_METHODS",
            "BlockWork", "BudcacheMethod", "forecast_method", "UniformMethod", "PlainMethod", "FirstBlockCacheMethod",

@@ -455,7 +455,7 @@ def markdown(res: CompareResult) -> str:
             if not ours:
                 continue
             best, mine = f[metric], better(ours, key=lambda r: r[metric])
-            fmt = (lambda v: f"{v:.2f}{unit}") if metric == "psnr" else (lambda v: f"{v:.3e}")
+            fmt = (lambda v, u=unit: f"{v:.2f}{u}") if metric == "psnr" else (lambda v: f"{v:.3e}")
             val = {r["method"]: r[metric] for r in group}
             label = metric.replace("_", " ").replace("psnr", "PSNR")
             if not best.startswith("budcache"):

@@ -246,9 +246,9 @@ class BudcacheMethod(StaticMethod):
                                   f"{problem.steps}")
             self.policy = pol
             return
+        from ..peers import PEER_MECHANISMS
         from ..search.anneal import SearchConfig, search
         from ..search.calibration import get_loss
-        from ..peers import PEER_MECHANISMS
         from ..search.evaluator import Evaluator, PeerScheduleEvaluator
         from ..search.run import PEER_SEARCH, peer_grid_start, refine_plan, search_estimators
 

@@ -41,8 +41,8 @@ from typing import Any
 import torch
 
 from ..errors import BudcacheError, ConfigError, require
-from .calibration import CalibrationSet, LossFn, latent_mse
 from ..peers import PEER_MECHANISMS
+from .calibration import CalibrationSet, LossFn, latent_mse
 from .evaluator import Evaluator, EvaluatorStats, PeerScheduleEvaluator, check_computes, mask_of
 
 BACKENDS = ("inprocess", "ray")

@@ -63,7 +63,8 @@ def load_pipeline(path_or_id: str, dtype: torch.dtype = torch.float32, device: s
 
 
 def save_embeddings(path: str | Path, prompts: Sequence[str], prompt_embeds: torch.Tensor,
-                    pooled_prompt_embeds: torch.Tensor | None = None, negative_prompt_embeds: torch.Tensor | None = None,
+                    pooled_prompt_embeds: torch.Tensor | None = None,
+                    negative_prompt_embeds: torch.Tensor | None = None,
                     negative_pooled_prompt_embeds: torch.Tensor | None = None) -> Path:
     """Write precomputed prompt embeddings (safetensors, atomically) for pipelines without text encoders."""
     from safetensors.torch import save
@@ -100,7 +101,8 @@ def load_embeddings(path: str | Path) -> tuple[list[str], dict[str, torch.Tensor
         raise ConfigError(f"embeddings file {p}: metadata 'prompts' must be a JSON list of strings")
     known = {"prompt_embeds", "pooled_prompt_embeds", "negative_prompt_embeds", "negative_pooled_prompt_embeds"}
     if "prompt_embeds" not in tensors or set(tensors) - known:
-        raise ConfigError(f"embeddings file {p}: expected 'prompt_embeds' and optionally {sorted(known - {'prompt_embeds'})}"
+        optional = sorted(known - {"prompt_embeds"})
+        raise ConfigError(f"embeddings file {p}: expected 'prompt_embeds' and optionally {optional}"
                           f"; found {sorted(tensors)}")
     n = len(prompts)
     for k, t in tensors.items():

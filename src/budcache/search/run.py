@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import datetime
-import json
 import math
-import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -15,12 +13,12 @@ import numpy as np
 import torch
 
 from .. import __version__
+from .. import estimators as est
 from ..errors import ConfigError
 from ..io import atomic_write_text, check_writable_dir, write_json
+from ..peers import PEER_MECHANISMS
 from ..policy import CachePolicy
 from ..sampler import Sampler, _select
-from .. import estimators as est
-from ..peers import PEER_MECHANISMS
 from .anneal import RefineResult, SearchConfig, SearchResult, refine_estimators, search
 from .calibration import CalibrationSet, get_loss, pairs_for, read_prompt_file, tinyflow_prompts
 from .evaluator import Evaluator, EvaluatorStats, make_calibration, phase, plan_names, plan_of, step_counter
@@ -393,7 +391,8 @@ def peer_grid_start(evaluator: Any, steps: int, nfe: int) -> tuple[int, ...] | N
 
 @torch.no_grad()
 def run(out: str | Path, *, nfes: Sequence[int], steps: int = 28, solver: str = "euler",
-        mechanism: str = DEFAULT_MECHANISM, estimators: Sequence[str] | None = DEFAULT_REFINE, guidance: float = 1.0, calib_pairs: int | None = None, prompt_file: str | None = None,
+        mechanism: str = DEFAULT_MECHANISM, estimators: Sequence[str] | None = DEFAULT_REFINE, guidance: float = 1.0,
+        calib_pairs: int | None = None, prompt_file: str | None = None,
         seeds_per_prompt: int = 1, heldout_pairs: int = 64, seed: int = 0, loss: str = "logmse",
         resume: bool = False, force: bool = False, progress: bool = True, naive: bool = False,
         model: str | None = None, problem: Any = None, backend: str = "inprocess", workers: int = 1,

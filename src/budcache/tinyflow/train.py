@@ -375,7 +375,8 @@ def monitor(ckpt: str | Path, n: int = 256, steps: int = 28, device: str = "cpu"
         prompts = [p for p, _ in chunk]
         tok, pooled = e(torch.from_numpy(grammar.tokenize(prompts)).to(device))
         utok, upooled = e(torch.from_numpy(grammar.tokenize([""] * len(chunk))).to(device))
-        x = torch.stack([torch.randn(64, 48, generator=torch.Generator().manual_seed(sd)) for _, sd in chunk]).to(device)
+        x = torch.stack([torch.randn(64, 48, generator=torch.Generator().manual_seed(sd))
+                         for _, sd in chunk]).to(device)
         for k in range(steps):
             ts = sig[k].expand(len(chunk))
             v = t(hidden_states=x, encoder_hidden_states=tok, pooled_projections=pooled, timestep=ts,
