@@ -61,7 +61,9 @@ def test_search_writes_report_summary_and_plots(searched):
     assert summary["meta"]["calibration_pairs"] == 2 and summary["meta"]["heldout_pairs"] == 2
     for b in summary["budgets"]:
         assert tuple(b["compute"]) == pols[b["nfe"]].compute
-        assert b["loss"] == pols[b["nfe"]].meta["search_loss"]
+        # the mask search's loss, then the per-step estimators' (never worse: steepest descent from it)
+        assert b["estimator_loss"] == pols[b["nfe"]].meta["search_loss"] and b["estimator_loss"] <= b["loss"]
+        assert b["estimators"] == list(pols[b["nfe"]].estimators)
         assert b["stats"]["evaluations"] >= 1
         assert set(b["heldout"]) >= {"budcache", "uniform", "plain"}
 
