@@ -28,7 +28,7 @@ DEFAULT_MECHANISM = "vtaylor1"
 DEFAULT_REFINE: tuple[str, ...] = ("vtaylor1", "vtaylor2", "output")
 #: Search settings for a peer mechanism (no prefix sharing, so every mask costs a whole generation): start from
 #: the peer's best grid schedule (which keeps step 1 free: prefix 1), anneal briefly, then hill-climb.
-PEER_SEARCH: dict[str, Any] = {"sa_iters": 20, "hc_rounds": 3, "radius": 2, "far_jumps": 0, "prefix": 1}
+PEER_SEARCH: dict[str, Any] = {"sa_iters": 10, "hc_rounds": 2, "radius": 2, "far_jumps": 0, "prefix": 1}
 
 
 @dataclass
