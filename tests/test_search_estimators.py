@@ -158,3 +158,19 @@ def test_peer_schedule_losses_equal_direct_sampling(tr):
     assert len(set(got)) == 3 and ev.stats.evaluations == 3
     ev.losses(computes[:1])
     assert ev.stats.evaluations == 3 and ev.stats.memo_hits == 1
+
+
+def test_plan_losses_are_exact_when_resuming_states_of_plans_with_other_estimators(tr):
+    """Prefix sharing across estimators: a vtaylor2 / taylor2 plan resumed from a vtaylor1 plan's stored states
+    scores exactly as when run alone (states keep the deepest histories)."""
+    make = _factory(tr)
+    calib = _calib(make)
+    first = (0, V1, 0, V1, V1, 0, V1, V1)
+    later = [(0, V1, 0, V1, V1, 0, V2, V2), (0, V1, 0, V1, V1, 0, est.CODES["taylor2"], V1)]
+    shared = Evaluator(make, calib, estimator="vtaylor1")
+    alone = Evaluator(make, calib, estimator="vtaylor1", prefix_sharing=False)
+    with torch.no_grad():
+        shared.plan_losses([first])
+        got = shared.plan_losses(later)
+        ref = alone.plan_losses(later)
+    assert got == pytest.approx(ref, rel=1e-5)  # batched candidates round differently; a lost order would not

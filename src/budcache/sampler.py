@@ -284,6 +284,13 @@ class Sampler:
             bad = sorted(n for n in names if est.ESTIMATORS[n].target == "residual")
             raise ConfigError(f"mechanism {bad[0]!r} needs a diffusers transformer; a plain callable "
                               f"supports only velocity estimators {list(est.velocity_names())}")
+        if self.cached and not self.legacy:
+            # A state is resumed by plans with other estimators (the search's prefix sharing), so it keeps what
+            # any estimator needs: the deepest histories of both kinds, whatever this plan uses.
+            deepest = max(spec.depth for spec in est.ESTIMATORS.values())
+            self.velocity_depth = deepest
+            if getattr(denoiser, "transformer", None) is not None:
+                self.residual_depth = deepest
 
     def start(self, noise: torch.Tensor) -> SamplerState:
         """The state before step 0, at ``x = noise``."""

@@ -220,6 +220,7 @@ class RayEvaluator:
         self._ray = require("ray", "ray")
         self._started = connect(address, num_cpus=None if address else max(os.cpu_count() or 1, workers * threads))
         self.workers = workers
+        self.estimator = estimator  # the workers' masks use it; per-step estimators are refined in-process
         self.sa_batch = workers
         self.max_retries = max_retries
         self.calib = calib
