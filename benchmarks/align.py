@@ -34,15 +34,17 @@ from budcache.align import AlignConfig, align, policy_loss, student_sampler
 from budcache.align.joint import JointRound, joint
 from budcache.align.params import make_schedule
 from budcache.align.trainer import final_latents, release
+from budcache.problems.data import pairs_for
+from budcache.problems.metrics import item_metrics
+from budcache.problems.tinyflow import TinyflowProblem, tinyflow_prompts
 from budcache.search import Evaluator, SearchConfig, search
-from budcache.search.calibration import get_loss, latent_mse, pairs_for, tinyflow_prompts
-from budcache.search.run import TinyflowProblem, quality
+from budcache.search.losses import get_loss, latent_mse
 from budcache.tinyflow import checker
 
 
 def measure(problem, held, policy, plain_steps=None) -> dict:
     lat = final_latents(problem, held, policy, plain_steps=plain_steps)
-    q = quality(problem, lat, held.teacher)
+    q = item_metrics(problem, lat, held.teacher)
     acc = checker.accuracy(held.prompts, problem.tf.images(lat))
     return {"latent_mse": float(q["latent_mse"].mean()), "psnr": float(q["psnr"].mean()), "accuracy": acc,
             "per_item": q["latent_mse"].tolist()}

@@ -22,8 +22,9 @@ import torch
 
 from budcache import tinyflow
 from budcache.baselines import METHODS, TeaCache
-from budcache.search.calibration import pairs_for, tinyflow_prompts
-from budcache.search.run import TinyflowProblem, quality
+from budcache.problems.data import pairs_for
+from budcache.problems.metrics import item_metrics
+from budcache.problems.tinyflow import TinyflowProblem, tinyflow_prompts
 
 
 def main() -> None:
@@ -59,7 +60,7 @@ def main() -> None:
                 continue
             fit_s = time.perf_counter() - t0
             run = m.sample(problem, held.noise, held.cond, held.uncond)
-            q = quality(problem, run.latent, held.teacher)
+            q = item_metrics(problem, run.latent, held.teacher)
             nfe = run.nfe
             note = ""
             if getattr(m, "calibration", None) is not None:

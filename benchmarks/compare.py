@@ -19,7 +19,7 @@ import sys
 import torch
 
 from budcache.compare.cli import config_from_args, register
-from budcache.compare.harness import load_result, markdown, merge_results, run, write_outputs
+from budcache.compare.harness import load_result, markdown, merge_results, run_compare, write_outputs
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> None:
     a = ap.parse_args(["compare", *argv])
     torch.set_num_threads(2)
     cfg = config_from_args(a)
-    res = run(a.out, cfg, progress=True)
+    res = run_compare(a.out, cfg, progress=True)
     m = res.meta
     print(f"### Compare ({datetime.date.today().isoformat()}, {platform.machine()}, {torch.get_num_threads()} "
           f"threads, torch {torch.__version__}, no GPU)\n")

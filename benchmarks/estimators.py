@@ -13,8 +13,9 @@ import torch
 
 from budcache import CachePolicy, tinyflow
 from budcache.peers import taylorseer_grid_mask
-from budcache.search.calibration import pairs_for, tinyflow_prompts
-from budcache.search.run import TinyflowProblem, quality
+from budcache.problems.data import pairs_for
+from budcache.problems.metrics import item_metrics
+from budcache.problems.tinyflow import TinyflowProblem, tinyflow_prompts
 
 
 def main() -> None:
@@ -44,7 +45,7 @@ def main() -> None:
         for label, comp in masks.items():
             cells = []
             for e in names:
-                q = quality(pb, pb.final_latents(calib, CachePolicy(n, comp).with_estimators(e)), calib.teacher)
+                q = item_metrics(pb, pb.final_latents(calib, CachePolicy(n, comp).with_estimators(e)), calib.teacher)
                 cells.append(f"{q['psnr'].mean():.1f} / {float(np.median(q['psnr'])):.1f}")
             print(f"| {k} | {label} | " + " | ".join(cells) + " |", flush=True)
 

@@ -18,7 +18,9 @@ import platform
 import torch
 
 from budcache import CachePolicy, tinyflow
-from budcache.search.run import TinyflowProblem, quality
+from budcache.problems.data import split_pairs
+from budcache.problems.metrics import item_metrics
+from budcache.problems.tinyflow import TinyflowProblem
 
 
 def main() -> None:
@@ -35,11 +37,11 @@ def main() -> None:
     plain: dict[int, dict[str, float]] = {}
     for mech in a.mechanisms.split(","):
         pb = TinyflowProblem(tf, 28, "euler", mech, 1.0)
-        held = pb.calibration(*pb.heldout_pairs(a.heldout, 0, []))
+        held = pb.calibration(*split_pairs(pb, "heldout", a.heldout, 0))
         for k in budgets:
-            q = quality(pb, pb.final_latents(held, CachePolicy.uniform(28, k)), held.teacher)
+            q = item_metrics(pb, pb.final_latents(held, CachePolicy.uniform(28, k)), held.teacher)
             if k not in plain:
-                qp = quality(pb, pb.final_latents(held, None, plain_steps=k), held.teacher)
+                qp = item_metrics(pb, pb.final_latents(held, None, plain_steps=k), held.teacher)
                 plain[k] = {"latent_mse": float(qp["latent_mse"].mean()), "psnr": float(qp["psnr"].mean())}
             rows.append({"mechanism": mech, "nfe": k, "latent_mse": float(q["latent_mse"].mean()),
                          "psnr": float(q["psnr"].mean())})

@@ -29,11 +29,12 @@ from typing import Any
 import torch
 
 from budcache import tinyflow
+from budcache.problems.base import Shipped
+from budcache.problems.data import pairs_for
+from budcache.problems.tinyflow import TinyflowProblem, tinyflow_prompts
 from budcache.search import SearchConfig, search
-from budcache.search.calibration import pairs_for, tinyflow_prompts
-from budcache.search.distributed import RayEvaluator, ShippedProblem, make_evaluator, split_chunks
+from budcache.search.distributed import RayEvaluator, make_evaluator, split_chunks
 from budcache.search.evaluator import check_computes
-from budcache.search.run import TinyflowProblem
 
 
 class SimulatedWorkers:
@@ -80,7 +81,7 @@ def wall_times(problem: TinyflowProblem, calib: Any, cfg: SearchConfig) -> list[
     for name, workers in (("in-process", 0), ("ray, 1 worker", 1), ("ray, 2 workers", 2)):
         t0 = time.perf_counter()
         ev = make_evaluator("inprocess", problem, calib) if workers == 0 else \
-            RayEvaluator(ShippedProblem(problem), calib, workers=workers)
+            RayEvaluator(Shipped(problem), calib, workers=workers)
         start = time.perf_counter() - t0
         t0 = time.perf_counter()
         res = search(ev.losses, cfg, sa_batch=ev.sa_batch)

@@ -24,9 +24,10 @@ import numpy as np
 import torch
 
 from budcache import CachePolicy, tinyflow
+from budcache.problems.data import pairs_for
+from budcache.problems.metrics import item_metrics
+from budcache.problems.tinyflow import TinyflowProblem, tinyflow_prompts
 from budcache.search import Evaluator, SearchConfig, search
-from budcache.search.calibration import pairs_for, tinyflow_prompts
-from budcache.search.run import TinyflowProblem, quality
 
 
 def main() -> None:
@@ -72,13 +73,13 @@ def main() -> None:
         r = search(ev.losses, SearchConfig(28, k, sa_iters=a.sa_iters, hc_rounds=a.hc_rounds, seed=0), init=prev)
         prev = r.compute
         pol = CachePolicy(28, r.compute)
-        q = {"budcache": quality(problem, problem.final_latents(held, pol), held.teacher),
-             "uniform": quality(problem, problem.final_latents(held, CachePolicy.uniform(28, k)), held.teacher),
-             "plain": quality(problem, problem.final_latents(held, None, plain_steps=k), held.teacher)}
+        q = {"budcache": item_metrics(problem, problem.final_latents(held, pol), held.teacher),
+             "uniform": item_metrics(problem, problem.final_latents(held, CachePolicy.uniform(28, k)), held.teacher),
+             "plain": item_metrics(problem, problem.final_latents(held, None, plain_steps=k), held.teacher)}
         rand = []
         for _ in range(a.random_masks):
             rest = rng.choice(np.arange(1, 28), size=k - 1, replace=False)
-            rand.append(quality(problem, problem.final_latents(held, CachePolicy.from_steps(28, [0, *rest.tolist()])),
+            rand.append(item_metrics(problem, problem.final_latents(held, CachePolicy.from_steps(28, [0, *rest.tolist()])),
                                 held.teacher))
         order = np.argsort([m["latent_mse"].mean() for m in rand])
         q["random median"] = rand[order[len(order) // 2]]

@@ -23,10 +23,11 @@ from budcache.align import (
 from budcache.align.joint import joint
 from budcache.align.trainer import load_checkpoint, release
 from budcache.errors import ConfigError
+from budcache.problems.data import pairs_for
+from budcache.problems.tinyflow import TinyflowProblem, tinyflow_prompts
 from budcache.schedules import flux, linear
 from budcache.search import SearchConfig
-from budcache.search.calibration import latent_mse, pairs_for, tinyflow_prompts
-from budcache.search.run import TinyflowProblem
+from budcache.search.losses import latent_mse
 
 torch.set_num_threads(1)
 

@@ -23,8 +23,8 @@ ATOL = 1e-6
 
 def _setup():
     from budcache import tinyflow
-    from budcache.search.calibration import pairs_for, tinyflow_prompts
-    from budcache.search.run import TinyflowProblem
+    from budcache.problems.data import pairs_for
+    from budcache.problems.tinyflow import TinyflowProblem, tinyflow_prompts
 
     problem = TinyflowProblem(tinyflow.load(), steps=N)
     prompts, seeds = pairs_for(tinyflow_prompts(ITEMS, seed=5), 1, 5)

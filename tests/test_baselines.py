@@ -32,10 +32,10 @@ from budcache.baselines.teacache import fit_rescaler
 from budcache.denoisers import FluxCond, FluxDenoiser
 from budcache.errors import ConfigError
 from budcache.hooks import Probe, ResidualHistory, find_cache, modulated_input, probe_stack
+from budcache.problems.data import make_calibration
 from budcache.sampler import Sampler, SignalController, StaticMask
 from budcache.schedules import flux
-from budcache.search import make_calibration
-from budcache.search.calibration import latent_l1
+from budcache.search.losses import latent_l1
 from helpers import StackRuns, make_transformer
 
 torch.set_num_threads(1)
@@ -412,8 +412,8 @@ def test_calibration_bisects_to_target():
 @pytest.mark.parametrize("method", ["teacache", "dicache"])
 def test_calibration_on_tinyflow_hits_target(tflow, method):
     """tinyflow, 12 steps, 4 calibration pairs: the calibrated threshold's mean NFE is within 0.5 of the budget."""
-    from budcache.search.calibration import pairs_for, tinyflow_prompts
-    from budcache.search.run import TinyflowProblem
+    from budcache.problems.data import pairs_for
+    from budcache.problems.tinyflow import TinyflowProblem, tinyflow_prompts
 
     problem = TinyflowProblem(tflow, steps=12)
     prompts, seeds = pairs_for(tinyflow_prompts(4, seed=3), 1, 3)
@@ -560,8 +560,8 @@ def test_registry_lists_the_methods():
 @pytest.mark.parametrize("name", ["teacache", "dicache", "lemica", "recache"])
 def test_methods_end_to_end_on_tinyflow(tflow, name):
     """Fit on 3 calibration pairs, sample 3 other pairs: NFE is exactly what ran (probes counted for DiCache)."""
-    from budcache.search.calibration import pairs_for, tinyflow_prompts
-    from budcache.search.run import TinyflowProblem
+    from budcache.problems.data import pairs_for
+    from budcache.problems.tinyflow import TinyflowProblem, tinyflow_prompts
 
     steps = 10
     problem = TinyflowProblem(tflow, steps=steps)

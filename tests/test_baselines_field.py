@@ -391,7 +391,7 @@ def test_cachedit_calibrators_on_the_steps_mask(calibrator):
     pytest.importorskip("cache_dit")
     from budcache import tinyflow
     from budcache.compare.cachedit import CacheDitCalibratedMethod, CacheDitStepsMethod, probe_fraction
-    from budcache.search.run import TinyflowProblem
+    from budcache.problems.tinyflow import TinyflowProblem
 
     tf = tinyflow.load()
     p = TinyflowProblem(tf, 12)

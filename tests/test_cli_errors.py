@@ -323,14 +323,14 @@ def test_align_refuses_to_overwrite_an_earlier_runs_checkpoint(tmp_path, capsys)
 
 def test_search_api_refuses_then_resumes_or_forces(tmp_path):
     from budcache.errors import ConfigError
-    from budcache.search.run import run
+    from budcache.search.job import run_search
 
     kw = dict(nfes=[2], steps=4, calib_pairs=2, heldout_pairs=1, sa_iters=2, hc_rounds=1, progress=False)
-    first = run(tmp_path, **kw)
+    first = run_search(tmp_path, **kw)
     with pytest.raises(ConfigError, match=r"holds the checkpoint of an earlier run \(checkpoint_N4_K2\.json\)"):
-        run(tmp_path, **kw)
-    assert run(tmp_path, resume=True, **kw)[0].policy.compute == first[0].policy.compute
-    assert run(tmp_path, force=True, **kw)[0].policy.compute == first[0].policy.compute
+        run_search(tmp_path, **kw)
+    assert run_search(tmp_path, resume=True, **kw)[0].policy.compute == first[0].policy.compute
+    assert run_search(tmp_path, force=True, **kw)[0].policy.compute == first[0].policy.compute
 
 
 def test_apply_with_a_policy_of_the_wrong_type_is_a_clear_error():

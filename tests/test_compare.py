@@ -13,7 +13,7 @@ from PIL import Image
 from budcache import tinyflow
 from budcache.baselines.base import Method
 from budcache.cli import main
-from budcache.compare.harness import CompareConfig, markdown, pair_sets, quality, run
+from budcache.compare.harness import CompareConfig, markdown, pair_sets, quality, run_compare
 from budcache.compare.methods import (
     OWN_METHODS,
     BudcacheMethod,
@@ -24,7 +24,7 @@ from budcache.compare.methods import (
 )
 from budcache.errors import ConfigError
 from budcache.policy import CachePolicy
-from budcache.search.run import TinyflowProblem
+from budcache.problems.tinyflow import TinyflowProblem
 
 torch.set_num_threads(1)
 
@@ -219,7 +219,7 @@ def test_cli_lists_methods(capsys):
 def test_markdown_names_budgets_where_budcache_is_not_best(tmp_path):
     cfg = CompareConfig(nfes=(3,), steps=N, methods=("budcache", "plain"), calib_pairs=2, eval_pairs=2,
                         search_kw={"sa_iters": 2, "hc_rounds": 1}, transfer=False, grid_rows=1)
-    res = run(tmp_path, cfg, progress=False)
+    res = run_compare(tmp_path, cfg, progress=False)
     assert "| budcache | static | 3.00 [3.00, 3.00]" in markdown(res)
     rows = {r["method"]: r for r in res.rows}
     # both outcomes, whichever the run gave: plain ahead by 1 dB, then behind by 1 dB
@@ -236,15 +236,15 @@ def test_runs_of_disjoint_methods_merge_into_one_table(tmp_path):
     from budcache.compare.harness import load_result, merge_results
 
     base = dict(nfes=(3,), steps=N, calib_pairs=2, eval_pairs=2, transfer=False, grid_rows=1)
-    run(tmp_path / "a", CompareConfig(methods=("plain",), **base), progress=False)
-    run(tmp_path / "b", CompareConfig(methods=("uniform",), **base), progress=False)
+    run_compare(tmp_path / "a", CompareConfig(methods=("plain",), **base), progress=False)
+    run_compare(tmp_path / "b", CompareConfig(methods=("uniform",), **base), progress=False)
     merged = merge_results([load_result(tmp_path / "a"), load_result(tmp_path / "b")])
     assert [r["method"] for r in merged.rows] == ["plain", "uniform"]
     assert "| uniform | static | 3.00" in markdown(merged)
     assert "No budcache method in this comparison." in markdown(merged)
     with pytest.raises(ConfigError, match="two comparisons"):
         merge_results([load_result(tmp_path / "a"), load_result(tmp_path / "a")])
-    run(tmp_path / "c", CompareConfig(methods=("uniform",), **{**base, "eval_pairs": 3}), progress=False)
+    run_compare(tmp_path / "c", CompareConfig(methods=("uniform",), **{**base, "eval_pairs": 3}), progress=False)
     with pytest.raises(ConfigError, match="evaluation_pairs"):
         merge_results([load_result(tmp_path / "a"), load_result(tmp_path / "c")])
     with pytest.raises(ConfigError, match="does not exist"):
@@ -257,6 +257,6 @@ def test_cachedit_then_budcache_in_one_run(tmp_path):
     pytest.importorskip("cache_dit")
     cfg = CompareConfig(nfes=(3, 4), steps=N, methods=("dbcache", "cachedit-steps", "budcache"), calib_pairs=2,
                         eval_pairs=2, search_kw={"sa_iters": 2, "hc_rounds": 1}, transfer=False, grid_rows=1)
-    res = run(tmp_path, cfg, progress=False)
+    res = run_compare(tmp_path, cfg, progress=False)
     assert [r["method"] for r in res.rows] == ["dbcache", "cachedit-steps", "budcache"] * 2
     assert all(r["nfe_max"] == r["budget"] for r in res.rows if r["method"] == "budcache")

@@ -18,7 +18,7 @@ from budcache.compare.methods import (
     taylorseer_count,
 )
 from budcache.policy import CachePolicy
-from budcache.search.run import TinyflowProblem
+from budcache.problems.tinyflow import TinyflowProblem
 from helpers import StackRuns
 
 torch.set_num_threads(1)

@@ -17,18 +17,18 @@ import torch
 
 from budcache import tinyflow
 from budcache.errors import ConfigError, MissingExtraError, ModelOutputError
+from budcache.problems.data import pairs_for
+from budcache.problems.tinyflow import TinyflowProblem, tinyflow_prompts
 from budcache.search import Evaluator, SearchConfig, hc_neighbourhood, random_init, search
 from budcache.search.anneal import load_checkpoint
-from budcache.search.calibration import pairs_for, tinyflow_prompts
 from budcache.search.distributed import (
     ALIGN,
     RayEvaluator,
-    ShippedProblem,
+    Shipped,
     align_weights,
     make_evaluator,
     to_device,
 )
-from budcache.search.run import TinyflowProblem
 
 torch.set_num_threads(1)
 
@@ -236,7 +236,7 @@ def ray_cluster():
 def test_ray_workers_reproduce_the_in_process_search(ray_cluster, problem, calib, reference):
     ref, ref_ev = reference
     for workers in (2, 1):
-        with RayEvaluator(ShippedProblem(problem), calib, workers=workers) as ev:
+        with RayEvaluator(Shipped(problem), calib, workers=workers) as ev:
             assert ev.devices == ["cpu"] * workers and ev.sa_batch == workers
             got = search(ev.losses, CFG, sa_batch=ev.sa_batch)
             same_search(got, ref)
@@ -250,7 +250,7 @@ def test_ray_workers_reproduce_the_in_process_search(ray_cluster, problem, calib
 @pytest.mark.slow
 def test_killed_workers_are_replaced_and_their_batch_retried(ray_cluster, problem, calib, reference, monkeypatch):
     ref, _ = reference
-    with RayEvaluator(ShippedProblem(problem), calib, workers=2) as ev:
+    with RayEvaluator(Shipped(problem), calib, workers=2) as ev:
         first = ev.actors[0]
 
         def kill_between_batches(entry):  # a worker dies while idle: its next batch fails and is retried
@@ -304,6 +304,6 @@ def test_cli_ray_backend_writes_the_in_process_policy(ray_cluster, tmp_path):
 
 def test_more_workers_than_the_cluster_can_hold_is_a_config_error(ray_cluster, problem, calib):
     with pytest.raises(ConfigError, match="3 workers need 3 CPUs but the Ray cluster has 2"):
-        RayEvaluator(ShippedProblem(problem), calib, workers=3)
+        RayEvaluator(Shipped(problem), calib, workers=3)
     with pytest.raises(ConfigError, match="--workers must be an integer >= 1"):
-        RayEvaluator(ShippedProblem(problem), calib, workers=0)
+        RayEvaluator(Shipped(problem), calib, workers=0)

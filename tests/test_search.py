@@ -18,25 +18,22 @@ from diffusers import FluxTransformer2DModel
 import budcache.search.anneal as anneal
 from budcache.denoisers import FluxCond, FluxDenoiser
 from budcache.errors import ConfigError, ModelOutputError
+from budcache.problems.data import CalibrationSet, make_calibration, pairs_for, read_prompt_file
+from budcache.problems.tinyflow import tinyflow_prompts
 from budcache.sampler import Sampler, StaticMask
 from budcache.schedules import flux
 from budcache.search import (
-    CalibrationSet,
     Evaluator,
     SearchConfig,
     compute_of,
     fit_budget,
     hc_neighbourhood,
-    latent_mse,
-    make_calibration,
     mask_of,
     random_init,
-    read_prompt_file,
     sa_proposal,
     search,
-    tinyflow_prompts,
 )
-from budcache.search.calibration import pairs_for
+from budcache.search.losses import latent_mse
 from helpers import make_transformer
 
 torch.set_num_threads(1)
@@ -700,7 +697,7 @@ def test_without_resume_an_old_checkpoint_is_overwritten(tmp_path):
 def tinyflow_exhaustive():
     """tinyflow, N=12, 2 calibration pairs: the losses of all 330 masks of K=5 (step 0 computed), one call."""
     from budcache import tinyflow
-    from budcache.search.run import TinyflowProblem
+    from budcache.problems.tinyflow import TinyflowProblem
 
     problem = TinyflowProblem(tinyflow.load(), steps=12)
     prompts, seeds = pairs_for(tinyflow_prompts(2), 1, 0)
@@ -827,7 +824,7 @@ def test_prompt_files_tolerate_a_byte_order_mark(tmp_path):
 
 
 def test_log_mse_loss_weighs_items_by_relative_error():
-    from budcache.search.calibration import get_loss, latent_mse
+    from budcache.search.losses import get_loss, latent_mse
 
     teacher = torch.zeros(2, 4)
     x = torch.tensor([[1.0, 1, 1, 1], [0.1, 0.1, 0.1, 0.1]])

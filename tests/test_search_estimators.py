@@ -8,7 +8,7 @@ from budcache import ConfigError
 from budcache import estimators as est
 from budcache.search.anneal import refine_estimators
 from budcache.search.evaluator import plan_names, plan_of
-from budcache.search.run import search_estimators
+from budcache.search.job import search_estimators
 
 V1, V2, OUT = est.CODES["vtaylor1"], est.CODES["vtaylor2"], est.CODES["output"]
 
@@ -79,10 +79,11 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from budcache.denoisers import FluxCond, FluxDenoiser  # noqa: E402
+from budcache.problems.data import make_calibration  # noqa: E402
 from budcache.sampler import Sampler, StaticMask  # noqa: E402
 from budcache.schedules import flux  # noqa: E402
-from budcache.search.calibration import latent_mse  # noqa: E402
-from budcache.search.evaluator import Evaluator, PeerScheduleEvaluator, make_calibration  # noqa: E402
+from budcache.search.evaluator import Evaluator, PeerScheduleEvaluator  # noqa: E402
+from budcache.search.losses import latent_mse  # noqa: E402
 from helpers import make_transformer  # noqa: E402
 
 ROWS, COLS, TXT, N, C = 4, 4, 8, 8, 3

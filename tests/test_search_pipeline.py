@@ -12,8 +12,8 @@ from diffusers import StableDiffusion3Pipeline
 import budcache.diffusers as bd
 from budcache import CachePolicy, ConfigError, tinyflow
 from budcache.cli import main
-from budcache.search.pipeline import PipelineProblem, load_embeddings, load_pipeline, save_embeddings
-from budcache.search.run import quality
+from budcache.problems.metrics import item_metrics
+from budcache.problems.pipeline import PipelineProblem, load_embeddings, load_pipeline, save_embeddings
 from helpers import make_sd3_pipeline, make_wan_pipeline
 
 torch.set_num_threads(1)
@@ -137,7 +137,7 @@ def test_pipeline_errors_name_the_problem(flux_dir, tmp_path, capsys):
     with pytest.raises(ConfigError, match="no text encoder"):
         PipelineProblem(pipe, steps=4, height=128, width=128).conds(["a red circle"])
     with pytest.raises(ConfigError, match="needs calibration prompts"):
-        PipelineProblem(pipe, steps=4, height=128, width=128).default_prompts(4, 0)
+        PipelineProblem(pipe, steps=4, height=128, width=128).prompts(4, 0)
     pb = PipelineProblem(pipe, steps=4, height=128, width=128, embeddings=flux_dir / "emb.safetensors")
     with pytest.raises(ConfigError, match="not in the embeddings file"):
         pb.conds(["a green star"])
@@ -167,7 +167,7 @@ def test_quality_falls_back_to_latent_psnr_without_a_decoder():
 
     teacher = torch.linspace(-1, 1, 8).repeat(2, 1)
     latents = teacher + torch.tensor([[0.1], [0.01]])
-    q = quality(NoDecoder(), latents, teacher)
+    q = item_metrics(NoDecoder(), latents, teacher)
     # range 2 -> peak 4; MSE 1e-2 and 1e-4 -> 26.02 and 46.02 dB
     assert q["psnr"] == pytest.approx([26.0206, 46.0206], abs=1e-3)
     assert q["latent_mse"] == pytest.approx([1e-2, 1e-4], rel=1e-4)
@@ -198,7 +198,7 @@ def test_reports_decode_through_the_pipelines_vae(tmp_path):
     ours = pb.images(lat)
     assert ours.shape == ref.shape == (1, 3, 16, 16)
     assert torch.allclose(ours, ref, atol=1e-5)
-    q = quality(pb, lat, lat + 0.01)
+    q = item_metrics(pb, lat, lat + 0.01)
     assert q["psnr"][0] > 20
 
 

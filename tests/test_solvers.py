@@ -310,6 +310,9 @@ def test_dpmpp2m_gradcheck() -> None:
 
 def test_registry() -> None:
     assert set(SOLVERS) == {"euler", "dpmpp2m", "ipndm"}
+    from budcache.specs import SOLVER_NAMES
+
+    assert set(SOLVER_NAMES) == set(SOLVERS)  # the torch-free names the settings and the CLI check
     assert isinstance(get_solver("euler"), Euler)
     assert isinstance(get_solver("dpmpp2m"), DPMSolverPP2M)
     solver = get_solver("ipndm", max_order=3)

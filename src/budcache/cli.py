@@ -19,14 +19,8 @@ from typing import Any
 
 from .errors import BudcacheError, ConfigError
 from .io import check_writable_dir, check_writable_file, printable
-from .search.options import (
-    MAX_SEED,
-    add_pipeline_args,
-    guidance_arg,
-    policy_settings,
-    problem_from_args,
-    seed_arg,
-)
+from .problems.options import MAX_SEED, add_pipeline_args, build_problem, guidance_arg, seed_arg, settings_from
+from .problems.settings import SamplerSettings
 
 EXIT_OK = 0
 EXIT_USAGE = 2  #: a bad option, input file, policy or checkpoint (argparse's code for usage errors too)
@@ -38,7 +32,7 @@ EXIT_BROKEN_PIPE = 141  #: the reader of the output went away (128 + SIGPIPE), e
 
 def _read_prompts(values: list[str]) -> list[str]:
     """Prompts given inline, or one per line from a file when a value names an existing .txt file."""
-    from .search.calibration import read_prompt_file
+    from .problems.data import read_prompt_file
 
     out: list[str] = []
     for v in values:
@@ -77,13 +71,12 @@ def save_grid(images: torch.Tensor, path: str | Path, columns: int, scale: int =
 def cmd_sample(a: argparse.Namespace) -> int:
     import torch
 
-    from . import tinyflow
     from .policy import CachePolicy
-    from .tinyflow import checker
+    from .problems.tinyflow import TinyflowProblem
 
     if a.per_prompt < 1:
         raise ConfigError(f"--per-prompt must be >= 1 (got {a.per_prompt})")
-    if a.steps < 1:
+    if a.steps is not None and a.steps < 1:
         raise ConfigError(f"--steps must be >= 1 (got {a.steps})")
     prompts = _read_prompts(a.prompts)
     prompts = [p for p in prompts for _ in range(a.per_prompt)]
@@ -92,37 +85,33 @@ def cmd_sample(a: argparse.Namespace) -> int:
     seeds = [a.seed + i for i in range(len(prompts))]
     if a.policy is not None and a.nfe is not None:
         raise ConfigError("give either --policy FILE or --nfe K (uniform policy), not both")
-    if a.nfe is not None and not 1 <= a.nfe <= a.steps:
-        raise ConfigError(f"--nfe {a.nfe} must lie in 1..{a.steps} (the number of steps)")
+    steps = 28 if a.steps is None else a.steps
+    if a.nfe is not None and not 1 <= a.nfe <= steps:
+        raise ConfigError(f"--nfe {a.nfe} must lie in 1..{steps} (the number of steps)")
     policy = CachePolicy.load(a.policy) if a.policy else (
-        CachePolicy.uniform(a.steps, a.nfe, estimator=a.mechanism) if a.nfe else None)
-    if policy is not None and policy.steps != a.steps:
-        if a.steps_given:
-            raise ConfigError(f"--steps {a.steps} but the policy {a.policy} is for {policy.steps} steps")
-        a.steps = policy.steps
+        CachePolicy.uniform(steps, a.nfe, estimator=a.mechanism) if a.nfe else None)
+    mechanism = a.mechanism
     if policy is not None and a.policy is not None:
-        policy_settings(a, policy, "reuse")
         if policy.estimator is not None and a.mechanism not in (None, policy.estimator) and \
                 a.mechanism != policy.meta.get("mechanism"):
             raise ConfigError(f"--mechanism {a.mechanism} but the policy's skipped steps use {policy.estimator}; "
                               "a policy runs with its own estimators (omit --mechanism)")
-        a.mechanism = policy.estimator or a.mechanism
-    a.solver, a.mechanism = a.solver or "euler", a.mechanism or "reuse"
-    a.guidance = 1.0 if a.guidance is None else a.guidance
+        mechanism = None if policy.estimator == "mixed" else (policy.estimator or a.mechanism)
+    settings = settings_from(argparse.Namespace(**{**vars(a), "mechanism": mechanism}), policy, "reuse")
     out = check_writable_file(a.out, "--out")  # before minutes of sampling, not after
-    tf = tinyflow.load(a.model)
+    problem = TinyflowProblem(settings=settings, model=a.model)
     t0 = time.perf_counter()
     with torch.no_grad():
-        res = tf.sample(prompts, seeds, steps=a.steps, solver=a.solver, policy=policy,
-                        mechanism=None if a.mechanism == "mixed" else a.mechanism,
-                        guidance=a.guidance, progress=not a.quiet)
+        res = problem.tf.sample(prompts, seeds, steps=settings.steps, solver=settings.solver, policy=policy,
+                                mechanism=None if policy is not None and policy.estimator == "mixed"
+                                else settings.mechanism, guidance=settings.guidance, progress=not a.quiet)
     wall = time.perf_counter() - t0
-    images = tf.images(res.latent)
+    images = problem.images(res.latent)
     out = save_grid(images, out, columns=a.per_prompt if a.per_prompt > 1 else min(8, len(prompts)))
-    verdicts = [checker.check(p, im).ok for p, im in zip(prompts, images)]
-    summary = {"images": len(prompts), "steps": a.steps, "nfe": int(res.nfe.max()), "solver": a.solver,
-               "policy": str(policy) if policy else "none (all steps)", "guidance": a.guidance,
-               "wall_s": round(wall, 3), "checker_accuracy": sum(verdicts) / len(verdicts), "grid": str(out)}
+    verdicts = problem.checker_accuracy(prompts, images)
+    summary = {"images": len(prompts), "steps": settings.steps, "nfe": int(res.nfe.max()), "solver": settings.solver,
+               "policy": str(policy) if policy else "none (all steps)", "guidance": settings.guidance,
+               "wall_s": round(wall, 3), "checker_accuracy": float(verdicts.mean()), "grid": str(out)}
     print(json.dumps(summary, indent=2))
     return 0
 
@@ -219,21 +208,18 @@ def cmd_search(a: argparse.Namespace) -> int:
     check_writable_dir(a.out, "--out")  # before the model stack is imported
 
     from .search.distributed import backend_kwargs
-    from .search.run import run
+    from .search.job import run_search
 
     kw = {k: getattr(a, k) for k in ("sa_iters", "t_max", "t_min", "radius", "hc_rounds", "restarts", "far_jumps")}
     if a.prefix is not None:
         kw["prefix"] = a.prefix
     kw["relative"] = a.relative_temperature
     t0 = time.perf_counter()
-    problem = problem_from_args(a, a.steps, a.solver, a.mechanism, a.guidance)
-    if problem is not None and a.model is not None:
-        raise ConfigError("--model (tinyflow weights) and --pipeline exclude each other")
-    outcomes = run(a.out, nfes=a.nfe, steps=a.steps, solver=a.solver, mechanism=a.mechanism, guidance=a.guidance,
-                   estimators=a.estimators,
-                   calib_pairs=a.calib_pairs, prompt_file=a.prompts, seeds_per_prompt=a.seeds_per_prompt,
-                   heldout_pairs=a.heldout, seed=a.seed, loss=a.loss, resume=a.resume, force=a.force,
-                   progress=not a.quiet, naive=a.naive, model=a.model, problem=problem, **backend_kwargs(a), **kw)
+    problem = build_problem(a, SamplerSettings(a.steps, a.solver, a.mechanism, a.guidance))
+    outcomes = run_search(a.out, nfes=a.nfe, problem=problem, estimators=a.estimators, calib_pairs=a.calib_pairs,
+                          prompt_file=a.prompts, seeds_per_prompt=a.seeds_per_prompt, heldout_pairs=a.heldout,
+                          seed=a.seed, loss=a.loss, resume=a.resume, force=a.force, progress=not a.quiet,
+                          naive=a.naive, **backend_kwargs(a), **kw)
     for o in outcomes:
         h = o.heldout
         print(f"K={o.nfe:>3}  loss {o.policy.meta['search_loss']:.4e}  {o.policy.estimator_strip()}  "
@@ -414,9 +400,6 @@ def main(argv: list[str] | None = None) -> int:
         a = argparse.Namespace(command="train-tinyflow", func=cmd_train, rest=args[1:])
     else:
         a = build_parser(args[0] if args and args[0] in COMMANDS else "").parse_args(args)
-    if a.command == "sample":
-        a.steps_given = a.steps is not None
-        a.steps = 28 if a.steps is None else a.steps
     prefix = f"budcache {a.command}"
     try:
         code = a.func(a)

@@ -420,8 +420,8 @@ class Sampler:
             v = self._velocity(x, sigma, cond, uncond)
         elif n_comp:
             idx = torch.nonzero(compute).squeeze(1).to(x.device)
-            v_sub = self._velocity(x.index_select(0, idx), sigma.index_select(0, idx), _select(cond, idx),
-                                   _select(uncond, idx))
+            v_sub = self._velocity(x.index_select(0, idx), sigma.index_select(0, idx), select_items(cond, idx),
+                                   select_items(uncond, idx))
             v = torch.zeros_like(x).index_copy(0, idx, v_sub)
         if vel.any():
             v_hat = est.velocity(velocities, k, codes, self.sigmas)
@@ -446,8 +446,8 @@ class Sampler:
         if n == 0:
             return state.last_v
         idx = torch.nonzero(compute).squeeze(1).to(state.x.device)
-        v_sub = self._velocity(state.x.index_select(0, idx), sigma.index_select(0, idx), _select(cond, idx),
-                               _select(uncond, idx))
+        v_sub = self._velocity(state.x.index_select(0, idx), sigma.index_select(0, idx), select_items(cond, idx),
+                               select_items(uncond, idx))
         return state.last_v.index_copy(0, idx, v_sub)
 
     def result(self, state: SamplerState) -> SampleResult:
@@ -488,7 +488,8 @@ def tile_cond(cond: Any, n: int) -> Any:
     raise ConfigError(f"cannot tile conditioning of type {type(cond).__name__}; give it a tile(n) method")
 
 
-def _select(cond: Any, idx: torch.Tensor) -> Any:
+def select_items(cond: Any, idx: torch.Tensor) -> Any:
+    """The rows ``idx`` of a batch of conditioning: a tensor, ``None``, or an object with ``select(idx)``."""
     if cond is None:
         return None
     if hasattr(cond, "select") and not torch.is_tensor(cond):

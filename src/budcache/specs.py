@@ -75,3 +75,6 @@ PEER_MECHANISMS: tuple[str, ...] = ("taylorseer",)
 
 #: Every mechanism a sampler, ``budcache search`` or ``budcache sample`` accepts.
 ALL_MECHANISMS: tuple[str, ...] = (*ESTIMATORS, *PEER_MECHANISMS)
+
+#: Solver names (the classes live in :mod:`budcache.solvers`, whose registry has exactly these keys).
+SOLVER_NAMES: tuple[str, ...] = ("euler", "dpmpp2m", "ipndm")

@@ -12,37 +12,22 @@ from typing import Any
 from ..errors import ConfigError
 
 
-def build_problem(a: argparse.Namespace) -> Any:
-    """The model and sampler settings alignment runs on (tinyflow by default, or ``--pipeline``)."""
-    from .. import tinyflow
-    from ..search.options import problem_from_args
-    from ..search.run import TinyflowProblem
-
-    problem = problem_from_args(a, a.steps, a.solver, a.mechanism, a.guidance)
-    if problem is not None:
-        if a.model is not None:
-            raise ConfigError("--model (tinyflow weights) and --pipeline exclude each other")
-        return problem
-    return TinyflowProblem(tinyflow.load(a.model), a.steps, a.solver, a.mechanism, a.guidance)
-
-
 def calibration_pairs(a: argparse.Namespace, problem: Any) -> tuple[tuple[list[str], list[int]],
                                                                     tuple[list[str], list[int]]]:
-    """(prompts, seeds) of the calibration set and of the held-out set (disjoint draws)."""
-    from ..search.calibration import pairs_for, read_prompt_file
-    from ..search.run import draw_pairs
+    """(prompts, seeds) of the calibration split and of the held-out split (disjoint draws)."""
+    from ..problems.data import calibration_pairs as draw
+    from ..problems.data import split_pairs
 
     _check_counts(a)
-    if a.prompts:
-        prompts, seeds = pairs_for(read_prompt_file(a.prompts), a.seeds_per_prompt, a.seed)
-        if a.calib_pairs is not None:
-            prompts, seeds = draw_pairs(prompts, seeds, a.calib_pairs, a.seed, a.prompts)
-    else:
-        calib_pairs = 32 if a.calib_pairs is None else a.calib_pairs
-        n = -(-calib_pairs // a.seeds_per_prompt)
-        prompts, seeds = pairs_for(problem.default_prompts(n, a.seed), a.seeds_per_prompt, a.seed)
-        prompts, seeds = prompts[:calib_pairs], seeds[:calib_pairs]
-    return (prompts, seeds), problem.heldout_pairs(a.heldout, a.seed, prompts)
+    prompts, seeds = draw(problem, a.calib_pairs, a.seed, seeds_per_prompt=a.seeds_per_prompt, prompt_file=a.prompts)
+    return (prompts, seeds), split_pairs(problem, "heldout", a.heldout, a.seed, prompts)
+
+
+def validation_pairs(a: argparse.Namespace, problem: Any, calib_prompts: list[str]) -> tuple[list[str], list[int]]:
+    """The validation split (joint's stopping set, --select-on-validation): disjoint from the other two."""
+    from ..problems.data import split_pairs
+
+    return split_pairs(problem, "validation", max(8, a.heldout // 2), a.seed, calib_prompts)
 
 
 def _check_counts(a: argparse.Namespace) -> None:
@@ -71,10 +56,10 @@ def _quality(problem: Any, held: Any, policy: Any, plain_steps: int | None = Non
 
     lat = final_latents(problem, held, policy, plain_steps=plain_steps)
     mse = (lat.float() - held.teacher.float()).pow(2).flatten(1).mean(1)
-    from ..search.run import quality
+    from ..problems.metrics import item_metrics
 
     # PSNR on decoded images where the problem decodes them, else on latents (see quality)
-    return {"latent_mse": float(mse.mean()), "psnr": float(quality(problem, lat, held.teacher)["psnr"].mean())}
+    return {"latent_mse": float(mse.mean()), "psnr": float(item_metrics(problem, lat, held.teacher)["psnr"].mean())}
 
 
 def _row(name: str, q: dict[str, float]) -> str:
@@ -88,8 +73,9 @@ def run(a: argparse.Namespace) -> int:
 
     from ..io import atomic_write_text, check_writable_dir, write_json
     from ..policy import CachePolicy
+    from ..problems.options import build_problem
+    from ..progress import phase
     from ..search.anneal import SearchConfig
-    from ..search.evaluator import phase
     from . import distributed
     from .joint import joint
     from .trainer import align
@@ -97,25 +83,26 @@ def run(a: argparse.Namespace) -> int:
     distributed.init_from_env()
     main = distributed.is_main()
     cfg = _config(a)
-    mode, src, k = _target(a)
+    mode, src, k, settings = _target(a)
     out = Path(a.out)
     if main:
         check_writable_dir(out, "--out")
-    problem = build_problem(a)
+    problem = build_problem(a, settings)
+    steps = settings.steps
     (cp, cs), (hp, hs) = calibration_pairs(a, problem)
     progress = not a.quiet and main
     with torch.no_grad():
-        with phase("teacher (calibration)" if progress else None, len(cp) * a.steps):
+        with phase("teacher (calibration)" if progress else None, len(cp) * steps):
             calib = problem.calibration(cp, cs)
-        with phase("teacher (held-out)" if progress else None, len(hp) * a.steps):
+        with phase("teacher (held-out)" if progress else None, len(hp) * steps):
             held = problem.calibration(hp, hs)
-        select = problem.calibration(*calibration_pairs_validation(a, problem, cp)) if a.select_on_validation else None
+        select = problem.calibration(*validation_pairs(a, problem, cp)) if a.select_on_validation else None
     rows: list[dict[str, Any]] = []
     if mode in ("policy", "uniform"):
-        base = src if src is not None else CachePolicy.uniform(a.steps, k, meta={"budget": k, "mask": "uniform"})
-        res = align(problem, calib, base, cfg, checkpoint=out / f"checkpoint_N{a.steps}_K{k}.safetensors",
+        base = src if src is not None else CachePolicy.uniform(steps, k, meta={"budget": k, "mask": "uniform"})
+        res = align(problem, calib, base, cfg, checkpoint=out / f"checkpoint_N{steps}_K{k}.safetensors",
                     resume=a.resume, progress=progress, validation=select)
-        name, final = f"policy_aligned_N{a.steps}_K{k}.json", res.policy
+        name, final = f"policy_aligned_N{steps}_K{k}.json", res.policy
         if main:
             rows.append({"name": name, "before": _quality(problem, held, base),
                          "aligned": _quality(problem, held, res.policy), "history": res.history})
@@ -128,15 +115,15 @@ def run(a: argparse.Namespace) -> int:
             rows.append({"name": name, "before": _quality(problem, held, None, plain_steps=k),
                          "aligned": _quality(problem, held, res.policy), "history": res.history})
     else:
-        scfg = SearchConfig(steps=a.steps, nfe=k, sa_iters=a.sa_iters, hc_rounds=a.hc_rounds, seed=a.seed)
+        scfg = SearchConfig(steps=steps, nfe=k, sa_iters=a.sa_iters, hc_rounds=a.hc_rounds, seed=a.seed)
         with torch.no_grad():
-            vp, vs = calibration_pairs_validation(a, problem, cp)
+            vp, vs = validation_pairs(a, problem, cp)
             val = problem.calibration(vp, vs)
         jr = joint(problem, calib, val, scfg, cfg, max_rounds=a.rounds, tol=a.tol, later_sa_iters=a.later_sa_iters,
                    out=out, resume=a.resume, progress=progress)
-        name, final = f"policy_joint_N{a.steps}_K{k}.json", jr.policy
+        name, final = f"policy_joint_N{steps}_K{k}.json", jr.policy
         if main:
-            first = CachePolicy(a.steps, jr.rounds[0].compute)
+            first = CachePolicy(steps, jr.rounds[0].compute)
             rows.append({"name": name, "before": _quality(problem, held, first),
                          "aligned": _quality(problem, held, jr.policy),
                          "search_then_align": _quality(problem, held, jr.search_then_align.policy),
@@ -148,8 +135,8 @@ def run(a: argparse.Namespace) -> int:
     final.save(out / name)
     date = datetime.date.today().isoformat()
     lines = [f"# budcache align report ({date})", "",
-             f"Model {getattr(problem, 'name', type(problem).__name__)}, {a.steps} steps, solver {a.solver}, "
-             f"mechanism {a.mechanism}, guidance {a.guidance}; parametrisation {cfg.parametrisation}, "
+             f"Model {problem.name}, {steps} steps, solver {settings.solver}, "
+             f"mechanism {settings.mechanism}, guidance {settings.guidance}; parametrisation {cfg.parametrisation}, "
              f"{cfg.epochs} epoch(s) over {len(calib)} calibration pairs, effective batch "
              f"{cfg.micro_batch * cfg.accumulation * distributed.world()[1]}, lr {cfg.lr}; "
              f"held-out {len(held)} pairs.", "",
@@ -167,7 +154,7 @@ def run(a: argparse.Namespace) -> int:
             lines.append(f"\nbest round {r['best_round']}; stopped: {r['stopped']}")
     lines.append("")
     atomic_write_text(out / "report.md", "\n".join(lines))
-    write_json(out / "summary.json", {"date": date, "mode": mode, "nfe": k, "steps": a.steps,
+    write_json(out / "summary.json", {"date": date, "mode": mode, "nfe": k, "steps": steps,
                                       "config": asdict(cfg), "runs": rows, "policy": final.to_dict()})
     _plot(out, final, problem.sigmas(final.steps), rows)
     print(f"aligned policy: {out / name}")
@@ -178,27 +165,11 @@ def run(a: argparse.Namespace) -> int:
     return 0
 
 
-def calibration_pairs_validation(a: argparse.Namespace, problem: Any,
-                                 calib_prompts: list[str]) -> tuple[list[str], list[int]]:
-    """The validation set (joint's stopping set, --select-on-validation): disjoint from the other two.
-
-    tinyflow draws fresh prompts; a pipeline reuses the calibration prompts with seeds of their own.
-    """
-    from ..search.calibration import pairs_for, tinyflow_prompts
-    from ..search.run import TinyflowProblem
-
-    n = max(8, a.heldout // 2)
-    if isinstance(problem, TinyflowProblem):
-        return pairs_for(tinyflow_prompts(n, seed=a.seed + 3_333_333), 1, a.seed + 3_333_333)
-    base = list(dict.fromkeys(calib_prompts))
-    return [base[i % len(base)] for i in range(n)], [a.seed + 3_333_333 + i for i in range(n)]
-
-
 def _plot(out: Path, policy: Any, base: Any, rows: list[dict[str, Any]]) -> None:
     """Base vs learned sigmas and the loss per update (PNG; skipped without matplotlib)."""
-    from ..search.run import _pyplot, _save_figure
+    from ..plots import pyplot, save_figure
 
-    plt = _pyplot()
+    plt = pyplot()
     if plt is None:
         return
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
@@ -216,7 +187,7 @@ def _plot(out: Path, policy: Any, base: Any, rows: list[dict[str, Any]]) -> None
         axes[1].set_yscale("log")
     axes[1].set_xlabel("update")
     axes[1].set_ylabel("calibration loss")
-    _save_figure(plt, fig, out / "sigmas.png")
+    save_figure(plt, fig, out / "sigmas.png")
 
 
 def _mode(a: argparse.Namespace) -> str:
@@ -226,50 +197,43 @@ def _mode(a: argparse.Namespace) -> str:
     return modes[0]
 
 
-def _target(a: argparse.Namespace) -> tuple[str, Any, int]:
-    """(mode, source policy or None, budget K); fills steps, solver, mechanism and guidance (idempotent)."""
+def _target(a: argparse.Namespace) -> tuple[str, Any, int, Any]:
+    """(mode, source policy or None, budget K, sampler settings): options first, then the policy's meta."""
     from ..policy import CachePolicy
-    from ..search.options import policy_settings
+    from ..problems.options import settings_from
 
     mode = _mode(a)
-    src = None
-    if a.steps < 1:
+    src = CachePolicy.load(a.policy) if mode == "policy" else None
+    if a.steps is not None and a.steps < 1:
         raise ConfigError(f"--steps must be >= 1 (got {a.steps})")
-    if mode == "policy":
-        src = CachePolicy.load(a.policy)
-        if a.steps_given and a.steps != src.steps:
-            raise ConfigError(f"--steps {a.steps} but the policy {a.policy} is for {src.steps} steps")
-        a.steps = src.steps
-        policy_settings(a, src, "reuse")  # as sample and compare
-    a.solver, a.mechanism = a.solver or "euler", a.mechanism or "forecast1"
-    a.guidance = 1.0 if a.guidance is None else a.guidance
+    settings = settings_from(a, src, "reuse" if src is not None else "forecast1")  # as sample and compare
     k = getattr(a, mode) if mode != "policy" else src.nfe
-    limit = a.steps
-    if not isinstance(k, int) or not 1 <= k <= limit:
-        raise ConfigError(f"--{mode} {k}: the budget must lie in 1..{limit} (the number of steps)")
-    return mode, src, k
+    if not isinstance(k, int) or not 1 <= k <= settings.steps:
+        raise ConfigError(f"--{mode} {k}: the budget must lie in 1..{settings.steps} (the number of steps)")
+    return mode, src, k, settings
 
 
-def checkpoint_names(a: argparse.Namespace, mode: str, k: int) -> list[str]:
+def checkpoint_names(a: argparse.Namespace, mode: str, k: int, steps: int) -> list[str]:
     """The checkpoint files a run of ``mode`` at budget ``k`` writes in ``--out``."""
     if mode == "plain":
         return [f"checkpoint_plain_K{k}.safetensors"]
     if mode == "joint":
         return [f"joint_K{k}_round{r}_{part}" for r in range(a.rounds + 1)
                 for part in ("search.json", "align.safetensors")]
-    return [f"checkpoint_N{a.steps}_K{k}.safetensors"]
+    return [f"checkpoint_N{steps}_K{k}.safetensors"]
 
 
 def cmd_align(a: argparse.Namespace) -> int:
     """Run locally, or in ``--nproc`` processes (gloo) over the calibration items."""
     from ..io import check_writable_dir
-    from ..search.run import refuse_overwrite
+    from ..search.job import refuse_overwrite
 
-    mode, _, k = _target(a)
+    mode, _, k, settings = _target(a)
     _check_counts(a)
     if isinstance(a.nproc, bool) or a.nproc < 1:
         raise ConfigError(f"--nproc must be >= 1 (got {a.nproc})")
-    refuse_overwrite(check_writable_dir(a.out, "--out"), checkpoint_names(a, mode, k), a.resume, a.force)
+    refuse_overwrite(check_writable_dir(a.out, "--out"), checkpoint_names(a, mode, k, settings.steps), a.resume,
+                     a.force)
     if a.nproc > 1:
         import torch.multiprocessing as mp
 
@@ -296,7 +260,7 @@ def _worker(a: argparse.Namespace) -> None:
 def register(sub: Any) -> None:
     """Add ``budcache align`` to the CLI's subparsers."""
     from ..hooks import MECHANISMS
-    from ..search.options import add_pipeline_args, guidance_arg, seed_arg
+    from ..problems.options import add_pipeline_args, guidance_arg, seed_arg
     from ..solvers import SOLVERS
     from .params import PARAMETRISATIONS
 
@@ -354,10 +318,4 @@ def register(sub: Any) -> None:
     p.add_argument("--out", default="runs/align")
     p.add_argument("--quiet", action="store_true")
     add_pipeline_args(p)
-    p.set_defaults(func=_entry, resumable=True)
-
-
-def _entry(a: argparse.Namespace) -> int:
-    a.steps_given = a.steps is not None
-    a.steps = 28 if a.steps is None else a.steps
-    return cmd_align(a)
+    p.set_defaults(func=cmd_align, resumable=True)

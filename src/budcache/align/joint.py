@@ -25,9 +25,10 @@ import torch
 
 from ..errors import ConfigError
 from ..policy import CachePolicy
+from ..problems.data import CalibrationSet
 from ..search.anneal import SearchConfig, search
-from ..search.calibration import CalibrationSet, get_loss
 from ..search.evaluator import Evaluator
+from ..search.losses import get_loss
 from .trainer import AlignConfig, align, policy_loss
 
 

@@ -44,8 +44,9 @@ from ..estimators import newton
 from ..hooks import MECHANISMS, find_cache
 from ..io import atomic_write_bytes
 from ..policy import CachePolicy
-from ..sampler import Controller, Sampler, SamplerState, StaticMask, _select, policy_plan
-from ..search.calibration import CalibrationSet, get_loss
+from ..problems.data import CalibrationSet, run_items
+from ..sampler import Controller, Sampler, SamplerState, StaticMask, policy_plan, select_items
+from ..search.losses import get_loss
 from . import distributed
 from .params import PARAMETRISATIONS, Schedule, make_schedule
 
@@ -316,7 +317,7 @@ def release(sampler: Sampler) -> None:
 # ------------------------------------------------------------------------ data
 def _rows(cs: CalibrationSet, rows: Sequence[int]) -> tuple[torch.Tensor, Any, Any, torch.Tensor]:
     idx = torch.tensor(list(rows), dtype=torch.long, device=cs.noise.device)
-    return cs.noise[idx], _select(cs.cond, idx), _select(cs.uncond, idx), cs.teacher[idx]
+    return cs.noise[idx], select_items(cs.cond, idx), select_items(cs.uncond, idx), cs.teacher[idx]
 
 
 def fresh_seed(seed: int, epoch: int, item: int) -> int:
@@ -614,9 +615,7 @@ def final_latents(problem: Any, calib: CalibrationSet, policy: CachePolicy | Non
         sampler = problem.make_sampler(None, plain_steps)
     else:
         sampler = problem.make_sampler(None if all(policy.mask) and policy.sigmas is None else policy, policy.steps)
-    from ..search.run import run_items
-
-    return run_items(sampler, calib, batch)
+    return run_items(sampler, calib.noise, calib.cond, calib.uncond, batch)
 
 
 @torch.no_grad()

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 
 from ..errors import ConfigError
-from ..sampler import Controller, _select
+from ..sampler import Controller, select_items
 
 
 def rel_l1(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -53,7 +53,8 @@ def run_controller(problem: Any, controller: Controller, noise: torch.Tensor, co
         for i in range(0, noise.shape[0], batch):
             idx = torch.arange(i, min(i + batch, noise.shape[0]), device=noise.device)
             cb = None if callback is None else (lambda st, off=i: callback(st, off))
-            st = sampler.run(sampler.start(noise.index_select(0, idx)), _select(cond, idx), _select(uncond, idx),
+            st = sampler.run(sampler.start(noise.index_select(0, idx)), select_items(cond, idx),
+                             select_items(uncond, idx),
                              callback=cb)
             res = sampler.result(st)
             latents.append(res.latent)
@@ -70,11 +71,11 @@ def check_budget(problem: Any, nfe: int) -> int:
 
 def subset(calib: Any, n: int) -> Any:
     """The first ``n`` items of a calibration set (noise, conditioning, teacher)."""
-    from ..search.calibration import CalibrationSet
+    from ..problems.data import CalibrationSet
 
     idx = torch.arange(n, device=calib.noise.device)
-    return CalibrationSet(calib.prompts[:n], calib.seeds[:n], calib.noise[:n], _select(calib.cond, idx),
-                          _select(calib.uncond, idx), None if calib.teacher is None else calib.teacher[:n],
+    return CalibrationSet(calib.prompts[:n], calib.seeds[:n], calib.noise[:n], select_items(calib.cond, idx),
+                          select_items(calib.uncond, idx), None if calib.teacher is None else calib.teacher[:n],
                           dict(calib.info))
 
 

@@ -44,8 +44,8 @@ import torch
 from ..errors import ConfigError
 from ..policy import CachePolicy
 from ..sampler import StaticMask
-from ..search.calibration import latent_mse
 from ..search.evaluator import Evaluator
+from ..search.losses import latent_mse
 from .base import MethodRun
 from .common import calib_key, check_budget, reuse_sampler, run_controller
 

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from ..errors import ConfigError
-from ..sampler import SamplerState, StaticMask, _select
+from ..sampler import SamplerState, StaticMask, select_items
 from ..solvers import Solver, get_solver
 from .common import MECHANISM
 
@@ -144,7 +144,8 @@ def run_batches(make: Any, noise: torch.Tensor, cond: Any, uncond: Any = None,
         for i in range(0, noise.shape[0], batch):
             idx = torch.arange(i, min(i + batch, noise.shape[0]), device=noise.device)
             sampler = make()
-            st = sampler.run(sampler.start(noise.index_select(0, idx)), _select(cond, idx), _select(uncond, idx))
+            st = sampler.run(sampler.start(noise.index_select(0, idx)), select_items(cond, idx),
+                             select_items(uncond, idx))
             res = sampler.result(st)
             latents.append(res.latent)
             computed.append(res.computed)

@@ -1,10 +1,10 @@
 """Side-by-side comparison of step-caching methods at equal NFE (``budcache compare``).
 
->>> from budcache.compare import CompareConfig, run
->>> res = run("runs/compare", CompareConfig(nfes=(6, 10)))   # doctest: +SKIP
+>>> from budcache.compare import CompareConfig, run_compare
+>>> res = run_compare("runs/compare", CompareConfig(nfes=(6, 10)))   # doctest: +SKIP
 """
 
-from .harness import DEFAULT_METHODS, DEFAULT_NFES, CompareConfig, CompareResult, make_problem, run
+from .harness import DEFAULT_METHODS, DEFAULT_NFES, CompareConfig, CompareResult, make_problem, run_compare
 from .methods import (
                       BlockWork,
                       BudcacheMethod,
@@ -19,6 +19,6 @@ from .methods import (
                       forecast_method,
 )
 
-__all__ = ["CompareConfig", "CompareResult", "run", "make_problem", "DEFAULT_NFES", "DEFAULT_METHODS",
+__all__ = ["CompareConfig", "CompareResult", "run_compare", "make_problem", "DEFAULT_NFES", "DEFAULT_METHODS",
            "BlockWork", "BudcacheMethod", "forecast_method", "UniformMethod", "PlainMethod", "FirstBlockCacheMethod",
            "MagCacheMethod", "TaylorSeerMethod", "available_methods", "bisect_threshold", "build_methods"]

@@ -57,15 +57,14 @@ def config_from_args(a: argparse.Namespace) -> Any:
 
 def problem_for(a: argparse.Namespace, cfg: Any) -> Any:
     """The model to compare on: tinyflow by default, or the diffusers pipeline of ``--pipeline``."""
-    from ..search.options import problem_from_args
-    from .harness import make_problem
+    from ..problems.options import build_problem
+    from ..problems.settings import SamplerSettings
 
-    problem = problem_from_args(a, cfg.steps, cfg.solver, "reuse", cfg.guidance)
-    return make_problem(cfg) if problem is None else problem
+    return build_problem(a, SamplerSettings(cfg.steps, cfg.solver, "reuse", cfg.guidance))
 
 
 def cmd_compare(a: argparse.Namespace) -> int:
-    from .harness import markdown, run
+    from .harness import markdown, run_compare
     from .methods import available_methods
 
     if a.list_methods:
@@ -74,7 +73,7 @@ def cmd_compare(a: argparse.Namespace) -> int:
         return 0
     cfg = config_from_args(a)
     cfg.validate()
-    res = run(a.out, cfg, progress=not a.quiet, problem=problem_for(a, cfg))
+    res = run_compare(a.out, cfg, progress=not a.quiet, problem=problem_for(a, cfg))
     print(markdown(res))
     print(f"wrote {a.out}/table.md, results.csv, results.json, quality_vs_nfe.png, grid_K{res.meta['grid_nfe']}.png "
           f"in {res.meta['wall_s']:.0f} s")
@@ -83,7 +82,7 @@ def cmd_compare(a: argparse.Namespace) -> int:
 
 def register(sub: Any) -> None:
     """Add ``budcache compare`` to the CLI's subparsers."""
-    from ..search.calibration import LOSSES
+    from ..search.losses import LOSSES
     from ..solvers import SOLVERS
 
     c = sub.add_parser("compare", help="compare budcache with the baselines at equal NFE; writes tables and plots")
@@ -116,7 +115,7 @@ def register(sub: Any) -> None:
     c.add_argument("--batch", type=int, default=1, help="evaluation batch (1: wall time is per-image latency)")
     c.add_argument("--out", default="runs/compare", help="output directory")
     c.add_argument("--quiet", action="store_true", help="no progress bars")
-    from ..search.options import add_pipeline_args
+    from ..problems.options import add_pipeline_args
 
     add_pipeline_args(c)
     c.set_defaults(func=cmd_compare)

@@ -20,14 +20,13 @@ re-searching.
 
 from __future__ import annotations
 
-import copy
 import csv
 import datetime
 import io
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field, is_dataclass, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -36,11 +35,18 @@ import torch
 from tqdm import tqdm
 
 from ..errors import ConfigError, MissingExtraError
-from ..io import atomic_write_bytes, atomic_write_text, write_json
+from ..io import atomic_write_bytes, atomic_write_text, read_json_limited, write_json
+from ..plots import pyplot, save_figure
 from ..policy import CachePolicy
-from ..sampler import _select
+from ..problems.base import Problem
+from ..problems.data import calibration_pairs, split_pairs
+from ..problems.metrics import item_metrics
+from ..problems.settings import SamplerSettings
+from ..problems.tinyflow import TinyflowProblem, tinyflow_prompts
+from ..sampler import select_items
+from ..search.losses import get_loss
 from ..solvers import SOLVERS
-from .methods import BudcacheMethod, PlainMethod, UniformMethod, build_methods
+from .methods import BudcacheMethod, PlainMethod, UniformMethod, available_methods, build_methods
 
 DEFAULT_NFES = (6, 8, 10, 14)
 DEFAULT_METHODS = ("budcache", "budcache-reuse", "budcache-forecast", "uniform", "plain", "fbcache", "magcache",
@@ -95,8 +101,6 @@ class CompareConfig:
         for g in (self.guidance, *self.transfer_guidance):
             if not (math.isfinite(g) and g > 0):
                 raise ConfigError(f"guidance must be a positive number (got {g})")
-        from ..search.calibration import get_loss
-
         get_loss(self.search_loss)
         for k, pol in self.policies.items():
             if pol.nfe != k or pol.steps != self.steps:
@@ -104,50 +108,36 @@ class CompareConfig:
                                   f"comparison needs {k} of {self.steps}")
 
 
-def make_problem(cfg: CompareConfig) -> Any:
-    """The model the comparison runs on: tinyflow with the configured steps, solver and guidance."""
-    from .. import tinyflow
-    from ..search.run import TinyflowProblem
-
-    return TinyflowProblem(tinyflow.load(), cfg.steps, cfg.solver, "reuse", cfg.guidance)
+def make_problem(cfg: CompareConfig) -> TinyflowProblem:
+    """The default model of a comparison: tinyflow with the configured steps, solver and guidance."""
+    return TinyflowProblem(settings=SamplerSettings(cfg.steps, cfg.solver, "reuse", cfg.guidance))
 
 
-def _with(problem: Any, **kw: Any) -> Any:
-    """The same model with other sampler settings (shares the loaded weights)."""
-    if is_dataclass(problem):
-        return replace(problem, **kw)
-    other = copy.copy(problem)
-    for k, v in kw.items():
-        setattr(other, k, v)
-    return other
+def pair_sets(cfg: CompareConfig, problem: Problem | None = None) -> tuple[tuple[list[str], list[int]],
+                                                                          tuple[list[str], list[int]]]:
+    """Calibration and evaluation (held-out split) prompt x seed pairs, which share no pair.
 
-
-def _images(problem: Any, latents: torch.Tensor) -> torch.Tensor | None:
-    """Decoded images (B, 3, H, W) in [0, 1]; None when the problem has no decoder."""
-    fn = getattr(problem, "images", None) or problem.tf.images
-    return fn(latents)
-
-
-def pair_sets(cfg: CompareConfig, problem: Any = None) -> tuple[tuple[list[str], list[int]],
-                                                                  tuple[list[str], list[int]]]:
-    """Calibration and evaluation prompt x seed pairs; the evaluation pairs share no pair with calibration.
-
-    tinyflow draws prompts from its grammar; a problem with ``default_prompts``
-    and ``heldout_pairs`` (a diffusers pipeline) supplies its own.
+    Args:
+        cfg: the comparison (pair counts and seed).
+        problem: the problem whose prompts are drawn (default: tinyflow's grammar).
     """
-    from ..search.calibration import pairs_for, tinyflow_prompts
-
-    if problem is not None and hasattr(problem, "default_prompts"):
-        base = problem.default_prompts(cfg.calib_pairs, cfg.seed)
-        cp, cs = pairs_for([base[i % len(base)] for i in range(cfg.calib_pairs)], 1, cfg.seed)
-        ep, es = problem.heldout_pairs(cfg.eval_pairs, cfg.seed, cp)
-    else:
-        cp, cs = pairs_for(tinyflow_prompts(cfg.calib_pairs, seed=cfg.seed), 1, cfg.seed)
-        ep, es = pairs_for(tinyflow_prompts(cfg.eval_pairs, seed=cfg.seed + 7_777_777), 1, cfg.seed + 7_777_777)
+    problem = problem if problem is not None else _PromptsOnly()
+    cp, cs = calibration_pairs(problem, cfg.calib_pairs, cfg.seed)
+    ep, es = split_pairs(problem, "heldout", cfg.eval_pairs, cfg.seed, cp)
     shared = set(zip(cp, cs)) & set(zip(ep, es))
     if shared or set(cs) & set(es):
         raise ConfigError(f"evaluation pairs overlap calibration pairs ({len(shared)} shared); use another --seed")
     return (cp, cs), (ep, es)
+
+
+class _PromptsOnly:
+    """tinyflow's prompt draws without its weights (to list a comparison's pairs)."""
+
+    draws_prompts = True
+
+    @staticmethod
+    def prompts(n: int, seed: int) -> list[str]:
+        return tinyflow_prompts(n, seed=seed)
 
 
 # ------------------------------------------------------------------------------ metrics
@@ -165,34 +155,14 @@ def lpips_status() -> tuple[Any, str]:
     return LearnedPerceptualImagePatchSimilarity(net_type="alex", normalize=True, reduction="mean"), "LPIPS (alex)"
 
 
-def quality(problem: Any, latents: torch.Tensor, teacher: torch.Tensor, prompts: Sequence[str],
+def quality(problem: Problem, latents: torch.Tensor, teacher: torch.Tensor, prompts: Sequence[str],
             lpips: Any = None) -> dict[str, np.ndarray]:
-    """Per-item metrics against the full-step outputs ``teacher``."""
+    """Per-item metrics against the full-step outputs ``teacher`` (:func:`budcache.problems.item_metrics`)."""
     try:
-        from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
+        import torchmetrics  # noqa: F401  (SSIM)
     except ImportError:
         raise MissingExtraError("budcache compare needs torchmetrics: pip install torchmetrics") from None
-    a, b = _images(problem, latents), _images(problem, teacher)
-    mse = (latents - teacher).pow(2).flatten(1).mean(1)
-    if a is None or b is None:
-        # no decoder (a pipeline without a VAE): PSNR on latents with the teacher's range as peak; no SSIM
-        from ..search.run import latent_psnr
-
-        return {"latent_mse": mse.numpy(), "psnr": latent_psnr(mse, teacher).numpy()}
-    a, b = a.float(), b.float()
-    out = {"latent_mse": mse.numpy(),
-           "psnr": peak_signal_noise_ratio(a, b, data_range=1.0, reduction="none", dim=(1, 2, 3)).numpy(),
-           "ssim": structural_similarity_index_measure(a, b, data_range=1.0, reduction="none").numpy()}
-    if lpips is not None:
-        out["lpips"] = np.array([float(lpips(a[i:i + 1], b[i:i + 1])) for i in range(len(a))])
-    checker = getattr(problem, "checker_accuracy", None)
-    if checker is not None:
-        out["checker_ok"] = np.asarray(checker(list(prompts), a), dtype=np.float64)
-    elif getattr(problem, "name", "") == "tinyflow":
-        from ..tinyflow.checker import check
-
-        out["checker_ok"] = np.array([float(check(p, im).ok) for p, im in zip(prompts, a)])
-    return out
+    return item_metrics(problem, latents, teacher, prompts, lpips)
 
 
 # ------------------------------------------------------------------------------ evaluation
@@ -203,7 +173,8 @@ def evaluate(problem: Any, method: Any, evalset: Any, batch: int, desc: str,
     t0 = time.perf_counter()
     for i in tqdm(range(0, len(evalset), batch), desc=desc, leave=False, unit="batch", disable=not progress):
         idx = torch.arange(i, min(i + batch, len(evalset)))
-        run = method.sample(problem, evalset.noise[idx], _select(evalset.cond, idx), _select(evalset.uncond, idx))
+        run = method.sample(problem, evalset.noise[idx], select_items(evalset.cond, idx),
+                            select_items(evalset.uncond, idx))
         if run.latent.shape != evalset.noise[idx].shape or run.nfe.shape != (len(idx),):
             raise ConfigError(f"method {method.name!r} returned latents {tuple(run.latent.shape)} and nfe "
                               f"{tuple(run.nfe.shape)} for a batch of {len(idx)}")
@@ -264,11 +235,12 @@ class CompareResult:
 
 
 @torch.no_grad()
-def run(out: str | Path, cfg: CompareConfig, progress: bool = True, problem: Any = None) -> CompareResult:
+def run_compare(out: str | Path, cfg: CompareConfig, progress: bool = True,
+                problem: Problem | None = None) -> CompareResult:
     """Fit every method at every budget, evaluate, and write all outputs to ``out``.
 
-    ``problem`` defaults to :func:`make_problem` (tinyflow); any object with
-    TinyflowProblem's interface (e.g. a PipelineProblem) works.
+    ``problem`` (a :class:`budcache.problems.Problem`) defaults to
+    :func:`make_problem` (tinyflow); a PipelineProblem works the same.
     """
     cfg.validate()
     out = Path(out)
@@ -285,7 +257,7 @@ def run(out: str | Path, cfg: CompareConfig, progress: bool = True, problem: Any
     grid_nfe = cfg.grid_nfe if cfg.grid_nfe is not None else min(cfg.nfes, key=lambda k: (abs(k - 10), k))
     full_q = quality(problem, evalset.teacher, evalset.teacher, ep)
     rows: list[dict[str, Any]] = []
-    full_images = _images(problem, evalset.teacher[:cfg.grid_rows])
+    full_images = problem.images(evalset.teacher[:cfg.grid_rows])
     grid: dict[str, torch.Tensor] = {} if full_images is None else {"full": full_images}  # no decoder: no grid
     policies: dict[str, dict[int, CachePolicy]] = {}
     per_item: dict[tuple[int, str], np.ndarray] = {}
@@ -301,7 +273,7 @@ def run(out: str | Path, cfg: CompareConfig, progress: bool = True, problem: Any
             rows.append(_row("main", k, m.name, getattr(m, "kind", "?"), q, nfes, wall, fit_s, _fit_info(m)))
             per_item[(k, m.name)] = q["psnr"]
             if k == grid_nfe and grid:
-                grid[m.name] = _images(problem, lat[:cfg.grid_rows])
+                grid[m.name] = problem.images(lat[:cfg.grid_rows])
             if isinstance(m, BudcacheMethod) and m.policy is not None:
                 policies.setdefault(m.name, {})[k] = m.policy
                 tag = "" if m.name == "budcache" else m.name.replace("budcache-", "") + "_"
@@ -311,7 +283,7 @@ def run(out: str | Path, cfg: CompareConfig, progress: bool = True, problem: Any
     bar.close()
     transfer = _transfer(problem, cfg, policies, (ep, es), lpips, progress) if cfg.transfer and policies else []
     meta = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "model": getattr(problem, "name", type(problem).__name__), "steps": cfg.steps, "solver": cfg.solver,
+            "model": problem.name, "steps": cfg.steps, "solver": cfg.solver,
             "guidance": cfg.guidance, "budgets": sorted(cfg.nfes), "methods": list(names),
             "calibration_pairs": len(calib), "evaluation_pairs": len(evalset), "seed": cfg.seed,
             "search": {**cfg.search_kw, "loss": cfg.search_loss},
@@ -324,8 +296,6 @@ def run(out: str | Path, cfg: CompareConfig, progress: bool = True, problem: Any
 
 
 def _default_names() -> tuple[str, ...]:
-    from .methods import available_methods
-
     extra = [n for n in available_methods() if n not in DEFAULT_METHODS]
     return (*DEFAULT_METHODS, *extra)
 
@@ -339,7 +309,7 @@ def _transfer(problem: Any, cfg: CompareConfig, policies: dict[str, dict[int, Ca
     rows = []
     bar = tqdm(total=len(settings) * len(budgets), desc="transfer", disable=not progress, unit="budget")
     for solver, g in settings:
-        p = _with(problem, solver=solver, guidance=g)
+        p = problem.with_settings(solver=solver, guidance=g)
         evalset = p.calibration(ep, es)  # the full-step output under this setting is the reference
         label = f"{solver}, guidance {g:g}"
         for k in budgets:
@@ -359,8 +329,6 @@ def _transfer(problem: Any, cfg: CompareConfig, policies: dict[str, dict[int, Ca
 
 def load_result(path: str | Path) -> CompareResult:
     """A comparison from its ``results.json`` (or the directory holding it); policies are not reloaded."""
-    from ..io import read_json_limited
-
     p = Path(path)
     p = p / "results.json" if p.is_dir() else p
     if not p.is_file():
@@ -503,9 +471,7 @@ def write_outputs(out: Path, res: CompareResult, grid: dict[str, torch.Tensor] |
 
 def plot_quality(rows: list[dict[str, Any]], path: Path) -> bool:
     """PSNR and latent MSE against mean NFE, one line per method; False when matplotlib is missing."""
-    from ..search.run import _pyplot, _save_figure
-
-    plt = _pyplot()
+    plt = pyplot()
     if plt is None:
         return False
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
@@ -521,7 +487,7 @@ def plot_quality(rows: list[dict[str, Any]], path: Path) -> bool:
         ax.set_xlabel("mean NFE (full evaluations per image)")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
-    _save_figure(plt, fig, path)
+    save_figure(plt, fig, path)
     return True
 
 
@@ -547,6 +513,7 @@ def write_grid(columns: dict[str, torch.Tensor], prompts: Sequence[str], path: P
     atomic_write_bytes(path, buf.getvalue())
 
 
-__all__ = ["CompareConfig", "CompareResult", "run", "load_result", "merge_results", "write_outputs", "make_problem",
+__all__ = ["CompareConfig", "CompareResult", "run_compare", "load_result", "merge_results", "write_outputs",
+           "make_problem",
            "quality", "markdown", "DEFAULT_NFES",
            "DEFAULT_METHODS", "lpips_status", "pair_sets", "evaluate"]

@@ -39,8 +39,8 @@ import torch
 from ..baselines.base import MethodRun
 from ..errors import ConfigError, MissingExtraError
 from ..policy import CachePolicy
-from ..sampler import _select
-from ..search.calibration import get_loss
+from ..sampler import select_items
+from ..search.losses import get_loss
 
 #: Bisection stops once the calibration mean NFE is this close to the target.
 NFE_TOLERANCE = 0.5
@@ -248,9 +248,9 @@ class BudcacheMethod(StaticMethod):
             return
         from ..peers import PEER_MECHANISMS
         from ..search.anneal import SearchConfig, search
-        from ..search.calibration import get_loss
         from ..search.evaluator import Evaluator, PeerScheduleEvaluator
-        from ..search.run import PEER_SEARCH, peer_grid_start, refine_plan, search_estimators
+        from ..search.job import PEER_SEARCH, peer_grid_start, refine_plan, search_estimators
+        from ..search.losses import get_loss
 
         mech = self.mechanism or "reuse"
         estimator, refine = search_estimators(mech, self.estimators)
@@ -295,7 +295,7 @@ class BudcacheMethod(StaticMethod):
 def default_method(**kw: Any) -> BudcacheMethod:
     """budcache's default search (``budcache search`` with no options): the mask searched with velocity
     forecasts in sigma, then each skipped step's estimator chosen among vtaylor1, vtaylor2 and output."""
-    from ..search.run import DEFAULT_MECHANISM, DEFAULT_REFINE
+    from ..search.job import DEFAULT_MECHANISM, DEFAULT_REFINE
 
     return BudcacheMethod(name="budcache", mechanism=DEFAULT_MECHANISM, estimators=DEFAULT_REFINE, **kw)
 
@@ -369,7 +369,8 @@ class HookMethod:
     def sample(self, problem: Any, noise: torch.Tensor, cond: Any, uncond: Any = None) -> MethodRun:
         if not self.per_element or noise.shape[0] == 1:
             return self.generate(problem, noise, cond, uncond)
-        runs = [self.generate(problem, noise[i], _select(cond, i), _select(uncond, i)) for i in _elements(len(noise))]
+        runs = [self.generate(problem, noise[i], select_items(cond, i), select_items(uncond, i))
+                for i in _elements(len(noise))]
         return MethodRun(torch.cat([r.latent for r in runs]), torch.cat([r.nfe for r in runs]),
                          {"full_runs": [r.extra["full_runs"] for r in runs]})
 
@@ -472,8 +473,8 @@ class MagCacheMethod(HookMethod):
         if self.ratios is None or len(self.ratios) != problem.steps:
             self.ratios = self.calibrate(problem, calib)
         self.retention_ratio, self.max_skip_steps = magcache_schedule(problem.steps, nfe)
-        first = _select(calib.cond, torch.tensor([0]))
-        one = (calib.noise[:1], first, _select(calib.uncond, torch.tensor([0])))
+        first = select_items(calib.cond, torch.tensor([0]))
+        one = (calib.noise[:1], first, select_items(calib.uncond, torch.tensor([0])))
 
         def at(t: float) -> torch.Tensor:  # input-independent schedule: one element measures it
             self.threshold = t

@@ -1,7 +1,9 @@
 """Stage 1: search the cache mask of exactly K computed steps that keeps the output closest to full steps.
 
-The names below load on first use (PEP 562), so the CLI can read the shared options in
-:mod:`budcache.search.options` without importing the model stack.
+``budcache.search.run_search(out, nfes=[10], problem=...)`` is the whole job
+(calibrate, search each budget, evaluate, report); :func:`search` is the
+annealing and hill climbing over any loss function. The names below load on
+first use (PEP 562), so the CLI starts without the model stack.
 """
 
 from __future__ import annotations
@@ -12,11 +14,11 @@ from typing import Any
 _EXPORTS = {
     "SearchConfig": "anneal", "SearchResult": "anneal", "fit_budget": "anneal", "hc_neighbourhood": "anneal",
     "random_init": "anneal", "sa_proposal": "anneal", "search": "anneal", "refine_estimators": "anneal",
-    "CalibrationSet": "calibration", "get_loss": "calibration", "latent_mse": "calibration",
-    "read_prompt_file": "calibration", "tinyflow_prompts": "calibration",
+    "get_loss": "losses", "latent_mse": "losses", "LOSSES": "losses",
     "Evaluator": "evaluator", "EvaluatorStats": "evaluator", "compute_of": "evaluator",
-    "make_calibration": "evaluator", "mask_of": "evaluator", "PeerScheduleEvaluator": "evaluator",
-    "plan_of": "evaluator",
+    "mask_of": "evaluator", "PeerScheduleEvaluator": "evaluator", "plan_of": "evaluator",
+    "run_search": "job", "BudgetOutcome": "job", "DEFAULT_MECHANISM": "job", "DEFAULT_REFINE": "job",
+    "make_evaluator": "distributed", "RayEvaluator": "distributed",
 }
 
 __all__ = sorted(_EXPORTS)

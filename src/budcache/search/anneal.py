@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import ConfigError, ModelOutputError
-from ..io import write_json
+from ..io import read_json_limited, write_json
 
 Compute = tuple[int, ...]
 LossesFn = Callable[[Sequence[Compute]], list[float]]
@@ -192,8 +192,6 @@ def load_checkpoint(path: Path, cfg: SearchConfig, digest: str,
     number), the counters against the config, the history entries, and the
     current and best losses against the memo.
     """
-    from ..io import read_json_limited
-
     data = read_json_limited(path, max_bytes=_MAX_CHECKPOINT_BYTES, max_depth=8, what="search checkpoint",
                              error=ConfigError)
 

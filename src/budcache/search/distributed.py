@@ -35,62 +35,22 @@ import dataclasses
 import os
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from typing import Any
 
 import torch
 
 from ..errors import BudcacheError, ConfigError, require
 from ..peers import PEER_MECHANISMS
-from .calibration import CalibrationSet, LossFn, latent_mse
+from ..problems.data import CalibrationSet
 from .evaluator import Evaluator, EvaluatorStats, PeerScheduleEvaluator, check_computes, mask_of
+from .losses import LossFn, latent_mse
 
 BACKENDS = ("inprocess", "ray")
 
 
 class WorkerError(BudcacheError, RuntimeError):
     """A Ray worker could not be started or kept dying; the message names the worker and the cause."""
-
-
-# ------------------------------------------------------------------------------ replicas
-@dataclass(frozen=True)
-class TinyflowReplica:
-    """Recipe for a tinyflow problem on a worker (workers load the shipped weights themselves)."""
-
-    model: str | None = None
-    steps: int = 28
-    solver: str = "euler"
-    mechanism: str = "reuse"
-    guidance: float = 1.0
-
-    def __call__(self, device: str) -> Any:
-        from .. import tinyflow
-        from .run import TinyflowProblem
-
-        return TinyflowProblem(tinyflow.load(self.model, device), self.steps, self.solver, self.mechanism,
-                               self.guidance)
-
-
-@dataclass(frozen=True)
-class ShippedProblem:
-    """A problem object sent to the workers as it is (Ray pickles it once); placed on the worker's device."""
-
-    problem: Any
-
-    def __call__(self, device: str) -> Any:
-        return place(self.problem, device)
-
-
-def place(problem: Any, device: str) -> Any:
-    """Move a problem's model to ``device``: its ``to``, its pipeline's, or tinyflow's two modules."""
-    if hasattr(problem, "to"):
-        return problem.to(device) or problem
-    if hasattr(getattr(problem, "pipe", None), "to"):
-        problem.pipe.to(device)
-    elif hasattr(problem, "tf"):
-        problem.tf.transformer.to(device)
-        problem.tf.text_encoder.to(device)
-    return problem
 
 
 def _aligned(t: torch.Tensor) -> bool:
@@ -147,7 +107,7 @@ class EvalWorker:
         torch.set_num_threads(options["threads"])
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         problem = factory(self.device)
-        align_weights(getattr(problem, "transformer", None))
+        align_weights(problem.transformer)
         with torch.no_grad():
             self.evaluator = Evaluator(problem.make_sampler, to_device(calib, self.device), loss=loss, **options)
 
@@ -198,10 +158,10 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> bool:
 class RayEvaluator:
     """Drop-in for :class:`~budcache.search.evaluator.Evaluator` whose masks are scored by Ray actors.
 
-    ``factory(device) -> problem`` builds one replica per actor (a
-    :class:`TinyflowReplica`, or :class:`ShippedProblem` around any problem
-    object); the problem's ``make_sampler`` and ``calib`` define the loss as in
-    the in-process evaluator. ``threads`` per worker (torch threads, and the
+    ``factory(device) -> problem`` builds one replica per actor (a problem's
+    :meth:`~budcache.problems.Problem.replica` recipe); the problem's
+    ``make_sampler`` and ``calib`` define the loss as in the in-process
+    evaluator. ``threads`` per worker (torch threads, and the
     CPUs each actor reserves); ``gpus`` per worker (default: 1 when the
     cluster has GPUs, else 0).
     """
@@ -345,20 +305,23 @@ def make_evaluator(backend: str, problem: Any, calib: CalibrationSet, *, loss: L
                    factory: Callable[[str], Any] | None = None, threads: int = 1,
                    estimator: str | None = None, mechanism: str | None = None) -> Any:
     """The evaluator of a backend: ``inprocess`` (default) or ``ray`` (``workers`` actors; ``factory(device)``
-    builds a replica on each, default: ``problem.replica_factory()`` if defined, else ``problem`` shipped as
-    it is). Both score masks in canonical batches with ``threads`` torch threads, so a mask's loss is the same
-    bits whichever backend, worker or call scored it; ``naive`` also turns prefix sharing off. ``estimator``
-    (a name of :mod:`budcache.estimators`) fills the masks' skipped steps and enables plans (per-step
-    estimators) in-process; a problem whose mechanism is a peer's (``taylorseer``) is scored whole-generation
-    by :class:`~budcache.search.evaluator.PeerScheduleEvaluator` (in-process only)."""
+    builds a replica on each, default: ``problem.replica()``).
+
+    Both score masks in canonical batches with ``threads`` torch threads, so a
+    mask's loss is the same bits whichever backend, worker or call scored it;
+    ``naive`` also turns prefix sharing off. ``estimator`` (a name of
+    :mod:`budcache.estimators`) fills the masks' skipped steps and enables
+    plans (per-step estimators) in-process; a problem whose mechanism is a
+    peer's (``taylorseer``) is scored whole-generation by
+    :class:`~budcache.search.evaluator.PeerScheduleEvaluator` (in-process only)."""
     if backend not in BACKENDS:
         raise ConfigError(f"--backend {backend!r} is unknown; choose one of {list(BACKENDS)}")
-    mechanism = mechanism or getattr(problem, "mechanism", None)
+    mechanism = mechanism or problem.mechanism
     peer = mechanism in PEER_MECHANISMS
     if backend == "inprocess":
         if workers != 1 or address:
             raise ConfigError("--workers and --ray-address apply only with --backend ray")
-        align_weights(getattr(problem, "transformer", None))
+        align_weights(problem.transformer)
         if peer:
             return PeerScheduleEvaluator(problem.make_sampler, to_device(calib, str(calib.noise.device)),
                                          mechanism=mechanism, loss=loss, threads=threads)
@@ -366,8 +329,8 @@ def make_evaluator(backend: str, problem: Any, calib: CalibrationSet, *, loss: L
                          prefix_sharing=not naive, batch_candidates=False, threads=threads, estimator=estimator)
     if peer:
         raise ConfigError(f"mechanism {mechanism!r} is searched in-process only (--backend inprocess)")
-    if factory is None:  # a problem may say how to rebuild itself on a worker (e.g. from a model path)
-        factory = problem.replica_factory() if hasattr(problem, "replica_factory") else ShippedProblem(problem)
+    if factory is None:  # the problem says how to rebuild itself on a worker (e.g. from a model path)
+        factory = problem.replica()
     return RayEvaluator(factory, calib, loss=loss, workers=workers, address=address, prefix_sharing=not naive,
                         batch_candidates=False, threads=threads, estimator=estimator)
 
@@ -384,5 +347,5 @@ def add_backend_args(p: argparse.ArgumentParser) -> None:
 
 
 def backend_kwargs(a: argparse.Namespace) -> dict[str, Any]:
-    """The backend options of parsed arguments, as keyword arguments of :func:`budcache.search.run.run`."""
+    """The backend options of parsed arguments, as keyword arguments of :func:`budcache.search.job.run_search`."""
     return {"backend": a.backend, "workers": a.workers, "ray_address": a.ray_address}

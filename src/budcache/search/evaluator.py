@@ -15,19 +15,18 @@ Three savings, all exact:
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import time
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
 from .. import estimators as est
 from ..errors import ConfigError, ModelOutputError
+from ..problems.data import CalibrationSet
 from ..sampler import Sampler, SamplerState, StaticMask, map_state, slice_state, tile_cond, tile_state
-from .calibration import CalibrationSet, LossFn, latent_mse
+from .losses import LossFn, latent_mse
 
 #: A mask (True computes) or, with per-step estimators, a plan (0 computes, c > 0 skips with estimator c).
 Mask = tuple[bool, ...]
@@ -71,6 +70,22 @@ def check_computes(computes: Sequence[Sequence[int]], steps: int) -> list[tuple[
             raise ConfigError(f"compute set {list(k)} is invalid for {steps} steps "
                               "(step 0 must compute; indices in 0..N-1, unique)")
     return keys
+
+
+@contextlib.contextmanager
+def pinned_threads(threads: int | None) -> Iterator[None]:
+    """Run the block with ``threads`` torch threads (``None``: as it is), restoring the count after.
+
+    A fixed thread count fixes the kernels' reduction order, so a loss is the same bits on every call.
+    """
+    prev = torch.get_num_threads()
+    if threads is not None and threads != prev:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != prev:
+            torch.set_num_threads(prev)
 
 
 @dataclass
@@ -145,10 +160,7 @@ class Evaluator:
         self.stats.memo_hits += len(keys) - len(todo)
         if todo:
             t0 = time.perf_counter()
-            prev = torch.get_num_threads()
-            if self.threads is not None and self.threads != prev:
-                torch.set_num_threads(self.threads)
-            try:
+            with pinned_threads(self.threads):
                 if self.estimator is None:
                     self._run([mask_of(self.steps, k) for k in todo])
                 else:
@@ -156,9 +168,6 @@ class Evaluator:
                     self._run([p for p in plans if p not in self.plan_memo])
                     for k, p in zip(todo, plans):
                         self.memo[k] = self.plan_memo[p]
-            finally:
-                if torch.get_num_threads() != prev:
-                    torch.set_num_threads(prev)
             self.stats.wall_s += time.perf_counter() - t0
         return [self.memo[k] for k in keys]
 
@@ -174,14 +183,8 @@ class Evaluator:
         self.stats.memo_hits += len(keys) - len(todo)
         if todo:
             t0 = time.perf_counter()
-            prev = torch.get_num_threads()
-            if self.threads is not None and self.threads != prev:
-                torch.set_num_threads(self.threads)
-            try:
+            with pinned_threads(self.threads):
                 self._run(todo)
-            finally:
-                if torch.get_num_threads() != prev:
-                    torch.set_num_threads(prev)
             self.stats.wall_s += time.perf_counter() - t0
         return [self.plan_memo[p] for p in keys]
 
@@ -298,54 +301,6 @@ def _nbytes(state: SamplerState) -> int:
     return total
 
 
-_PHASE: contextvars.ContextVar[Any] = contextvars.ContextVar("budcache_phase", default=None)
-
-
-@contextlib.contextmanager
-def phase(desc: str | None, total: int | None = None) -> Iterator[None]:
-    """A progress bar labelled ``desc`` (``None``: none) over the sampler steps run inside, counted per item
-    (``total`` of them, when known).
-
-    Long phases of a job (the teacher outputs, the held-out evaluation) show
-    progress without threading a flag through every problem class.
-    """
-    if desc is None:
-        yield
-        return
-    from tqdm import tqdm
-
-    bar = tqdm(desc=desc, total=total, unit=" item-steps", unit_scale=True, dynamic_ncols=True)
-    token = _PHASE.set(bar)
-    try:
-        yield
-    finally:
-        _PHASE.reset(token)
-        bar.close()
-
-
-def step_counter(items: int) -> Any:
-    """A sampler ``callback`` that advances the current :func:`phase`'s bar by ``items`` per step (or None)."""
-    bar = _PHASE.get()
-    if bar is None:
-        return None
-    return lambda state: bar.update(items)
-
-
-def make_calibration(make_sampler, prompts: list[str], seeds: list[int], noise: torch.Tensor, cond,
-                     uncond=None, info: dict | None = None, batch: int = 64) -> CalibrationSet:
-    """A calibration set with its full-step teacher latents (computed once, in batches)."""
-    sampler: Sampler = make_sampler(None)
-    outs = []
-    for i in range(0, len(prompts), batch):
-        idx = torch.arange(i, min(i + batch, len(prompts)), device=noise.device)
-        from ..sampler import _select
-
-        st = sampler.run(sampler.start(noise[idx]), _select(cond, idx), _select(uncond, idx),
-                         callback=step_counter(len(idx)))
-        outs.append(st.x)
-    return CalibrationSet(list(prompts), list(seeds), noise, cond, uncond, torch.cat(outs), dict(info or {}))
-
-
 class PeerScheduleEvaluator:
     """Loss of compute masks that drive a peer's cache (e.g. diffusers' TaylorSeer) on the calibration set.
 
@@ -381,10 +336,7 @@ class PeerScheduleEvaluator:
         keys = check_computes(computes, self.steps)
         todo = list(dict.fromkeys(k for k in keys if k not in self.memo))
         self.stats.memo_hits += len(keys) - len(todo)
-        prev = torch.get_num_threads()
-        if todo and self.threads is not None and self.threads != prev:
-            torch.set_num_threads(self.threads)
-        try:
+        with pinned_threads(self.threads if todo else None):
             for k in todo:
                 t0 = time.perf_counter()
                 mask = torch.tensor(mask_of(self.steps, k))
@@ -401,7 +353,4 @@ class PeerScheduleEvaluator:
                 self.stats.steps_run += self.steps
                 self.stats.stack_calls += len(k) * (2 if sampler.guidance != 1.0 else 1)
                 self.stats.wall_s += time.perf_counter() - t0
-        finally:
-            if torch.get_num_threads() != prev:
-                torch.set_num_threads(prev)
         return [self.memo[k] for k in keys]

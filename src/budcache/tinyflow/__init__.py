@@ -25,6 +25,8 @@ import torch
 
 from ..denoisers import FluxCond, FluxDenoiser
 from ..errors import ConfigError
+from ..sampler import sample
+from ..schedules import flux
 from . import grammar
 from .model import IMAGE_SIZE, TinyTextEncoder, latent_to_image
 
@@ -75,8 +77,6 @@ class TinyFlow:
 
     def sigmas(self, steps: int) -> torch.Tensor:
         """FLUX's shifted schedule at tinyflow's 64 tokens (what FluxPipeline uses)."""
-        from ..schedules import flux
-
         return flux(steps, ROWS * COLS).to(self.device)
 
     def noise(self, seeds: Sequence[int]) -> torch.Tensor:
@@ -96,8 +96,6 @@ class TinyFlow:
         A policy runs with the estimators it names (version 2) or was searched with (``meta["mechanism"]``);
         ``mechanism`` applies only to policies and masks that name none (default ``reuse``).
         """
-        from ..sampler import sample
-
         if len(prompts) != len(seeds):
             raise ConfigError(f"{len(prompts)} prompts but {len(seeds)} seeds")
         cond = self.encode(prompts)

@@ -30,8 +30,8 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ..errors import ConfigError
-from . import grammar
-from .model import TinyTextEncoder, image_ids, image_to_latent, new_transformer, text_ids
+from . import checker, grammar, load
+from .model import TinyTextEncoder, image_ids, image_to_latent, latent_to_image, new_transformer, text_ids
 from .render import render_params, scene_params
 
 #: FLUX's time shift at 64 image tokens: exp(mu), mu = 0.5 + (64 - 256) * 0.65 / 3840.
@@ -360,8 +360,6 @@ def train(out: str | Path, cfg: TrainConfig, *, device: str = "cpu", minutes: fl
 def monitor(ckpt: str | Path, n: int = 256, steps: int = 28, device: str = "cpu", batch: int = 256,
             guidance: float = 1.0) -> dict[str, float]:
     """Checker accuracy of the EMA weights on ``n`` held-out pairs (plain Euler, FLUX schedule)."""
-    from . import checker, load
-    from .model import latent_to_image
 
     tf = load(ckpt, device, subfolders=("transformer_ema", "text_encoder_ema"))
     t, e = tf.transformer, tf.text_encoder

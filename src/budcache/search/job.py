@@ -1,4 +1,4 @@
-"""The ``budcache search`` job on tinyflow: calibrate, search each budget, evaluate, report."""
+"""The ``budcache search`` job: calibrate, search each budget, evaluate on held-out pairs, report."""
 
 from __future__ import annotations
 
@@ -16,12 +16,19 @@ from .. import __version__
 from .. import estimators as est
 from ..errors import ConfigError
 from ..io import atomic_write_text, check_writable_dir, write_json
-from ..peers import PEER_MECHANISMS
+from ..peers import PEER_MECHANISMS, taylorseer_grid_mask
+from ..plots import pyplot, save_figure
 from ..policy import CachePolicy
-from ..sampler import Sampler, _select
+from ..problems.base import Problem
+from ..problems.data import CalibrationSet, calibration_pairs, split_pairs
+from ..problems.metrics import item_metrics
+from ..problems.settings import SamplerSettings
+from ..problems.tinyflow import TinyflowProblem
+from ..progress import phase
 from .anneal import RefineResult, SearchConfig, SearchResult, refine_estimators, search
-from .calibration import CalibrationSet, get_loss, pairs_for, read_prompt_file, tinyflow_prompts
-from .evaluator import Evaluator, EvaluatorStats, make_calibration, phase, plan_names, plan_of, step_counter
+from .distributed import make_evaluator
+from .evaluator import Evaluator, EvaluatorStats, plan_names, plan_of
+from .losses import get_loss
 
 #: The estimator the default search fills skipped steps with, and the alternatives it may choose per step.
 DEFAULT_MECHANISM = "vtaylor1"
@@ -29,120 +36,6 @@ DEFAULT_REFINE: tuple[str, ...] = ("vtaylor1", "vtaylor2", "output")
 #: Search settings for a peer mechanism (no prefix sharing, so every mask costs a whole generation): start from
 #: the peer's best grid schedule (which keeps step 1 free: prefix 1), anneal briefly, then hill-climb.
 PEER_SEARCH: dict[str, Any] = {"sa_iters": 10, "hc_rounds": 2, "radius": 2, "far_jumps": 0, "prefix": 1}
-
-
-@dataclass
-class TinyflowProblem:
-    """What the search runs: tinyflow with a solver, schedule, mechanism and guidance."""
-
-    tf: Any
-    steps: int = 28
-    solver: str = "euler"
-    mechanism: str = "reuse"
-    guidance: float = 1.0
-
-    name = "tinyflow"
-
-    @property
-    def transformer(self) -> torch.nn.Module:
-        """The diffusers transformer every method runs on."""
-        return self.tf.transformer
-
-    def denoiser(self) -> Any:
-        """budcache's call adapter around the transformer."""
-        return self.tf.denoiser()
-
-    def sigmas(self, steps: int | None = None) -> torch.Tensor:
-        return self.tf.sigmas(steps or self.steps)
-
-    def make_sampler(self, controller: Any, steps: int | None = None, *, solver: str | None = None,
-                     mechanism: str | None = None, guidance: float | None = None,
-                     sigmas: torch.Tensor | None = None) -> Sampler:
-        """A sampler with the problem's settings; keyword arguments override them for one sampler."""
-        return Sampler(self.denoiser(), self.sigmas(steps) if sigmas is None else sigmas, solver or self.solver,
-                       controller, mechanism or self.mechanism, self.guidance if guidance is None else guidance)
-
-    def noise(self, seeds: Sequence[int]) -> torch.Tensor:
-        return self.tf.noise(seeds)
-
-    def images(self, latents: torch.Tensor) -> torch.Tensor:
-        """RGB images in [0, 1] (tinyflow's latents are packed pixels)."""
-        return self.tf.images(latents)
-
-    def default_prompts(self, n: int, seed: int) -> list[str]:
-        """``n`` prompts of tinyflow's grammar covering every template."""
-        return tinyflow_prompts(n, seed=seed)
-
-    def heldout_pairs(self, n: int, seed: int, calib_prompts: Sequence[str]) -> tuple[list[str], list[int]]:
-        """Fresh prompts and seeds, disjoint from the calibration draw."""
-        return pairs_for(tinyflow_prompts(n, seed=seed + 7_777_777), 1, seed + 7_777_777)
-
-    def conds(self, prompts: Sequence[str]) -> tuple[Any, Any]:
-        cond = self.tf.encode(prompts)
-        return cond, (self.tf.encode([""] * len(prompts)) if self.guidance != 1.0 else None)
-
-    def calibration(self, prompts: list[str], seeds: list[int]) -> CalibrationSet:
-        cond, uncond = self.conds(prompts)
-        info = {"model": "tinyflow", "weights": _weights_digest(self.tf.transformer), "steps": self.steps,
-                "solver": self.solver, "mechanism": self.mechanism, "guidance": self.guidance}
-        return make_calibration(self.make_sampler, prompts, seeds, self.tf.noise(seeds), cond, uncond, info)
-
-    def final_latents(self, calib: CalibrationSet, policy: CachePolicy | None, plain_steps: int | None = None,
-                      batch: int = 64) -> torch.Tensor:
-        """Final latents of ``calib``'s items under a policy, or of the plain ``plain_steps``-step sampler."""
-        sampler = self.make_sampler(None, plain_steps) if plain_steps else self.make_sampler(policy)
-        return run_items(sampler, calib, batch)
-
-
-def run_items(sampler: Sampler, calib: CalibrationSet, batch: int = 64) -> torch.Tensor:
-    """Final latents of every item of ``calib`` under one sampler, ``batch`` items at a time."""
-    outs = []
-    for i in range(0, len(calib), batch):
-        idx = torch.arange(i, min(i + batch, len(calib)), device=calib.noise.device)
-        st = sampler.run(sampler.start(calib.noise[idx]), _select(calib.cond, idx), _select(calib.uncond, idx),
-                         callback=step_counter(len(idx)))
-        outs.append(st.x)
-    return torch.cat(outs)
-
-
-def _weights_digest(module: torch.nn.Module) -> str:
-    """Short hash of a model's weights (so a checkpoint never resumes against other weights)."""
-    import hashlib
-
-    h = hashlib.sha256()
-    for name, t in sorted(module.state_dict().items()):
-        h.update(name.encode())
-        h.update(t.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
-def latent_psnr(mse: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
-    """Per-item PSNR on latents, the teacher's per-item range as peak: ``10 log10(range^2 / MSE)``."""
-    t = teacher.flatten(1)
-    peak = (t.max(1).values - t.min(1).values).pow(2)
-    return 10 * torch.log10(peak / mse.clamp_min(1e-12))
-
-
-def quality(problem: Any, latents: torch.Tensor, teacher: torch.Tensor) -> dict[str, np.ndarray]:
-    """Per-item latent MSE and PSNR against the teacher.
-
-    PSNR is ``10 log10(1 / MSE)`` on images in [0, 1] when the problem can
-    decode them (tinyflow; pipelines with a VAE), else on the latents with the
-    teacher's per-item range as peak: ``10 log10(range^2 / MSE)``.
-    """
-    mse = (latents - teacher).pow(2).flatten(1).mean(1)
-    a, b = problem.images(latents), problem.images(teacher)
-    if a is None or b is None:
-        return {"latent_mse": mse.cpu().numpy(), "psnr": latent_psnr(mse, teacher).cpu().numpy()}
-    img_mse = (a - b).pow(2).flatten(1).mean(1).clamp_min(1e-12)
-    psnr = 10 * torch.log10(1.0 / img_mse)
-    out = {"latent_mse": mse.cpu().numpy(), "psnr": psnr.cpu().numpy()}
-    if a.dim() == 4 and min(a.shape[-2:]) >= 7:
-        from torchmetrics.functional.image import structural_similarity_index_measure as ssim
-
-        out["ssim"] = ssim(a.float().clamp(0, 1), b.float().clamp(0, 1), data_range=1.0,
-                           reduction="none").cpu().numpy()
-    return out
 
 
 @dataclass
@@ -171,7 +64,7 @@ def heldout_table(problem: Any, held: CalibrationSet, policy: CachePolicy) -> di
     runs = {"budcache": problem.final_latents(held, policy),
             "uniform": problem.final_latents(held, uniform),
             "plain": problem.final_latents(held, None, plain_steps=k)}
-    q = {name: quality(problem, lat, held.teacher) for name, lat in runs.items()}
+    q = {name: item_metrics(problem, lat, held.teacher) for name, lat in runs.items()}
     out = {}
     for name, m in q.items():
         row = {"latent_mse": float(m["latent_mse"].mean()), "psnr": float(m["psnr"].mean()),
@@ -185,34 +78,9 @@ def heldout_table(problem: Any, held: CalibrationSet, policy: CachePolicy) -> di
     return out
 
 
-def _pyplot() -> Any:
-    """matplotlib's pyplot on the Agg backend, or None when the ``plot`` extra is missing."""
-    try:
-        import matplotlib
-    except ImportError:
-        return None
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save_figure(plt: Any, fig: Any, path: Path) -> None:
-    """Write a figure as PNG atomically and close it."""
-    import io
-
-    from ..io import atomic_write_bytes
-
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
-
-
 def plot_history(history: list[dict[str, Any]], path: Path, title: str) -> bool:
     """Loss per search step with SA/HC marked and the best-so-far line; False if matplotlib is missing."""
-    plt = _pyplot()
+    plt = pyplot()
     if plt is None:
         return False
     fig, ax = plt.subplots(figsize=(8, 4))
@@ -230,13 +98,13 @@ def plot_history(history: list[dict[str, Any]], path: Path, title: str) -> bool:
     ax.set_ylabel("calibration loss")
     ax.set_title(title)
     ax.legend(fontsize=8)
-    _save_figure(plt, fig, path)
+    save_figure(plt, fig, path)
     return True
 
 
 def plot_frontier(outcomes: list[BudgetOutcome], path: Path) -> bool:
     """Held-out PSNR vs NFE for the searched, uniform and plain K-step samplers."""
-    plt = _pyplot()
+    plt = pyplot()
     if plt is None:
         return False
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -247,7 +115,7 @@ def plot_frontier(outcomes: list[BudgetOutcome], path: Path) -> bool:
     ax.set_ylabel("held-out PSNR vs full steps (dB)")
     ax.legend()
     ax.grid(alpha=0.3)
-    _save_figure(plt, fig, path)
+    save_figure(plt, fig, path)
     return True
 
 
@@ -318,15 +186,6 @@ def refuse_overwrite(out: Path, names: Sequence[str], resume: bool, force: bool)
                           "to continue it, or --force to start over and overwrite it")
 
 
-def draw_pairs(prompts: list[str], seeds: list[int], n: int, seed: int, source: str) -> tuple[list[str], list[int]]:
-    """A seeded draw of ``n`` of the (prompt, seed) pairs, in file order (``--calib-pairs`` with ``--prompts``)."""
-    if n > len(prompts):
-        raise ConfigError(f"--calib-pairs {n} but the prompt file {source} gives {len(prompts)} pairs "
-                          "(prompts x --seeds-per-prompt)")
-    keep = sorted(np.random.default_rng(seed).choice(len(prompts), size=n, replace=False).tolist())
-    return [prompts[i] for i in keep], [seeds[i] for i in keep]
-
-
 def search_estimators(mechanism: str, estimators: Sequence[str] | None) -> tuple[str | None, list[str]]:
     """The evaluator's estimator and the per-step choices of a search with ``mechanism``.
 
@@ -361,8 +220,6 @@ def refine_plan(problem: Any, calib: CalibrationSet, evaluator: Any, compute: Se
         return None, plan_names(plan)
     planner = evaluator
     if not isinstance(planner, Evaluator):  # a remote backend scores masks; per-step estimators are scored here
-        from .distributed import make_evaluator
-
         planner = make_evaluator("inprocess", problem, calib, loss=loss_fn, naive=naive, estimator=mechanism)
     refined = refine_estimators(planner.plan_losses, plan, [est.CODES[n] for n in dict.fromkeys(
         [mechanism, *refine])], progress=progress)
@@ -373,8 +230,6 @@ def peer_grid_start(evaluator: Any, steps: int, nfe: int) -> tuple[int, ...] | N
     """The best of TaylorSeer's own (warm-up, interval) schedules with exactly ``nfe`` computed steps, scored by
     ``evaluator``: the searched schedule starts from it, so it can only improve on the peer's grid
     (``None`` when no grid point computes exactly ``nfe`` steps)."""
-    from ..peers import taylorseer_grid_mask
-
     options = []
     for before in range(1, nfe + 1):
         for interval in range(1, steps + 1):
@@ -390,71 +245,71 @@ def peer_grid_start(evaluator: Any, steps: int, nfe: int) -> tuple[int, ...] | N
 
 
 @torch.no_grad()
-def run(out: str | Path, *, nfes: Sequence[int], steps: int = 28, solver: str = "euler",
-        mechanism: str = DEFAULT_MECHANISM, estimators: Sequence[str] | None = DEFAULT_REFINE, guidance: float = 1.0,
-        calib_pairs: int | None = None, prompt_file: str | None = None,
-        seeds_per_prompt: int = 1, heldout_pairs: int = 64, seed: int = 0, loss: str = "logmse",
-        resume: bool = False, force: bool = False, progress: bool = True, naive: bool = False,
-        model: str | None = None, problem: Any = None, backend: str = "inprocess", workers: int = 1,
-        ray_address: str | None = None, **search_kw: Any) -> list[BudgetOutcome]:
+def run_search(out: str | Path, *, nfes: Sequence[int], problem: Problem | None = None,
+               settings: SamplerSettings | None = None, estimators: Sequence[str] | None = DEFAULT_REFINE,
+               calib_pairs: int | None = None, prompt_file: str | None = None, seeds_per_prompt: int = 1,
+               heldout_pairs: int = 64, seed: int = 0, loss: str = "logmse", resume: bool = False,
+               force: bool = False, progress: bool = True, naive: bool = False, model: str | None = None,
+               backend: str = "inprocess", workers: int = 1, ray_address: str | None = None,
+               **search_kw: Any) -> list[BudgetOutcome]:
     """Search one policy per budget (warm-starting each from the last) and write all outputs to ``out``.
 
-    ``problem`` is what the search runs on: tinyflow by default (weights from
-    ``model``), or a :class:`budcache.search.pipeline.PipelineProblem`, whose
-    own steps, solver, mechanism and guidance then apply. ``backend="ray"``
-    scores masks on ``workers`` Ray actors (joining ``ray_address`` if given);
-    the policies are the in-process ones. ``calib_pairs`` defaults to 32
-    drawn prompts, or with ``prompt_file`` to all of the file's pairs (a
-    seeded draw of ``calib_pairs`` of them when given). A checkpoint of an
-    earlier run in ``out`` is continued with ``resume``, overwritten with
-    ``force``, and otherwise an error (it may hold hours of work).
+    ``backend="ray"`` scores masks on ``workers`` Ray actors (joining
+    ``ray_address`` if given); the policies are the in-process ones. A
+    checkpoint of an earlier run in ``out`` is continued with ``resume``,
+    overwritten with ``force``, and otherwise an error (it may hold hours of
+    work).
 
     Args:
         out: output folder (policies, checkpoints, plots, report).
         nfes: the budgets K to search.
-        steps, solver, guidance: the sampler the policies are for.
-        mechanism: the estimator of the skipped steps while the mask is searched (``vtaylor1`` by
-            default), or a peer mechanism (``taylorseer``: its compute schedule is searched).
+        problem: what the search runs on (a :class:`budcache.problems.Problem`); its settings apply.
+            Default: tinyflow (weights from ``model``) with ``settings``.
+        settings: the sampler the policies are for, when ``problem`` is not given. Default:
+            28 Euler steps, guidance 1, skipped steps filled by ``vtaylor1`` while the mask is searched.
+            A peer mechanism (``taylorseer``) searches that peer's compute schedule instead.
         estimators: after the mask search, each skipped step may switch to another of these
             estimators (steepest descent, the budget unchanged); ``None`` or empty: no per-step
             choice. Version-1 mechanisms without it reproduce version 1's search bit for bit.
-        calib_pairs, prompt_file, seeds_per_prompt, heldout_pairs, seed, loss: calibration and
-            evaluation data and the search loss.
-        resume, force, progress, naive, model, problem, backend, workers, ray_address: see the CLI.
+        calib_pairs: calibration pairs (default 32 drawn prompts, or all of ``prompt_file``'s pairs).
+        prompt_file: calibration prompts (.txt, .jsonl, .csv) instead of the problem's own.
+        seeds_per_prompt: seeds per calibration prompt.
+        heldout_pairs: held-out pairs for the quality report (disjoint from calibration).
+        seed: seed of the pair draws and of the search.
+        loss: the search loss (``logmse``, ``mse``, ``l1``).
+        resume: continue the checkpoints in ``out``.
+        force: start over, overwriting them.
+        progress: show progress bars.
+        naive: turn prefix sharing off (for benchmarks).
+        model: tinyflow weights folder (default: the shipped weights); only without ``problem``.
+        backend: ``inprocess`` or ``ray``.
+        workers: Ray actors (``backend="ray"``).
+        ray_address: a Ray cluster to join.
+        **search_kw: fields of :class:`budcache.search.SearchConfig` (``sa_iters``, ``hc_rounds``, ...).
     """
-    from .. import tinyflow
-
-    if problem is not None:
-        steps, solver, mechanism, guidance = problem.steps, problem.solver, problem.mechanism, problem.guidance
+    if problem is not None and (settings is not None or model is not None):
+        raise ConfigError("give either a problem or settings/model (a problem carries its own settings)")
+    settings = problem.settings if problem is not None else (settings or SamplerSettings(mechanism=DEFAULT_MECHANISM))
+    steps, mechanism = settings.steps, settings.mechanism
     check_settings(steps=steps, nfes=nfes, heldout_pairs=heldout_pairs, seeds_per_prompt=seeds_per_prompt,
-                   calib_pairs=calib_pairs, guidance=guidance)
+                   calib_pairs=calib_pairs, guidance=settings.guidance)
     out = check_writable_dir(out, "--out")
     refuse_overwrite(out, [f"checkpoint_N{steps}_K{k}.json" for k in sorted(set(nfes))], resume, force)
     if problem is None:
-        problem = TinyflowProblem(tinyflow.load(model), steps, solver, mechanism, guidance)
+        problem = TinyflowProblem(settings=settings, model=model)
     estimator, refine = search_estimators(mechanism, estimators)
     if mechanism in PEER_MECHANISMS:  # whole generations per mask: a shorter annealing from the peer's grid
         search_kw = {**PEER_SEARCH, **search_kw}
     configs = {k: SearchConfig(steps=steps, nfe=k, seed=seed, **search_kw) for k in sorted(set(nfes))}
     loss_fn = get_loss(loss)
-    if prompt_file:
-        base = read_prompt_file(prompt_file)
-        prompts, seeds = pairs_for(base, seeds_per_prompt, seed)
-        if calib_pairs is not None:
-            prompts, seeds = draw_pairs(prompts, seeds, calib_pairs, seed, prompt_file)
-    else:
-        calib_pairs = 32 if calib_pairs is None else calib_pairs
-        n_prompts = -(-calib_pairs // seeds_per_prompt)  # ceil: then keep exactly calib_pairs pairs
-        prompts, seeds = pairs_for(problem.default_prompts(n_prompts, seed), seeds_per_prompt, seed)
-        prompts, seeds = prompts[:calib_pairs], seeds[:calib_pairs]
+    prompts, seeds = calibration_pairs(problem, calib_pairs, seed, seeds_per_prompt=seeds_per_prompt,
+                                       prompt_file=prompt_file)
     with phase("teacher (calibration)" if progress else None, len(prompts) * steps):
         calib = problem.calibration(prompts, seeds)
     calib.info["loss"] = loss
-    hp, hs = problem.heldout_pairs(heldout_pairs, seed, prompts)
+    hp, hs = split_pairs(problem, "heldout", heldout_pairs, seed, prompts)
     with phase("teacher (held-out)" if progress else None, len(hp) * steps):
         held = problem.calibration(hp, hs)
-    from .distributed import make_evaluator
-
     evaluator = make_evaluator(backend, problem, calib, loss=loss_fn, naive=naive, workers=workers,
                                address=ray_address, estimator=estimator, mechanism=mechanism)
     outcomes: list[BudgetOutcome] = []
@@ -469,8 +324,8 @@ def run(out: str | Path, *, nfes: Sequence[int], steps: int = 28, solver: str = 
                                      naive=naive, progress=progress)
         stats = EvaluatorStats(**{f: getattr(evaluator.stats, f) - getattr(before, f) for f in asdict(before)})
         policy = CachePolicy(steps, res.compute, meta={
-            "model": problem.name, "solver": solver, "schedule": getattr(problem, "schedule", "flux"),
-            "mechanism": mechanism, "guidance": guidance, "budget": k,
+            "model": problem.name, "solver": settings.solver, "schedule": problem.schedule,
+            "mechanism": mechanism, "guidance": settings.guidance, "budget": k,
             "search_loss": refined.loss if refined is not None else res.loss, "loss": loss,
             "calibration_digest": calib.digest, "calibration_pairs": len(calib), "budcache_version": __version__},
             estimators=names)
@@ -482,8 +337,9 @@ def run(out: str | Path, *, nfes: Sequence[int], steps: int = 28, solver: str = 
         outcomes.append(o)
         prev = res.compute
     evaluator.close()
-    meta = {"date": datetime.date.today().isoformat(), "model": problem.name, "steps": steps, "solver": solver,
-            "mechanism": mechanism, "guidance": guidance, "calibration_pairs": len(calib),
+    meta = {"date": datetime.date.today().isoformat(), "model": problem.name, "steps": steps,
+            "solver": settings.solver, "mechanism": mechanism, "guidance": settings.guidance,
+            "calibration_pairs": len(calib),
             "digest": calib.digest, "heldout_pairs": len(held)}
     if len(outcomes) > 1:
         plot_frontier(outcomes, out / "frontier.png")

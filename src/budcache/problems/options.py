@@ -1,8 +1,9 @@
-"""Command-line options shared by ``budcache search``, ``align`` and ``compare``.
+"""Command-line options shared by ``budcache search``, ``align``, ``compare`` and ``sample``.
 
-Argument types (seed, guidance) and the options that point a command at a
-diffusers pipeline instead of tinyflow. The pipeline code itself loads only
-when ``--pipeline`` is given, so parsing stays light.
+Argument types (seed, guidance), the options that point a command at a
+diffusers pipeline instead of tinyflow, and :func:`build_problem`, which
+turns them into a :class:`~budcache.problems.Problem`. The model stack loads
+only inside :func:`build_problem`, so parsing and ``--help`` stay light.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import Any
 
 from ..errors import ConfigError
 from ..io import printable
+from .settings import SamplerSettings
 
 MAX_SEED = 2**63 - 1
 
@@ -39,7 +41,6 @@ def guidance_arg(text: str) -> float:
     return v
 
 
-
 def add_pipeline_args(p: argparse.ArgumentParser) -> None:
     """Options that point a command at a diffusers pipeline instead of tinyflow."""
     g = p.add_argument_group("diffusers pipeline (instead of tinyflow)")
@@ -55,33 +56,43 @@ def add_pipeline_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device", default="cpu", help="torch device for the pipeline (e.g. cuda)")
 
 
-def problem_from_args(a: argparse.Namespace, steps: int, solver: str, mechanism: str, guidance: float) -> Any:
-    """The PipelineProblem that ``--pipeline`` names, or None for tinyflow."""
+def build_problem(a: argparse.Namespace, settings: SamplerSettings) -> Any:
+    """The problem the options name: the ``--pipeline`` (a PipelineProblem), else tinyflow (``--model``
+    weights, default the shipped ones)."""
     if getattr(a, "pipeline", None) is None:
         for opt in ("embeddings", "height", "width", "num_frames"):
             if getattr(a, opt, None) is not None:
                 raise ConfigError(f"--{opt.replace('_', '-')} applies only with --pipeline")
-        return None
+        from .tinyflow import TinyflowProblem  # the model stack loads on first use
+
+        return TinyflowProblem(settings=settings, model=getattr(a, "model", None))
+    if getattr(a, "model", None) is not None:
+        raise ConfigError("--model (tinyflow weights) and --pipeline exclude each other")
+    for opt in ("height", "width", "num_frames"):
+        v = getattr(a, opt, None)
+        if v is not None and v < 1:
+            raise ConfigError(f"--{opt.replace('_', '-')} must be >= 1 (got {v})")
     import torch
 
     from .pipeline import PipelineProblem, load_pipeline
 
     pipe = load_pipeline(a.pipeline, getattr(torch, a.dtype), a.device)
-    return PipelineProblem(pipe, steps, solver, mechanism, guidance, height=a.height, width=a.width,
-                           num_frames=a.num_frames, embeddings=a.embeddings, negative_prompt=a.negative_prompt,
-                           name=f"pipeline:{a.pipeline}")
+    return PipelineProblem(pipe, settings=settings, height=a.height, width=a.width, num_frames=a.num_frames,
+                           embeddings=a.embeddings, negative_prompt=a.negative_prompt, name=f"pipeline:{a.pipeline}")
 
 
-def policy_settings(a: argparse.Namespace, policy: Any, default_mechanism: str) -> None:
-    """Fill ``a.solver``, ``a.mechanism`` and ``a.guidance`` from the policy's ``meta`` where not given.
+def settings_from(a: argparse.Namespace, policy: Any = None, default_mechanism: str = "reuse") -> SamplerSettings:
+    """The sampler settings of a command: its options, else the policy's ``meta``, else the defaults.
 
     The settings a policy was searched with are the defaults; an explicit option overrides them. A
-    ``meta`` value of the wrong type is an error naming the file and the field.
+    ``meta`` value of the wrong type is an error naming the file and the field. ``a.steps`` of ``None``
+    means the policy's N (or 28).
     """
-    meta = dict(policy.meta)
+    meta = dict(policy.meta) if policy is not None else {}
 
     def bad(key: str, want: str) -> ConfigError:
-        return ConfigError(f"policy {a.policy}: meta.{key} must be {want}, got {printable(repr(meta[key]))[:60]}")
+        return ConfigError(f"policy {getattr(a, 'policy', '')}: meta.{key} must be {want}, got "
+                           f"{printable(repr(meta[key]))[:60]}")
 
     for key in ("solver", "mechanism"):
         if key in meta and not isinstance(meta[key], str):
@@ -90,6 +101,12 @@ def policy_settings(a: argparse.Namespace, policy: Any, default_mechanism: str) 
         g = meta["guidance"]
         if isinstance(g, bool) or not isinstance(g, (int, float)) or not math.isfinite(g) or g < 0:
             raise bad("guidance", "a number >= 0")
-    a.solver = a.solver or str(meta.get("solver", "euler"))
-    a.mechanism = a.mechanism or str(meta.get("mechanism", default_mechanism))
-    a.guidance = a.guidance if a.guidance is not None else float(meta.get("guidance", 1.0))
+    steps = getattr(a, "steps", None)
+    if steps is None:
+        steps = policy.steps if policy is not None else 28
+    elif policy is not None and steps != policy.steps:
+        raise ConfigError(f"--steps {steps} but the policy {getattr(a, 'policy', '')} is for {policy.steps} steps")
+    guidance = getattr(a, "guidance", None)
+    return SamplerSettings(steps=steps, solver=getattr(a, "solver", None) or str(meta.get("solver", "euler")),
+                           mechanism=getattr(a, "mechanism", None) or str(meta.get("mechanism", default_mechanism)),
+                           guidance=guidance if guidance is not None else float(meta.get("guidance", 1.0)))
