@@ -97,7 +97,8 @@ def cmd_sample(a: argparse.Namespace) -> int:
             raise ConfigError(f"--mechanism {a.mechanism} but the policy's skipped steps use {policy.estimator}; "
                               "a policy runs with its own estimators (omit --mechanism)")
         mechanism = None if policy.estimator == "mixed" else (policy.estimator or a.mechanism)
-    settings = settings_from(argparse.Namespace(**{**vars(a), "mechanism": mechanism}), policy, "reuse")
+    settings = settings_from(policy, steps=a.steps, solver=a.solver, mechanism=mechanism, guidance=a.guidance,
+                             source=a.policy or "")
     out = check_writable_file(a.out, "--out")  # before minutes of sampling, not after
     problem = TinyflowProblem(settings=settings, model=a.model)
     t0 = time.perf_counter()

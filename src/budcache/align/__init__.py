@@ -3,6 +3,8 @@ plain K-step sampler ("Original-Opt"), and joint search <-> alignment."""
 
 from __future__ import annotations
 
+from ..stages import make_callable
+from .job import AlignJob, run_align
 from .params import PARAMETRISATIONS, LD3Schedule, OffsetSchedule, Schedule, SegmentSchedule, make_schedule
 from .trainer import (
     AlignConfig,
@@ -15,8 +17,11 @@ from .trainer import (
     student_sampler,
 )
 
+make_callable(__name__, f"{__name__}.job", "run_align")  # budcache.align(out, policy=..., ...)
+
 __all__ = [
-    "AlignConfig", "AlignResult", "CheckpointedDenoiser", "LD3Schedule", "OffsetSchedule", "PARAMETRISATIONS",
+    "AlignJob", "run_align", "AlignConfig", "AlignResult", "CheckpointedDenoiser", "LD3Schedule", "OffsetSchedule",
+    "PARAMETRISATIONS",
     "Schedule", "SegmentSchedule", "align", "align_plain", "lr_factor", "make_schedule", "policy_loss",
     "student_sampler",
 ]

@@ -81,18 +81,25 @@ def build_problem(a: argparse.Namespace, settings: SamplerSettings) -> Any:
                            embeddings=a.embeddings, negative_prompt=a.negative_prompt, name=f"pipeline:{a.pipeline}")
 
 
-def settings_from(a: argparse.Namespace, policy: Any = None, default_mechanism: str = "reuse") -> SamplerSettings:
-    """The sampler settings of a command: its options, else the policy's ``meta``, else the defaults.
+def settings_from(policy: Any = None, *, steps: int | None = None, solver: str | None = None,
+                  mechanism: str | None = None, guidance: float | None = None, default_mechanism: str = "reuse",
+                  source: str = "") -> SamplerSettings:
+    """The sampler settings of a run: the given values, else the policy's ``meta``, else the defaults.
 
-    The settings a policy was searched with are the defaults; an explicit option overrides them. A
-    ``meta`` value of the wrong type is an error naming the file and the field. ``a.steps`` of ``None``
-    means the policy's N (or 28).
+    The settings a policy was searched with are the defaults; an explicit value overrides them. A
+    ``meta`` value of the wrong type is an error naming the file (``source``) and the field.
+
+    Args:
+        policy: a :class:`budcache.CachePolicy`, or ``None``.
+        steps: N (default: the policy's, else 28); must equal the policy's when both are given.
+        solver, mechanism, guidance: explicit settings (``None``: the policy's, else the defaults).
+        default_mechanism: the estimator when neither ``mechanism`` nor the policy names one.
+        source: where the policy came from, for error messages.
     """
     meta = dict(policy.meta) if policy is not None else {}
 
     def bad(key: str, want: str) -> ConfigError:
-        return ConfigError(f"policy {getattr(a, 'policy', '')}: meta.{key} must be {want}, got "
-                           f"{printable(repr(meta[key]))[:60]}")
+        return ConfigError(f"policy {source}: meta.{key} must be {want}, got {printable(repr(meta[key]))[:60]}")
 
     for key in ("solver", "mechanism"):
         if key in meta and not isinstance(meta[key], str):
@@ -101,12 +108,10 @@ def settings_from(a: argparse.Namespace, policy: Any = None, default_mechanism: 
         g = meta["guidance"]
         if isinstance(g, bool) or not isinstance(g, (int, float)) or not math.isfinite(g) or g < 0:
             raise bad("guidance", "a number >= 0")
-    steps = getattr(a, "steps", None)
     if steps is None:
         steps = policy.steps if policy is not None else 28
     elif policy is not None and steps != policy.steps:
-        raise ConfigError(f"--steps {steps} but the policy {getattr(a, 'policy', '')} is for {policy.steps} steps")
-    guidance = getattr(a, "guidance", None)
-    return SamplerSettings(steps=steps, solver=getattr(a, "solver", None) or str(meta.get("solver", "euler")),
-                           mechanism=getattr(a, "mechanism", None) or str(meta.get("mechanism", default_mechanism)),
+        raise ConfigError(f"--steps {steps} but the policy {source} is for {policy.steps} steps")
+    return SamplerSettings(steps=steps, solver=solver or str(meta.get("solver", "euler")),
+                           mechanism=mechanism or str(meta.get("mechanism", default_mechanism)),
                            guidance=guidance if guidance is not None else float(meta.get("guidance", 1.0)))

@@ -11,6 +11,10 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+from ..stages import make_callable
+
+make_callable(__name__, f"{__name__}.job", "run_search")  # budcache.search(out, nfes=..., ...)
+
 _EXPORTS = {
     "SearchConfig": "anneal", "SearchResult": "anneal", "fit_budget": "anneal", "hc_neighbourhood": "anneal",
     "random_init": "anneal", "sa_proposal": "anneal", "search": "anneal", "refine_estimators": "anneal",
