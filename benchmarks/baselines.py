@@ -1,6 +1,6 @@
 """Re-implemented baselines on tinyflow: offline fitting cost, realised NFE and held-out quality.
 
-For each budget, every method of :mod:`budcache.baselines` (and TeaCache with
+For each budget, every method of :mod:`budcache.methods` (and TeaCache with
 the original FLUX polynomial instead of the refitted one) is fitted on
 calibration pairs and sampled on held-out pairs disjoint from them. Reported:
 fit wall time (LeMiCa's edge errors are measured once for all budgets and
@@ -21,7 +21,7 @@ import time
 import torch
 
 from budcache import tinyflow
-from budcache.baselines import METHODS, TeaCache
+from budcache.methods import METHODS, TeaCache
 from budcache.search.calibration import pairs_for, tinyflow_prompts
 from budcache.search.run import TinyflowProblem, quality
 

@@ -11,10 +11,11 @@ import torch
 from PIL import Image
 
 from budcache import tinyflow
-from budcache.baselines.base import Method
 from budcache.cli import main
 from budcache.compare.harness import CompareConfig, markdown, pair_sets, quality, run
-from budcache.compare.methods import (
+from budcache.errors import ConfigError
+from budcache.methods.base import Method
+from budcache.methods.diffusers_peers import (
     OWN_METHODS,
     BudcacheMethod,
     PlainMethod,
@@ -22,7 +23,6 @@ from budcache.compare.methods import (
     bisect_threshold,
     build_methods,
 )
-from budcache.errors import ConfigError
 from budcache.policy import CachePolicy
 from budcache.search.run import TinyflowProblem
 
@@ -86,7 +86,7 @@ def test_given_policy_is_used_instead_of_searching(setup):
 
 
 def test_given_policies_go_to_the_method_of_their_mechanism():
-    from budcache.compare.methods import build_methods
+    from budcache.methods.diffusers_peers import build_methods
 
     reuse = CachePolicy(N, (0, 1, 6))
     fc = CachePolicy(N, (0, 2, 5, 7), meta={"mechanism": "forecast1"})

@@ -4,8 +4,7 @@
 >>> res = run("runs/compare", CompareConfig(nfes=(6, 10)))   # doctest: +SKIP
 """
 
-from .harness import DEFAULT_METHODS, DEFAULT_NFES, CompareConfig, CompareResult, make_problem, run
-from .methods import (
+from ..methods.diffusers_peers import (
                       BlockWork,
                       BudcacheMethod,
                       FirstBlockCacheMethod,
@@ -18,6 +17,7 @@ from .methods import (
                       build_methods,
                       forecast_method,
 )
+from .harness import DEFAULT_METHODS, DEFAULT_NFES, CompareConfig, CompareResult, make_problem, run
 
 __all__ = ["CompareConfig", "CompareResult", "run", "make_problem", "DEFAULT_NFES", "DEFAULT_METHODS",
            "BlockWork", "BudcacheMethod", "forecast_method", "UniformMethod", "PlainMethod", "FirstBlockCacheMethod",

@@ -65,8 +65,8 @@ def problem_for(a: argparse.Namespace, cfg: Any) -> Any:
 
 
 def cmd_compare(a: argparse.Namespace) -> int:
+    from ..methods.diffusers_peers import available_methods
     from .harness import markdown, run
-    from .methods import available_methods
 
     if a.list_methods:
         for name in available_methods():

@@ -1,4 +1,4 @@
-"""Tests for budcache.baselines: each re-implemented baseline's rule on scripted inputs, threshold calibration,
+"""Tests for budcache.methods: each re-implemented baseline's rule on scripted inputs, threshold calibration,
 LeMiCa's exact DP, ReCache's exact-budget sampling, and every method end to end with exact NFE accounting."""
 
 from __future__ import annotations
@@ -11,7 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-from budcache.baselines import (
+from budcache.denoisers import FluxCond, FluxDenoiser
+from budcache.errors import ConfigError
+from budcache.hooks import Probe, ResidualHistory, find_cache, modulated_input, probe_stack
+from budcache.methods import (
     METHODS,
     DiCache,
     DiCacheController,
@@ -24,14 +27,11 @@ from budcache.baselines import (
     calibrate_threshold,
     lexminimax_path,
 )
-from budcache.baselines.common import polyval, rel_l1
-from budcache.baselines.dicache import aligned_estimate, forced_steps
-from budcache.baselines.lemica import edge_errors, path_cost
-from budcache.baselines.recache import plackett_luce_log_prob, plackett_luce_sample
-from budcache.baselines.teacache import fit_rescaler
-from budcache.denoisers import FluxCond, FluxDenoiser
-from budcache.errors import ConfigError
-from budcache.hooks import Probe, ResidualHistory, find_cache, modulated_input, probe_stack
+from budcache.methods.common import polyval, rel_l1
+from budcache.methods.dicache import aligned_estimate, forced_steps
+from budcache.methods.lemica import edge_errors, path_cost
+from budcache.methods.recache import plackett_luce_log_prob, plackett_luce_sample
+from budcache.methods.teacache import fit_rescaler
 from budcache.sampler import Sampler, SignalController, StaticMask
 from budcache.schedules import flux
 from budcache.search import make_calibration

@@ -45,9 +45,9 @@ from typing import Any
 
 import torch
 
-from ..baselines.base import MethodRun
 from ..errors import MissingExtraError
-from .methods import BlockWork, HookMethod, _calib_loss, calibrate
+from .base import MethodRun
+from .diffusers_peers import BlockWork, HookMethod, _calib_loss, calibrate
 
 os.environ.setdefault("CACHE_DIT_LOG_LEVEL", "error")  # cache-dit logs every hook installation at info level
 

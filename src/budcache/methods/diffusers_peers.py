@@ -36,11 +36,11 @@ from typing import Any
 
 import torch
 
-from ..baselines.base import MethodRun
 from ..errors import ConfigError, MissingExtraError
 from ..policy import CachePolicy
 from ..sampler import _select
 from ..search.calibration import get_loss
+from .base import MethodRun
 
 #: Bisection stops once the calibration mean NFE is this close to the target.
 NFE_TOLERANCE = 0.5
@@ -163,7 +163,7 @@ def calibrate(nfe_of: Callable[[float], torch.Tensor], target: float, lo: float,
     when it is installed, else :func:`bisect_threshold`.
     """
     try:
-        from ..baselines.calibrate import calibrate_threshold
+        from .bisect import calibrate_threshold
     except ImportError:
         return bisect_threshold(lambda t: float(nfe_of(t).double().mean()), target, lo, hi)
     fit = calibrate_threshold(nfe_of, target, lo=lo, hi=hi, tol=NFE_TOLERANCE, refine=1)
@@ -562,7 +562,7 @@ def available_methods() -> dict[str, Callable[[], Any]]:
     out = dict(OWN_METHODS)
     out.update(_cachedit_methods())
     try:
-        from ..baselines import METHODS as baseline_methods  # the re-implemented baselines, when present
+        from . import METHODS as baseline_methods  # the re-implemented baselines, when present
     except ImportError:
         baseline_methods = {}
     for name, factory in baseline_methods.items():

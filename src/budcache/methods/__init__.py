@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from .base import Method, MethodRun
-from .calibrate import ThresholdFit, calibrate_threshold
+from .bisect import ThresholdFit, calibrate_threshold
 from .dicache import DiCache, DiCacheController
 from .ecad import ECAD
 from .ertacache import ERTACache
