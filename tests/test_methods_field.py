@@ -11,7 +11,7 @@ import torch
 
 from budcache.errors import ConfigError
 from budcache.hooks import ResidualHistory
-from budcache.methods import ECAD, METHODS, ERTACache, GCache, MeanCache, Method
+from budcache.methods import BASELINES, ECAD, ERTACache, GCache, MeanCache, Method, available_methods
 from budcache.methods.ecad import crowding, non_dominated_fronts, ranks, repair, select
 from budcache.methods.ertacache import (
     ERTAController,
@@ -369,10 +369,8 @@ def test_ecad_fit_keeps_population_in_the_band_and_computes_exactly_k(tiny, cali
 # =============================================================================== registry, cache-dit
 def test_registry_lists_the_new_methods():
     for name in ("ertacache", "meancache", "gcache", "ecad"):
-        m = METHODS[name]()
+        m = BASELINES[name]()
         assert isinstance(m, Method) and m.name == name and m.kind == "static"
-    from budcache.methods.diffusers_peers import available_methods
-
     avail = available_methods()
     assert {"ertacache", "meancache", "gcache", "ecad"} <= set(avail)
     try:

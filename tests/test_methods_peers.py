@@ -9,14 +9,8 @@ import pytest
 import torch
 
 from budcache import tinyflow
-from budcache.methods.diffusers_peers import (
-    BlockWork,
-    FirstBlockCacheMethod,
-    MagCacheMethod,
-    TaylorSeerMethod,
-    magcache_schedule,
-    taylorseer_count,
-)
+from budcache.methods import BlockWork, FirstBlockCacheMethod, MagCacheMethod, TaylorSeerMethod, available_methods
+from budcache.methods.diffusers_peers import magcache_schedule, taylorseer_count
 from budcache.policy import CachePolicy
 from budcache.search.run import TinyflowProblem
 from helpers import StackRuns
@@ -252,6 +246,5 @@ def test_cachedit_missing_is_a_clear_error(monkeypatch):
     monkeypatch.delitem(sys.modules, "budcache.methods.cachedit", raising=False)
     with pytest.raises(MissingExtraError, match="pip install cache-dit"):
         importlib.import_module("budcache.methods.cachedit")
-    from budcache.methods.diffusers_peers import available_methods
 
     assert "dbcache" not in available_methods()

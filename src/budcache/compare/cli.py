@@ -65,7 +65,7 @@ def problem_for(a: argparse.Namespace, cfg: Any) -> Any:
 
 
 def cmd_compare(a: argparse.Namespace) -> int:
-    from ..methods.diffusers_peers import available_methods
+    from ..methods import available_methods
     from .harness import markdown, run
 
     if a.list_methods:

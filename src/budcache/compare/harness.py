@@ -37,7 +37,7 @@ from tqdm import tqdm
 
 from ..errors import ConfigError, MissingExtraError
 from ..io import atomic_write_bytes, atomic_write_text, write_json
-from ..methods.diffusers_peers import BudcacheMethod, PlainMethod, UniformMethod, build_methods
+from ..methods import BudcacheMethod, PlainMethod, UniformMethod, available_methods, build_methods
 from ..policy import CachePolicy
 from ..sampler import _select
 from ..solvers import SOLVERS
@@ -324,8 +324,6 @@ def run(out: str | Path, cfg: CompareConfig, progress: bool = True, problem: Any
 
 
 def _default_names() -> tuple[str, ...]:
-    from ..methods.diffusers_peers import available_methods
-
     extra = [n for n in available_methods() if n not in DEFAULT_METHODS]
     return (*DEFAULT_METHODS, *extra)
 

@@ -1,58 +1,69 @@
-"""Baselines compared with budcache at equal NFE, all run through budcache's one sampler.
+"""Every method ``budcache compare`` runs, behind one registry and one threshold bisection.
 
-Re-implemented here because no library ships them: TeaCache, DiCache,
-LeMiCa, a ReCache-style REINFORCE policy, ERTACache, MeanCache, GCache and
-ECAD (each module's docstring states its rule and its documented choices;
-:mod:`.profile` holds the full-step trajectory recorder several of them
-share), plus :func:`calibrate_threshold`, the
-generic bisection that tunes any threshold method to a mean NFE.
+- :mod:`.registry`: ``REGISTRY`` (name -> :class:`MethodSpec`), ``available_methods``, ``build_methods``;
+- :mod:`.base`: the :class:`Method` protocol (``fit``, ``sample``) and :class:`MethodRun`;
+- :mod:`.bisect`: :func:`calibrate_threshold`, the bisection that tunes any threshold method to a mean NFE;
+- :mod:`.budcache`: budcache's own static policies (searched, uniform, plain);
+- peers' own code, unchanged: :mod:`.diffusers_peers` (FirstBlockCache, MagCache, TaylorSeer) and
+  :mod:`.cachedit` (cache-dit, optional extra), both through :mod:`.hooked`;
+- re-implemented because no library ships them, one module each: :mod:`.teacache`, :mod:`.dicache`,
+  :mod:`.lemica`, :mod:`.recache`, :mod:`.ertacache`, :mod:`.meancache`, :mod:`.gcache`, :mod:`.ecad`
+  (:mod:`.profile` holds the full-step trajectory recorder several of them share, :mod:`.common` the rest).
 
-``METHODS`` maps a name to a factory of a :class:`~budcache.baselines.base.Method`.
+A new method is one module here plus one row in ``REGISTRY``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 from .base import Method, MethodRun
-from .bisect import ThresholdFit, calibrate_threshold
+from .bisect import NFE_TOLERANCE, ThresholdFit, bisect_threshold, calibrate_threshold
+from .budcache import BudcacheMethod, PlainMethod, StaticMethod, UniformMethod, forecast_method, policy_method
 from .dicache import DiCache, DiCacheController
+from .diffusers_peers import FirstBlockCacheMethod, MagCacheMethod, TaylorSeerMethod
 from .ecad import ECAD
 from .ertacache import ERTACache
 from .gcache import GCache
+from .hooked import BlockWork, HookMethod
 from .lemica import LeMiCa, brute_force_path, lexminimax_path
 from .meancache import MeanCache
 from .recache import ReCache
+from .registry import BASELINES, REGISTRY, MethodSpec, available_methods, build_methods, methods_from
 from .teacache import TeaCache, TeaCacheController
 
-#: name -> factory (keyword arguments go to the method's constructor).
-METHODS: dict[str, Callable[..., Method]] = {
-    "teacache": TeaCache,
-    "dicache": DiCache,
-    "lemica": LeMiCa,
-    "recache": ReCache,
-    "ertacache": ERTACache,
-    "meancache": MeanCache,
-    "gcache": GCache,
-    "ecad": ECAD,
-}
-
 __all__ = [
+    "BASELINES",
     "ECAD",
-    "METHODS",
+    "NFE_TOLERANCE",
+    "REGISTRY",
+    "BlockWork",
+    "BudcacheMethod",
     "DiCache",
     "DiCacheController",
     "ERTACache",
+    "FirstBlockCacheMethod",
     "GCache",
+    "HookMethod",
     "LeMiCa",
+    "MagCacheMethod",
     "MeanCache",
     "Method",
     "MethodRun",
+    "MethodSpec",
+    "PlainMethod",
     "ReCache",
+    "StaticMethod",
+    "TaylorSeerMethod",
     "TeaCache",
     "TeaCacheController",
     "ThresholdFit",
+    "UniformMethod",
+    "available_methods",
+    "bisect_threshold",
     "brute_force_path",
+    "build_methods",
     "calibrate_threshold",
+    "forecast_method",
     "lexminimax_path",
+    "methods_from",
+    "policy_method",
 ]

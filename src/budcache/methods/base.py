@@ -1,4 +1,4 @@
-"""The interface every compared method implements (budcache's own and the baselines).
+"""The interface every compared method implements (budcache's own, the peers' and the re-implemented ones).
 
 A method is fitted once per budget on calibration inputs (polynomials,
 thresholds, edge errors, masks: everything offline) and then samples

@@ -1,4 +1,4 @@
-"""Pieces the re-implemented baselines share: the relative L1 signal and batched sampling."""
+"""Pieces the methods share: the relative L1 signal, sampling through a problem's sampler, budgets, calibration."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import torch
 
 from ..errors import ConfigError
 from ..sampler import Controller, _select
+from ..search.calibration import CalibrationSet
 
 
 def rel_l1(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -36,6 +37,17 @@ MECHANISM = "reuse"
 def reuse_sampler(problem: Any) -> Any:
     """``make_sampler(controller)`` of ``problem`` with residual reuse (for the evaluator)."""
     return lambda controller, *args, **kw: problem.make_sampler(controller, *args, **{**kw, "mechanism": MECHANISM})
+
+
+def run_sampler(sampler: Any, noise: torch.Tensor, cond: Any, uncond: Any = None) -> Any:
+    """One run of ``sampler`` over the whole batch ``noise``; its ``SampleResult``."""
+    st = sampler.run(sampler.start(noise), cond, uncond)
+    return sampler.result(st)
+
+
+def calib_mse(latents: torch.Tensor, calib: Any) -> float:
+    """Mean latent MSE against the calibration teacher: ``mean_i mean((x_i - x_full_i)^2)``."""
+    return float((latents - calib.teacher).pow(2).flatten(1).mean(1).mean())
 
 
 def run_controller(problem: Any, controller: Controller, noise: torch.Tensor, cond: Any, uncond: Any = None,
@@ -70,8 +82,6 @@ def check_budget(problem: Any, nfe: int) -> int:
 
 def subset(calib: Any, n: int) -> Any:
     """The first ``n`` items of a calibration set (noise, conditioning, teacher)."""
-    from ..search.calibration import CalibrationSet
-
     idx = torch.arange(n, device=calib.noise.device)
     return CalibrationSet(calib.prompts[:n], calib.seeds[:n], calib.noise[:n], _select(calib.cond, idx),
                           _select(calib.uncond, idx), None if calib.teacher is None else calib.teacher[:n],
