@@ -115,3 +115,24 @@ def test_unknown_or_repeated_methods_are_errors():
         build_methods(["budcache", "teacash"])
     with pytest.raises(ConfigError, match="twice"):
         build_methods(["plain", "plain"])
+
+
+def test_registry_is_the_one_list_of_names_in_list_order(monkeypatch):
+    import sys
+
+    from budcache.errors import MissingExtraError
+    from budcache.methods import BASELINES, REGISTRY, MethodSpec
+
+    assert list(REGISTRY)[:9] == ["budcache", "budcache-reuse", "budcache-forecast", "taylorseer-searched", "uniform",
+                                  "plain", "fbcache", "magcache", "taylorseer"]
+    assert list(BASELINES) == ["teacache", "dicache", "lemica", "recache", "ertacache", "meancache", "gcache", "ecad"]
+    for name, spec in REGISTRY.items():
+        assert spec.name == name and (spec.extra is None) == (spec.source != "cache-dit")
+    # a registered method whose extra is missing names the extra; it is not "unknown"
+    monkeypatch.setitem(sys.modules, "cache_dit", None)
+    monkeypatch.delitem(sys.modules, "budcache.methods.cachedit", raising=False)
+    assert "dbcache" in REGISTRY and "dbcache" not in available_methods()
+    with pytest.raises(MissingExtraError, match=r"\['dbcache'\] need the optional extra\(s\) \['cachedit'\]"):
+        build_methods(["plain", "dbcache"])
+    with pytest.raises(ConfigError, match="needs the extra"):
+        MethodSpec("mine", "reimplemented", "MyMethod")
