@@ -1,6 +1,6 @@
 """Re-implemented baselines on tinyflow: offline fitting cost, realised NFE and held-out quality.
 
-For each budget, every method of :mod:`budcache.baselines` (and TeaCache with
+For each budget, every re-implemented method of :mod:`budcache.methods` (and TeaCache with
 the original FLUX polynomial instead of the refitted one) is fitted on
 calibration pairs and sampled on held-out pairs disjoint from them. Reported:
 fit wall time (LeMiCa's edge errors are measured once for all budgets and
@@ -21,7 +21,7 @@ import time
 import torch
 
 from budcache import tinyflow
-from budcache.baselines import METHODS, TeaCache
+from budcache.methods import REGISTRY, TeaCache
 from budcache.problems.data import pairs_for
 from budcache.problems.metrics import item_metrics
 from budcache.problems.tinyflow import TinyflowProblem, tinyflow_prompts
@@ -43,11 +43,11 @@ def main() -> None:
     calib = problem.calibration(cp, cs)
     held = problem.calibration(hp, hs)
     methods = {
-        "teacache (refit)": METHODS["teacache"](),
+        "teacache (refit)": REGISTRY["teacache"](),
         "teacache (FLUX poly)": TeaCache(refit=False),
-        "dicache": METHODS["dicache"](),
-        "lemica": METHODS["lemica"](),
-        "recache": METHODS["recache"](iterations=args.recache_iters),
+        "dicache": REGISTRY["dicache"](),
+        "lemica": REGISTRY["lemica"](),
+        "recache": REGISTRY["recache"](iterations=args.recache_iters),
     }
     rows = []
     for k in budgets:

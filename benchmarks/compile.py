@@ -37,7 +37,7 @@ from torch._dynamo.utils import counters
 
 import budcache.diffusers as bd
 from budcache import CachePolicy, tinyflow
-from budcache.compare.methods import magcache_schedule, taylorseer_count
+from budcache.methods.diffusers_peers import magcache_schedule, taylorseer_count
 from budcache.tinyflow import grammar
 
 

@@ -64,8 +64,8 @@ def problem_for(a: argparse.Namespace, cfg: Any) -> Any:
 
 
 def cmd_compare(a: argparse.Namespace) -> int:
+    from ..methods import available_methods
     from .harness import markdown, run_compare
-    from .methods import available_methods
 
     if a.list_methods:
         for name in available_methods():

@@ -36,6 +36,7 @@ from tqdm import tqdm
 
 from ..errors import ConfigError, MissingExtraError
 from ..io import atomic_write_bytes, atomic_write_text, read_json_limited, write_json
+from ..methods import BudcacheMethod, PlainMethod, UniformMethod, available_methods, build_methods
 from ..plots import pyplot, save_figure
 from ..policy import CachePolicy
 from ..problems.base import Problem
@@ -46,7 +47,6 @@ from ..problems.tinyflow import TinyflowProblem, tinyflow_prompts
 from ..sampler import select_items
 from ..search.losses import get_loss
 from ..solvers import SOLVERS
-from .methods import BudcacheMethod, PlainMethod, UniformMethod, available_methods, build_methods
 
 DEFAULT_NFES = (6, 8, 10, 14)
 DEFAULT_METHODS = ("budcache", "budcache-reuse", "budcache-forecast", "uniform", "plain", "fbcache", "magcache",

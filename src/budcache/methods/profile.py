@@ -54,7 +54,7 @@ class Trajectory:
 
 def solver_of(problem: Any) -> Solver:
     """The problem's solver as an object (the problem may name it)."""
-    s = getattr(problem, "solver", "euler")
+    s = problem.solver
     return get_solver(s) if isinstance(s, str) else s
 
 

@@ -241,7 +241,7 @@ class ERTACache:
         phi = torch.ones(n)
         den = problem.denoiser()
         tr = problem.transformer
-        g = float(getattr(problem, "guidance", 1.0))
+        g = float(problem.guidance)
         sig = problem.sigmas()
         handle = apply_cache(tr, MECHANISM)
         b = traj.items

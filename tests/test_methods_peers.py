@@ -9,14 +9,8 @@ import pytest
 import torch
 
 from budcache import tinyflow
-from budcache.compare.methods import (
-    BlockWork,
-    FirstBlockCacheMethod,
-    MagCacheMethod,
-    TaylorSeerMethod,
-    magcache_schedule,
-    taylorseer_count,
-)
+from budcache.methods import BlockWork, FirstBlockCacheMethod, MagCacheMethod, TaylorSeerMethod, available_methods
+from budcache.methods.diffusers_peers import magcache_schedule, taylorseer_count
 from budcache.policy import CachePolicy
 from budcache.problems.tinyflow import TinyflowProblem
 from helpers import StackRuns
@@ -195,7 +189,7 @@ def test_taylorseer_fit_computes_exactly_k(env):
 @torch.no_grad()
 def test_cachedit_in_budcache_sampler_equals_cachedit_on_flux_pipeline(env, guidance, static):
     cache_dit = pytest.importorskip("cache_dit")
-    from budcache.compare.cachedit import CacheDitStepsMethod, DBCacheMethod, private_copy
+    from budcache.methods.cachedit import CacheDitStepsMethod, DBCacheMethod, private_copy
 
     m = CacheDitStepsMethod(mask=[1, 1, 0, 0, 1, 0, 0, 1, 0, 1]) if static else DBCacheMethod(threshold=0.3)
     m._steps, m._separate_cfg, m.warmup = N, guidance != 1.0, 2
@@ -223,7 +217,7 @@ def test_cachedit_in_budcache_sampler_equals_cachedit_on_flux_pipeline(env, guid
 @torch.no_grad()
 def test_cachedit_steps_mask_stays_within_the_budget(env):
     pytest.importorskip("cache_dit")
-    from budcache.compare.cachedit import CacheDitStepsMethod, probe_fraction, steps_bins
+    from budcache.methods.cachedit import CacheDitStepsMethod, probe_fraction, steps_bins
 
     for n, k, w in [(28, 6, 1), (28, 10, 5), (12, 5, 2), (10, 4, 4)]:
         compute, cache = steps_bins(n, k, w)
@@ -249,9 +243,8 @@ def test_cachedit_missing_is_a_clear_error(monkeypatch):
     from budcache.errors import MissingExtraError
 
     monkeypatch.setitem(sys.modules, "cache_dit", None)
-    monkeypatch.delitem(sys.modules, "budcache.compare.cachedit", raising=False)
+    monkeypatch.delitem(sys.modules, "budcache.methods.cachedit", raising=False)
     with pytest.raises(MissingExtraError, match="pip install cache-dit"):
-        importlib.import_module("budcache.compare.cachedit")
-    from budcache.compare.methods import available_methods
+        importlib.import_module("budcache.methods.cachedit")
 
     assert "dbcache" not in available_methods()

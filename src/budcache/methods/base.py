@@ -1,4 +1,4 @@
-"""The interface every compared method implements (budcache's own and the baselines).
+"""The interface every compared method implements (budcache's own, the peers' and the re-implemented ones).
 
 A method is fitted once per budget on calibration inputs (polynomials,
 thresholds, edge errors, masks: everything offline) and then samples
@@ -29,7 +29,7 @@ class MethodRun:
 class Method(Protocol):
     """A step-caching method compared at a budget of ``nfe`` evaluations out of ``problem.steps``.
 
-    ``problem`` is a :class:`budcache.search.run.TinyflowProblem` or any object
+    ``problem`` is a :class:`budcache.problems.Problem` (a TinyflowProblem, a PipelineProblem) or any object
     with the same interface (``transformer``, ``denoiser()``, ``steps``,
     ``solver``, ``guidance``, ``sigmas(steps)``, ``make_sampler(controller, ...)``).
     """

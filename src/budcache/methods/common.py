@@ -1,4 +1,4 @@
-"""Pieces the re-implemented baselines share: the relative L1 signal and batched sampling."""
+"""Pieces the methods share: the relative L1 signal, sampling through a problem's sampler, budgets, calibration."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from typing import Any
 import torch
 
 from ..errors import ConfigError
+from ..problems.data import CalibrationSet
 from ..sampler import Controller, select_items
 
 
@@ -38,6 +39,17 @@ def reuse_sampler(problem: Any) -> Any:
     return lambda controller, *args, **kw: problem.make_sampler(controller, *args, **{**kw, "mechanism": MECHANISM})
 
 
+def run_sampler(sampler: Any, noise: torch.Tensor, cond: Any, uncond: Any = None) -> Any:
+    """One run of ``sampler`` over the whole batch ``noise``; its ``SampleResult``."""
+    st = sampler.run(sampler.start(noise), cond, uncond)
+    return sampler.result(st)
+
+
+def calib_mse(latents: torch.Tensor, calib: Any) -> float:
+    """Mean latent MSE against the calibration teacher: ``mean_i mean((x_i - x_full_i)^2)``."""
+    return float((latents - calib.teacher).pow(2).flatten(1).mean(1).mean())
+
+
 def run_controller(problem: Any, controller: Controller, noise: torch.Tensor, cond: Any, uncond: Any = None,
                    batch: int = 64, callback: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Sample ``noise`` in batches through ``problem``'s sampler with ``controller`` (residual reuse).
@@ -54,8 +66,7 @@ def run_controller(problem: Any, controller: Controller, noise: torch.Tensor, co
             idx = torch.arange(i, min(i + batch, noise.shape[0]), device=noise.device)
             cb = None if callback is None else (lambda st, off=i: callback(st, off))
             st = sampler.run(sampler.start(noise.index_select(0, idx)), select_items(cond, idx),
-                             select_items(uncond, idx),
-                             callback=cb)
+                             select_items(uncond, idx), callback=cb)
             res = sampler.result(st)
             latents.append(res.latent)
             computed.append(res.computed)
@@ -71,8 +82,6 @@ def check_budget(problem: Any, nfe: int) -> int:
 
 def subset(calib: Any, n: int) -> Any:
     """The first ``n`` items of a calibration set (noise, conditioning, teacher)."""
-    from ..problems.data import CalibrationSet
-
     idx = torch.arange(n, device=calib.noise.device)
     return CalibrationSet(calib.prompts[:n], calib.seeds[:n], calib.noise[:n], select_items(calib.cond, idx),
                           select_items(calib.uncond, idx), None if calib.teacher is None else calib.teacher[:n],
@@ -81,4 +90,4 @@ def subset(calib: Any, n: int) -> Any:
 
 def calib_key(problem: Any, calib: Any) -> tuple:
     """What offline measurements depend on: the calibration set and the problem's sampler settings."""
-    return (calib.digest, problem.steps, getattr(problem, "solver", None), getattr(problem, "guidance", None))
+    return (calib.digest, problem.steps, problem.solver, problem.guidance)

@@ -37,6 +37,7 @@ import time
 from typing import Any
 
 import torch
+from tqdm import tqdm
 
 from ..errors import ConfigError
 from ..policy import CachePolicy
@@ -121,7 +122,6 @@ class ReCache:
         best: tuple[tuple[int, ...], float] | None = None
         its = range(self.iterations)
         if self.progress:
-            from tqdm import tqdm
             its = tqdm(its, desc=f"ReCache REINFORCE (K={nfe})", leave=False)
         for it in its:
             orders = [plackett_luce_sample(theta, nfe - 1, gen) for _ in range(self.samples)]

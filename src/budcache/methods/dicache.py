@@ -47,7 +47,7 @@ from ..errors import ConfigError
 from ..hooks import ResidualHistory, stack_size
 from ..sampler import SamplerState, SignalController, StepSignals
 from .base import MethodRun
-from .calibrate import ThresholdFit, calibrate_threshold
+from .bisect import ThresholdFit, calibrate_threshold
 from .common import check_budget, rel_l1, run_controller
 
 #: A threshold no accumulated probe distance reaches: only the forced steps compute.

@@ -34,6 +34,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from ..errors import ConfigError
 from ..policy import CachePolicy
@@ -132,7 +133,6 @@ def edge_errors(make_sampler: Any, calib: Any, steps: int, max_span: int | None 
         chunk = 32
         bar = None
         if progress:
-            from tqdm import tqdm
             bar = tqdm(total=len(sets), desc="LeMiCa edge errors", leave=False)
         for a in range(0, len(sets), chunk):
             for (i, j), loss in zip(todo[a:a + chunk], ev.losses(sets[a:a + chunk])):

@@ -1,15 +1,17 @@
-"""Threshold calibration: the threshold whose mean NFE on calibration inputs hits a target.
+"""The one threshold bisection: the threshold whose mean NFE on calibration inputs hits a target.
 
-Threshold methods (TeaCache, DiCache, and diffusers' FirstBlockCache or
-MagCache hooks) spend an input-dependent number of evaluations. To compare
-them at a budget, bisect on the threshold ``t`` until the mean NFE of the
-calibration inputs is within ``tol`` of the target:
+Threshold methods (TeaCache, DiCache, diffusers' FirstBlockCache and MagCache,
+cache-dit's DBCache) spend an input-dependent number of evaluations. To
+compare them at a budget, bisect on the threshold ``t`` until the mean NFE of
+the calibration inputs is within ``tol`` of the target:
 
     find t with | mean_i nfe_i(t) - target | <= tol
 
 assuming ``nfe(t)`` does not increase with ``t`` (a larger threshold skips
 more; pass ``increasing=True`` for the opposite). :func:`calibrate_threshold`
-takes any function ``t -> per-element NFE``, so it serves every method.
+takes any function ``t -> per-element NFE`` (or one mean NFE), so it serves
+every method; :func:`bisect_threshold` is the same bisection returning only
+``(threshold, mean NFE)``.
 """
 
 from __future__ import annotations
@@ -19,8 +21,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
+from tqdm import tqdm
 
 from ..errors import ConfigError
+
+#: Bisection stops once the calibration mean NFE is this close to the target.
+NFE_TOLERANCE = 0.5
 
 
 @dataclass(frozen=True)
@@ -43,7 +49,11 @@ class ThresholdFit:
                 "history": [list(h) for h in self.history]}
 
 
-def _as_nfe(values: torch.Tensor | Sequence[float]) -> torch.Tensor:
+#: What an NFE function returns: the per-element NFE (B,) of the calibration inputs, or their mean.
+NFEValues = torch.Tensor | Sequence[float] | float
+
+
+def _as_nfe(values: NFEValues) -> torch.Tensor:
     t = torch.as_tensor(values, dtype=torch.float64).flatten()
     if t.numel() == 0:
         raise ConfigError("the NFE function returned no elements")
@@ -52,8 +62,8 @@ def _as_nfe(values: torch.Tensor | Sequence[float]) -> torch.Tensor:
     return t
 
 
-def calibrate_threshold(nfe_of: Callable[[float], torch.Tensor | Sequence[float]], target: float, *,
-                        lo: float = 0.0, hi: float = 1.0, tol: float = 0.5, max_evals: int = 40,
+def calibrate_threshold(nfe_of: Callable[[float], NFEValues], target: float, *,
+                        lo: float = 0.0, hi: float = 1.0, tol: float = NFE_TOLERANCE, max_evals: int = 40,
                         max_expand: int = 30, increasing: bool = False, geometric: bool = False,
                         refine: int = 3, progress: bool = False) -> ThresholdFit:
     """Bisection on the threshold so that ``mean(nfe_of(t))`` is within ``tol`` of ``target``.
@@ -66,6 +76,18 @@ def calibrate_threshold(nfe_of: Callable[[float], torch.Tensor | Sequence[float]
     it), the closest one is returned with ``reached=False``. Once within
     ``tol``, up to ``refine`` more bisection steps look for a threshold closer
     to the target; the closest seen wins (ties: the one not above the target).
+
+    Args:
+        nfe_of: threshold -> per-element NFE (or their mean) on the calibration inputs.
+        target: the mean NFE to reach (> 0).
+        lo, hi: the starting bracket, ``lo < hi``.
+        tol: how close the mean NFE must come to ``target``.
+        max_evals: calls of ``nfe_of`` at most (>= 2).
+        max_expand: doublings of ``hi`` at most.
+        increasing: NFE grows with the threshold instead of falling.
+        geometric: bisect at the geometric mean (needs ``lo > 0``).
+        refine: extra bisection steps once within ``tol``.
+        progress: show a progress bar.
     """
     if not math.isfinite(target) or target <= 0:
         raise ConfigError(f"target NFE must be a positive number (got {target})")
@@ -84,7 +106,6 @@ def calibrate_threshold(nfe_of: Callable[[float], torch.Tensor | Sequence[float]
     history: list[tuple[float, float]] = []
     bar = None
     if progress:
-        from tqdm import tqdm
         bar = tqdm(total=max_evals, desc=f"calibrating threshold (target NFE {target:g})", leave=False)
 
     def evaluate(t: float) -> float:
@@ -132,3 +153,15 @@ def calibrate_threshold(nfe_of: Callable[[float], torch.Tensor | Sequence[float]
         else:
             hi, g_hi = mid, g
     return best()
+
+
+def bisect_threshold(nfe_of: Callable[[float], NFEValues], target: float,
+                     lo: float = 0.0, hi: float = 1.0, *, tol: float = NFE_TOLERANCE,
+                     refine: int = 1) -> tuple[float, float]:
+    """``(threshold, mean NFE)`` of :func:`calibrate_threshold`, one refining step by default (the peers' hooks).
+
+    ``nfe_of(t)`` returns the per-element NFE or their mean; ``lo < hi``
+    brackets the start, ``hi`` doubles until the target is inside.
+    """
+    fit = calibrate_threshold(nfe_of, target, lo=lo, hi=hi, tol=tol, refine=refine)
+    return fit.threshold, fit.mean

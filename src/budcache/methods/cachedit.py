@@ -32,7 +32,8 @@ therefore computes ``K' = floor((K - N f) / (1 - f))`` steps so that
 ``K' + (N - K') f <= K`` (at least 1: where even that exceeds K, the table
 shows the larger realised NFE).
 cache-dit is installed with ``pip install cache-dit`` (it keeps torch as is);
-without it these methods raise :class:`budcache.errors.MissingExtraError`.
+without it importing this module raises :class:`budcache.errors.MissingExtraError`
+and the registry (:mod:`.registry`) leaves these methods out.
 """
 
 from __future__ import annotations
@@ -45,9 +46,11 @@ from typing import Any
 
 import torch
 
-from ..baselines.base import MethodRun
 from ..errors import MissingExtraError
-from .methods import BlockWork, HookMethod, _calib_loss, calibrate
+from .base import MethodRun
+from .bisect import bisect_threshold
+from .common import calib_mse
+from .hooked import BlockWork, HookMethod
 
 os.environ.setdefault("CACHE_DIT_LOG_LEVEL", "error")  # cache-dit logs every hook installation at info level
 
@@ -171,7 +174,7 @@ class DBCacheMethod(HookMethod):
             self.threshold = t
             return self.sample(problem, calib.noise, calib.cond, calib.uncond).nfe
 
-        self.threshold, self.calib_nfe = calibrate(at, nfe, 0.0, 0.5)
+        self.threshold, self.calib_nfe = bisect_threshold(at, nfe, 0.0, 0.5)
 
 
 @dataclass
@@ -200,7 +203,7 @@ class CacheDitStepsMethod(DBCacheMethod):
             self.warmup = warmup
             run = self.sample(problem, calib.noise, calib.cond, calib.uncond)
             self.candidates.append({"warmup": warmup, "mask": self.mask, "computed": sum(self.mask),
-                                    "loss": _calib_loss(run.latent, calib)})
+                                    "loss": calib_mse(run.latent, calib)})
         best = min(self.candidates, key=lambda c: c["loss"])
         self.warmup, self.mask = best["warmup"], best["mask"]
 
@@ -238,6 +241,3 @@ def foca_method() -> CacheDitCalibratedMethod:
     """cache-dit's steps mask with its FoCa calibrator."""
     return CacheDitCalibratedMethod(name="cachedit-foca", calibrator="foca")
 
-
-METHODS: dict[str, Callable[[], Any]] = {"dbcache": DBCacheMethod, "cachedit-steps": CacheDitStepsMethod,
-                                         "cachedit-dmd": dmd_method, "cachedit-foca": foca_method}

@@ -1,4 +1,4 @@
-"""Tests for ERTACache, MeanCache, GCache and ECAD (budcache.baselines) and cache-dit's DMD / FoCa calibrators:
+"""Tests for ERTACache, MeanCache, GCache and ECAD (budcache.methods) and cache-dit's DMD / FoCa calibrators:
 each method's rule on scripted inputs, exact budgets counted from real block runs, and deterministic fits."""
 
 from __future__ import annotations
@@ -9,9 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from budcache.baselines import ECAD, METHODS, ERTACache, GCache, MeanCache, Method
-from budcache.baselines.ecad import crowding, non_dominated_fronts, ranks, repair, select
-from budcache.baselines.ertacache import (
+from budcache.errors import ConfigError
+from budcache.hooks import ResidualHistory
+from budcache.methods import BASELINES, ECAD, ERTACache, GCache, MeanCache, Method, available_methods
+from budcache.methods.ecad import crowding, non_dominated_fronts, ranks, repair, select
+from budcache.methods.ertacache import (
     ERTAController,
     accumulate_schedule,
     fit_affine,
@@ -19,21 +21,19 @@ from budcache.baselines.ertacache import (
     schedule_for_budget,
     sources,
 )
-from budcache.baselines.gcache import bayes_opt, bound_weights, brute_force_gcache_path, gcache_path, local_errors
-from budcache.baselines.meancache import (
+from budcache.methods.gcache import bayes_opt, bound_weights, brute_force_gcache_path, gcache_path, local_errors
+from budcache.methods.meancache import (
     brute_force_peak_path,
     edge_costs,
     mean_velocity,
     objective,
     peak_suppressed_path,
 )
-from budcache.baselines.profile import StepSolver, record_trajectory
-from budcache.errors import ConfigError
-from budcache.hooks import ResidualHistory
+from budcache.methods.profile import StepSolver, record_trajectory
 from budcache.sampler import StaticMask
 from budcache.solvers import get_solver
 from helpers import make_transformer
-from test_baselines import BlockRuns, TinyProblem, calibration, inputs
+from test_methods_baselines import BlockRuns, TinyProblem, calibration, inputs
 
 torch.set_num_threads(1)
 N = 8
@@ -369,10 +369,8 @@ def test_ecad_fit_keeps_population_in_the_band_and_computes_exactly_k(tiny, cali
 # =============================================================================== registry, cache-dit
 def test_registry_lists_the_new_methods():
     for name in ("ertacache", "meancache", "gcache", "ecad"):
-        m = METHODS[name]()
+        m = BASELINES[name]()
         assert isinstance(m, Method) and m.name == name and m.kind == "static"
-    from budcache.compare.methods import available_methods
-
     avail = available_methods()
     assert {"ertacache", "meancache", "gcache", "ecad"} <= set(avail)
     try:
@@ -390,7 +388,7 @@ def test_cachedit_calibrators_on_the_steps_mask(calibrator):
     output differs from the same mask without the calibrator (the forecast replaces plain reuse)."""
     pytest.importorskip("cache_dit")
     from budcache import tinyflow
-    from budcache.compare.cachedit import CacheDitCalibratedMethod, CacheDitStepsMethod, probe_fraction
+    from budcache.methods.cachedit import CacheDitCalibratedMethod, CacheDitStepsMethod, probe_fraction
     from budcache.problems.tinyflow import TinyflowProblem
 
     tf = tinyflow.load()

@@ -35,7 +35,7 @@ from ..errors import ConfigError
 from ..hooks import modulated_input
 from ..sampler import SamplerState, SignalController, StepSignals
 from .base import MethodRun
-from .calibrate import ThresholdFit, calibrate_threshold
+from .bisect import ThresholdFit, calibrate_threshold
 from .common import calib_key, check_budget, polyval, rel_l1, run_controller
 
 #: TeaCache's FLUX rescaling polynomial (highest power first).

@@ -1,4 +1,4 @@
-"""Tests for budcache.baselines: each re-implemented baseline's rule on scripted inputs, threshold calibration,
+"""Tests for budcache.methods: each re-implemented baseline's rule on scripted inputs, threshold calibration,
 LeMiCa's exact DP, ReCache's exact-budget sampling, and every method end to end with exact NFE accounting."""
 
 from __future__ import annotations
@@ -11,8 +11,11 @@ import numpy as np
 import pytest
 import torch
 
-from budcache.baselines import (
-    METHODS,
+from budcache.denoisers import FluxCond, FluxDenoiser
+from budcache.errors import ConfigError
+from budcache.hooks import Probe, ResidualHistory, find_cache, modulated_input, probe_stack
+from budcache.methods import (
+    BASELINES,
     DiCache,
     DiCacheController,
     LeMiCa,
@@ -24,14 +27,11 @@ from budcache.baselines import (
     calibrate_threshold,
     lexminimax_path,
 )
-from budcache.baselines.common import polyval, rel_l1
-from budcache.baselines.dicache import aligned_estimate, forced_steps
-from budcache.baselines.lemica import edge_errors, path_cost
-from budcache.baselines.recache import plackett_luce_log_prob, plackett_luce_sample
-from budcache.baselines.teacache import fit_rescaler
-from budcache.denoisers import FluxCond, FluxDenoiser
-from budcache.errors import ConfigError
-from budcache.hooks import Probe, ResidualHistory, find_cache, modulated_input, probe_stack
+from budcache.methods.common import polyval, rel_l1
+from budcache.methods.dicache import aligned_estimate, forced_steps
+from budcache.methods.lemica import edge_errors, path_cost
+from budcache.methods.recache import plackett_luce_log_prob, plackett_luce_sample
+from budcache.methods.teacache import fit_rescaler
 from budcache.problems.data import make_calibration
 from budcache.sampler import Sampler, SignalController, StaticMask
 from budcache.schedules import flux
@@ -418,7 +418,7 @@ def test_calibration_on_tinyflow_hits_target(tflow, method):
     problem = TinyflowProblem(tflow, steps=12)
     prompts, seeds = pairs_for(tinyflow_prompts(4, seed=3), 1, 3)
     calib = problem.calibration(prompts, seeds)
-    m = METHODS[method]()
+    m = BASELINES[method]()
     m.fit(problem, calib, 6)
     fit = m.calibration
     assert fit.reached and abs(fit.mean - 6) <= 0.5
@@ -548,8 +548,8 @@ def test_recache_fit_and_sample(tiny):
 
 # =============================================================================== registry, end to end on tinyflow
 def test_registry_lists_the_methods():
-    assert set(METHODS) >= {"teacache", "dicache", "lemica", "recache"}
-    for name, factory in METHODS.items():
+    assert set(BASELINES) >= {"teacache", "dicache", "lemica", "recache"}
+    for name, factory in BASELINES.items():
         m = factory()
         assert isinstance(m, Method) and m.name == name and m.kind in ("static", "threshold")
     with pytest.raises(ConfigError, match="budget"):
@@ -568,7 +568,7 @@ def test_methods_end_to_end_on_tinyflow(tflow, name):
     prompts, seeds = pairs_for(tinyflow_prompts(6, seed=11), 1, 11)
     calib = problem.calibration(prompts[:3], seeds[:3])
     kwargs = {"recache": {"iterations": 5, "samples": 4}}.get(name, {})
-    m = METHODS[name](**kwargs)
+    m = BASELINES[name](**kwargs)
     m.fit(problem, calib, 5)
     cond, uncond = problem.conds(prompts[3:])
     noise = tflow.noise(seeds[3:])
