@@ -25,7 +25,7 @@ full block stack.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -456,6 +456,36 @@ class Sampler:
             raise ConfigError(f"state is at step {state.step} of {self.steps}: run it to the end first")
         return SampleResult(state.x, state.nfe, torch.stack(state.computed) if state.computed else
                             torch.zeros(0, state.x.shape[0], dtype=torch.bool))
+
+
+def run_batches(sampler: Sampler | Callable[[], Sampler], noise: torch.Tensor, cond: Any, uncond: Any = None,
+                batch: int = 64, callback: Callable[[int, int], Any] | None = None) -> SampleResult:
+    """Sample ``noise`` (B, ...) ``batch`` items at a time: the one batched loop every stage uses.
+
+    Args:
+        sampler: a sampler, or a factory called once per batch (for controllers that keep state).
+        noise: initial latents (B, ...).
+        cond, uncond: their conditioning (tensors, or objects with ``select(idx)``).
+        batch: items per batch (>= 1).
+        callback: ``callback(offset, size)`` -> a per-step callback for the batch starting at item
+            ``offset`` (or ``None``).
+
+    Returns:
+        the final latents (B, ...), NFE (B,) and decisions (N, B), batches concatenated.
+    """
+    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+        raise ConfigError(f"batch must be an integer >= 1 (got {batch!r})")
+    latents, nfes, computed = [], [], []
+    for i in range(0, noise.shape[0], batch):
+        idx = torch.arange(i, min(i + batch, noise.shape[0]), device=noise.device)
+        s = sampler if isinstance(sampler, Sampler) else sampler()
+        st = s.run(s.start(noise.index_select(0, idx)), select_items(cond, idx), select_items(uncond, idx),
+                   callback=None if callback is None else callback(i, len(idx)))
+        res = s.result(st)
+        latents.append(res.latent)
+        nfes.append(res.nfe)
+        computed.append(res.computed)
+    return SampleResult(torch.cat(latents), torch.cat(nfes), torch.cat(computed, dim=1))
 
 
 def map_state(state: SamplerState, fn: Any) -> SamplerState:

@@ -8,7 +8,7 @@ import torch
 
 from ..errors import ConfigError
 from ..problems.data import CalibrationSet
-from ..sampler import Controller, select_items
+from ..sampler import Controller, run_batches, select_items
 
 
 def rel_l1(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -59,18 +59,10 @@ def run_controller(problem: Any, controller: Controller, noise: torch.Tensor, co
     """
     if batch < 1:
         raise ConfigError(f"batch must be >= 1 (got {batch})")
-    sampler = reuse_sampler(problem)(controller)
-    latents, computed = [], []
+    per_batch = None if callback is None else (lambda offset, size: (lambda st: callback(st, offset)))
     with torch.no_grad():
-        for i in range(0, noise.shape[0], batch):
-            idx = torch.arange(i, min(i + batch, noise.shape[0]), device=noise.device)
-            cb = None if callback is None else (lambda st, off=i: callback(st, off))
-            st = sampler.run(sampler.start(noise.index_select(0, idx)), select_items(cond, idx),
-                             select_items(uncond, idx), callback=cb)
-            res = sampler.result(st)
-            latents.append(res.latent)
-            computed.append(res.computed)
-    return torch.cat(latents), torch.cat(computed, dim=1)
+        res = run_batches(reuse_sampler(problem)(controller), noise, cond, uncond, batch, callback=per_batch)
+    return res.latent, res.computed
 
 
 def check_budget(problem: Any, nfe: int) -> int:

@@ -26,7 +26,8 @@ from typing import Any
 import torch
 
 from ..errors import ConfigError
-from ..sampler import SamplerState, StaticMask, select_items
+from ..sampler import SamplerState, StaticMask
+from ..sampler import run_batches as sampler_batches
 from ..solvers import Solver, get_solver
 from .common import MECHANISM
 
@@ -139,14 +140,6 @@ def run_batches(make: Any, noise: torch.Tensor, cond: Any, uncond: Any = None,
     """
     if batch < 1:
         raise ConfigError(f"batch must be >= 1 (got {batch})")
-    latents, computed = [], []
     with torch.no_grad():
-        for i in range(0, noise.shape[0], batch):
-            idx = torch.arange(i, min(i + batch, noise.shape[0]), device=noise.device)
-            sampler = make()
-            st = sampler.run(sampler.start(noise.index_select(0, idx)), select_items(cond, idx),
-                             select_items(uncond, idx))
-            res = sampler.result(st)
-            latents.append(res.latent)
-            computed.append(res.computed)
-    return torch.cat(latents), torch.cat(computed, dim=1)
+        res = sampler_batches(make, noise, cond, uncond, batch)
+    return res.latent, res.computed

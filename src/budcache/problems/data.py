@@ -24,7 +24,7 @@ import torch
 
 from ..errors import ConfigError
 from ..progress import step_counter
-from ..sampler import Sampler, select_items
+from ..sampler import Sampler, run_batches
 
 #: Seed offset of each split: a split's pairs are drawn from ``seed + SPLITS[split]``, so the splits of one
 #: seed are disjoint (held-out: quality reports; validation: alignment's stopping set).
@@ -184,13 +184,7 @@ def split_pairs(problem: Any, split: str, n: int, seed: int, calib_prompts: Sequ
 
 def run_items(sampler: Sampler, noise: torch.Tensor, cond: Any, uncond: Any = None, batch: int = 64) -> torch.Tensor:
     """Final latents of every item under one sampler, ``batch`` items at a time (progress: :func:`step_counter`)."""
-    outs = []
-    for i in range(0, len(noise), batch):
-        idx = torch.arange(i, min(i + batch, len(noise)), device=noise.device)
-        st = sampler.run(sampler.start(noise[idx]), select_items(cond, idx), select_items(uncond, idx),
-                         callback=step_counter(len(idx)))
-        outs.append(st.x)
-    return torch.cat(outs)
+    return run_batches(sampler, noise, cond, uncond, batch, callback=lambda offset, size: step_counter(size)).latent
 
 
 def make_calibration(make_sampler: Callable[[Any], Sampler], prompts: list[str], seeds: list[int],
