@@ -19,7 +19,8 @@ import sys
 import torch
 
 from budcache.compare.cli import config_from_args, register
-from budcache.compare.harness import load_result, markdown, merge_results, run_compare, write_outputs
+from budcache.compare.harness import run_compare
+from budcache.compare.report import load_result, markdown, merge_results, write_outputs
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -12,7 +12,8 @@ from PIL import Image
 
 from budcache import tinyflow
 from budcache.cli import main
-from budcache.compare.harness import CompareConfig, markdown, pair_sets, quality, run_compare
+from budcache.compare.harness import CompareConfig, pair_sets, quality, run_compare
+from budcache.compare.report import markdown
 from budcache.errors import ConfigError
 from budcache.policy import CachePolicy
 from budcache.problems.tinyflow import TinyflowProblem
@@ -135,7 +136,7 @@ def test_markdown_names_budgets_where_budcache_is_not_best(tmp_path):
 
 @torch.no_grad()
 def test_runs_of_disjoint_methods_merge_into_one_table(tmp_path):
-    from budcache.compare.harness import load_result, merge_results
+    from budcache.compare.report import load_result, merge_results
 
     base = dict(nfes=(3,), steps=N, calib_pairs=2, eval_pairs=2, transfer=False, grid_rows=1)
     run_compare(tmp_path / "a", CompareConfig(methods=("plain",), **base), progress=False)

@@ -65,7 +65,8 @@ def problem_for(a: argparse.Namespace, cfg: Any) -> Any:
 
 def cmd_compare(a: argparse.Namespace) -> int:
     from ..methods import available_methods
-    from .harness import markdown, run_compare
+    from .harness import run_compare
+    from .report import markdown
 
     if a.list_methods:
         for name in available_methods():
