@@ -236,6 +236,23 @@ def test_cachedit_steps_mask_stays_within_the_budget(env):
     assert float(res.nfe[0]) == pytest.approx(m.computed + (12 - m.computed) * f)
 
 
+@torch.no_grad()
+def test_cachedit_searched_mask_keeps_the_budget_and_never_loses_to_the_hand_set_mask(env):
+    pytest.importorskip("cache_dit")
+    from budcache.methods.cachedit import CacheDitSearchedMethod, CacheDitStepsMethod
+
+    p = problem(env, steps=12)
+    calib = p.calibration(["a red circle", "two squares"], [1, 2])
+    hand = CacheDitStepsMethod()
+    hand.fit(p, calib, 8)
+    m = CacheDitSearchedMethod(search_kw={"sa_iters": 4, "hc_rounds": 1})
+    m.fit(p, calib, 8)
+    assert sum(m.mask) == hand.computed == m.computed and all(m.mask[:m.warmup])  # exact K', warm-up kept
+    assert m.evaluations > 1 and m.search_loss <= m.start_loss  # the search starts from the hand-set mask
+    res = m.sample(p, calib.noise, calib.cond)
+    assert res.extra["full_runs"] == sum(m.mask)
+
+
 def test_cachedit_missing_is_a_clear_error(monkeypatch):
     import importlib
     import sys

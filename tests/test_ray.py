@@ -17,6 +17,7 @@ import torch
 
 from budcache import tinyflow
 from budcache.errors import ConfigError, MissingExtraError, ModelOutputError
+from budcache.problems.base import Shipped
 from budcache.problems.data import pairs_for
 from budcache.problems.tinyflow import TinyflowProblem, tinyflow_prompts
 from budcache.search import Evaluator, SearchConfig, hc_neighbourhood, random_init, search
@@ -24,7 +25,6 @@ from budcache.search.anneal import load_checkpoint
 from budcache.search.distributed import (
     ALIGN,
     RayEvaluator,
-    Shipped,
     align_weights,
     make_evaluator,
     to_device,

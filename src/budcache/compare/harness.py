@@ -210,7 +210,8 @@ def paired_wins(rows: list[dict[str, Any]], psnr: dict[str, np.ndarray], ours: s
 def _fit_info(m: Any) -> dict[str, Any]:
     """What a fitted method chose (mask, threshold, schedule), for the JSON output."""
     info: dict[str, Any] = {}
-    for key in ("threshold", "calib_nfe", "before", "interval", "max_skip_steps", "retention_ratio"):
+    for key in ("threshold", "calib_nfe", "before", "interval", "max_skip_steps", "retention_ratio", "warmup",
+                "start_loss", "search_loss", "evaluations"):
         v = getattr(m, key, None)
         if isinstance(v, (int, float)) and not isinstance(v, bool):
             info[key] = v
@@ -218,6 +219,8 @@ def _fit_info(m: Any) -> dict[str, Any]:
     if isinstance(pol, CachePolicy):
         info["mask"] = pol.strip()
         info["compute"] = list(pol.compute)
+    elif isinstance(getattr(m, "mask", None), list):  # a peer's static steps mask (cache-dit)
+        info["mask"] = "".join("C" if v else "." for v in m.mask)
     return info
 
 

@@ -10,6 +10,11 @@
   bin, then single computed steps separated by cache bins that grow towards
   the end, like cache-dit's predefined masks; the warm-up length is chosen on
   the calibration loss.
+- ``cachedit-searched``: the same static steps mask, searched by budcache
+  (annealing then hill climbing, exactly ``K'`` computed steps at every
+  move, cache-dit's warm-up steps kept computed) from the best hand-set mask
+  of ``cachedit-steps``; every candidate mask is one whole generation of the
+  calibration items with cache-dit's own code, scored by the search loss.
 - ``cachedit-dmd`` and ``cachedit-foca``: the same static steps mask with one
   of cache-dit's residual calibrators forecasting the cached residual on the
   cached steps instead of reusing it: ``DMDCalibratorConfig`` (dynamic mode
@@ -47,6 +52,9 @@ from typing import Any
 import torch
 
 from ..errors import MissingExtraError
+from ..search.anneal import SearchConfig, search
+from ..search.job import PEER_SEARCH
+from ..search.losses import get_loss
 from .base import MethodRun
 from .bisect import bisect_threshold
 from .common import calib_mse
@@ -206,6 +214,43 @@ class CacheDitStepsMethod(DBCacheMethod):
                                     "loss": calib_mse(run.latent, calib)})
         best = min(self.candidates, key=lambda c: c["loss"])
         self.warmup, self.mask = best["warmup"], best["mask"]
+
+
+@dataclass
+class CacheDitSearchedMethod(CacheDitStepsMethod):
+    """cache-dit's static steps mask searched by budcache, from the best hand-set mask (see the module doc).
+
+    Args:
+        loss: the search loss (``logmse``: budcache's default, so both are scored alike).
+        search_kw: :class:`~budcache.search.anneal.SearchConfig` fields (default: the peer settings of
+            :data:`budcache.search.job.PEER_SEARCH`, every mask being a whole generation).
+    """
+
+    name: str = "cachedit-searched"
+    loss: str = "logmse"
+    search_kw: dict[str, Any] = field(default_factory=dict)
+    start_loss: float | None = None
+    search_loss: float | None = None
+    evaluations: int = 0
+
+    def fit(self, problem: Any, calib: Any, nfe: int) -> None:
+        super().fit(problem, calib, nfe)  # the hand-set masks; the best one is the start
+        n, loss_fn = problem.steps, get_loss(self.loss)
+        start = tuple(i for i, m in enumerate(self.mask) if m)
+        memo: dict[tuple[int, ...], float] = {}
+
+        def losses(computes: Any) -> list[float]:
+            for c in map(tuple, computes):
+                if c not in memo:
+                    self.mask = [int(i in c) for i in range(n)]
+                    run = self.sample(problem, calib.noise, calib.cond, calib.uncond)
+                    memo[c] = float(loss_fn(run.latent.float(), calib.teacher.float()).mean())
+            return [memo[tuple(c)] for c in computes]
+
+        kw = {**PEER_SEARCH, "prefix": min(self.warmup, len(start)), **self.search_kw}
+        res = search(losses, SearchConfig(steps=n, nfe=len(start), **kw), init=start)
+        self.mask = [int(i in res.compute) for i in range(n)]
+        self.start_loss, self.search_loss, self.evaluations = memo[start], res.loss, len(memo)
 
 
 @dataclass

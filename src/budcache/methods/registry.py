@@ -119,6 +119,7 @@ REGISTRY: dict[str, MethodSpec] = _rows(
     MethodSpec("taylorseer", "diffusers", TaylorSeerMethod),
     MethodSpec("dbcache", "cache-dit", "DBCacheMethod", extra="cachedit"),
     MethodSpec("cachedit-steps", "cache-dit", "CacheDitStepsMethod", extra="cachedit"),
+    MethodSpec("cachedit-searched", "cache-dit", "CacheDitSearchedMethod", extra="cachedit"),
     MethodSpec("cachedit-dmd", "cache-dit", "dmd_method", extra="cachedit"),
     MethodSpec("cachedit-foca", "cache-dit", "foca_method", extra="cachedit"),
     MethodSpec("teacache", "reimplemented", TeaCache),
