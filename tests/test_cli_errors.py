@@ -323,9 +323,11 @@ def test_align_refuses_to_overwrite_an_earlier_runs_checkpoint(tmp_path, capsys)
 
 def test_search_api_refuses_then_resumes_or_forces(tmp_path):
     from budcache.errors import ConfigError
+    from budcache.problems import SamplerSettings
     from budcache.search.job import run_search
 
-    kw = dict(nfes=[2], steps=4, calib_pairs=2, heldout_pairs=1, sa_iters=2, hc_rounds=1, progress=False)
+    kw = dict(nfes=[2], settings=SamplerSettings(steps=4, mechanism="vtaylor1"), calib_pairs=2, heldout_pairs=1,
+              sa_iters=2, hc_rounds=1, progress=False)
     first = run_search(tmp_path, **kw)
     with pytest.raises(ConfigError, match=r"holds the checkpoint of an earlier run \(checkpoint_N4_K2\.json\)"):
         run_search(tmp_path, **kw)

@@ -154,7 +154,8 @@ def test_metrics_cap_psnr_and_fall_back_to_latents(tf):
 
     t = torch.linspace(-1, 1, 32).reshape(2, 16)
     m = item_metrics(NoDecoder(), t + 0.01, t)
-    assert set(m) == {"latent_mse", "psnr"} and np.allclose(m["psnr"], 10 * np.log10(4 / 1e-4), atol=1e-3)
+    peak = (t.max(1).values - t.min(1).values).pow(2).numpy()  # each item's own range
+    assert set(m) == {"latent_mse", "psnr"} and np.allclose(m["psnr"], 10 * np.log10(peak / 1e-4), atol=1e-3)
 
 
 def test_unknown_pipeline_family_is_a_clear_error():
@@ -177,3 +178,7 @@ def test_stages_are_callable(tmp_path):
     assert outcomes[0].policy.nfe == 2 and (tmp_path / "policy_N4_K2.json").is_file()
     with pytest.raises(ConfigError, match="either a problem or settings"):
         budcache.search(tmp_path / "x", nfes=[2], problem=TinyflowProblem(steps=4), settings=SamplerSettings())
+    with pytest.raises(ConfigError, match="steps is a sampler setting"):
+        budcache.search(tmp_path / "y", nfes=[2], steps=4)
+    with pytest.raises(ConfigError, match="unknown search option 'sa_iter'"):
+        budcache.search(tmp_path / "z", nfes=[2], sa_iter=4)

@@ -19,6 +19,7 @@ def latent_psnr(mse: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     return 10 * torch.log10(peak / mse.clamp_min(MSE_FLOOR))
 
 
+@torch.no_grad()
 def item_metrics(problem: Any, latents: torch.Tensor, teacher: torch.Tensor, prompts: Sequence[str] | None = None,
                  lpips: Any = None) -> dict[str, np.ndarray]:
     """Per-item metrics of ``latents`` against the full-step ``teacher`` latents.
@@ -37,6 +38,7 @@ def item_metrics(problem: Any, latents: torch.Tensor, teacher: torch.Tensor, pro
         prompts: the items' prompts (for the checker).
         lpips: a callable ``lpips(a, b)`` on image pairs, or ``None``.
     """
+    latents, teacher = latents.detach(), teacher.detach()
     mse = (latents - teacher).pow(2).flatten(1).mean(1)
     out = {"latent_mse": mse.cpu().numpy()}
     a, b = problem.images(latents), problem.images(teacher)

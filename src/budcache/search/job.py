@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import math
 from collections.abc import Sequence
@@ -176,6 +177,16 @@ def check_settings(*, steps: int, nfes: Sequence[int], heldout_pairs: int, seeds
         raise ConfigError(f"--guidance must be a finite number >= 0 (got {guidance})")
 
 
+def check_search_kw(search_kw: dict[str, Any]) -> None:
+    """Only :class:`SearchConfig` fields; a sampler setting passed here names where it belongs."""
+    fields = {f.name for f in dataclasses.fields(SearchConfig)} - {"steps", "nfe"}
+    for key in search_kw:
+        if key in ("steps", "solver", "mechanism", "guidance"):
+            raise ConfigError(f"{key} is a sampler setting: pass settings=SamplerSettings({key}=...) or a problem")
+        if key not in fields:
+            raise ConfigError(f"unknown search option {key!r}; the options are {sorted(fields)}")
+
+
 def refuse_overwrite(out: Path, names: Sequence[str], resume: bool, force: bool) -> None:
     """Refuse to start over where ``out`` holds checkpoints of an earlier run (without ``resume`` or ``force``)."""
     if resume or force:
@@ -289,6 +300,7 @@ def run_search(out: str | Path, *, nfes: Sequence[int], problem: Problem | None 
     """
     if problem is not None and (settings is not None or model is not None):
         raise ConfigError("give either a problem or settings/model (a problem carries its own settings)")
+    check_search_kw(search_kw)
     settings = problem.settings if problem is not None else (settings or SamplerSettings(mechanism=DEFAULT_MECHANISM))
     steps, mechanism = settings.steps, settings.mechanism
     check_settings(steps=steps, nfes=nfes, heldout_pairs=heldout_pairs, seeds_per_prompt=seeds_per_prompt,
