@@ -145,7 +145,7 @@ class _ResidualTap:
     """
 
     def __init__(self, transformer: torch.nn.Module, order: int = 0) -> None:
-        from ..hooks import _block_stack
+        from ..hooks import block_stack as _block_stack
 
         blocks = _block_stack(transformer)
         self.head, self.tail = blocks[0][1], blocks[-1][1]
