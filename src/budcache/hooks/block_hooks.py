@@ -102,6 +102,10 @@ class _StackBlockHook(ModelHook):
             h_in_s, e_in_s = h_in.index_select(0, st.idx), (e_in.index_select(0, st.idx) if e_in is not None else None)
         else:
             h_in_s, e_in_s = h_in, e_in
+        if h_out.shape != h_in_s.shape:
+            raise ConfigError(f"{type(self.cache.transformer).__name__}: the last block returns an image stream of "
+                              f"shape {tuple(h_out.shape)} but the first block took {tuple(h_in_s.shape)} (the model "
+                              "re-lays its streams between block lists), so budcache has no stack residual for it")
         r_img = (h_out - h_in_s).detach()
         r_txt = (e_out - e_in_s).detach() if (e_out is not None and e_in_s is not None) else None
         idx = st.idx

@@ -96,14 +96,23 @@ def block_stack(transformer: torch.nn.Module) -> list[tuple[str, torch.nn.Module
         raise ConfigError(
             f"{type(transformer).__name__} has no block stack that budcache recognises "
             f"(expected a ModuleList named one of {sorted(_ALL_TRANSFORMER_BLOCK_IDENTIFIERS)})")
+    checked: set[type] = set()
     for name, b in blocks:
+        if b.__class__ in checked:
+            continue
         try:
-            block_contract(b.__class__)
+            contract = block_contract(b.__class__)
         except KeyError:
             raise ConfigError(
                 f"{type(transformer).__name__}: block {name} ({type(b).__name__}) is not in diffusers' "
                 "transformer block registry, so budcache cannot cache it (a row in "
                 "budcache.hooks.BLOCK_CONTRACTS declares its streams)") from None
+        params = ArgumentNames(b.forward).names
+        if contract.hidden_arg not in params:
+            raise ConfigError(
+                f"{type(transformer).__name__}: the block contract of {type(b).__name__} names the argument "
+                f"{contract.hidden_arg!r} for the image stream, but its forward takes {params}")
+        checked.add(b.__class__)
     return blocks
 
 
