@@ -41,7 +41,7 @@ from torch.utils.checkpoint import checkpoint as _checkpoint
 from .. import __version__
 from ..errors import ConfigError, ModelOutputError
 from ..estimators import newton
-from ..hooks import MECHANISMS, _block_stack, find_cache
+from ..hooks import MECHANISMS, block_stack, find_cache
 from ..io import atomic_write_bytes
 from ..policy import CachePolicy
 from ..problems.data import CalibrationSet, run_items
@@ -146,7 +146,7 @@ class _ResidualTap:
     """
 
     def __init__(self, transformer: torch.nn.Module, order: int = 0) -> None:
-        blocks = _block_stack(transformer)
+        blocks = block_stack(transformer)
         self.head, self.tail = blocks[0][1], blocks[-1][1]
         self.order = int(order)
         self.phase: str | None = None      # "compute" | "skip" | None (inactive)
