@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -168,17 +170,54 @@ def test_static_mask_plan_must_agree_with_mask() -> None:
 
 
 # ------------------------------------------------------------------------------ version 1 unchanged
-@pytest.mark.slow
-def test_version_1_policies_reproduce_their_earlier_outputs_bit_for_bit() -> None:
-    """Outputs written by the release before version 2 (tests/data/make_v1_reference.py) are reproduced exactly."""
-    from pathlib import Path
+#: The last release before policy version 2: its code writes the reference outputs of version-1 policies.
+V1_RELEASE = "838c296"
+
+
+def _v1_reference(tmp_path: Path) -> dict[str, torch.Tensor]:
+    """The outputs of version-1 policies under the release before version 2, computed here and now.
+
+    Float results depend on the CPU's kernels, so the reference is not stored: the earlier release's
+    package is taken from git history (with today's tinyflow weights) and runs
+    ``tests/data/make_v1_reference.py`` in a subprocess on this machine.
+    """
+    import io
+    import os
+    import shutil
+    import subprocess
+    import sys
+    import tarfile
 
     from safetensors.torch import load_file
 
+    root = Path(__file__).resolve().parents[1]
+    try:
+        blob = subprocess.run(["git", "-C", str(root), "archive", V1_RELEASE, "src/budcache"], capture_output=True,
+                              check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        pytest.skip(f"needs git and the project's history (commit {V1_RELEASE}) to run the earlier release")
+    with tarfile.open(fileobj=io.BytesIO(blob)) as tar:
+        if hasattr(tarfile, "data_filter"):  # Python >= 3.10.12 / 3.11.4: refuse links out of the folder
+            tar.extractall(tmp_path / "old", filter="data")
+        else:
+            tar.extractall(tmp_path / "old")  # our own repository's archive
+    old_weights = tmp_path / "old" / "src" / "budcache" / "tinyflow" / "weights"
+    shutil.rmtree(old_weights)
+    shutil.copytree(root / "src" / "budcache" / "tinyflow" / "weights", old_weights)
+    out = tmp_path / "v1_reference.safetensors"
+    env = {**os.environ, "PYTHONPATH": str(tmp_path / "old" / "src"), "HF_HUB_OFFLINE": "1"}
+    subprocess.run([sys.executable, str(root / "tests" / "data" / "make_v1_reference.py"), str(out)], env=env,
+                   check=True, capture_output=True, cwd=tmp_path)
+    return load_file(str(out))
+
+
+@pytest.mark.slow
+def test_version_1_policies_reproduce_their_earlier_outputs_bit_for_bit(tmp_path: Path) -> None:
+    """Version-1 policies give the outputs of the release before version 2, bit for bit, on this machine."""
     import budcache.diffusers as bd
     from budcache import tinyflow
 
-    ref = load_file(str(Path(__file__).parent / "data" / "v1_reference.safetensors"))
+    ref = _v1_reference(tmp_path)
     prompts = ["a red circle", "two green triangles", "a small blue square in the top left"]
     seeds = [3, 4, 5]
     prev = torch.get_num_threads()

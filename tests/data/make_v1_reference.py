@@ -1,7 +1,8 @@
 """Writes v1_reference.safetensors: outputs of version-1 policies under the release that introduced version 2.
 
-Run from a checkout of that earlier release (PYTHONPATH=<old>/src python tests/data/make_v1_reference.py);
-tests/test_estimators.py checks that today's code reproduces them bit for bit.
+Runs under that earlier release (PYTHONPATH=<old>/src python tests/data/make_v1_reference.py OUT);
+tests/test_estimators.py extracts the release from git history, runs this on the test machine (float
+results depend on the CPU) and checks that today's code reproduces them bit for bit.
 """
 
 import sys
