@@ -37,6 +37,16 @@ torch.set_num_threads(1)
 PROMPTS = ["p0", "p1"]
 HV15_NEEDS_BLOCKS = pytest.mark.xfail(reason="needs the HunyuanVideo 1.5 block contract from the hooks branch",
                                       strict=False)
+#: The residual hooks' block contract does not yet cover these stacks (hooks branch): FLUX.2's single-stream
+#: blocks run on the concatenated text + image stream, so the stack's output is not its input stream; Z-Image's
+#: blocks take ``x`` (not ``hidden_states``) and per-element ``attn_mask``/``freqs_cis``/``adaln_input``.
+NEEDS_CONTRACT = {
+    "hv15": HV15_NEEDS_BLOCKS,
+    "flux2": pytest.mark.xfail(reason="needs a block contract for FLUX.2's concatenated single-stream blocks "
+                                      "(hooks branch)", strict=False),
+    "zimage": pytest.mark.xfail(reason="needs a block contract for Z-Image's blocks (argument 'x', per-element "
+                                       "masks and rope; hooks branch)", strict=False),
+}
 
 
 def _scheduler(**kw: Any) -> FlowMatchEulerDiscreteScheduler:
@@ -196,7 +206,7 @@ def test_noise_and_sigmas_are_the_pipelines(case, tmp_path):
     rec = Calls(pipe.transformer)
     try:
         with torch.no_grad():
-            _pipeline_latents(case, pipe, emb, [3], 1)
+            _pipeline_latents(case, pipe, {k: v[:1] for k, v in emb.items()}, [3], 1)
     finally:
         rec.close()
     args, kwargs, _ = rec.calls[0]
@@ -213,10 +223,11 @@ def test_noise_and_sigmas_are_the_pipelines(case, tmp_path):
 
 
 def _stack_runs(pipe: Any) -> Any:
-    """Counts block-stack computations: forward calls of the first block of the stack."""
+    """Counts block-stack computations: the first block's attention runs only when the stack computes."""
     first = _block_stack(pipe.transformer)[0][1]
+    attn = getattr(first, "attn", None) or first.attention
     runs: list[int] = []
-    h = first.register_forward_pre_hook(lambda m, a: runs.append(1))
+    h = attn.register_forward_pre_hook(lambda m, a: runs.append(1))
     return runs, h
 
 
@@ -260,7 +271,7 @@ def _end_to_end(case: Case, mechanism: str, tmp_path: Any) -> None:
 
 
 @pytest.mark.parametrize("mechanism", ["forecast1", "vtaylor1"])
-@pytest.mark.parametrize("case", [pytest.param(c, marks=HV15_NEEDS_BLOCKS) if c.name == "hv15" else c
+@pytest.mark.parametrize("case", [pytest.param(c, marks=NEEDS_CONTRACT[c.name]) if c.name in NEEDS_CONTRACT else c
                                   for c in CASES], ids=IDS)
 def test_search_apply_align_compare_end_to_end(case, mechanism, tmp_path):
     _end_to_end(case, mechanism, tmp_path)
