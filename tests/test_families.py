@@ -35,17 +35,13 @@ from budcache.problems.pipeline import PipelineProblem, save_embeddings
 
 torch.set_num_threads(1)
 PROMPTS = ["p0", "p1"]
-HV15_NEEDS_BLOCKS = pytest.mark.xfail(reason="needs the HunyuanVideo 1.5 block contract from the hooks branch",
-                                      strict=False)
-#: The residual hooks' block contract does not yet cover these stacks (hooks branch): FLUX.2's single-stream
-#: blocks run on the concatenated text + image stream, so the stack's output is not its input stream; Z-Image's
-#: blocks take ``x`` (not ``hidden_states``) and per-element ``attn_mask``/``freqs_cis``/``adaln_input``.
+#: The hooks' block contracts refuse these stacks so far: FLUX.2's single-stream blocks run on the
+#: concatenated text + image stream, so the stack's output is not its input stream; Z-Image's blocks take
+#: ``x`` (not ``hidden_states``) and per-element ``attn_mask``/``freqs_cis``/``adaln_input``.
 NEEDS_CONTRACT = {
-    "hv15": HV15_NEEDS_BLOCKS,
-    "flux2": pytest.mark.xfail(reason="needs a block contract for FLUX.2's concatenated single-stream blocks "
-                                      "(hooks branch)", strict=False),
+    "flux2": pytest.mark.xfail(reason="needs a block contract for FLUX.2's concatenated single-stream blocks", strict=False),
     "zimage": pytest.mark.xfail(reason="needs a block contract for Z-Image's blocks (argument 'x', per-element "
-                                       "masks and rope; hooks branch)", strict=False),
+                                       "masks and rope)", strict=False),
 }
 
 

@@ -231,8 +231,10 @@ class PipelineProblem(ProblemBase):
         if vae is None or self.family.vae_latents is None:
             return None
         with torch.no_grad():
-            lat = self.family.vae_latents(self, latents)
-            img = vae.decode(lat.to(vae.dtype), return_dict=False)[0].float()
+            lat = self.family.vae_latents(self, latents).to(vae.dtype)
+            step = self.family.decode_batch or len(lat)
+            img = torch.cat([vae.decode(lat[i:i + step], return_dict=False)[0].float()
+                             for i in range(0, len(lat), step)])
         if img.dim() == 5:  # video: (B, C, F, H, W) -> first frame
             img = img[:, :, 0]
         return ((img + 1) / 2).clamp(0, 1)

@@ -38,4 +38,4 @@ FAMILY = Family(pipeline="HunyuanVideo15Pipeline", transformer="HunyuanVideo15Tr
                 denoiser=lambda v: HunyuanVideo15Denoiser(v.transformer, int(v.pipe.vision_num_semantic_tokens)),
                 latents=_latents, timestep_kwargs=lambda v, n, c: {"sigmas": np.linspace(1.0, 0.0, n + 1)[:-1]},
                 encode=_encode, vae_latents=_vae_latents, vae_scale=_vae_scale, video=True,
-                requires=("prompt_embeds_2",))
+                requires=("prompt_embeds_2",), decode_batch=1)  # its VAE's mid-block attention takes one item

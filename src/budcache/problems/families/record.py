@@ -51,6 +51,8 @@ class Family:
         video: whether latents have a frame axis (``--num-frames`` applies).
         requires: further conditioning tensors an embeddings file must hold for this family (names of
             :data:`budcache.problems.pipeline.COND_NAMES`, e.g. a second text stream and its mask).
+        decode_batch: the most latents the VAE decodes in one call (0: the whole batch), for VAEs that
+            decode one item at a time.
     """
 
     pipeline: str
@@ -64,6 +66,7 @@ class Family:
     pooled: bool = False
     video: bool = False
     requires: tuple[str, ...] = ()
+    decode_batch: int = 0
 
 
 def default_vae_scale(pipe: Any) -> int:
