@@ -13,8 +13,11 @@ has one.
 
 Embeddings file (safetensors): ``prompt_embeds`` (P, L, D), optionally
 ``pooled_prompt_embeds`` (P, Dp), ``negative_prompt_embeds`` and
-``negative_pooled_prompt_embeds`` (1 or P rows); its metadata ``prompts`` is
-a JSON list of the P prompts. Write one with :func:`save_embeddings`.
+``negative_pooled_prompt_embeds`` (1 or P rows), and for families whose
+encoders pad or have a second text stream ``prompt_embeds_mask`` (P, L),
+``prompt_embeds_2`` (P, L2, D2), ``prompt_embeds_mask_2`` (P, L2) and their
+``negative_`` forms; its metadata ``prompts`` is a JSON list of the P
+prompts. Write one with :func:`save_embeddings`.
 """
 
 from __future__ import annotations
@@ -37,7 +40,10 @@ from .base import ProblemBase
 from .families import Family, family_of
 from .settings import DEFAULT_MECHANISM, SamplerSettings
 
-EMBEDDING_NAMES = ("prompt_embeds", "pooled_prompt_embeds", "negative_prompt_embeds", "negative_pooled_prompt_embeds")
+#: The positive conditioning tensors an embeddings file may hold (each also as ``negative_<name>``), in the
+#: order of :class:`~budcache.denoisers.TextCond`'s fields (``prompt_embeds`` is required).
+COND_NAMES = ("prompt_embeds", "pooled_prompt_embeds", "prompt_embeds_mask", "prompt_embeds_2", "prompt_embeds_mask_2")
+EMBEDDING_NAMES = COND_NAMES + tuple(f"negative_{n}" for n in COND_NAMES)
 
 
 def load_pipeline(path_or_id: str, dtype: torch.dtype = torch.float32, device: str = "cpu") -> Any:
@@ -72,13 +78,24 @@ def load_pipeline(path_or_id: str, dtype: torch.dtype = torch.float32, device: s
 def save_embeddings(path: str | Path, prompts: Sequence[str], prompt_embeds: torch.Tensor,
                     pooled_prompt_embeds: torch.Tensor | None = None,
                     negative_prompt_embeds: torch.Tensor | None = None,
-                    negative_pooled_prompt_embeds: torch.Tensor | None = None) -> Path:
-    """Write precomputed prompt embeddings (safetensors, atomically) for pipelines without text encoders."""
+                    negative_pooled_prompt_embeds: torch.Tensor | None = None, **extra: torch.Tensor | None) -> Path:
+    """Write precomputed prompt embeddings (safetensors, atomically) for pipelines without text encoders.
+
+    Args:
+        path: the file to write.
+        prompts: the P prompts, in the rows' order.
+        prompt_embeds, pooled_prompt_embeds, negative_prompt_embeds, negative_pooled_prompt_embeds: the
+            conditioning tensors (negative ones with 1 or P rows).
+        **extra: more tensors of :data:`EMBEDDING_NAMES` by name (token masks, a second text stream).
+    """
     if prompt_embeds.shape[0] != len(prompts):
         raise ConfigError(f"{len(prompts)} prompts but prompt_embeds has {prompt_embeds.shape[0]} rows")
+    unknown = sorted(set(extra) - set(EMBEDDING_NAMES))
+    if unknown:
+        raise ConfigError(f"unknown embeddings {unknown}; valid names: {list(EMBEDDING_NAMES)}")
     tensors = {"prompt_embeds": prompt_embeds}
     for name, t in (("pooled_prompt_embeds", pooled_prompt_embeds), ("negative_prompt_embeds", negative_prompt_embeds),
-                    ("negative_pooled_prompt_embeds", negative_pooled_prompt_embeds)):
+                    ("negative_pooled_prompt_embeds", negative_pooled_prompt_embeds), *extra.items()):
         if t is not None:
             tensors[name] = t
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
@@ -214,8 +231,10 @@ class PipelineProblem(ProblemBase):
         if vae is None or self.family.vae_latents is None:
             return None
         with torch.no_grad():
-            lat = self.family.vae_latents(self, latents)
-            img = vae.decode(lat.to(vae.dtype), return_dict=False)[0].float()
+            lat = self.family.vae_latents(self, latents).to(vae.dtype)
+            step = self.family.decode_batch or len(lat)
+            img = torch.cat([vae.decode(lat[i:i + step], return_dict=False)[0].float()
+                             for i in range(0, len(lat), step)])
         if img.dim() == 5:  # video: (B, C, F, H, W) -> first frame
             img = img[:, :, 0]
         return ((img + 1) / 2).clamp(0, 1)
@@ -261,20 +280,28 @@ class PipelineProblem(ProblemBase):
         pooled = self.family.pooled
         if pooled and "pooled_prompt_embeds" not in t:
             raise ConfigError(f"{self.kind} needs 'pooled_prompt_embeds' in the embeddings file")
+        absent = [n for n in self.family.requires if n not in t]
+        if absent:
+            raise ConfigError(f"{self.kind} needs {absent} in the embeddings file")
         g = self.embedded_guidance
 
         def rows(name: str) -> torch.Tensor | None:
             x = t.get(name)
-            if x is None:
+            if x is None or (name.endswith("pooled_prompt_embeds") and not pooled):
                 return None
-            x = x.to(self.device, torch.float32)
+            x = x.to(self.device, torch.float32 if x.is_floating_point() else x.dtype)
             return x.expand(len(prompts), *x.shape[1:]).clone() if x.shape[0] == 1 else x.index_select(0, idx)
 
-        pos = TextCond(rows("prompt_embeds"), rows("pooled_prompt_embeds") if pooled else None, g)
+        def cond(prefix: str) -> TextCond:
+            pe, pooled_pe, mask, pe2, mask2 = (rows(prefix + n) for n in COND_NAMES)
+            assert pe is not None
+            return TextCond(pe, pooled_pe, g, mask, pe2, mask2)
+
+        pos = cond("")
         if not cfg:
             return pos, None
-        if "negative_prompt_embeds" not in t or (pooled and "negative_pooled_prompt_embeds" not in t):
-            raise ConfigError("guidance != 1 needs 'negative_prompt_embeds' (and 'negative_pooled_prompt_embeds' for "
-                              f"{self.kind}) in the embeddings file")
-        return pos, TextCond(rows("negative_prompt_embeds"),
-                             rows("negative_pooled_prompt_embeds") if pooled else None, g)
+        needed = ["negative_prompt_embeds"] + [f"negative_{n}" for n in (*(("pooled_prompt_embeds",) if pooled else ()),
+                                                                          *self.family.requires)]
+        if any(n not in t for n in needed):
+            raise ConfigError(f"guidance != 1 needs {needed} in the embeddings file for {self.kind}")
+        return pos, cond("negative_")

@@ -14,11 +14,12 @@ from __future__ import annotations
 from typing import Any
 
 from ...errors import ConfigError
-from . import flux, sd3, wan
+from . import flux, flux2, hunyuanvideo15, qwenimage, sd3, wan, zimage
 from .record import Family, PipelineView
 
 #: Every family budcache's search, align and compare drive, by pipeline class name.
-FAMILIES: dict[str, Family] = {f.pipeline: f for f in (flux.FAMILY, sd3.FAMILY, wan.FAMILY)}
+FAMILIES: dict[str, Family] = {f.pipeline: f for f in (flux.FAMILY, sd3.FAMILY, wan.FAMILY, flux2.FAMILY,
+                                                       qwenimage.FAMILY, zimage.FAMILY, hunyuanvideo15.FAMILY)}
 
 
 def family_of(pipe: Any) -> Family:

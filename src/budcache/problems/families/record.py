@@ -49,6 +49,10 @@ class Family:
         vae_scale: ``vae_scale(pipe) -> int``, the VAE's spatial down-sampling factor.
         pooled: whether the conditioning has a pooled text vector (embeddings files must hold one).
         video: whether latents have a frame axis (``--num-frames`` applies).
+        requires: further conditioning tensors an embeddings file must hold for this family (names of
+            :data:`budcache.problems.pipeline.COND_NAMES`, e.g. a second text stream and its mask).
+        decode_batch: the most latents the VAE decodes in one call (0: the whole batch), for VAEs that
+            decode one item at a time.
     """
 
     pipeline: str
@@ -61,6 +65,8 @@ class Family:
     vae_scale: Callable[[Any], int]
     pooled: bool = False
     video: bool = False
+    requires: tuple[str, ...] = ()
+    decode_batch: int = 0
 
 
 def default_vae_scale(pipe: Any) -> int:
