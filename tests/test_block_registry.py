@@ -303,11 +303,8 @@ REFUSED: dict[str, str] = {
                              "and single-stream blocks, so the last block's stream is not the first block's and "
                              "the stack residual is undefined",
     "Flux2SingleTransformerBlock": "as Flux2TransformerBlock (same model)",
-    "ZImageTransformerBlock": "diffusers' registry names its image-stream argument 'hidden_states', but "
-                              "ZImageTransformerBlock.forward takes it as 'x'",
 }
-_REFUSED_MESSAGE = {"Flux2TransformerBlock": "re-lays its streams", "Flux2SingleTransformerBlock": "re-lays its streams",
-                    "ZImageTransformerBlock": "names the argument 'hidden_states'"}
+_REFUSED_MESSAGE = {"Flux2TransformerBlock": "re-lays its streams", "Flux2SingleTransformerBlock": "re-lays its streams"}
 
 
 def _registry_names() -> list[str]:

@@ -45,33 +45,35 @@ class BlockContract:
     encoder_arg: str = "encoder_hidden_states"
 
 
-#: Block contracts of classes diffusers' block registry does not know (diffusers 0.42.1), by class name.
-#: A new family whose blocks follow the two-stream pattern needs one row here and no hook code.
+#: Block contracts by class name, for classes diffusers' block registry (0.42.1) does not know or describes
+#: wrongly; a row here wins over the registry. A new family whose blocks follow the one- or two-stream
+#: pattern needs one row here and no hook code.
 BLOCK_CONTRACTS: dict[str, BlockContract] = {
     # HunyuanVideo 1.5: block(hidden_states, encoder_hidden_states, temb, ...) -> (hidden_states, encoder_hidden_states)
     "HunyuanVideo15TransformerBlock": BlockContract(hidden_out=0, encoder_out=1),
+    # Z-Image: block(x, attn_mask, freqs_cis, ...) -> x on the joint caption + image sequence (the registry
+    # names the argument hidden_states)
+    "ZImageTransformerBlock": BlockContract(hidden_out=0, encoder_out=None, hidden_arg="x"),
 }
 
 
 def block_contract(cls: type) -> BlockContract:
-    """The contract of block class ``cls``: diffusers' registry first, then :data:`BLOCK_CONTRACTS`.
+    """The contract of block class ``cls``: :data:`BLOCK_CONTRACTS` first, then diffusers' registry.
 
     The table is searched along ``cls``'s MRO, so a subclass of a listed block
     shares its row. Raises ``KeyError`` when neither knows the class.
     """
-    try:
-        meta = TransformerBlockRegistry.get(cls)
-    except ValueError:
-        meta = None
-    if meta is not None:
-        return BlockContract(hidden_out=meta.return_hidden_states_index,
-                             encoder_out=meta.return_encoder_hidden_states_index,
-                             hidden_arg=meta.hidden_states_argument_name,
-                             encoder_arg=meta.encoder_hidden_states_argument_name)
     for base in cls.__mro__:
         if base.__name__ in BLOCK_CONTRACTS:
             return BLOCK_CONTRACTS[base.__name__]
-    raise KeyError(cls.__name__)
+    try:
+        meta = TransformerBlockRegistry.get(cls)
+    except ValueError:
+        raise KeyError(cls.__name__) from None
+    return BlockContract(hidden_out=meta.return_hidden_states_index,
+                         encoder_out=meta.return_encoder_hidden_states_index,
+                         hidden_arg=meta.hidden_states_argument_name,
+                         encoder_arg=meta.encoder_hidden_states_argument_name)
 
 
 def block_stack(transformer: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:

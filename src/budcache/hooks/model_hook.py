@@ -165,10 +165,15 @@ class ModelDecisionHook(ModelHook):
             else:
                 self.cache.stats.calls += 1
                 self.cache.stats.skipped_calls += 1
-            out = d.velocity(st.outputs, step)
+            out: Any = d.velocity(st.outputs, step)
+            if st.output_list:  # the model returns one tensor per element (Z-Image): so does the forecast
+                out = list(out.unbind(0))
             return (out,) if not kwargs.get("return_dict", True) else Transformer2DModelOutput(sample=out)
         result = self.fn_ref.original_forward(*args, **kwargs)
         if self.cache.output_depth and (d.computes if d.computes is not None else bool(d.compute.all())):
             sample = result[0] if isinstance(result, tuple) else result.sample
+            st.output_list = isinstance(sample, (list, tuple))
+            if st.output_list:
+                sample = torch.stack(list(sample))
             st.outputs = st.outputs.push(None, sample.detach(), None, step, sample.shape[0], self.cache.output_depth)
         return result

@@ -40,6 +40,7 @@ class CacheState(BaseState):
         self.signature: tuple | None = None  # (shape, dtype, device) of the latest input
         self.called = False  # a host-resolved decision was used by a call (set in the forward, read on the host)
         self.outputs = History()  # model outputs of computed steps (velocity estimators on pipelines)
+        self.output_list = False  # the model returns a list of per-element tensors (stacked in outputs)
 
     def reset(self, *args: Any, **kwargs: Any) -> None:
         self.__init__()
