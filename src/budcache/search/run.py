@@ -19,9 +19,12 @@ from ..io import atomic_write_text, check_writable_dir, write_json
 from ..peers import PEER_MECHANISMS
 from ..policy import CachePolicy
 from ..sampler import Sampler, _select
-from .anneal import RefineResult, SearchConfig, SearchResult, refine_estimators, search
+from .anneal import RefineResult, SearchConfig, SearchResult, refine_estimators
+from .backends import make_backend, resolve_backend, resolve_workers, run_search
 from .calibration import CalibrationSet, get_loss, pairs_for, read_prompt_file, tinyflow_prompts
+from .distributed import TinyflowReplica
 from .evaluator import Evaluator, EvaluatorStats, make_calibration, phase, plan_names, plan_of, step_counter
+from .parallel import SCHEMES
 
 #: The estimator the default search fills skipped steps with, and the alternatives it may choose per step.
 DEFAULT_MECHANISM = "vtaylor1"
@@ -395,15 +398,18 @@ def run(out: str | Path, *, nfes: Sequence[int], steps: int = 28, solver: str = 
         calib_pairs: int | None = None, prompt_file: str | None = None,
         seeds_per_prompt: int = 1, heldout_pairs: int = 64, seed: int = 0, loss: str = "logmse",
         resume: bool = False, force: bool = False, progress: bool = True, naive: bool = False,
-        model: str | None = None, problem: Any = None, backend: str = "inprocess", workers: int = 1,
-        ray_address: str | None = None, **search_kw: Any) -> list[BudgetOutcome]:
+        model: str | None = None, problem: Any = None, backend: str = "inprocess", workers: int | None = None,
+        ray_address: str | None = None, scheme: str = "sequential", **search_kw: Any) -> list[BudgetOutcome]:
     """Search one policy per budget (warm-starting each from the last) and write all outputs to ``out``.
 
     ``problem`` is what the search runs on: tinyflow by default (weights from
     ``model``), or a :class:`budcache.search.pipeline.PipelineProblem`, whose
     own steps, solver, mechanism and guidance then apply. ``backend="ray"``
-    scores masks on ``workers`` Ray actors (joining ``ray_address`` if given);
-    the policies are the in-process ones. ``calib_pairs`` defaults to 32
+    scores masks on ``workers`` Ray actors (joining ``ray_address`` if given),
+    ``"local"`` on worker processes, ``"auto"`` picks (:mod:`budcache.search.backends`);
+    ``scheme="sequential"`` gives the in-process policy with any of them,
+    ``"tempering"`` searches with ``workers`` proposals per round (its policy
+    depends on the seed and the worker count). ``calib_pairs`` defaults to 32
     drawn prompts, or with ``prompt_file`` to all of the file's pairs (a
     seeded draw of ``calib_pairs`` of them when given). A checkpoint of an
     earlier run in ``out`` is continued with ``resume``, overwritten with
@@ -421,6 +427,7 @@ def run(out: str | Path, *, nfes: Sequence[int], steps: int = 28, solver: str = 
         calib_pairs, prompt_file, seeds_per_prompt, heldout_pairs, seed, loss: calibration and
             evaluation data and the search loss.
         resume, force, progress, naive, model, problem, backend, workers, ray_address: see the CLI.
+        scheme: ``sequential`` (the paper's annealing, default here) or ``tempering`` (the CLI's default).
     """
     from .. import tinyflow
 
@@ -428,6 +435,11 @@ def run(out: str | Path, *, nfes: Sequence[int], steps: int = 28, solver: str = 
         steps, solver, mechanism, guidance = problem.steps, problem.solver, problem.mechanism, problem.guidance
     check_settings(steps=steps, nfes=nfes, heldout_pairs=heldout_pairs, seeds_per_prompt=seeds_per_prompt,
                    calib_pairs=calib_pairs, guidance=guidance)
+    shipped = problem is None  # tinyflow built here: workers load the same weights themselves
+    backend = resolve_backend(backend, pipeline=not shipped, mechanism=mechanism)
+    workers = resolve_workers(backend, workers)
+    if scheme not in SCHEMES:
+        raise ConfigError(f"--scheme {scheme!r} is unknown; choose one of {list(SCHEMES)}")
     out = check_writable_dir(out, "--out")
     refuse_overwrite(out, [f"checkpoint_N{steps}_K{k}.json" for k in sorted(set(nfes))], resume, force)
     if problem is None:
@@ -453,18 +465,19 @@ def run(out: str | Path, *, nfes: Sequence[int], steps: int = 28, solver: str = 
     hp, hs = problem.heldout_pairs(heldout_pairs, seed, prompts)
     with phase("teacher (held-out)" if progress else None, len(hp) * steps):
         held = problem.calibration(hp, hs)
-    from .distributed import make_evaluator
-
-    evaluator = make_evaluator(backend, problem, calib, loss=loss_fn, naive=naive, workers=workers,
-                               address=ray_address, estimator=estimator, mechanism=mechanism)
+    factory = TinyflowReplica(model, steps, solver, mechanism, guidance) if shipped and backend != "inprocess" \
+        else None
+    evaluator = make_backend(backend, problem, calib, loss=loss_fn, naive=naive, workers=workers,
+                             address=ray_address, factory=factory, estimator=estimator, mechanism=mechanism)
     outcomes: list[BudgetOutcome] = []
     prev: tuple[int, ...] | None = None
     for k, cfg in configs.items():
         before = EvaluatorStats(**asdict(evaluator.stats))
         if mechanism in PEER_MECHANISMS:
             prev = peer_grid_start(evaluator, steps, k) or prev
-        res = search(evaluator.losses, cfg, init=prev, checkpoint=out / f"checkpoint_N{steps}_K{k}.json",
-                     resume=resume, digest=calib.digest, progress=progress, sa_batch=evaluator.sa_batch)
+        res = run_search(scheme, evaluator.losses, cfg, workers=workers, sa_batch=evaluator.sa_batch, init=prev,
+                         checkpoint=out / f"checkpoint_N{steps}_K{k}.json", resume=resume, digest=calib.digest,
+                         progress=progress)
         refined, names = refine_plan(problem, calib, evaluator, res.compute, mechanism, refine, loss_fn,
                                      naive=naive, progress=progress)
         stats = EvaluatorStats(**{f: getattr(evaluator.stats, f) - getattr(before, f) for f in asdict(before)})
@@ -484,7 +497,8 @@ def run(out: str | Path, *, nfes: Sequence[int], steps: int = 28, solver: str = 
     evaluator.close()
     meta = {"date": datetime.date.today().isoformat(), "model": problem.name, "steps": steps, "solver": solver,
             "mechanism": mechanism, "guidance": guidance, "calibration_pairs": len(calib),
-            "digest": calib.digest, "heldout_pairs": len(held)}
+            "digest": calib.digest, "heldout_pairs": len(held), "backend": backend, "workers": workers,
+            "scheme": scheme}
     if len(outcomes) > 1:
         plot_frontier(outcomes, out / "frontier.png")
     atomic_write_text(out / "report.md", report(outcomes, meta))
