@@ -261,3 +261,21 @@ def test_a_workers_nan_is_reported_with_mask_and_step(calib):
         with pytest.raises(ModelOutputError, match="at step 5") as info:
             ev.losses([(0, 1, 2), (0, 3, 5)])
     assert info.value.computes == [(0, 3, 5)] and info.value.step == 5
+
+
+def test_local_plan_losses_equal_in_process(problem, calib):
+    from budcache import estimators as est
+    from budcache.search.evaluator import plan_of
+
+    plans = [plan_of(STEPS, (0, 2, 5), "vtaylor1"), plan_of(STEPS, (0, 2, 5), "output"),
+             plan_of(STEPS, (0, 3, 6), "vtaylor2")]
+    with torch.no_grad():
+        inproc = make_backend("inprocess", problem, calib, estimator="vtaylor1")
+        want = inproc.plan_losses(plans)
+        mask_want = inproc.losses([(0, 1, 4), (0, 2, 5)])
+    with LocalEvaluator(TinyflowReplica(steps=STEPS), calib, workers=2, estimator="vtaylor1") as ev:
+        assert ev.plan_losses(plans) == want
+        assert ev.losses([(0, 1, 4), (0, 2, 5)]) == mask_want
+        with pytest.raises(ConfigError):
+            ev.plan_losses([(0,) * (STEPS - 1)])
+    assert est.COMPUTE == 0

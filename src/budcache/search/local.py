@@ -28,16 +28,20 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import signal
 import time
 import traceback
 from collections.abc import Callable, Sequence
+from dataclasses import asdict
 from multiprocessing.connection import Connection, wait
 from typing import Any
+
+import torch
 
 from ..errors import BudcacheError, ConfigError, ModelOutputError
 from .calibration import CalibrationSet, LossFn, latent_mse
 from .distributed import EvalWorker, WorkerError
-from .evaluator import EvaluatorStats, check_computes, mask_of
+from .evaluator import EvaluatorStats, check_computes, mask_of, plan_of
 
 Compute = tuple[int, ...]
 Mask = tuple[bool, ...]
@@ -74,7 +78,7 @@ def route(todo: Sequence[Compute], steps: int, held: list[set[Mask]]) -> list[li
     return chunks
 
 
-def _depth(mask: Mask, held: set[Mask]) -> int:
+def _depth(mask: tuple[Any, ...], held: set[Any]) -> int:
     """Length of ``mask``'s longest proper prefix in ``held`` (0: none)."""
     j = len(mask) - 1
     while j > 0 and mask[:j] not in held:
@@ -84,7 +88,9 @@ def _depth(mask: Mask, held: set[Mask]) -> int:
 
 def _serve(conn: Connection, factory: Callable[[str], Any], calib: CalibrationSet, loss: LossFn,
            options: dict[str, Any]) -> None:
-    """Worker process body: build the replica, then answer ``("losses", chunk)`` until told to stop or orphaned."""
+    """Worker process body: build the replica, then answer ``("losses" | "plans", chunk)`` until told to stop or
+    orphaned. Ctrl-C is the driver's to handle (it keeps its checkpoint and stops the workers)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         worker = EvalWorker(factory, calib, loss, options)
         conn.send(("ok", worker.info()))
@@ -99,9 +105,18 @@ def _serve(conn: Connection, factory: Callable[[str], Any], calib: CalibrationSe
         if msg[0] == "stop":
             return
         try:
-            conn.send(("ok", worker.losses(msg[1])))
+            conn.send(("ok", worker.losses(msg[1]) if msg[0] == "losses" else _plan_losses(worker, msg[1])))
         except BaseException as exc:  # noqa: BLE001 - reported to the driver
             conn.send(_failure(exc))
+
+
+def _plan_losses(worker: EvalWorker, plans: list[tuple[int, ...]]) -> tuple[list[float], dict[str, Any]]:
+    """Losses of plans (per-step estimators) on a worker, and the work this call did."""
+    before = asdict(worker.evaluator.stats)
+    with torch.no_grad():
+        vals = worker.evaluator.plan_losses(plans)
+    after = asdict(worker.evaluator.stats)
+    return vals, {k: after[k] - before[k] for k in after}
 
 
 def _failure(exc: BaseException) -> tuple[Any, ...]:
@@ -177,6 +192,7 @@ class LocalEvaluator:
         self.max_retries = max_retries
         self.start_timeout = start_timeout
         self.memo: dict[Compute, float] = {}
+        self.plan_memo: dict[tuple[int, ...], float] = {}
         self.stats = EvaluatorStats()
         self.restarts = 0
         opts = {"prefix_sharing": prefix_sharing, "batch_candidates": False, "max_batch": 512,
@@ -205,15 +221,23 @@ class LocalEvaluator:
         self.stats.memo_hits += len(keys) - len(todo)
         if todo:
             t0 = time.perf_counter()
-            chunks = route(todo, self.steps, self.held)
-            replies = self._gather({w: c for w, c in enumerate(chunks) if c})
-            for w, (vals, work) in replies.items():
-                for k, v in zip(chunks[w], vals):
-                    self.memo[k] = v
-                for f in ("evaluations", "item_evaluations", "stack_calls", "steps_run"):
-                    setattr(self.stats, f, getattr(self.stats, f) + work[f])
+            row = None if self.estimator is None else (lambda k: plan_of(self.steps, k, self.estimator))
+            self._score(todo, self.memo, "losses", row)
             self.stats.wall_s += time.perf_counter() - t0
         return [self.memo[k] for k in keys]
+
+    def plan_losses(self, plans: Sequence[Sequence[int]]) -> list[float]:
+        """Losses of plans (per-step estimators; needs ``estimator``), scored by all workers at once."""
+        if self.estimator is None:
+            raise ConfigError("plan_losses needs an evaluator built with an estimator")
+        keys = [tuple(int(c) for c in p) for p in plans]
+        todo = list(dict.fromkeys(p for p in keys if p not in self.plan_memo))
+        self.stats.memo_hits += len(keys) - len(todo)
+        if todo:
+            t0 = time.perf_counter()
+            self._score(todo, self.plan_memo, "plans", tuple)
+            self.stats.wall_s += time.perf_counter() - t0
+        return [self.plan_memo[p] for p in keys]
 
     def close(self) -> None:
         """Stop the worker processes."""
@@ -234,6 +258,17 @@ class LocalEvaluator:
             pass
 
     # -- internals -----------------------------------------------------------------------
+    def _score(self, todo: list[Compute], memo: dict[Compute, float], kind: str,
+               row: Callable[[Compute], tuple[Any, ...]] | None) -> None:
+        """Route ``todo`` to the workers, score it (``kind``: losses or plans) and fill ``memo``."""
+        chunks = route(todo, self.steps, self.held, row)
+        replies = self._gather({w: c for w, c in enumerate(chunks) if c}, kind)
+        for w, (vals, work) in replies.items():
+            for k, v in zip(chunks[w], vals):
+                memo[k] = v
+            for f in ("evaluations", "item_evaluations", "stack_calls", "steps_run"):
+                setattr(self.stats, f, getattr(self.stats, f) + work[f])
+
     def _started(self, i: int) -> dict[str, Any]:
         """Wait for worker ``i``'s start report."""
         s = self.slots[i]
@@ -259,7 +294,7 @@ class LocalEvaluator:
         self.held[i] = set()
         self._started(i)
 
-    def _gather(self, jobs: dict[int, list[Compute]]) -> dict[int, Any]:
+    def _gather(self, jobs: dict[int, list[Compute]], kind: str = "losses") -> dict[int, Any]:
         """Send each worker its chunk and collect the replies, replacing and retrying a worker that dies."""
         results: dict[int, Any] = {}
         tries = dict.fromkeys(jobs, 0)
@@ -267,7 +302,7 @@ class LocalEvaluator:
 
         def send(w: int) -> None:
             try:
-                self.slots[w].conn.send(("losses", jobs[w]))
+                self.slots[w].conn.send((kind, jobs[w]))
             except (OSError, ValueError):
                 pass  # dead already: its sentinel fires below
             pending[w] = jobs[w]

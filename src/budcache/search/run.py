@@ -363,7 +363,7 @@ def refine_plan(problem: Any, calib: CalibrationSet, evaluator: Any, compute: Se
     if not refine:
         return None, plan_names(plan)
     planner = evaluator
-    if not isinstance(planner, Evaluator):  # a remote backend scores masks; per-step estimators are scored here
+    if not isinstance(planner, Evaluator) and not hasattr(planner, "plan_losses"):  # scored here instead
         from .distributed import make_evaluator
 
         planner = make_evaluator("inprocess", problem, calib, loss=loss_fn, naive=naive, estimator=mechanism)
