@@ -65,6 +65,8 @@ def test_each_round_is_one_request_of_w_proposals():
 
     tc = TemperingConfig(workers=8)
     assert tc.chains == 2 and tc.proposals() == [4, 4] and tc.rounds(CFG) == 6
+    assert TemperingConfig(workers=32).proposals() == [8] * 4 and TemperingConfig(workers=2).proposals() == [2]
+    assert TemperingConfig(workers=7).proposals() == [4, 3]
     search_tempering(losses, SearchConfig(steps=16, nfe=6, sa_iters=24, hc_rounds=0, seed=2), tc)
     assert sizes[0] == 2 and all(n <= 8 for n in sizes[1:])  # the starts, then at most W new masks per round
 
@@ -156,7 +158,7 @@ def test_non_finite_losses_name_the_mask():
         search_tempering(nan, CFG, TemperingConfig(workers=2))
 
 
-@pytest.mark.parametrize("kw", [{"workers": 0}, {"workers": 1.5}, {"per_chain": 0}, {"ladder": 0.5}])
+@pytest.mark.parametrize("kw", [{"workers": 0}, {"workers": 1.5}, {"max_chains": 0}, {"ladder": 0.5}])
 def test_bad_tempering_settings_are_config_errors(kw):
     with pytest.raises(ConfigError):
         TemperingConfig(**kw)

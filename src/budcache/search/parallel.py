@@ -6,10 +6,12 @@ evaluation, so W workers can only speculate on it (the Ray backend's
 accepted move. Here every round scores exactly W new proposals in one request,
 one per worker, and all of them inform a decision:
 
-- ``R = ceil(W / m)`` chains (``m = min(W, per_chain)`` proposals per chain and
-  round; the W proposals are shared out as evenly as possible) run at the
-  temperatures ``T_c(r) = T(r) ladder^c``, ``T(r) = t_max (t_min / t_max)^(r / rounds)``,
-  chain 0 the coldest;
+- ``R = min(max_chains, ceil(W / 4))`` chains share the W proposals of a
+  round as evenly as possible (``m`` each, the colder chains first) and run at
+  ``T_c(r) = T(r) / ladder^c`` with ``T(r) = t_max (t_min / t_max)^(r / rounds)``:
+  chain 0 anneals as the sequential search does and explores, the colder ones
+  exploit early (the sequential schedule spends its first rounds far above the
+  loss differences of neighbouring masks, a random walk);
 - each chain draws its proposals with the sequential search's budget-preserving
   move (:func:`~budcache.search.anneal.sa_proposal`) and takes the best one,
   ``c* = argmin L(c_i)``, with Metropolis: accept if ``u < exp(-(L(c*) - L_cur) / T_c)``
@@ -18,10 +20,13 @@ one per worker, and all of them inform a decision:
 - after every round neighbouring chains ``(c, c+1)`` (even pairs on even rounds,
   odd pairs on odd ones) swap states with probability
   ``min(1, exp((L_c - L_{c+1}) (1/T_c - 1/T_{c+1})))``: good states found by
-  the hot, exploring chains sink to the cold ones;
+  the hot, exploring chains sink to the cold ones, and the cold chains' states
+  are perturbed by the hot ones;
 - ``rounds = ceil(sa_iters / m)``: every chain makes as many proposals as the
   sequential annealing, so the total work is about ``R`` times the sequential
-  annealing's, spread over W workers;
+  annealing's, spread over W workers. Few chains with several proposals each
+  reached the sequential search's loss sooner (on the critical path) than many
+  chains with one or two (BENCHMARKS.md, "Parallel search"), hence the cap;
 - then hill climbing from the best state found, as in the sequential search:
   each round's whole neighbourhood is one request (cut across the workers, masks
   sharing a prefix sent to the worker holding it).
@@ -88,26 +93,26 @@ class TemperingConfig:
 
     Args:
         workers: W, the proposals scored per round (one per worker).
-        per_chain: proposals each chain draws per round (``m = min(W, per_chain)``).
-        ladder: temperature ratio between neighbouring chains (> 1).
+        max_chains: the most chains (replicas); ``R = min(max_chains, ceil(W / 4))``.
+        ladder: temperature ratio between neighbouring chains (>= 1; chain c runs at ``T(r) / ladder^c``).
     """
 
     workers: int = 1
-    per_chain: int = 4
+    max_chains: int = 4
     ladder: float = 4.0
 
     def __post_init__(self) -> None:
         if type(self.workers) is not int or self.workers < 1:
             raise ConfigError(f"--workers must be an integer >= 1 (got {self.workers!r})")
-        if type(self.per_chain) is not int or self.per_chain < 1:
-            raise ConfigError(f"per_chain must be an integer >= 1 (got {self.per_chain!r})")
+        if type(self.max_chains) is not int or self.max_chains < 1:
+            raise ConfigError(f"max_chains must be an integer >= 1 (got {self.max_chains!r})")
         if not (isinstance(self.ladder, (int, float)) and math.isfinite(self.ladder) and self.ladder >= 1):
             raise ConfigError(f"ladder must be a finite number >= 1 (got {self.ladder!r})")
 
     @property
     def chains(self) -> int:
-        """Number of chains ``R = ceil(W / min(W, per_chain))``."""
-        return -(-self.workers // min(self.workers, self.per_chain))
+        """Number of chains ``R = min(max_chains, ceil(W / 4))``."""
+        return min(self.max_chains, -(-self.workers // 4))
 
     def proposals(self) -> list[int]:
         """Proposals per chain and round: W shared out as evenly as possible, the colder chains first."""
@@ -140,7 +145,7 @@ def search_tempering(losses: LossesFn, cfg: SearchConfig, tcfg: TemperingConfig,
         losses: ``losses(list_of_compute_sets) -> list_of_losses``; each round's W proposals and each
             hill-climbing neighbourhood arrive as one call (an evaluator's ``losses``).
         cfg: the move set, temperatures, ``sa_iters`` (proposals per chain), ``hc_rounds``, ``restarts``, seed.
-        tcfg: workers W, proposals per chain, temperature ladder.
+        tcfg: workers W, chains, temperature ladder.
         init: warm start of chain 0 at the first restart (fitted to the budget).
         checkpoint, resume, digest: the checkpoint file, whether to continue it, the calibration digest it
             must match.
@@ -260,7 +265,7 @@ def _tempering_round(st: dict[str, Any], cfg: SearchConfig, tcfg: TemperingConfi
                      rng: np.random.Generator, score: Callable[[Sequence[Compute]], list[float]],
                      keep: Callable[[Compute, float], None]) -> None:
     """One round: every chain's proposals scored as one request, best-of-m Metropolis per chain, then swaps."""
-    temps = [_temperature(cfg, st["it"], rounds) * tcfg.ladder ** c for c in range(len(props))]
+    temps = [_temperature(cfg, st["it"], rounds) / tcfg.ladder ** c for c in range(len(props))]
     drawn = [[sa_proposal(cur, cfg, rng) for _ in range(m)] for (cur, _), m in zip(st["chains"], props)]
     vals = score([c for group in drawn for c in group])
     at = 0
