@@ -55,26 +55,29 @@ def default_workers() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def route(todo: Sequence[Compute], steps: int, held: list[set[Mask]]) -> list[list[Compute]]:
+def route(todo: Sequence[Compute], steps: int, held: list[set[Any]],
+          key: Callable[[Compute], tuple[Any, ...]] | None = None) -> list[list[Compute]]:
     """One chunk per worker: each mask to the worker holding its longest prefix, at most ``ceil(n / W)`` each.
 
     ``held[w]`` holds the prefixes worker ``w`` has run (updated here with the
-    assigned masks' prefixes). Masks are visited in the order of
+    assigned masks' prefixes); ``key(item)`` is the per-step row whose prefixes
+    the workers store (default: the boolean mask of a compute set; a plan is its
+    own row). Items are visited in the order of
     :func:`~budcache.search.distributed.split_chunks` (sorted, shared prefixes
     together); ties go to the least-loaded, then lowest-numbered worker.
     Deterministic.
     """
+    row = key or (lambda k: mask_of(steps, k))
     workers = len(held)
-    order = sorted(todo, key=lambda k: mask_of(steps, k), reverse=True)
+    order = sorted(todo, key=row, reverse=True)
     cap = -(-len(order) // workers) if order else 0
     chunks: list[list[Compute]] = [[] for _ in range(workers)]
     for k in order:
-        m = mask_of(steps, k)
-
+        m = row(k)
         w = max((w for w in range(workers) if len(chunks[w]) < cap),
                 key=lambda w, m=m: (_depth(m, held[w]), -len(chunks[w]), -w))
         chunks[w].append(k)
-        held[w].update(m[:j] for j in range(1, steps))
+        held[w].update(m[:j] for j in range(1, len(m)))
     return chunks
 
 
