@@ -208,7 +208,7 @@ def _name_list(text: str) -> list[str]:
 def cmd_search(a: argparse.Namespace) -> int:
     check_writable_dir(a.out, "--out")  # before the model stack is imported
 
-    from .search.distributed import backend_kwargs
+    from .search.backends import backend_kwargs
     from .search.job import run_search
 
     kw = {k: getattr(a, k) for k in ("sa_iters", "t_max", "t_min", "radius", "hc_rounds", "restarts", "far_jumps")}
@@ -275,7 +275,7 @@ def _add_sample(sub: Any) -> None:
 
 
 def _add_search(sub: Any) -> None:
-    from .search.distributed import add_backend_args
+    from .search.backends import add_backend_args
     from .solvers import SOLVERS
     from .specs import ALL_MECHANISMS
 

@@ -30,7 +30,6 @@ Same seed, same policy, whatever the backend and worker count:
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import os
 import time
@@ -333,19 +332,3 @@ def make_evaluator(backend: str, problem: Any, calib: CalibrationSet, *, loss: L
         factory = problem.replica()
     return RayEvaluator(factory, calib, loss=loss, workers=workers, address=address, prefix_sharing=not naive,
                         batch_candidates=False, threads=threads, estimator=estimator)
-
-
-def add_backend_args(p: argparse.ArgumentParser) -> None:
-    """``--backend``, ``--workers`` and ``--ray-address`` on a sub-parser."""
-    g = p.add_argument_group("evaluation backend")
-    g.add_argument("--backend", default="inprocess", choices=list(BACKENDS),
-                   help="where masks are scored: this process (default) or Ray worker actors")
-    g.add_argument("--workers", type=int, default=1,
-                   help="Ray worker actors, each with one model replica (one GPU each where there are GPUs)")
-    g.add_argument("--ray-address", default=None,
-                   help="join this Ray cluster (e.g. auto or HOST:6379); default: start a local one")
-
-
-def backend_kwargs(a: argparse.Namespace) -> dict[str, Any]:
-    """The backend options of parsed arguments, as keyword arguments of :func:`budcache.search.job.run_search`."""
-    return {"backend": a.backend, "workers": a.workers, "ray_address": a.ray_address}

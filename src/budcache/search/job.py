@@ -26,10 +26,12 @@ from ..problems.metrics import item_metrics
 from ..problems.settings import SamplerSettings
 from ..problems.tinyflow import TinyflowProblem
 from ..progress import phase
-from .anneal import RefineResult, SearchConfig, SearchResult, refine_estimators, search
+from .anneal import RefineResult, SearchConfig, SearchResult, refine_estimators
+from .backends import make_backend, resolve_backend, resolve_workers, search_scheme
 from .distributed import make_evaluator
 from .evaluator import Evaluator, EvaluatorStats, plan_names, plan_of
 from .losses import get_loss
+from .parallel import SCHEMES
 
 #: The estimator the default search fills skipped steps with, and the alternatives it may choose per step.
 DEFAULT_MECHANISM = "vtaylor1"
@@ -230,7 +232,7 @@ def refine_plan(problem: Any, calib: CalibrationSet, evaluator: Any, compute: Se
     if not refine:
         return None, plan_names(plan)
     planner = evaluator
-    if not isinstance(planner, Evaluator):  # a remote backend scores masks; per-step estimators are scored here
+    if not isinstance(planner, Evaluator) and not hasattr(planner, "plan_losses"):  # scored here instead
         planner = make_evaluator("inprocess", problem, calib, loss=loss_fn, naive=naive, estimator=mechanism)
     refined = refine_estimators(planner.plan_losses, plan, [est.CODES[n] for n in dict.fromkeys(
         [mechanism, *refine])], progress=progress)
@@ -261,12 +263,16 @@ def run_search(out: str | Path, *, nfes: Sequence[int], problem: Problem | None 
                calib_pairs: int | None = None, prompt_file: str | None = None, seeds_per_prompt: int = 1,
                heldout_pairs: int = 64, seed: int = 0, loss: str = "logmse", resume: bool = False,
                force: bool = False, progress: bool = True, naive: bool = False, model: str | None = None,
-               backend: str = "inprocess", workers: int = 1, ray_address: str | None = None,
-               **search_kw: Any) -> list[BudgetOutcome]:
+               backend: str = "inprocess", workers: int | None = None, ray_address: str | None = None,
+               scheme: str = "sequential", **search_kw: Any) -> list[BudgetOutcome]:
     """Search one policy per budget (warm-starting each from the last) and write all outputs to ``out``.
 
     ``backend="ray"`` scores masks on ``workers`` Ray actors (joining
-    ``ray_address`` if given); the policies are the in-process ones. A
+    ``ray_address`` if given), ``"local"`` on worker processes, ``"auto"``
+    picks (:mod:`budcache.search.backends`); ``scheme="sequential"`` gives the
+    in-process policy with any of them, ``"tempering"`` searches with
+    ``workers`` proposals per round (its policy depends on the seed and the
+    worker count). A
     checkpoint of an earlier run in ``out`` is continued with ``resume``,
     overwritten with ``force``, and otherwise an error (it may hold hours of
     work).
@@ -293,9 +299,10 @@ def run_search(out: str | Path, *, nfes: Sequence[int], problem: Problem | None 
         progress: show progress bars.
         naive: turn prefix sharing off (for benchmarks).
         model: tinyflow weights folder (default: the shipped weights); only without ``problem``.
-        backend: ``inprocess`` or ``ray``.
-        workers: Ray actors (``backend="ray"``).
+        backend: ``inprocess`` (default), ``local``, ``ray`` or ``auto``.
+        workers: worker processes or Ray actors (default: every core for ``local``, else 1).
         ray_address: a Ray cluster to join.
+        scheme: ``sequential`` (the paper's annealing, default) or ``tempering``.
         **search_kw: fields of :class:`budcache.search.SearchConfig` (``sa_iters``, ``hc_rounds``, ...).
     """
     if problem is not None and (settings is not None or model is not None):
@@ -305,6 +312,11 @@ def run_search(out: str | Path, *, nfes: Sequence[int], problem: Problem | None 
     steps, mechanism = settings.steps, settings.mechanism
     check_settings(steps=steps, nfes=nfes, heldout_pairs=heldout_pairs, seeds_per_prompt=seeds_per_prompt,
                    calib_pairs=calib_pairs, guidance=settings.guidance)
+    backend = resolve_backend(backend, pipeline=problem is not None and not isinstance(problem, TinyflowProblem),
+                              mechanism=mechanism)
+    workers = resolve_workers(backend, workers)
+    if scheme not in SCHEMES:
+        raise ConfigError(f"--scheme {scheme!r} is unknown; choose one of {list(SCHEMES)}")
     out = check_writable_dir(out, "--out")
     refuse_overwrite(out, [f"checkpoint_N{steps}_K{k}.json" for k in sorted(set(nfes))], resume, force)
     if problem is None:
@@ -322,16 +334,17 @@ def run_search(out: str | Path, *, nfes: Sequence[int], problem: Problem | None 
     hp, hs = split_pairs(problem, "heldout", heldout_pairs, seed, prompts)
     with phase("teacher (held-out)" if progress else None, len(hp) * steps):
         held = problem.calibration(hp, hs)
-    evaluator = make_evaluator(backend, problem, calib, loss=loss_fn, naive=naive, workers=workers,
-                               address=ray_address, estimator=estimator, mechanism=mechanism)
+    evaluator = make_backend(backend, problem, calib, loss=loss_fn, naive=naive, workers=workers,
+                             address=ray_address, estimator=estimator, mechanism=mechanism)
     outcomes: list[BudgetOutcome] = []
     prev: tuple[int, ...] | None = None
     for k, cfg in configs.items():
         before = EvaluatorStats(**asdict(evaluator.stats))
         if mechanism in PEER_MECHANISMS:
             prev = peer_grid_start(evaluator, steps, k) or prev
-        res = search(evaluator.losses, cfg, init=prev, checkpoint=out / f"checkpoint_N{steps}_K{k}.json",
-                     resume=resume, digest=calib.digest, progress=progress, sa_batch=evaluator.sa_batch)
+        res = search_scheme(scheme, evaluator.losses, cfg, workers=workers, sa_batch=evaluator.sa_batch, init=prev,
+                         checkpoint=out / f"checkpoint_N{steps}_K{k}.json", resume=resume, digest=calib.digest,
+                         progress=progress)
         refined, names = refine_plan(problem, calib, evaluator, res.compute, mechanism, refine, loss_fn,
                                      naive=naive, progress=progress)
         stats = EvaluatorStats(**{f: getattr(evaluator.stats, f) - getattr(before, f) for f in asdict(before)})
@@ -352,7 +365,8 @@ def run_search(out: str | Path, *, nfes: Sequence[int], problem: Problem | None 
     meta = {"date": datetime.date.today().isoformat(), "model": problem.name, "steps": steps,
             "solver": settings.solver, "mechanism": mechanism, "guidance": settings.guidance,
             "calibration_pairs": len(calib),
-            "digest": calib.digest, "heldout_pairs": len(held)}
+            "digest": calib.digest, "heldout_pairs": len(held), "backend": backend, "workers": workers,
+            "scheme": scheme}
     if len(outcomes) > 1:
         plot_frontier(outcomes, out / "frontier.png")
     atomic_write_text(out / "report.md", report(outcomes, meta))

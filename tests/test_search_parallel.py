@@ -1,0 +1,282 @@
+"""The parallel search: replica exchange with best-of-m moves keeps the budget exact at every accepted state, is
+deterministic per worker count, resumes a killed run to the uninterrupted result; the local multi-process backend
+scores masks bit for bit as in process, replaces a killed worker and reports a worker's NaN with mask and step."""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+import torch
+
+from budcache import tinyflow
+from budcache.errors import ConfigError, ModelOutputError
+from budcache.problems.data import pairs_for
+from budcache.problems.tinyflow import TinyflowProblem, TinyflowReplica, tinyflow_prompts
+from budcache.search import SearchConfig, search
+from budcache.search.backends import make_backend, resolve_backend, resolve_workers, run_search
+from budcache.search.local import LocalEvaluator, route
+from budcache.search.parallel import TemperingConfig, budget_ok, search_tempering
+
+torch.set_num_threads(1)
+
+CFG = SearchConfig(steps=16, nfe=6, sa_iters=24, hc_rounds=4, seed=2)
+
+
+def table_loss(steps: int, seed: int = 0):
+    """A deterministic rugged loss over compute sets (a random weight per step plus pairwise terms)."""
+    rng = np.random.default_rng(seed)
+    w, pair = rng.normal(size=steps), rng.normal(size=(steps, steps)) * 0.3
+
+    def losses(computes):
+        out = []
+        for c in computes:
+            idx = list(c)
+            out.append(float(math.exp(-w[idx].sum() * 0.3 + pair[np.ix_(idx, idx)].sum() * 0.05)))
+        return out
+
+    return losses
+
+
+# =============================================================================== the scheme
+@pytest.mark.parametrize("workers", [1, 2, 5, 8])
+def test_every_accepted_state_keeps_the_exact_budget(workers):
+    seen = []
+    res = search_tempering(table_loss(CFG.steps), CFG, TemperingConfig(workers=workers),
+                           on_step=lambda e: seen.append(e["states"]))
+    assert seen and all(budget_ok(s, CFG) for states in seen for s in states)
+    assert budget_ok(res.compute, CFG) and len(res.compute) == CFG.nfe
+    assert res.loss == table_loss(CFG.steps)([res.compute])[0]
+    assert res.history[-1]["best_loss"] == res.loss
+
+
+def test_each_round_is_one_request_of_w_proposals():
+    sizes = []
+    base = table_loss(CFG.steps)
+
+    def losses(c):
+        sizes.append(len(c))
+        return base(c)
+
+    tc = TemperingConfig(workers=8)
+    assert tc.chains == 2 and tc.proposals() == [4, 4] and tc.rounds(CFG) == 6
+    assert TemperingConfig(workers=32).proposals() == [8] * 4 and TemperingConfig(workers=2).proposals() == [2]
+    assert TemperingConfig(workers=7).proposals() == [4, 3]
+    search_tempering(losses, SearchConfig(steps=16, nfe=6, sa_iters=24, hc_rounds=0, seed=2), tc)
+    assert sizes[0] == 2 and all(n <= 8 for n in sizes[1:])  # the starts, then at most W new masks per round
+
+
+@pytest.mark.parametrize("workers", [1, 3, 8])
+def test_same_seed_and_workers_give_the_same_search(workers):
+    a = search_tempering(table_loss(CFG.steps), CFG, TemperingConfig(workers=workers))
+    b = search_tempering(table_loss(CFG.steps), CFG, TemperingConfig(workers=workers))
+    assert a.compute == b.compute and a.loss == b.loss and a.history == b.history
+
+
+def test_worker_count_changes_the_path_not_validity():
+    results = [search_tempering(table_loss(CFG.steps), CFG, TemperingConfig(workers=w)) for w in (1, 4, 16)]
+    assert len({tuple(r.history[-1].values()) for r in results}) > 1
+    assert all(budget_ok(r.compute, CFG) for r in results)
+
+
+def test_tempering_finds_the_brute_force_optimum_of_a_small_space():
+    import itertools
+
+    cfg = SearchConfig(steps=10, nfe=4, sa_iters=40, hc_rounds=10, seed=0)
+    loss = table_loss(10, seed=3)
+    sets = [(0, *c) for c in itertools.combinations(range(1, 10), 3)]
+    best = min(loss(sets))
+    assert search_tempering(loss, cfg, TemperingConfig(workers=8)).loss == best
+
+
+class Killed(Exception):
+    """Stands for the driver being killed while it waits for losses."""
+
+
+class Dying:
+    """A loss that raises :class:`Killed` on its ``kill_at``-th call (``None``: never); counts its calls."""
+
+    def __init__(self, kill_at: int | None) -> None:
+        self.kill_at, self.calls, self.base = kill_at, 0, table_loss(CFG.steps)
+
+    def __call__(self, computes):
+        self.calls += 1
+        if self.calls == self.kill_at:
+            raise Killed
+        return self.base(computes)
+
+
+def test_resume_after_a_kill_in_any_round_gives_the_uninterrupted_result(tmp_path):
+    tc = TemperingConfig(workers=4)
+    counter = Dying(None)
+    ref = search_tempering(counter, CFG, tc)
+    assert counter.calls >= 6
+    for kill_at in range(1, counter.calls + 1):
+        ck = tmp_path / f"ck{kill_at}.json"
+        with pytest.raises(Killed):
+            search_tempering(Dying(kill_at), CFG, tc, checkpoint=ck, digest="d")
+        res = search_tempering(table_loss(CFG.steps), CFG, tc, checkpoint=ck, resume=True, digest="d")
+        assert res.compute == ref.compute and res.loss == ref.loss and res.history == ref.history
+
+
+def test_a_checkpoint_of_another_worker_count_or_scheme_is_refused(tmp_path):
+    ck = tmp_path / "ck.json"
+    search_tempering(table_loss(CFG.steps), CFG, TemperingConfig(workers=2), checkpoint=ck, digest="d")
+    with pytest.raises(ConfigError, match="another search"):
+        search_tempering(table_loss(CFG.steps), CFG, TemperingConfig(workers=3), checkpoint=ck, resume=True,
+                         digest="d")
+    seq = tmp_path / "seq.json"
+    search(table_loss(CFG.steps), CFG, checkpoint=seq, digest="d")
+    with pytest.raises(ConfigError, match="another --scheme"):
+        search_tempering(table_loss(CFG.steps), CFG, TemperingConfig(workers=2), checkpoint=seq, resume=True,
+                         digest="d")
+    ck.write_text(ck.read_text().replace('"restart"', '"restart" ', 1).replace("0.", "1.", 1))
+    with pytest.raises(ConfigError):
+        search_tempering(table_loss(CFG.steps), CFG, TemperingConfig(workers=2), checkpoint=ck, resume=True,
+                         digest="d")
+
+
+def test_sequential_scheme_is_the_paper_search():
+    a = run_search("sequential", table_loss(CFG.steps), CFG, workers=8, sa_batch=8)
+    b = search(table_loss(CFG.steps), CFG)
+    path = [[(h["stage"], h["loss"], h["best_loss"]) for h in r.history] for r in (a, b)]
+    assert a.compute == b.compute and a.loss == b.loss and path[0] == path[1]  # speculation costs only evaluations
+    with pytest.raises(ConfigError, match="--scheme"):
+        run_search("annealing", table_loss(CFG.steps), CFG, workers=1)
+
+
+def test_non_finite_losses_name_the_mask():
+    def nan(c):
+        return [float("nan")] * len(c)
+
+    with pytest.raises(ModelOutputError, match="compute set"):
+        search_tempering(nan, CFG, TemperingConfig(workers=2))
+
+
+@pytest.mark.parametrize("kw", [{"workers": 0}, {"workers": 1.5}, {"max_chains": 0}, {"ladder": 0.5}])
+def test_bad_tempering_settings_are_config_errors(kw):
+    with pytest.raises(ConfigError):
+        TemperingConfig(**kw)
+
+
+def test_backend_and_worker_resolution():
+    assert resolve_backend("auto", pipeline=False, mechanism="vtaylor1") == "local"
+    assert resolve_backend("auto", pipeline=True, mechanism="vtaylor1") == "inprocess"
+    assert resolve_backend("auto", pipeline=False, mechanism="taylorseer") == "inprocess"
+    assert resolve_workers("local", None) >= 1 and resolve_workers("ray", None) == 1
+    for bad in (("inprocess", 2), ("local", 0), ("local", 10**6)):
+        with pytest.raises(ConfigError, match="--workers"):
+            resolve_workers(*bad)
+    with pytest.raises(ConfigError, match="--backend"):
+        resolve_backend("cluster", pipeline=False, mechanism=None)
+
+
+def test_routing_sends_a_mask_to_the_worker_holding_its_prefix():
+    held = [set(), set()]
+    a, b = (0, 1, 2, 5), (0, 3, 4, 5)
+    first = route([a, b], 8, held)
+    assert sorted(map(len, first)) == [1, 1]
+    wa = 0 if a in first[0] else 1
+    again = route([(0, 1, 2, 6), (0, 3, 4, 7)], 8, held)
+    assert again[wa] == [(0, 1, 2, 6)]  # shares a's prefix 0..6: goes where a ran
+    assert route([], 8, held) == [[], []]
+
+
+# =============================================================================== local backend on tinyflow
+STEPS = 8
+SMALL = SearchConfig(steps=STEPS, nfe=3, sa_iters=8, hc_rounds=2, seed=1)
+
+
+@pytest.fixture(scope="module")
+def problem() -> TinyflowProblem:
+    return TinyflowProblem(tinyflow.load(), STEPS)
+
+
+@pytest.fixture(scope="module")
+def calib(problem):
+    prompts, seeds = pairs_for(tinyflow_prompts(2, seed=5), 1, 5)
+    with torch.no_grad():
+        return problem.calibration(prompts, seeds)
+
+
+@pytest.fixture(scope="module")
+def local(calib):
+    ev = LocalEvaluator(TinyflowReplica(steps=STEPS), calib, workers=2)
+    yield ev
+    ev.close()
+
+
+def test_local_backend_scores_bit_for_bit_as_in_process_and_searches_alike(problem, calib, local):
+    with torch.no_grad():
+        inproc = make_backend("inprocess", problem, calib)
+        ref = search_tempering(inproc.losses, SMALL, TemperingConfig(workers=2))
+        got = search_tempering(local.losses, SMALL, TemperingConfig(workers=2))
+    assert got.compute == ref.compute and got.loss == ref.loss and got.history == ref.history
+    masks = list(inproc.memo)
+    assert local.losses(masks) == inproc.losses(masks)
+    assert local.stats.evaluations == len(local.memo)
+
+
+def test_a_killed_local_worker_is_replaced_and_its_chunk_scored(calib, local, problem):
+    before = local.restarts
+    os.kill(local.slots[1].proc.pid, signal.SIGKILL)
+    local.slots[1].proc.join(10)
+    masks = [(0, 2, 5), (0, 3, 6), (0, 1, 7), (0, 4, 6)]
+    with torch.no_grad():
+        want = make_backend("inprocess", problem, calib).losses(masks)
+    assert local.losses(masks) == want
+    assert local.restarts == before + 1 and local.slots[1].proc.is_alive()
+
+
+@dataclass(frozen=True)
+class PoisonedReplica:
+    """tinyflow whose block stack returns NaN at one step (only masks computing that step are hit)."""
+
+    step: int
+
+    def __call__(self, device: str = "cpu") -> TinyflowProblem:
+        p = TinyflowProblem(tinyflow.load(None, device), STEPS)
+        target = float(p.sigmas()[self.step])
+        seen: dict[str, float] = {}
+
+        def pre(module, args, kwargs):
+            seen["t"] = float(kwargs["timestep"].reshape(-1)[0])
+
+        def post(module, args, output):
+            if abs(seen["t"] - target) < 1e-3:
+                return tuple(o * float("nan") for o in output) if isinstance(output, tuple) else output * float("nan")
+            return output
+
+        p.transformer.register_forward_pre_hook(pre, with_kwargs=True)
+        p.transformer.transformer_blocks[0].attn.register_forward_hook(post)
+        return p
+
+
+def test_a_workers_nan_is_reported_with_mask_and_step(calib):
+    with LocalEvaluator(PoisonedReplica(5), calib, workers=2) as ev:
+        assert all(math.isfinite(v) for v in ev.losses([(0, 1, 2), (0, 3, 4)]))
+        with pytest.raises(ModelOutputError, match="at step 5") as info:
+            ev.losses([(0, 1, 2), (0, 3, 5)])
+    assert info.value.computes == [(0, 3, 5)] and info.value.step == 5
+
+
+def test_local_plan_losses_equal_in_process(problem, calib):
+    from budcache import estimators as est
+    from budcache.search.evaluator import plan_of
+
+    plans = [plan_of(STEPS, (0, 2, 5), "vtaylor1"), plan_of(STEPS, (0, 2, 5), "output"),
+             plan_of(STEPS, (0, 3, 6), "vtaylor2")]
+    with torch.no_grad():
+        inproc = make_backend("inprocess", problem, calib, estimator="vtaylor1")
+        want = inproc.plan_losses(plans)
+        mask_want = inproc.losses([(0, 1, 4), (0, 2, 5)])
+    with LocalEvaluator(TinyflowReplica(steps=STEPS), calib, workers=2, estimator="vtaylor1") as ev:
+        assert ev.plan_losses(plans) == want
+        assert ev.losses([(0, 1, 4), (0, 2, 5)]) == mask_want
+        with pytest.raises(ConfigError):
+            ev.plan_losses([(0,) * (STEPS - 1)])
+    assert est.COMPUTE == 0
