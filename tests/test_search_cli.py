@@ -38,11 +38,16 @@ def test_search_writes_one_budget_exact_policy_per_budget(searched):
         assert pol.meta["budget"] == k and pol.meta["model"] == "tinyflow"
         assert pol.meta["calibration_pairs"] == 2
         assert isinstance(pol.meta["search_loss"], float) and math.isfinite(pol.meta["search_loss"])
-        # the defaults: velocity forecast in sigma while searching, then per-step estimators (policy version 2),
-        # searched on the mean per-pair log-MSE
-        assert pol.meta["mechanism"] == "vtaylor1" and pol.meta["loss"] == "logmse"
-        assert pol.estimators is not None and len(pol.estimators) == 6 - k
-        assert set(pol.estimators) <= {"vtaylor1", "vtaylor2", "output"}
+        # the default (--mechanism auto): budcache's velocity forecast in sigma with per-step estimators
+        # (policy version 2) and TaylorSeer's searched schedule, the lower mean per-pair log-MSE kept
+        cand = pol.meta["candidates"]
+        assert set(cand) == {"vtaylor1", "taylorseer"} and pol.meta["loss"] == "logmse"
+        assert pol.meta["search_loss"] == min(cand.values()) and pol.meta["mechanism"] == min(cand, key=cand.get)
+        if pol.meta["mechanism"] == "vtaylor1":
+            assert pol.estimators is not None and len(pol.estimators) == 6 - k
+            assert set(pol.estimators) <= {"vtaylor1", "vtaylor2", "output"}
+        else:
+            assert pol.estimators is None and pol.estimator == "taylorseer"
         digests.add(pol.meta["calibration_digest"])
     assert len(digests) == 1 and len(digests.pop()) == 16
 

@@ -16,9 +16,10 @@ import torch
 from budcache import tinyflow
 from budcache.errors import ConfigError, ModelOutputError
 from budcache.problems.data import pairs_for
+from budcache.problems.settings import SamplerSettings
 from budcache.problems.tinyflow import TinyflowProblem, TinyflowReplica, tinyflow_prompts
 from budcache.search import SearchConfig, search
-from budcache.search.backends import make_backend, resolve_backend, resolve_workers, run_search
+from budcache.search.backends import make_backend, resolve_backend, resolve_workers, search_scheme
 from budcache.search.local import LocalEvaluator, route
 from budcache.search.parallel import TemperingConfig, budget_ok, search_tempering
 
@@ -141,12 +142,12 @@ def test_a_checkpoint_of_another_worker_count_or_scheme_is_refused(tmp_path):
 
 
 def test_sequential_scheme_is_the_paper_search():
-    a = run_search("sequential", table_loss(CFG.steps), CFG, workers=8, sa_batch=8)
+    a = search_scheme("sequential", table_loss(CFG.steps), CFG, workers=8, sa_batch=8)
     b = search(table_loss(CFG.steps), CFG)
     path = [[(h["stage"], h["loss"], h["best_loss"]) for h in r.history] for r in (a, b)]
     assert a.compute == b.compute and a.loss == b.loss and path[0] == path[1]  # speculation costs only evaluations
     with pytest.raises(ConfigError, match="--scheme"):
-        run_search("annealing", table_loss(CFG.steps), CFG, workers=1)
+        search_scheme("annealing", table_loss(CFG.steps), CFG, workers=1)
 
 
 def test_non_finite_losses_name_the_mask():
@@ -205,7 +206,7 @@ def calib(problem):
 
 @pytest.fixture(scope="module")
 def local(calib):
-    ev = LocalEvaluator(TinyflowReplica(steps=STEPS), calib, workers=2)
+    ev = LocalEvaluator(TinyflowReplica(settings=SamplerSettings(steps=STEPS)), calib, workers=2)
     yield ev
     ev.close()
 
@@ -274,7 +275,7 @@ def test_local_plan_losses_equal_in_process(problem, calib):
         inproc = make_backend("inprocess", problem, calib, estimator="vtaylor1")
         want = inproc.plan_losses(plans)
         mask_want = inproc.losses([(0, 1, 4), (0, 2, 5)])
-    with LocalEvaluator(TinyflowReplica(steps=STEPS), calib, workers=2, estimator="vtaylor1") as ev:
+    with LocalEvaluator(TinyflowReplica(settings=SamplerSettings(steps=STEPS)), calib, workers=2, estimator="vtaylor1") as ev:
         assert ev.plan_losses(plans) == want
         assert ev.losses([(0, 1, 4), (0, 2, 5)]) == mask_want
         with pytest.raises(ConfigError):

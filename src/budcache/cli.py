@@ -209,18 +209,19 @@ def cmd_search(a: argparse.Namespace) -> int:
     check_writable_dir(a.out, "--out")  # before the model stack is imported
 
     from .search.backends import backend_kwargs
-    from .search.job import run_search
+    from .search.job import AUTO, run_search
 
     kw = {k: getattr(a, k) for k in ("sa_iters", "t_max", "t_min", "radius", "hc_rounds", "restarts", "far_jumps")}
     if a.prefix is not None:
         kw["prefix"] = a.prefix
     kw["relative"] = a.relative_temperature
     t0 = time.perf_counter()
-    problem = build_problem(a, SamplerSettings(a.steps, a.solver, a.mechanism, a.guidance))
+    auto = a.mechanism == "auto"
+    problem = build_problem(a, SamplerSettings(a.steps, a.solver, AUTO[0] if auto else a.mechanism, a.guidance))
     outcomes = run_search(a.out, nfes=a.nfe, problem=problem, estimators=a.estimators, calib_pairs=a.calib_pairs,
                           prompt_file=a.prompts, seeds_per_prompt=a.seeds_per_prompt, heldout_pairs=a.heldout,
                           seed=a.seed, loss=a.loss, resume=a.resume, force=a.force, progress=not a.quiet,
-                          naive=a.naive, **backend_kwargs(a), **kw)
+                          naive=a.naive, mechanisms=AUTO if auto else None, **backend_kwargs(a), **kw)
     for o in outcomes:
         h = o.heldout
         print(f"K={o.nfe:>3}  loss {o.policy.meta['search_loss']:.4e}  {o.policy.estimator_strip()}  "
@@ -283,11 +284,13 @@ def _add_search(sub: Any) -> None:
     se.add_argument("--nfe", type=_int_list, default=[10], help="budget(s) K, e.g. 10 or 6,8,10,14")
     se.add_argument("--steps", type=int, default=28, help="solver steps N")
     se.add_argument("--solver", default="euler", choices=sorted(SOLVERS))
-    se.add_argument("--mechanism", default="vtaylor1", choices=list(ALL_MECHANISMS),
-                    help="how skipped steps are filled while the mask is searched: vtaylor1 (default: the velocity, "
-                         "linear in sigma), vtaylor2, output (velocity reuse), taylor1/taylor2 (the block-stack "
-                         "residual in sigma), forecast1/forecast2 (residual in the step index), reuse (the paper's); "
-                         "or taylorseer: search the compute schedule of diffusers' TaylorSeer, its own estimator")
+    se.add_argument("--mechanism", default="auto", choices=["auto", *ALL_MECHANISMS],
+                    help="how skipped steps are filled while the mask is searched: auto (default: search both "
+                         "vtaylor1 and taylorseer at each budget, keep the lower calibration loss), vtaylor1 (the "
+                         "velocity, linear in sigma), vtaylor2, output (velocity reuse), taylor1/taylor2 (the "
+                         "block-stack residual in sigma), forecast1/forecast2 (residual in the step index), reuse "
+                         "(the paper's); or taylorseer: search the compute schedule of diffusers' TaylorSeer, its own "
+                         "estimator")
     se.add_argument("--estimators", type=_name_list, default=["vtaylor1", "vtaylor2", "output"],
                     help="after the mask search, each skipped step may switch to any of these estimators "
                          "(comma-separated; default vtaylor1,vtaylor2,output; 'none': keep --mechanism everywhere)")

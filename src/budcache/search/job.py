@@ -26,6 +26,7 @@ from ..problems.metrics import item_metrics
 from ..problems.settings import SamplerSettings
 from ..problems.tinyflow import TinyflowProblem
 from ..progress import phase
+from ..specs import ALL_MECHANISMS
 from .anneal import RefineResult, SearchConfig, SearchResult, refine_estimators
 from .backends import make_backend, resolve_backend, resolve_workers, search_scheme
 from .distributed import make_evaluator
@@ -36,6 +37,9 @@ from .parallel import SCHEMES
 #: The estimator the default search fills skipped steps with, and the alternatives it may choose per step.
 DEFAULT_MECHANISM = "vtaylor1"
 DEFAULT_REFINE: tuple[str, ...] = ("vtaylor1", "vtaylor2", "output")
+#: ``--mechanism auto``: budcache's default estimator and diffusers' TaylorSeer on a searched schedule; each
+#: budget keeps the one with the lower calibration loss (BENCHMARKS.md, "Default search").
+AUTO: tuple[str, ...] = ("vtaylor1", "taylorseer")
 #: Search settings for a peer mechanism (no prefix sharing, so every mask costs a whole generation): start from
 #: the peer's best grid schedule (which keeps step 1 free: prefix 1), anneal briefly, then hill-climb.
 PEER_SEARCH: dict[str, Any] = {"sa_iters": 10, "hc_rounds": 2, "radius": 2, "far_jumps": 0, "prefix": 1}
@@ -264,7 +268,8 @@ def run_search(out: str | Path, *, nfes: Sequence[int], problem: Problem | None 
                heldout_pairs: int = 64, seed: int = 0, loss: str = "logmse", resume: bool = False,
                force: bool = False, progress: bool = True, naive: bool = False, model: str | None = None,
                backend: str = "inprocess", workers: int | None = None, ray_address: str | None = None,
-               scheme: str = "sequential", **search_kw: Any) -> list[BudgetOutcome]:
+               scheme: str = "sequential", mechanisms: Sequence[str] | None = None,
+               **search_kw: Any) -> list[BudgetOutcome]:
     """Search one policy per budget (warm-starting each from the last) and write all outputs to ``out``.
 
     ``backend="ray"`` scores masks on ``workers`` Ray actors (joining
@@ -303,6 +308,9 @@ def run_search(out: str | Path, *, nfes: Sequence[int], problem: Problem | None 
         workers: worker processes or Ray actors (default: every core for ``local``, else 1).
         ray_address: a Ray cluster to join.
         scheme: ``sequential`` (the paper's annealing, default) or ``tempering``.
+        mechanisms: search each budget with each of these mechanisms (an estimator of budcache's, or a
+            peer's schedule such as ``taylorseer``) and keep the policy with the lowest calibration loss
+            (:data:`AUTO` is ``budcache search --mechanism auto``); default: the settings' mechanism alone.
         **search_kw: fields of :class:`budcache.search.SearchConfig` (``sa_iters``, ``hc_rounds``, ...).
     """
     if problem is not None and (settings is not None or model is not None):
@@ -318,13 +326,19 @@ def run_search(out: str | Path, *, nfes: Sequence[int], problem: Problem | None 
     if scheme not in SCHEMES:
         raise ConfigError(f"--scheme {scheme!r} is unknown; choose one of {list(SCHEMES)}")
     out = check_writable_dir(out, "--out")
-    refuse_overwrite(out, [f"checkpoint_N{steps}_K{k}.json" for k in sorted(set(nfes))], resume, force)
+    refuse_overwrite(out, [f"checkpoint_N{steps}_K{k}{tag}.json" for k in sorted(set(nfes))
+                           for tag in ("", *(f"_{m}" for m in (mechanisms or ())[1:]))], resume, force)
     if problem is None:
         problem = TinyflowProblem(settings=settings, model=model)
-    estimator, refine = search_estimators(mechanism, estimators)
-    if mechanism in PEER_MECHANISMS:  # whole generations per mask: a shorter annealing from the peer's grid
-        search_kw = {**PEER_SEARCH, **search_kw}
-    configs = {k: SearchConfig(steps=steps, nfe=k, seed=seed, **search_kw) for k in sorted(set(nfes))}
+    candidates = tuple(dict.fromkeys(mechanisms or (mechanism,)))
+    for m in candidates:
+        if m not in ALL_MECHANISMS:
+            raise ConfigError(f"mechanism {m!r} is unknown; choose one of {list(ALL_MECHANISMS)}")
+    plans = {m: search_estimators(m, None if m in PEER_MECHANISMS and len(candidates) > 1 else estimators)
+             for m in candidates}
+    kw_of = {m: ({**PEER_SEARCH, **search_kw} if m in PEER_MECHANISMS else search_kw) for m in candidates}
+    configs = {m: {k: SearchConfig(steps=steps, nfe=k, seed=seed, **kw_of[m]) for k in sorted(set(nfes))}
+               for m in candidates}
     loss_fn = get_loss(loss)
     prompts, seeds = calibration_pairs(problem, calib_pairs, seed, seeds_per_prompt=seeds_per_prompt,
                                        prompt_file=prompt_file)
@@ -334,34 +348,44 @@ def run_search(out: str | Path, *, nfes: Sequence[int], problem: Problem | None 
     hp, hs = split_pairs(problem, "heldout", heldout_pairs, seed, prompts)
     with phase("teacher (held-out)" if progress else None, len(hp) * steps):
         held = problem.calibration(hp, hs)
-    evaluator = make_backend(backend, problem, calib, loss=loss_fn, naive=naive, workers=workers,
-                             address=ray_address, estimator=estimator, mechanism=mechanism)
+    evaluators = {m: make_backend(backend if m not in PEER_MECHANISMS else "inprocess",
+                                  problem.with_settings(mechanism=m), calib, loss=loss_fn, naive=naive,
+                                  workers=workers if m not in PEER_MECHANISMS else 1, address=ray_address,
+                                  estimator=plans[m][0], mechanism=m) for m in candidates}
     outcomes: list[BudgetOutcome] = []
-    prev: tuple[int, ...] | None = None
-    for k, cfg in configs.items():
-        before = EvaluatorStats(**asdict(evaluator.stats))
-        if mechanism in PEER_MECHANISMS:
-            prev = peer_grid_start(evaluator, steps, k) or prev
-        res = search_scheme(scheme, evaluator.losses, cfg, workers=workers, sa_batch=evaluator.sa_batch, init=prev,
-                         checkpoint=out / f"checkpoint_N{steps}_K{k}.json", resume=resume, digest=calib.digest,
-                         progress=progress)
-        refined, names = refine_plan(problem, calib, evaluator, res.compute, mechanism, refine, loss_fn,
-                                     naive=naive, progress=progress)
-        stats = EvaluatorStats(**{f: getattr(evaluator.stats, f) - getattr(before, f) for f in asdict(before)})
-        policy = CachePolicy(steps, res.compute, meta={
-            "model": problem.name, "solver": settings.solver, "schedule": problem.schedule,
-            "mechanism": mechanism, "guidance": settings.guidance, "budget": k,
-            "search_loss": refined.loss if refined is not None else res.loss, "loss": loss,
-            "calibration_digest": calib.digest, "calibration_pairs": len(calib), "budcache_version": __version__},
-            estimators=names)
+    prev: dict[str, tuple[int, ...] | None] = dict.fromkeys(candidates)
+    for k in sorted(set(nfes)):
+        tried = []
+        for i, m in enumerate(candidates):
+            ev = evaluators[m]
+            before = EvaluatorStats(**asdict(ev.stats))
+            if m in PEER_MECHANISMS:
+                prev[m] = peer_grid_start(ev, steps, k) or prev[m]
+            name = f"checkpoint_N{steps}_K{k}.json" if i == 0 else f"checkpoint_N{steps}_K{k}_{m}.json"
+            res = search_scheme(scheme, ev.losses, configs[m][k], workers=workers, sa_batch=ev.sa_batch,
+                                init=prev[m], checkpoint=out / name, resume=resume, digest=calib.digest,
+                                progress=progress)
+            refined, names = refine_plan(problem.with_settings(mechanism=m), calib, ev, res.compute, m,
+                                         plans[m][1], loss_fn, naive=naive, progress=progress)
+            stats = EvaluatorStats(**{f: getattr(ev.stats, f) - getattr(before, f) for f in asdict(before)})
+            tried.append((refined.loss if refined is not None else res.loss, i, m, res, refined, names, stats))
+            prev[m] = res.compute
+        value, _, m, res, refined, names, stats = min(tried, key=lambda t: (t[0], t[1]))
+        meta = {"model": problem.name, "solver": settings.solver, "schedule": problem.schedule, "mechanism": m,
+                "guidance": settings.guidance, "budget": k, "search_loss": value, "loss": loss,
+                "calibration_digest": calib.digest, "calibration_pairs": len(calib), "budcache_version": __version__}
+        if len(candidates) > 1:
+            meta["candidates"] = {t[2]: t[0] for t in tried}
+        policy = CachePolicy(steps, res.compute, meta=meta, estimators=names)
         policy.save(out / f"policy_N{steps}_K{k}.json")
-        plot_history(res.history, out / f"history_N{steps}_K{k}.png", f"search N={steps}, K={k}")
+        plot_history(res.history, out / f"history_N{steps}_K{k}.png", f"search N={steps}, K={k} ({m})")
         o = BudgetOutcome(k, res, policy, stats, refined=refined)
         with phase(f"held-out K={k}" if progress else None, len(held) * (2 * steps + k)):
             o.heldout = heldout_table(problem, held, policy)
         outcomes.append(o)
-        prev = res.compute
-    evaluator.close()
+    for ev in evaluators.values():
+        ev.close()
+    mechanism = "+".join(candidates)
     meta = {"date": datetime.date.today().isoformat(), "model": problem.name, "steps": steps,
             "solver": settings.solver, "mechanism": mechanism, "guidance": settings.guidance,
             "calibration_pairs": len(calib),
