@@ -342,3 +342,19 @@ def test_apply_with_a_policy_of_the_wrong_type_is_a_clear_error():
 
     with pytest.raises(ConfigError, match=r"policy must be a CachePolicy, a path .* got int"):
         bd.apply(make_transformer(), 42, scheduler=object())
+
+
+@pytest.mark.parametrize("option, value, words", [
+    ("--seed", "99999999999999999999", "out of range"),
+    ("--seed", "-1", "out of range"),
+    ("--guidance", "-2", "out of range"),
+    ("--guidance", "nan", "out of range"),
+])
+def test_compare_range_checks_name_the_option(option, value, words, capsys):
+    from budcache.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["compare", "--nfe", "4", "--steps", "8", option, value])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert option in err and words in err and "Traceback" not in err

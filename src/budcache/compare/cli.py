@@ -83,6 +83,7 @@ def cmd_compare(a: argparse.Namespace) -> int:
 
 def register(sub: Any) -> None:
     """Add ``budcache compare`` to the CLI's subparsers."""
+    from ..problems.options import guidance_arg, seed_arg
     from ..search.losses import LOSSES
     from ..solvers import SOLVERS
 
@@ -96,10 +97,10 @@ def register(sub: Any) -> None:
                    help="use this policy for its budget instead of searching (repeatable); a reuse policy "
                    "serves budcache, a forecast1 policy (budcache search's default) budcache-forecast")
     c.add_argument("--solver", default="euler", choices=sorted(SOLVERS))
-    c.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale")
+    c.add_argument("--guidance", type=guidance_arg, default=1.0, help="classifier-free guidance scale (1 = off)")
     c.add_argument("--calib-pairs", type=int, default=12, help="calibration prompt x seed pairs (fitting)")
     c.add_argument("--eval-pairs", type=int, default=32, help="evaluation pairs, disjoint from calibration")
-    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--seed", type=seed_arg, default=0)
     c.add_argument("--sa-iters", type=int, default=40,
                    help="budcache's search: annealing iterations (budcache search uses 200; or pass --policy files)")
     c.add_argument("--hc-rounds", type=int, default=6, help="budcache's search: hill-climbing rounds")
