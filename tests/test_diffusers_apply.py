@@ -266,3 +266,28 @@ def test_mechanism_defaults_to_the_policys(env):
     # the images are the forecast's, not those of the default mechanism
     assert torch.equal(by_meta, outs["forecast2"])
     assert not torch.allclose(by_meta, outs["reuse"])
+
+
+@torch.no_grad()
+def test_check_finite_names_the_step_where_the_model_returns_nan():
+    from budcache.errors import ModelOutputError
+
+    tf = tinyflow.load()
+    pipe = tf.pipeline()
+    bd.apply(pipe, CachePolicy.uniform(6, 3), check_finite=True)
+    try:
+        out = pipe(**tf.pipeline_inputs(["a red circle"], seeds=[0]), num_inference_steps=6,
+                   output_type="latent").images
+        assert torch.isfinite(out).all()  # a healthy model passes
+        blocks = pipe.transformer.single_transformer_blocks
+        last = blocks[len(blocks) - 1]
+        handle = last.register_forward_hook(lambda m, args, out: tuple(t * float("nan") for t in out))
+        try:
+            with pytest.raises(ModelOutputError, match=r"the model returned NaN or Inf at step 0"):
+                pipe(**tf.pipeline_inputs(["a red circle"], seeds=[0]), num_inference_steps=6, output_type="latent")
+        finally:
+            handle.remove()
+    finally:
+        bd.remove(pipe)
+    with pytest.raises(ConfigError, match="check_finite is not available"):
+        bd.apply(pipe, CachePolicy.uniform(6, 3, meta={"mechanism": "taylorseer"}), check_finite=True)

@@ -221,7 +221,8 @@ def _transformer_and_scheduler(target: Any) -> tuple[torch.nn.Module, Any]:
 
 
 def apply(target: Any, policy: CachePolicy | str | os.PathLike, *, nfe: int | None = None, steps: int | None = None,
-          mechanism: str | None = None, scheduler: Any = None, step_from: str = "scheduler") -> CacheHandle:
+          mechanism: str | None = None, scheduler: Any = None, step_from: str = "scheduler",
+          check_finite: bool = False) -> CacheHandle:
     """Install ``policy`` on a pipeline's transformer (or a transformer with ``scheduler=``).
 
     ``policy`` is a :class:`CachePolicy`, a path to a policy JSON file, or
@@ -238,6 +239,9 @@ def apply(target: Any, policy: CachePolicy | str | os.PathLike, *, nfe: int | No
     scheduler's host state, with no device read and no graph break;
     ``"timestep"`` matches the call's timestep against the scheduler's
     timesteps (a device read per call), for loops that never step the scheduler.
+
+    ``check_finite=True`` checks every call's output (computed or forecast) for NaN and Inf and raises
+    :class:`~budcache.errors.ModelOutputError` naming the step, at the cost of one device read per call.
     """
     if step_from not in ("scheduler", "timestep"):
         raise ConfigError(f"step_from must be 'scheduler' or 'timestep' (got {step_from!r})")
@@ -265,6 +269,8 @@ def apply(target: Any, policy: CachePolicy | str | os.PathLike, *, nfe: int | No
         mechanism = stated
     mechanism = mechanism or "reuse"
     if mechanism in PEER_MECHANISMS:
+        if check_finite:
+            raise ConfigError(f"check_finite is not available for {mechanism!r} policies (the peer's own hooks run)")
         handle = PeerHandle(tr, apply_taylorseer_schedule(tr, policy.mask))
         tr._budcache_peer = handle
         return handle  # type: ignore[return-value]
@@ -273,7 +279,8 @@ def apply(target: Any, policy: CachePolicy | str | os.PathLike, *, nfe: int | No
         _TimestepResolver(policy, scheduler, mechanism=mechanism)
     res_depth, out_depth = resolver.estimators.depths
     legacy = mechanism if mechanism in MECHANISMS and policy.estimators is None else "reuse"
-    return apply_cache(tr, legacy, resolver=resolver, depth=res_depth, output_depth=out_depth)
+    return apply_cache(tr, legacy, resolver=resolver, depth=res_depth, output_depth=out_depth,
+                       check_finite=check_finite)
 
 
 class PeerHandle:

@@ -140,18 +140,19 @@ class CacheHandle:
 
 def apply_cache(transformer: torch.nn.Module, mechanism: str = "reuse",
                 resolver: Callable[..., Decision] | None = None, depth: int | None = None,
-                output_depth: int = 0) -> CacheHandle:
+                output_depth: int = 0, check_finite: bool = False) -> CacheHandle:
     """Install a residual cache on ``transformer`` (per instance, removable).
 
     Args:
         transformer: a diffusers transformer (see :func:`~budcache.hooks.block_stack`).
-        mechanism, depth, output_depth, resolver: as in :class:`~budcache.hooks.config.CacheConfig`;
+        mechanism, depth, output_depth, resolver, check_finite: as in :class:`~budcache.hooks.config.CacheConfig`;
             ``output_depth`` > 0 also keeps that many model outputs per context for velocity forecasts.
 
     Returns:
         The :class:`CacheHandle`; ``handle.remove()`` (or a ``with`` block) takes the hooks off.
     """
-    config = CacheConfig(mechanism=mechanism, depth=depth, output_depth=output_depth, resolver=resolver)
+    config = CacheConfig(mechanism=mechanism, depth=depth, output_depth=output_depth, resolver=resolver,
+                         check_finite=check_finite)
     return CacheHandle(transformer, config).install()
 
 

@@ -40,12 +40,16 @@ class CacheConfig:
         resolver: ``resolver(module, args, kwargs, state) -> Decision`` for every call, or an object
             with ``host_decision(context) -> Decision`` deciding on the host when a ``cache_context``
             is entered (pipelines); ``None``: decisions come from ``CacheHandle.set_decision``.
+        check_finite: after every call, check the model's (or the forecast) output for NaN and Inf and raise
+            :class:`~budcache.errors.ModelOutputError` naming the step. It reads a device value back once per
+            call (a host sync; off by default, so a compiled graph stays whole).
     """
 
     mechanism: str = "reuse"
     depth: int | None = None
     output_depth: int = 0
     resolver: Any = None
+    check_finite: bool = False
 
     def __post_init__(self) -> None:
         if self.mechanism not in MECHANISMS:

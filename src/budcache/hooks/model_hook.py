@@ -17,7 +17,7 @@ import torch
 from diffusers.hooks.hooks import CacheContext, ModelHook, StateManager
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 
-from ..errors import ConfigError
+from ..errors import ConfigError, ModelOutputError
 from ..estimators import History
 from .config import ResidualHistory
 from .state import Cache, CacheState
@@ -153,6 +153,12 @@ class ModelDecisionHook(ModelHook):
             if own_context:
                 self.state_manager.set_context(None)
 
+    def _check(self, out: torch.Tensor, step: Any, what: str) -> None:
+        """NaN or Inf in ``out`` is a :class:`ModelOutputError` naming the step (only with ``check_finite``)."""
+        if self.cache.config.check_finite and not bool(torch.isfinite(out).all()):
+            raise ModelOutputError(f"{what} returned NaN or Inf at step {int(step)} (budcache.diffusers.apply "
+                                   "with check_finite=True); the pipeline's output would be invalid")
+
     def _run(self, st: CacheState, args: tuple, kwargs: dict) -> Any:
         """The call itself: the model, or (velocity estimators) its forecast output; stores outputs when asked."""
         d = st.decision
@@ -166,10 +172,14 @@ class ModelDecisionHook(ModelHook):
                 self.cache.stats.calls += 1
                 self.cache.stats.skipped_calls += 1
             out: Any = d.velocity(st.outputs, step)
+            self._check(out, step, "the velocity forecast")
             if st.output_list:  # the model returns one tensor per element (Z-Image): so does the forecast
                 out = list(out.unbind(0))
             return (out,) if not kwargs.get("return_dict", True) else Transformer2DModelOutput(sample=out)
         result = self.fn_ref.original_forward(*args, **kwargs)
+        if self.cache.config.check_finite:
+            sample = result[0] if isinstance(result, tuple) else result.sample
+            self._check(torch.stack(list(sample)) if isinstance(sample, (list, tuple)) else sample, step, "the model")
         if self.cache.output_depth and (d.computes if d.computes is not None else bool(d.compute.all())):
             sample = result[0] if isinstance(result, tuple) else result.sample
             st.output_list = isinstance(sample, (list, tuple))
