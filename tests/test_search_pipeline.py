@@ -7,14 +7,14 @@ import math
 
 import pytest
 import torch
-from diffusers import StableDiffusion3Pipeline
+from diffusers import FluxPipeline, StableDiffusion3Pipeline
 
 import budcache.diffusers as bd
 from budcache import CachePolicy, ConfigError, tinyflow
 from budcache.cli import main
 from budcache.problems.metrics import item_metrics
 from budcache.problems.pipeline import PipelineProblem, load_embeddings, load_pipeline, save_embeddings
-from helpers import make_sd3_pipeline, make_wan_pipeline
+from helpers import make_sd3_pipeline, make_transformer, make_wan_pipeline
 
 torch.set_num_threads(1)
 PROMPTS = ["a red circle", "two blue squares", "a large yellow triangle", "three circles"]
@@ -229,3 +229,40 @@ def test_compare_cli_on_a_pipeline_without_a_vae(flux_dir, tmp_path, capsys):
     assert rows["uniform"]["nfe_mean"] == 3 and rows["plain"]["nfe_mean"] == 3
     assert all(math.isfinite(r["psnr"]) and r["latent_mse"] >= 0 for r in rows.values())
     assert not list(out.glob("grid_*.png"))  # no VAE, nothing to draw
+
+
+def _word_tokenizer(max_length: int):
+    """A tiny word-level fast tokenizer (no download): lower-case words, [PAD]/[UNK]/[EOS]."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["[PAD]", "[UNK]", "[EOS]", "a", "red", "circle", "two", "squares", "blue", "triangle", "small"]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(single="$A [EOS]", special_tokens=[("[EOS]", 2)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", eos_token="[EOS]",
+                                   model_max_length=max_length)
+
+
+@torch.no_grad()
+def test_prompts_are_encoded_by_the_pipelines_own_text_encoders(tf):
+    """A FluxPipeline with tiny random CLIP and T5 encoders: the problem's conditioning is the pipeline's own."""
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    torch.manual_seed(0)
+    clip = CLIPTextModel(CLIPTextConfig(vocab_size=11, hidden_size=32, intermediate_size=37, num_hidden_layers=1,
+                                        num_attention_heads=2, max_position_embeddings=16, eos_token_id=2,
+                                        projection_dim=32)).eval()
+    t5 = T5EncoderModel(T5Config(vocab_size=11, d_model=32, d_kv=8, d_ff=37, num_layers=1, num_heads=2)).eval()
+    pipe = FluxPipeline(scheduler=tinyflow.scheduler(), vae=None, text_encoder=clip, tokenizer=_word_tokenizer(16),
+                        text_encoder_2=t5, tokenizer_2=_word_tokenizer(16), transformer=make_transformer())
+    pipe.vae_scale_factor, pipe.default_sample_size = 2, 16
+    pipe.set_progress_bar_config(disable=True)
+    pp = PipelineProblem(pipe, steps=4, guidance=2.0, negative_prompt="a blue triangle")
+    prompts = ["a red circle", "two squares", "a red circle"]
+    cond, uncond = pp.conds(prompts)
+    pe, pooled, _ = pipe.encode_prompt(prompt=prompts, prompt_2=None)
+    npe, npooled, _ = pipe.encode_prompt(prompt=["a blue triangle"] * 3, prompt_2=None)
+    assert torch.allclose(cond.pooled_prompt_embeds, pooled) and torch.allclose(uncond.pooled_prompt_embeds, npooled)
+    assert torch.allclose(cond.prompt_embeds, pe, atol=1e-6) and torch.allclose(uncond.prompt_embeds, npe, atol=1e-6)
+    assert not torch.equal(cond.prompt_embeds[0], cond.prompt_embeds[1])  # different prompts, different states
