@@ -88,6 +88,25 @@ class _Estimators:
                 max([s.depth for s in specs if s.target == "velocity"], default=0))
 
 
+def check_step_count(policy: CachePolicy, scheduler: Any) -> Any:
+    """The scheduler's timesteps, once they agree with the policy: set, starting at step 0 (no img2img
+    ``strength``), and exactly ``policy.steps`` of them; otherwise an error naming the fix."""
+    ts = getattr(scheduler, "timesteps", None)
+    if ts is None:
+        raise ConfigError("the pipeline's scheduler has no timesteps yet (set_timesteps was not called)")
+    n = len(ts)
+    begin = getattr(scheduler, "begin_index", None)
+    if begin not in (None, 0):
+        raise PolicyError(f"policy field 'steps': the pipeline starts at step {begin} of {n} (img2img "
+                          f"'strength'), so it runs {n - begin} steps, not the policy's {policy.steps}; "
+                          f"search a policy for {n - begin} steps with that strength")
+    if n != policy.steps:
+        raise PolicyError(f"policy field 'steps': the policy is for {policy.steps} steps but the pipeline "
+                          f"runs {n} (num_inference_steps, strength or custom sigmas); search a policy for "
+                          f"{n} steps")
+    return ts
+
+
 class _TimestepResolver:
     """Maps a call's timestep to the policy's step via the scheduler's timesteps."""
 
@@ -104,19 +123,8 @@ class _TimestepResolver:
         if t is None:
             raise ConfigError(f"{type(module).__name__} was called without a 'timestep' keyword; budcache cannot "
                               "tell which step this is")
-        sched = getattr(self.scheduler, "timesteps", None)
-        if sched is None:
-            raise ConfigError("the pipeline's scheduler has no timesteps yet (set_timesteps was not called)")
+        sched = check_step_count(self.policy, self.scheduler)
         n = len(sched)
-        begin = getattr(self.scheduler, "begin_index", None)
-        if begin not in (None, 0):
-            raise PolicyError(f"policy field 'steps': the pipeline starts at step {begin} of {n} (img2img "
-                              f"'strength'), so it runs {n - begin} steps, not the policy's {self.policy.steps}; "
-                              f"search a policy for {n - begin} steps with that strength")
-        if n != self.policy.steps:
-            raise PolicyError(f"policy field 'steps': the policy is for {self.policy.steps} steps but the pipeline "
-                              f"runs {n} (num_inference_steps, strength or custom sigmas); search a policy for "
-                              f"{n} steps")
         t0 = t.flatten()[0].to(torch.float64) if torch.is_tensor(t) else torch.tensor(float(t), dtype=torch.float64)
         ts = sched.to(torch.float64).to(t0.device)
         # FLUX-style models take t/1000; SD3/Wan take t itself: match whichever fits.
@@ -161,27 +169,16 @@ class _SchedulerSteps:
 
     def host_decision(self, context: Any) -> Decision:
         sched = self.scheduler
-        ts = getattr(sched, "timesteps", None)
-        if ts is None:
-            raise ConfigError("the pipeline's scheduler has no timesteps yet (set_timesteps was not called)")
+        ts = check_step_count(self.policy, sched)
         n = len(ts)
-        begin = getattr(sched, "begin_index", None)
-        if begin not in (None, 0):
-            raise PolicyError(f"policy field 'steps': the pipeline starts at step {begin} of {n} (img2img "
-                              f"'strength'), so it runs {n - begin} steps, not the policy's {self.policy.steps}; "
-                              f"search a policy for {n - begin} steps with that strength")
-        if n != self.policy.steps:
-            raise PolicyError(f"policy field 'steps': the policy is for {self.policy.steps} steps but the pipeline "
-                              f"runs {n} (num_inference_steps, strength or custom sigmas); search a policy for "
-                              f"{n} steps")
         k = getattr(context, "step_index", None)
         if k is None:
             if not hasattr(sched, "step_index"):
                 raise ConfigError(f"{type(sched).__name__} keeps no step_index, so budcache cannot tell the step "
                                   "on the host; apply with step_from='timestep'")
             k = sched.step_index
-            if k is None:  # before the scheduler's first step() of this generation
-                k = begin or 0
+            if k is None:  # before the scheduler's first step() of this generation (begin_index is 0 here)
+                k = 0
         k = int(k)
         if not 0 <= k < n:
             raise ConfigError(f"the scheduler is at step {k} of {n}: budcache takes each call's step from the "
