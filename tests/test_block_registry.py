@@ -21,7 +21,7 @@ from diffusers.hooks._helpers import TransformerBlockRegistry
 
 import budcache.diffusers as bd
 from budcache import CachePolicy, ConfigError
-from budcache.hooks import BLOCK_CONTRACTS, block_stack
+from budcache.hooks import BLOCK_CONTRACTS, BlockContract, block_stack
 
 torch.set_num_threads(1)
 
@@ -75,6 +75,12 @@ def _flux():
     return diffusers.FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=2,
                                             attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
                                             pooled_projection_dim=32, axes_dims_rope=(4, 6, 6))
+
+
+def _bria():
+    return diffusers.BriaTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=2,
+                                            attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+                                            axes_dims_rope=[4, 6, 6])
 
 
 def _flux2():
@@ -254,6 +260,7 @@ def _kandinsky5_inputs(g: torch.Generator):
 
 
 FLUX = Family(_flux, _flux_like_inputs(16, 32, pooled=32))
+BRIA = Family(_bria, _flux_like_inputs(16, 32))
 FLUX2 = Family(_flux2, _flux_like_inputs(16, 32, guidance=True, ids=4))
 HUNYUAN_VIDEO = Family(_hunyuan_video(), _hunyuan_video_inputs)
 HUNYUAN_VIDEO_I2V = Family(_hunyuan_video("token_replace"), _hunyuan_video_inputs)
@@ -265,6 +272,8 @@ FAMILIES: dict[str, Family] = {
     "BasicTransformerBlock": Family(_dit, _dit_inputs),  # DiTTransformer2DModel (also PixArt, Latte, ...)
     "CogVideoXBlock": Family(_cogvideox, _cogvideox_inputs),
     "CogView4TransformerBlock": Family(_cogview4, _cogview4_inputs),
+    "BriaTransformerBlock": BRIA,  # budcache's table (the registry's row has the outputs swapped)
+    "BriaSingleTransformerBlock": BRIA,  # budcache's table
     "FluxTransformerBlock": FLUX,
     "FluxSingleTransformerBlock": FLUX,
     "Flux2TransformerBlock": FLUX2,
@@ -289,22 +298,9 @@ FAMILIES: dict[str, Family] = {
 
 #: Block classes of the registry whose family this test cannot drive, with the reason (also in README.md).
 SKIPPED: dict[str, str] = {
-    "BriaTransformerBlock": "BriaTransformer2DModel's single-stream blocks (BriaSingleTransformerBlock) are not in "
-                            "diffusers' registry, and its entry for BriaTransformerBlock names output 0 the image "
-                            "stream while the block returns (encoder, image)",
     "Cosmos3VLTextMoTDecoderLayer": "Cosmos3OmniTransformer takes a packed multimodal token sequence (text ids, "
                                     "vision token indexes, mixed-modality rope) that no tiny config drives alone",
 }
-
-
-#: Block classes whose tiny family builds, but which budcache refuses with a one-line ConfigError (README.md too).
-REFUSED: dict[str, str] = {
-    "Flux2TransformerBlock": "Flux2Transformer2DModel joins the text and image streams into one between its double- "
-                             "and single-stream blocks, so the last block's stream is not the first block's and "
-                             "the stack residual is undefined",
-    "Flux2SingleTransformerBlock": "as Flux2TransformerBlock (same model)",
-}
-_REFUSED_MESSAGE = {"Flux2TransformerBlock": "re-lays its streams", "Flux2SingleTransformerBlock": "re-lays its streams"}
 
 
 def _registry_names() -> list[str]:
@@ -314,7 +310,6 @@ def _registry_names() -> list[str]:
 
 def test_every_registered_block_class_has_a_family_or_a_reason():
     missing = [n for n in _registry_names() if n not in FAMILIES and n not in SKIPPED]
-    assert set(REFUSED) <= set(FAMILIES)
     assert not missing, f"block classes without a tiny family in this test: {missing}"
 
 
@@ -386,7 +381,7 @@ def _params() -> list[Any]:
     for name in _registry_names():
         if name in SKIPPED:
             out.append(pytest.param(name, marks=pytest.mark.skip(reason=SKIPPED[name])))
-        elif name in FAMILIES and name not in REFUSED:
+        elif name in FAMILIES:
             out.append(name)
     return out
 
@@ -418,14 +413,57 @@ def test_k_of_n_policy_runs_every_block_k_times_and_full_policy_is_bit_exact(nam
     assert all(torch.equal(a, b) for a, b in zip(_drive(model, call, steps), plain))
 
 
-@pytest.mark.parametrize("name", sorted(REFUSED))
-def test_families_budcache_cannot_cache_are_a_one_line_config_error(name):
+@pytest.mark.parametrize("name", _params())
+def test_a_skipped_step_at_an_unchanged_input_reproduces_the_computed_output(name):
+    """With the timestep and latents held fixed, every step's stack input is the same, so the reused residual
+    must give back the computed output: a stream read from the wrong output index, a text stream taken for the
+    image stream or a joined stream split in the wrong place would not."""
     model, call = _build(name)
     steps = _Steps(N)
+    steps.timesteps = torch.full((N,), 500.0)
     plain = _drive(model, call, steps)
-    with pytest.raises(ConfigError, match=_REFUSED_MESSAGE[name]) as err:
+    bd.apply(model, CachePolicy.uniform(N, K), scheduler=steps, mechanism="reuse")
+    try:
+        cached = _drive(model, call, steps)
+    finally:
+        bd.remove(model)
+    for a, b in zip(cached, plain):
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-4), float((a - b).abs().max())
+
+
+def test_a_stack_whose_streams_are_re_laid_without_a_contract_is_a_one_line_config_error(monkeypatch):
+    """FLUX.2 joins (e, h) between its block lists; without the joined contract the residual is undefined."""
+    model, call = _build("Flux2SingleTransformerBlock")
+    steps = _Steps(N)
+    plain = _drive(model, call, steps)
+    monkeypatch.setitem(BLOCK_CONTRACTS, "Flux2SingleTransformerBlock", BlockContract(hidden_out=0))
+    with pytest.raises(ConfigError, match="re-lays its streams") as err:
         bd.apply(model, CachePolicy.uniform(N, K), scheduler=steps)
         _drive(model, call, steps)
     bd.remove(model)
     assert "\n" not in str(err.value)
     assert all(torch.equal(a, b) for a, b in zip(_drive(model, call, steps), plain))
+
+
+def test_joined_stream_with_extra_tokens_is_a_one_line_config_error():
+    """A joined stream longer than text + image (FLUX.2's reference-image tokens) has no residual: refused."""
+    model, call = _build("Flux2SingleTransformerBlock")
+    steps = _Steps(N)
+
+    def two_more_tokens(module: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        h, rope = kwargs["hidden_states"], kwargs["image_rotary_emb"]
+        if module is model.single_transformer_blocks[0]:
+            h = torch.cat([h[:, :2], h], dim=1)
+        rope = tuple(torch.cat([r[:2], r]) for r in rope)
+        return args, {**kwargs, "hidden_states": h, "image_rotary_emb": rope}
+
+    extra = [b.register_forward_pre_hook(two_more_tokens, with_kwargs=True) for b in model.single_transformer_blocks]
+    try:
+        with pytest.raises(ConfigError, match="joined stream of") as err:
+            bd.apply(model, CachePolicy.uniform(N, K), scheduler=steps)
+            _drive(model, call, steps)
+    finally:
+        bd.remove(model)
+        for h in extra:
+            h.remove()
+    assert "\n" not in str(err.value)

@@ -35,9 +35,6 @@ from budcache.problems.pipeline import PipelineProblem, save_embeddings
 
 torch.set_num_threads(1)
 PROMPTS = ["p0", "p1"]
-#: Families whose block stack budcache refuses so far: FLUX.2's single-stream blocks run on the concatenated
-#: text + image stream, so the stack's output is not its input stream (README, "Every transformer family").
-REFUSED = {"flux2": "re-lays its streams"}
 
 
 def _scheduler(**kw: Any) -> FlowMatchEulerDiscreteScheduler:
@@ -264,10 +261,6 @@ def _end_to_end(case: Case, mechanism: str, tmp_path: Any) -> None:
 @pytest.mark.parametrize("mechanism", ["forecast1", "vtaylor1"])
 @pytest.mark.parametrize("case", CASES, ids=IDS)
 def test_search_apply_align_compare_end_to_end(case, mechanism, tmp_path):
-    if case.name in REFUSED:  # a clear one-line refusal, not a wrong image
-        with pytest.raises(ConfigError, match=REFUSED[case.name]):
-            _end_to_end(case, mechanism, tmp_path)
-        return
     _end_to_end(case, mechanism, tmp_path)
 
 

@@ -41,7 +41,7 @@ from torch.utils.checkpoint import checkpoint as _checkpoint
 from .. import __version__
 from ..errors import ConfigError, ModelOutputError
 from ..estimators import newton
-from ..hooks import MECHANISMS, block_stack, find_cache
+from ..hooks import MECHANISMS, ArgumentNames, BlockContract, block_contract, block_stack, find_cache
 from ..io import atomic_write_bytes
 from ..policy import CachePolicy
 from ..problems.data import CalibrationSet, run_items
@@ -148,11 +148,14 @@ class _ResidualTap:
     def __init__(self, transformer: torch.nn.Module, order: int = 0) -> None:
         blocks = block_stack(transformer)
         self.head, self.tail = blocks[0][1], blocks[-1][1]
+        self.head_contract, self.tail_contract = block_contract(type(self.head)), block_contract(type(self.tail))
+        self.head_args = ArgumentNames(self.head.forward)
         self.order = int(order)
         self.phase: str | None = None      # "compute" | "skip" | None (inactive)
         self.context = ""
         self.step = -1
         self.h_in: torch.Tensor | None = None
+        self.text_len = 0  # text tokens entering the head (a joined tail stream starts with them)
         self.residual: dict[str, list[tuple[int, torch.Tensor]]] = {}  # newest first
         self._handles = [self.head.register_forward_pre_hook(self._pre, with_kwargs=True),
                          self.head.register_forward_hook(self._head_out, with_kwargs=True),
@@ -165,21 +168,24 @@ class _ResidualTap:
 
     def _pre(self, module: Any, args: tuple, kwargs: dict) -> None:
         if self.phase == "compute":
-            self.h_in = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+            kw = self.head_args.bind(args, kwargs)
+            self.h_in = kw[self.head_contract.hidden_arg]
+            e = kw.get(self.head_contract.encoder_arg) if self.head_contract.encoder_out is not None else None
+            self.text_len = e.shape[1] if e is not None else 0
 
     @staticmethod
-    def _find(out: Any, shape: torch.Size) -> int:
-        items = out if isinstance(out, tuple) else (out,)
-        hits = [i for i, t in enumerate(items) if torch.is_tensor(t) and t.shape == shape]
-        if len(hits) != 1:
-            raise ConfigError("residual gradients: cannot tell the image stream from the text stream in the "
-                              "block output (same token count); align with residual_grad=False")
-        return hits[0]
+    def _image(out: Any, contract: BlockContract) -> torch.Tensor:
+        """The image stream of a block's output, by the block's contract."""
+        return out[contract.hidden_out] if isinstance(out, tuple) else out
 
     def _tail_out(self, module: Any, args: tuple, kwargs: dict, out: Any) -> None:
         if self.phase == "compute" and self.h_in is not None:
-            i = self._find(out, self.h_in.shape)
-            h_out = out[i] if isinstance(out, tuple) else out
+            h_out = self._image(out, self.tail_contract)
+            if self.tail_contract.joined and self.text_len:
+                h_out = h_out[:, self.text_len:]  # the joined stream is cat([e, h], dim=1)
+            if h_out.shape != self.h_in.shape:
+                raise ConfigError(f"residual gradients: the last block's image stream has shape "
+                                  f"{tuple(h_out.shape)} but the first block took {tuple(self.h_in.shape)}")
             hist = self.residual.setdefault(self.context, [])
             hist.insert(0, (self.step, h_out - self.h_in))
             del hist[self.order + 1:]
@@ -197,11 +203,11 @@ class _ResidualTap:
         if self.phase != "skip" or not hist:
             return None
         r = self.estimate(hist, self.step)
-        i = self._find(out, r.shape)
-        h = out[i] if isinstance(out, tuple) else out
+        h = self._image(out, self.head_contract)
         h = h + (r - r.detach()).to(h.dtype)
         if not isinstance(out, tuple):
             return h
+        i = self.head_contract.hidden_out
         return tuple(h if j == i else t for j, t in enumerate(out))
 
 

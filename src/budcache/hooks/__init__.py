@@ -37,7 +37,7 @@ from __future__ import annotations
 
 from .apply import CacheHandle, apply_cache, find_cache
 from .block_hooks import HeadBlockHook, PassThroughBlockHook
-from .blocks import BLOCK_CONTRACTS, BlockContract, block_contract, block_stack
+from .blocks import BLOCK_CONTRACTS, ArgumentNames, BlockContract, block_contract, block_stack
 from .config import MECHANISMS, CacheConfig, Decision, Estimator, ResidualHistory
 from .model_hook import ModelDecisionHook
 from .probes import Probe, model_context, modulated_input, probe_stack, stack_size
@@ -49,6 +49,7 @@ _block_stack = block_stack
 __all__ = [
     "BLOCK_CONTRACTS",
     "MECHANISMS",
+    "ArgumentNames",
     "BlockContract",
     "Cache",
     "CacheConfig",

@@ -102,6 +102,15 @@ class _StackBlockHook(ModelHook):
             h_in_s, e_in_s = h_in.index_select(0, st.idx), (e_in.index_select(0, st.idx) if e_in is not None else None)
         else:
             h_in_s, e_in_s = h_in, e_in
+        joined = self.contract.joined and e_in_s is not None
+        if joined:  # the stream is cat([e, h], dim=1): split it by the text length the first block saw
+            if h_out.shape[1] != e_in_s.shape[1] + h_in_s.shape[1]:
+                raise ConfigError(f"{type(self.cache.transformer).__name__}: the last block returns a joined stream "
+                                  f"of {h_out.shape[1]} tokens but the first block took {e_in_s.shape[1]} text and "
+                                  f"{h_in_s.shape[1]} image tokens (extra tokens, such as reference images, are "
+                                  "not supported), so budcache has no stack residual for it")
+            t = e_in_s.shape[1]
+            e_out, h_out = h_out[:, :t], h_out[:, t:]
         if h_out.shape != h_in_s.shape:
             raise ConfigError(f"{type(self.cache.transformer).__name__}: the last block returns an image stream of "
                               f"shape {tuple(h_out.shape)} but the first block took {tuple(h_in_s.shape)} (the model "
@@ -120,6 +129,8 @@ class _StackBlockHook(ModelHook):
                 full_e = base.index_copy(0, st.idx, e_out)
             st.history = st.history.push(idx, r_img, r_txt, step, st.batch, depth)
             st.head_in = None
+            if joined:
+                return torch.cat([full_e, full_h], dim=1)
             return self._pack(full_h, full_e)
         st.history = st.history.push(idx, r_img, r_txt, step, st.batch, depth)
         st.head_in = None
@@ -141,10 +152,8 @@ class HeadBlockHook(_StackBlockHook):
             h = h + r_img.to(h.dtype)
             e = e + r_txt.to(e.dtype) if (e is not None and r_txt is not None) else e
             return self._pack(h, e)
-        if st.mode == "subset":
-            c = self.contract
-            names = (c.hidden_arg, c.encoder_arg, "temb")
-            kw = {k: (_slice(v, st.idx, st.batch) if k in names else v) for k, v in kw.items()}
+        if st.mode == "subset":  # every per-element argument: the streams, the time embedding, masks
+            kw = {k: _slice(v, st.idx, st.batch) for k, v in kw.items()}
         return self._compute(st, kw)
 
     def _begin(self, st: CacheState, kw: dict[str, Any]) -> None:
@@ -198,6 +207,6 @@ class PassThroughBlockHook(_StackBlockHook):
         kw = self.args.bind(args, kwargs)
         if st.mode == "skip":
             return self._pack(*self._streams(kw))
-        if st.mode == "subset":
-            kw = {k: (_slice(v, st.idx, st.batch) if k == "temb" else v) for k, v in kw.items()}
+        if st.mode == "subset":  # the streams arrive subset already; the other per-element arguments do not
+            kw = {k: _slice(v, st.idx, st.batch) for k, v in kw.items()}
         return self._compute(st, kw)

@@ -24,7 +24,7 @@ from diffusers.hooks._helpers import TransformerBlockRegistry
 
 from ..errors import ConfigError
 
-__all__ = ["BLOCK_CONTRACTS", "BlockContract", "block_contract", "block_stack"]
+__all__ = ["BLOCK_CONTRACTS", "ArgumentNames", "BlockContract", "block_contract", "block_stack"]
 
 
 @dataclass(frozen=True)
@@ -37,12 +37,17 @@ class BlockContract:
             (single-stream, or the text enters by cross-attention and is not updated).
         hidden_arg: name of the forward argument that takes ``h``.
         encoder_arg: name of the forward argument that takes ``e``.
+        joined: the block takes and returns one stream that the model joined from the two streams of the
+            blocks before it, ``cat([e, h], dim=1)`` (text tokens first, as FLUX.2's single-stream blocks);
+            when such a block ends the stack, its output is split back into ``(e, h)`` by the text length
+            the first block saw.
     """
 
     hidden_out: int = 0
     encoder_out: int | None = None
     hidden_arg: str = "hidden_states"
     encoder_arg: str = "encoder_hidden_states"
+    joined: bool = False
 
 
 #: Block contracts by class name, for classes diffusers' block registry (0.42.1) does not know or describes
@@ -54,6 +59,13 @@ BLOCK_CONTRACTS: dict[str, BlockContract] = {
     # Z-Image: block(x, attn_mask, freqs_cis, ...) -> x on the joint caption + image sequence (the registry
     # names the argument hidden_states)
     "ZImageTransformerBlock": BlockContract(hidden_out=0, encoder_out=None, hidden_arg="x"),
+    # FLUX.2: the double-stream blocks return (e, h) (the registry has that right); then the model joins
+    # cat([e, h], dim=1) and its single-stream blocks run on that one stream with encoder_hidden_states=None
+    "Flux2SingleTransformerBlock": BlockContract(hidden_out=0, encoder_out=None, joined=True),
+    # Bria: both block kinds return (encoder_hidden_states, hidden_states); the registry has output 0 as the
+    # image stream for the double block and no row for the single block
+    "BriaTransformerBlock": BlockContract(hidden_out=1, encoder_out=0),
+    "BriaSingleTransformerBlock": BlockContract(hidden_out=1, encoder_out=0),
 }
 
 
