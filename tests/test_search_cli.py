@@ -134,3 +134,22 @@ def test_search_on_a_prompt_file_with_calib_pairs_and_prefix(tmp_path, capsys):
     assert rc == 2
     err = capsys.readouterr().err
     assert "--calib-pairs 9 but the prompt file" in err and "gives 4 pairs" in err
+
+
+def test_a_budget_searched_with_others_equals_it_searched_alone_unless_warm_started(tmp_path):
+    """Budgets are independent by default (K=3's policy does not depend on K=2 being asked for too); with
+    --warm-start K=3 starts from K=2's mask, visible in the first entry of its search history."""
+    base = ["search", "--steps", "6", "--calib-pairs", "2", "--heldout", "1", "--sa-iters", "6", "--hc-rounds", "1",
+            "--mechanism", "vtaylor1", "--estimators", "none", "--quiet"]
+    assert main([*base, "--nfe", "3", "--out", str(tmp_path / "alone")]) == 0
+    assert main([*base, "--nfe", "2,3", "--out", str(tmp_path / "both")]) == 0
+    assert main([*base, "--nfe", "2,3", "--warm-start", "--out", str(tmp_path / "warm")]) == 0
+    alone, both = (json.loads((tmp_path / d / "policy_N6_K3.json").read_text()) for d in ("alone", "both"))
+    assert alone["compute"] == both["compute"] and alone["meta"]["search_loss"] == both["meta"]["search_loss"]
+    k2 = json.loads((tmp_path / "warm" / "policy_N6_K2.json").read_text())["compute"]
+    assert json.loads((tmp_path / "warm" / "summary.json").read_text())["meta"]["warm_start"] is True
+    assert json.loads((tmp_path / "both" / "summary.json").read_text())["meta"]["warm_start"] is False
+    starts = {d: json.loads((tmp_path / d / "checkpoint_N6_K3.json").read_text())["memo"][0][0]
+              for d in ("alone", "warm")}
+    assert set(k2) < set(starts["warm"]) and len(starts["warm"]) == 3  # K=3 began from K=2's mask plus one step
+    assert starts["alone"] != starts["warm"]

@@ -221,7 +221,8 @@ def cmd_search(a: argparse.Namespace) -> int:
     outcomes = run_search(a.out, nfes=a.nfe, problem=problem, estimators=a.estimators, calib_pairs=a.calib_pairs,
                           prompt_file=a.prompts, seeds_per_prompt=a.seeds_per_prompt, heldout_pairs=a.heldout,
                           seed=a.seed, loss=a.loss, resume=a.resume, force=a.force, progress=not a.quiet,
-                          naive=a.naive, mechanisms=AUTO if auto else None, **backend_kwargs(a), **kw)
+                          naive=a.naive, mechanisms=AUTO if auto else None, warm_start=a.warm_start,
+                          **backend_kwargs(a), **kw)
     for o in outcomes:
         h = o.heldout
         print(f"K={o.nfe:>3}  loss {o.policy.meta['search_loss']:.4e}  {o.policy.estimator_strip()}  "
@@ -317,6 +318,9 @@ def _add_search(sub: Any) -> None:
     se.add_argument("--relative-temperature", action="store_true",
                     help="Metropolis on the loss difference relative to the start loss (default: the raw difference, "
                          "as the reference does)")
+    se.add_argument("--warm-start", action="store_true",
+                    help="start each budget's annealing from the previous budget's mask (default: every budget "
+                         "is searched on its own, so its policy does not depend on the other budgets asked for)")
     se.add_argument("--naive", action="store_true", help="evaluate masks one by one from step 0 (for comparison)")
     se.add_argument("--resume", action="store_true", help="continue from the checkpoints in --out")
     se.add_argument("--force", action="store_true",

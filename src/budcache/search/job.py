@@ -268,9 +268,13 @@ def run_search(out: str | Path, *, nfes: Sequence[int], problem: Problem | None 
                heldout_pairs: int = 64, seed: int = 0, loss: str = "logmse", resume: bool = False,
                force: bool = False, progress: bool = True, naive: bool = False, model: str | None = None,
                backend: str = "inprocess", workers: int | None = None, ray_address: str | None = None,
-               scheme: str = "sequential", mechanisms: Sequence[str] | None = None,
+               scheme: str = "sequential", mechanisms: Sequence[str] | None = None, warm_start: bool = False,
                **search_kw: Any) -> list[BudgetOutcome]:
-    """Search one policy per budget (warm-starting each from the last) and write all outputs to ``out``.
+    """Search one policy per budget and write all outputs to ``out``.
+
+    Each budget is searched on its own by default, so a budget's policy is the
+    same whichever other budgets the call names; ``warm_start`` starts each
+    budget from the previous budget's mask instead (fitted to the new budget).
 
     ``backend="ray"`` scores masks on ``workers`` Ray actors (joining
     ``ray_address`` if given), ``"local"`` on worker processes, ``"auto"``
@@ -311,6 +315,9 @@ def run_search(out: str | Path, *, nfes: Sequence[int], problem: Problem | None 
         mechanisms: search each budget with each of these mechanisms (an estimator of budcache's, or a
             peer's schedule such as ``taylorseer``) and keep the policy with the lowest calibration loss
             (:data:`AUTO` is ``budcache search --mechanism auto``); default: the settings' mechanism alone.
+        warm_start: start each budget's annealing from the previous budget's mask (default: from the
+            seed's random mask, as a budget searched alone; a peer's schedule starts from its best grid
+            point either way).
         **search_kw: fields of :class:`budcache.search.SearchConfig` (``sa_iters``, ``hc_rounds``, ...).
     """
     if problem is not None and (settings is not None or model is not None):
@@ -360,7 +367,7 @@ def run_search(out: str | Path, *, nfes: Sequence[int], problem: Problem | None 
             ev = evaluators[m]
             before = EvaluatorStats(**asdict(ev.stats))
             if m in PEER_MECHANISMS:
-                prev[m] = peer_grid_start(ev, steps, k) or prev[m]
+                prev[m] = peer_grid_start(ev, steps, k) or (prev[m] if warm_start else None)
             name = f"checkpoint_N{steps}_K{k}.json" if i == 0 else f"checkpoint_N{steps}_K{k}_{m}.json"
             res = search_scheme(scheme, ev.losses, configs[m][k], workers=workers, sa_batch=ev.sa_batch,
                                 init=prev[m], checkpoint=out / name, resume=resume, digest=calib.digest,
@@ -369,7 +376,8 @@ def run_search(out: str | Path, *, nfes: Sequence[int], problem: Problem | None 
                                          plans[m][1], loss_fn, naive=naive, progress=progress)
             stats = EvaluatorStats(**{f: getattr(ev.stats, f) - getattr(before, f) for f in asdict(before)})
             tried.append((refined.loss if refined is not None else res.loss, i, m, res, refined, names, stats))
-            prev[m] = res.compute
+            if warm_start:
+                prev[m] = res.compute
         value, _, m, res, refined, names, stats = min(tried, key=lambda t: (t[0], t[1]))
         meta = {"model": problem.name, "solver": settings.solver, "schedule": problem.schedule, "mechanism": m,
                 "guidance": settings.guidance, "budget": k, "search_loss": value, "loss": loss,
@@ -390,7 +398,7 @@ def run_search(out: str | Path, *, nfes: Sequence[int], problem: Problem | None 
             "solver": settings.solver, "mechanism": mechanism, "guidance": settings.guidance,
             "calibration_pairs": len(calib),
             "digest": calib.digest, "heldout_pairs": len(held), "backend": backend, "workers": workers,
-            "scheme": scheme}
+            "scheme": scheme, "warm_start": warm_start}
     if len(outcomes) > 1:
         plot_frontier(outcomes, out / "frontier.png")
     atomic_write_text(out / "report.md", report(outcomes, meta))
