@@ -121,3 +121,37 @@ def test_train_tinyflow_bad_init_is_a_clear_error(tmp_path, capsys):
     assert main(["train-tinyflow", "--out", str(tmp_path / "c"), "--iters", "1", "--batch", "2",
                  "--device", "cpu", "--init", str(tmp_path / "nothing")]) == 2
     assert "--init" in capsys.readouterr().err
+
+
+def test_sample_compile_runs_the_pipeline_path_and_matches_the_sampler(tmp_path, capsys):
+    """--compile samples through FluxPipeline + budcache.diffusers under torch.compile(fullgraph=True); the
+    latents equal the sampler's for the same policy, estimator and noise (backend eager: dynamo's capture
+    without inductor's C++ build, which the slow compile test covers)."""
+    import torch
+
+    from budcache import tinyflow
+
+    rc = main(["sample", "a red circle", "two squares", "--steps", "8", "--nfe", "3", "--out",
+               str(tmp_path / "g.png"), "--quiet", "--compile=eager"])
+    assert rc == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["nfe"] == 3 and summary["images"] == 2
+    tf = tinyflow.load()
+    policy = CachePolicy.uniform(8, 3, estimator="vtaylor1")
+    with torch.no_grad():
+        ours = tf.sample(["a circle", "two squares"], [4, 5], 8, policy=policy).latent
+        piped = tf.pipeline_sample(["a circle", "two squares"], [4, 5], 8, policy=policy, compile="eager")
+    assert torch.allclose(piped, ours, atol=1e-4, rtol=1e-4), float((piped - ours).abs().max())
+    assert tinyflow.load().transformer.__class__ is type(tf.transformer)  # the shared transformer is unhooked
+    from budcache.hooks import find_cache
+
+    assert find_cache(tf.transformer) is None
+
+
+@pytest.mark.parametrize("extra, message", [(["--compile=nonsense"], "no such torch.compile backend"),
+                                            (["--compile", "--solver", "dpmpp2m"], "scheduler is Euler")])
+def test_sample_compile_bad_options_are_one_line_errors(tmp_path, capsys, extra, message):
+    rc = main(["sample", "a circle", "--steps", "4", "--nfe", "2", "--out", str(tmp_path / "g.png"), *extra])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1

@@ -87,7 +87,7 @@ class TensorReads:
 
 
 # ----------------------------------------------------------------------------- no host sync
-@pytest.mark.parametrize("mechanism", ["reuse", "forecast2"])
+@pytest.mark.parametrize("mechanism", ["reuse", "forecast2", "vtaylor1", "taylor2"])
 @pytest.mark.parametrize("guidance", [1.0, 3.0])
 def test_no_tensor_is_read_back_during_a_generation(env, guidance, mechanism):
     ref = env.tf.sample(PROMPTS, SEEDS, steps=N, guidance=guidance, policy=POLICY, mechanism=mechanism)
@@ -243,6 +243,29 @@ def test_compiled_hooks_have_no_graph_break_and_a_fixed_number_of_graphs(env, me
     assert graphs == [3 * (2 if guidance != 1.0 else 1), 0]
     for out in outs:
         torch.testing.assert_close(out, eager, atol=1e-6 * guidance, rtol=0)
+
+
+#: Policies that name their estimators (version 2): in sigma (velocity or block residual), and a mixed plan
+#: (every skipped step its own estimator, as `budcache search` writes them).
+NAMED = {
+    "vtaylor1": CachePolicy.uniform(N, K, estimator="vtaylor1"),
+    "taylor2": CachePolicy.uniform(N, K, estimator="taylor2"),
+    "mixed": CachePolicy(N, POLICY.compute, estimators=["vtaylor1", "vtaylor2", "output", "taylor1", "reuse"]),
+}
+
+
+@pytest.mark.parametrize("name", sorted(NAMED))
+def test_policies_with_named_estimators_compile_whole(env, name):
+    """The search's own policies (estimators in sigma, mixed per step) compile with fullgraph=True: the step's
+    sigma is gathered by a 0-d step tensor (indexing with it would read it back), one graph per variant and
+    estimator, none added by a second generation, the eager hooked output reproduced."""
+    policy = NAMED[name]
+    pipe = env.tf.pipeline()
+    eager, outs, graphs = _compiled_generations(env, pipe, policy, N, 1.0, None, "eager")
+    kinds = len(set(policy.estimators))
+    assert 3 <= graphs[0] <= 2 + kinds + 1 and graphs[1] == 0, graphs
+    for out in outs:
+        torch.testing.assert_close(out, eager, atol=1e-6, rtol=0)
 
 
 @pytest.mark.parametrize("order", ["compile_first", "in_place"])

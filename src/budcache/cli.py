@@ -100,17 +100,36 @@ def cmd_sample(a: argparse.Namespace) -> int:
     settings = settings_from(policy, steps=a.steps, solver=a.solver, mechanism=mechanism, guidance=a.guidance,
                              source=a.policy or "")
     out = check_writable_file(a.out, "--out")  # before minutes of sampling, not after
+    if a.compile is not None:
+        if settings.solver != "euler":
+            raise ConfigError(f"--compile runs tinyflow's FluxPipeline, whose scheduler is Euler; the solver is "
+                              f"{settings.solver}")
+        if policy is not None and policy.sigmas is not None:
+            raise ConfigError("--compile runs tinyflow's FluxPipeline with its own sigmas; this policy carries a "
+                              "learned schedule (sample it without --compile)")
+        import torch._dynamo
+
+        if a.compile not in torch._dynamo.list_backends(exclude_tags=()):
+            raise ConfigError(f"--compile {printable(a.compile)}: no such torch.compile backend (choose one of "
+                              f"{sorted(torch._dynamo.list_backends(exclude_tags=()))}; put --compile after "
+                              "the prompts or write --compile=BACKEND)")
     problem = TinyflowProblem(settings=settings, model=a.model)
+    mech = None if policy is not None and policy.estimator == "mixed" else settings.mechanism
     t0 = time.perf_counter()
     with torch.no_grad():
-        res = problem.tf.sample(prompts, seeds, steps=settings.steps, solver=settings.solver, policy=policy,
-                                mechanism=None if policy is not None and policy.estimator == "mixed"
-                                else settings.mechanism, guidance=settings.guidance, progress=not a.quiet)
+        if a.compile is not None:
+            latent = problem.tf.pipeline_sample(prompts, seeds, settings.steps, policy=policy, mechanism=mech,
+                                                guidance=settings.guidance, compile=a.compile)
+            nfe = policy.nfe if policy is not None else settings.steps
+        else:
+            res = problem.tf.sample(prompts, seeds, steps=settings.steps, solver=settings.solver, policy=policy,
+                                    mechanism=mech, guidance=settings.guidance, progress=not a.quiet)
+            latent, nfe = res.latent, int(res.nfe.max())
     wall = time.perf_counter() - t0
-    images = problem.images(res.latent)
+    images = problem.images(latent)
     out = save_grid(images, out, columns=a.per_prompt if a.per_prompt > 1 else min(8, len(prompts)))
     verdicts = problem.checker_accuracy(prompts, images)
-    summary = {"images": len(prompts), "steps": settings.steps, "nfe": int(res.nfe.max()), "solver": settings.solver,
+    summary = {"images": len(prompts), "steps": settings.steps, "nfe": nfe, "solver": settings.solver,
                "policy": str(policy) if policy else "none (all steps)", "guidance": settings.guidance,
                "wall_s": round(wall, 3), "checker_accuracy": float(verdicts.mean()), "grid": str(out)}
     print(json.dumps(summary, indent=2))
@@ -272,6 +291,10 @@ def _add_sample(sub: Any) -> None:
     s.add_argument("--per-prompt", type=int, default=1, help="images per prompt")
     s.add_argument("--model", default=None, help="tinyflow weights directory (default: the shipped model)")
     s.add_argument("--out", default="samples.png", help="PNG grid to write")
+    s.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
+                   help="sample through tinyflow's FluxPipeline with the policy applied by budcache.diffusers and "
+                        "the transformer under torch.compile(fullgraph=True) (backend default inductor; Euler "
+                        "only; the first call compiles, which pays off over many images)")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.set_defaults(func=cmd_sample)
 

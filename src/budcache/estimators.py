@@ -134,7 +134,9 @@ def newton(values: Sequence[torch.Tensor], steps: Sequence[torch.Tensor], k: int
     if sigmas is None:
         t = k
     else:
-        t = sigmas.to(values[0].device)[k.long() if torch.is_tensor(k) else k].to(dtype)
+        sig = sigmas.to(values[0].device)
+        # a 0-d tensor step is gathered, not used as a Python index (which reads it back: a graph break)
+        t = (sig.index_select(0, k.long().reshape(1)).reshape(()) if torch.is_tensor(k) else sig[k]).to(dtype)
     s0, _ = time(0)
     s1, have1 = time(1)
     d1 = (values[0] - values[1]) / torch.where(have1, s0 - s1, torch.ones_like(s0))

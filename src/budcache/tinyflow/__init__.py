@@ -25,6 +25,8 @@ import torch
 
 from ..denoisers import FluxCond, FluxDenoiser
 from ..errors import ConfigError
+from ..pipelines import apply as apply_policy
+from ..pipelines import remove as remove_policy
 from ..sampler import sample
 from ..schedules import flux
 from . import grammar
@@ -122,6 +124,38 @@ class TinyFlow:
         if seeds is not None:
             kw["latents"] = self.noise(seeds)
         return kw
+
+    def pipeline_sample(self, prompts: Sequence[str], seeds: Sequence[int], steps: int = 28, *, policy: Any = None,
+                        mechanism: str | None = None, guidance: float = DEFAULT_GUIDANCE,
+                        compile: str | None = None) -> torch.Tensor:
+        """Packed latents from tinyflow's FluxPipeline, a policy applied with ``budcache.diffusers.apply``.
+
+        The whole-compile path: with ``compile`` (a ``torch.compile`` backend, e.g. ``"inductor"``) the
+        hooked transformer runs under ``torch.compile(..., fullgraph=True)``, which a static policy allows
+        (three graphs per CFG pass, none recompiled by later calls). Euler only (the pipeline's scheduler).
+
+        Args:
+            prompts, seeds: one image per pair.
+            steps: N.
+            policy: a :class:`~budcache.policy.CachePolicy` (``None``: every step computes).
+            mechanism: estimator of a policy that names none (default: the policy's, else ``reuse``).
+            guidance: true CFG scale (1: off).
+            compile: ``torch.compile`` backend, or ``None`` for eager.
+        """
+        if len(prompts) != len(seeds):
+            raise ConfigError(f"{len(prompts)} prompts but {len(seeds)} seeds")
+        pipe = self.pipeline()
+        if policy is not None:
+            apply_policy(pipe, policy, mechanism=mechanism)
+        try:
+            if compile is not None:
+                pipe.transformer = torch.compile(pipe.transformer, fullgraph=True, backend=compile)
+            out = pipe(**self.pipeline_inputs(list(prompts), guidance, seeds=seeds), num_inference_steps=steps,
+                       output_type="latent", return_dict=False)[0]
+        finally:
+            pipe.transformer = getattr(pipe.transformer, "_orig_mod", pipe.transformer)
+            remove_policy(pipe)  # the transformer is shared with this TinyFlow: leave it unhooked
+        return out
 
     def pipeline(self) -> Any:
         """A real ``diffusers.FluxPipeline`` around this transformer (no VAE: the packed image is the latent)."""
