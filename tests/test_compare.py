@@ -135,6 +135,22 @@ def test_markdown_names_budgets_where_budcache_is_not_best(tmp_path):
 
 
 @torch.no_grad()
+def test_paired_wins_are_the_given_policys_whichever_method_runs_it(tmp_path):
+    """A TaylorSeer-schedule policy (what `budcache search` keeps at some budgets) runs as taylorseer-searched:
+    the other rows' wins are counted against it, pair by pair, and it is marked as the reference."""
+    ts = CachePolicy(N, (0, 2, 5), meta={"mechanism": "taylorseer"})
+    cfg = CompareConfig(nfes=(3,), steps=N, methods=("taylorseer-searched", "taylorseer", "plain"), calib_pairs=2,
+                        eval_pairs=3, transfer=False, grid_rows=1, policies={3: ts})
+    res = run_compare(tmp_path, cfg, progress=False)
+    rows = {r["method"]: r for r in res.rows}
+    assert rows["taylorseer-searched"].get("wins_reference") and "budcache_wins" not in rows["taylorseer-searched"]
+    per = json.loads((tmp_path / "results.json").read_text())
+    assert rows["plain"]["pairs"] == 3 and 0 <= rows["plain"]["budcache_wins"] <= 3
+    assert "(reference)" in markdown(res)
+    assert per["rows"][0]["method"] == "taylorseer-searched"
+
+
+@torch.no_grad()
 def test_runs_of_disjoint_methods_merge_into_one_table(tmp_path):
     from budcache.compare.report import load_result, merge_results
 

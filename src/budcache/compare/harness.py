@@ -33,7 +33,7 @@ import torch
 from tqdm import tqdm
 
 from ..errors import ConfigError, MissingExtraError
-from ..methods import BudcacheMethod, PlainMethod, UniformMethod, available_methods, build_methods
+from ..methods import BudcacheMethod, PlainMethod, UniformMethod, available_methods, build_methods, policy_method
 from ..policy import CachePolicy
 from ..problems.base import Problem
 from ..problems.data import calibration_pairs, split_pairs
@@ -197,12 +197,15 @@ def _row(setting: str, nfe: int, name: str, kind: str, q: dict[str, np.ndarray],
 
 
 def paired_wins(rows: list[dict[str, Any]], psnr: dict[str, np.ndarray], ours: str = "budcache") -> None:
-    """Add ``budcache_wins`` (pairs where ``ours`` has the higher PSNR) and ``pairs`` to every other row."""
+    """Add ``budcache_wins`` (pairs where ``ours`` has the higher PSNR) and ``pairs`` to every other row, and mark
+    ``ours`` with ``wins_reference``."""
     if ours not in psnr:
         return
     mine = psnr[ours]
     for r in rows:
-        if r["method"] != ours and r["method"] in psnr:
+        if r["method"] == ours:
+            r["wins_reference"] = True
+        elif r["method"] in psnr:
             r["budcache_wins"] = int((mine > psnr[r["method"]]).sum())
             r["pairs"] = int(len(mine))
 
@@ -269,7 +272,10 @@ def run_compare(out: str | Path, cfg: CompareConfig, progress: bool = True,
                 tag = "" if m.name == "budcache" else m.name.replace("budcache-", "") + "_"
                 m.policy.save(out / f"policy_{tag}N{cfg.steps}_K{k}.json")
             bar.update(1)
-        paired_wins([r for r in rows if r["budget"] == k], {n: v for (kk, n), v in per_item.items() if kk == k})
+        # with a given policy at this budget, the wins are that policy's (whichever method runs it)
+        ours = policy_method(cfg.policies[k]) if cfg.policies and k in cfg.policies else "budcache"
+        paired_wins([r for r in rows if r["budget"] == k], {n: v for (kk, n), v in per_item.items() if kk == k},
+                    ours=ours)
     bar.close()
     transfer = _transfer(problem, cfg, policies, (ep, es), lpips, progress) if cfg.transfer and policies else []
     meta = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

@@ -68,7 +68,8 @@ def merge_results(parts: Sequence[CompareResult]) -> CompareResult:
 
 # ------------------------------------------------------------------------------ outputs
 COLUMNS = ("setting", "budget", "method", "kind", "latent_mse", "psnr", "psnr_median", "ssim", "lpips",
-           "checker_acc", "budcache_wins", "pairs", "nfe_mean", "nfe_min", "nfe_max", "wall_ms", "fit_s")
+           "checker_acc", "budcache_wins", "pairs", "wins_reference", "nfe_mean", "nfe_min", "nfe_max", "wall_ms",
+           "fit_s")
 
 
 def best_flags(rows: list[dict[str, Any]]) -> dict[tuple[str, int], dict[str, str]]:
@@ -95,6 +96,8 @@ def markdown(res: CompareResult) -> str:
              f"{m['batch']}, {m['threads']} thread(s). {m['lpips']}."]
     if m.get("full_checker_acc") is not None:
         lines.append(f"Checker accuracy of the full {m['steps']}-step images: {m['full_checker_acc']:.1%}.")
+    lines.append("budcache wins: pairs where the reference row (marked; budcache's, or the method that ran the "
+                 "policy given for that budget) has the higher PSNR.")
     has_lpips = any("lpips" in r for r in res.rows)
     head = "| method | kind | NFE mean [min, max] | latent MSE | PSNR (dB) | median PSNR | SSIM |" + \
         (" LPIPS |" if has_lpips else "") + " checker | budcache wins | ms/image | fit (s) |"
@@ -116,7 +119,8 @@ def markdown(res: CompareResult) -> str:
                 med = f"**{med}**"
             if f.get("ssim") == r["method"]:
                 ssim = f"**{ssim}**"
-            wins = f"{r['budcache_wins']}/{r['pairs']}" if "budcache_wins" in r else ""
+            wins = f"{r['budcache_wins']}/{r['pairs']}" if "budcache_wins" in r else \
+                ("(reference)" if r.get("wins_reference") else "")
             lines.append(f"| {r['method']} | {r['kind']} | {r['nfe_mean']:.2f} [{r['nfe_min']:.2f}, "
                          f"{r['nfe_max']:.2f}] | {mse} | {psnr} | {med} | {ssim} |{lp} {acc} | {wins} | "
                          f"{r['wall_ms']:.1f} | {r['fit_s']:.1f} |")
