@@ -53,6 +53,7 @@ def test_quality_metrics_against_the_reference(tf):
     (CompareConfig(transfer_solvers=("heun",)), "solver 'heun'"),
     (CompareConfig(transfer_guidance=(-1.0,)), "guidance"),
     (CompareConfig(policies={6: CachePolicy.uniform(28, 8)}), "policy given for NFE 6"),
+    (CompareConfig(given_only=True), "--given-only needs --policy"),
 ])
 def test_bad_configurations_are_clear_errors(cfg, message):
     with pytest.raises(ConfigError, match=message):
@@ -139,10 +140,11 @@ def test_paired_wins_are_the_given_policys_whichever_method_runs_it(tmp_path):
     """A TaylorSeer-schedule policy (what `budcache search` keeps at some budgets) runs as taylorseer-searched:
     the other rows' wins are counted against it, pair by pair, and it is marked as the reference."""
     ts = CachePolicy(N, (0, 2, 5), meta={"mechanism": "taylorseer"})
-    cfg = CompareConfig(nfes=(3,), steps=N, methods=("taylorseer-searched", "taylorseer", "plain"), calib_pairs=2,
-                        eval_pairs=3, transfer=False, grid_rows=1, policies={3: ts})
+    cfg = CompareConfig(nfes=(3,), steps=N, methods=("budcache", "taylorseer-searched", "taylorseer", "plain"),
+                        calib_pairs=2, eval_pairs=3, transfer=False, grid_rows=1, policies={3: ts}, given_only=True)
     res = run_compare(tmp_path, cfg, progress=False)
     rows = {r["method"]: r for r in res.rows}
+    assert set(rows) == {"taylorseer-searched", "taylorseer", "plain"}  # given only: budcache does not search
     assert rows["taylorseer-searched"].get("wins_reference") and "budcache_wins" not in rows["taylorseer-searched"]
     per = json.loads((tmp_path / "results.json").read_text())
     assert rows["plain"]["pairs"] == 3 and 0 <= rows["plain"]["budcache_wins"] <= 3

@@ -52,7 +52,7 @@ def config_from_args(a: argparse.Namespace) -> Any:
                          calib_pairs=a.calib_pairs, eval_pairs=a.eval_pairs, seed=a.seed, policies=policies,
                          search_kw=search_kw, search_loss=a.search_loss, grid_nfe=a.grid_nfe, grid_rows=a.grid_rows,
                          transfer_solvers=a.transfer_solvers, transfer_guidance=a.transfer_guidance,
-                         transfer=not a.no_transfer, batch=a.batch)
+                         transfer=not a.no_transfer, batch=a.batch, given_only=a.given_only)
 
 
 def problem_for(a: argparse.Namespace, cfg: Any) -> Any:
@@ -93,6 +93,10 @@ def register(sub: Any) -> None:
     c.add_argument("--methods", type=_names, default=None,
                    help="comma-separated method names (default: all; see --list-methods)")
     c.add_argument("--list-methods", action="store_true", help="print the available methods and exit")
+    c.add_argument("--given-only", action="store_true",
+                   help="with --policy: budcache's methods run only the given policies (a method without one at a "
+                        "budget is left out there instead of searching), e.g. the policies of budcache search, "
+                        "some of which run as taylorseer-searched")
     c.add_argument("--policy", action="append", default=None, metavar="FILE",
                    help="use this policy for its budget instead of searching (repeatable); a reuse policy "
                    "serves budcache, a forecast1 policy (budcache search's default) budcache-forecast")

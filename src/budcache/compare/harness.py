@@ -74,6 +74,9 @@ class CompareConfig:
     transfer_guidance: tuple[float, ...] = (2.0, 4.0)
     transfer: bool = True
     batch: int = 1                              # evaluation batch (1: wall time is per-image latency)
+    #: with ``policies``: budcache's methods run only the given policies; one without a policy at a budget
+    #: is left out there instead of searching (``--given-only``)
+    given_only: bool = False
 
     def validate(self) -> None:
         if not self.nfes:
@@ -99,6 +102,8 @@ class CompareConfig:
             if not (math.isfinite(g) and g > 0):
                 raise ConfigError(f"guidance must be a positive number (got {g})")
         get_loss(self.search_loss)
+        if self.given_only and not self.policies:
+            raise ConfigError("--given-only needs --policy files (it runs only the given policies)")
         for k, pol in self.policies.items():
             if pol.nfe != k or pol.steps != self.steps:
                 raise ConfigError(f"policy given for NFE {k} computes {pol.nfe} of {pol.steps} steps; the "
@@ -257,6 +262,9 @@ def run_compare(out: str | Path, cfg: CompareConfig, progress: bool = True,
     bar = tqdm(total=len(cfg.nfes) * len(methods), desc="compare", disable=not progress, unit="method")
     for k in sorted(cfg.nfes):
         for m in methods:
+            if cfg.given_only and isinstance(m, BudcacheMethod) and k not in m.policies:
+                bar.update(1)
+                continue
             bar.set_postfix_str(f"K={k} {m.name}")
             t0 = time.perf_counter()
             m.fit(problem, calib, k)
