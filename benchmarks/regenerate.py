@@ -78,13 +78,20 @@ SECTIONS: tuple[Section, ...] = (
 _BLOCK = "<!-- generated: {name} -->\n{body}\n<!-- end generated: {name} -->"
 
 
-def markdown_of(stdout: str) -> str:
-    """The printed Markdown from the first heading on (progress lines before it are not part of the section)."""
+def markdown_of(stdout: str, top: int = 3) -> str:
+    """The printed Markdown from the first heading on (progress lines before it are not part of the section),
+    its headings shifted so that the highest is of level ``top`` (a section sits under BENCHMARKS.md's ``##``)."""
     lines = stdout.splitlines()
     start = next((i for i, line in enumerate(lines) if line.startswith("#")), None)
     if start is None:
         raise ValueError("the command printed no Markdown heading")
-    return "\n".join(lines[start:]).strip()
+    lines = lines[start:]
+    heads = [len(m.group(1)) for line in lines if (m := re.match(r"(#+) ", line))]
+    shift = top - min(heads)
+    if shift:
+        lines = [("#" * (len(m.group(1)) + shift) + line[len(m.group(1)):]) if (m := re.match(r"(#+) ", line))
+                 else line for line in lines]
+    return "\n".join(lines).strip()
 
 
 def splice(text: str, name: str, body: str) -> str:

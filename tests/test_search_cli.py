@@ -55,7 +55,8 @@ def test_search_writes_one_budget_exact_policy_per_budget(searched):
 def test_search_writes_report_summary_and_plots(searched):
     report = (searched / "report.md").read_text()
     rows = [line for line in report.splitlines() if line.startswith("| 2 |") or line.startswith("| 3 |")]
-    assert len(rows) == 2 + 2 * 3  # the search table: one row per budget; held-out: budcache, uniform, plain
+    # the search table and the candidates' table: one row per budget each; held-out: budcache, uniform, plain
+    assert len(rows) == 2 + 2 + 2 * 3
     pols = _policies(searched)
     for k in (2, 3):
         assert f"`{pols[k].estimator_strip()}`" in report
@@ -149,7 +150,20 @@ def test_a_budget_searched_with_others_equals_it_searched_alone_unless_warm_star
     k2 = json.loads((tmp_path / "warm" / "policy_N6_K2.json").read_text())["compute"]
     assert json.loads((tmp_path / "warm" / "summary.json").read_text())["meta"]["warm_start"] is True
     assert json.loads((tmp_path / "both" / "summary.json").read_text())["meta"]["warm_start"] is False
+    assert "Wall time of the whole run:" in (tmp_path / "both" / "report.md").read_text()
     starts = {d: json.loads((tmp_path / d / "checkpoint_N6_K3.json").read_text())["memo"][0][0]
               for d in ("alone", "warm")}
     assert set(k2) < set(starts["warm"]) and len(starts["warm"]) == 3  # K=3 began from K=2's mask plus one step
     assert starts["alone"] != starts["warm"]
+
+
+def test_default_search_keeps_the_candidate_with_the_lower_calibration_loss(searched):
+    """`budcache search` without --mechanism searches budcache's estimators and TaylorSeer's schedule per budget."""
+    report = (searched / "report.md").read_text()
+    assert "| NFE | vtaylor1 | taylorseer | kept |" in report
+    for k, pol in _policies(searched).items():
+        cand = pol.meta["candidates"]
+        assert set(cand) == {"vtaylor1", "taylorseer"}
+        kept = min(cand, key=lambda n: (cand[n], n != "vtaylor1"))
+        assert pol.meta["mechanism"] == kept and pol.meta["search_loss"] == cand[kept]
+        assert f"**{cand[kept]:.4f}**" in report

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import math
+import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -142,6 +143,18 @@ def report(outcomes: list[BudgetOutcome], meta: dict[str, Any]) -> str:
         lines.append(f"| {o.nfe} | {o.result.loss:.4e} | {r.loss if r else o.result.loss:.4e} | "
                      f"{o.stats.evaluations} | {o.result.wall_s:.1f} | {r.evaluations if r else 0} | "
                      f"{r.wall_s if r else 0.0:.1f} | `{o.policy.estimator_strip()}` |")
+    if any("candidates" in o.policy.meta for o in outcomes):
+        names = list(dict.fromkeys(n for o in outcomes for n in o.policy.meta.get("candidates", {})))
+        lines += ["", "Each budget was searched with every candidate mechanism; the policy keeps the lowest "
+                  "calibration loss (bold):", "",
+                  "| NFE | " + " | ".join(names) + " | kept |", "|---|" + "---|" * (len(names) + 1)]
+        for o in outcomes:
+            cand = o.policy.meta.get("candidates", {})
+            kept = o.policy.meta.get("mechanism")
+            cells = [(f"**{cand[n]:.4f}**" if n == kept else f"{cand[n]:.4f}") if n in cand else "-" for n in names]
+            lines.append(f"| {o.nfe} | " + " | ".join(cells) + f" | {kept} |")
+    if "wall_s" in meta:
+        lines += ["", f"Wall time of the whole run: {meta['wall_s']:.0f} s."]
     has_ssim = all("ssim" in o.heldout["budcache"] for o in outcomes)
     cols = ["latent MSE", "PSNR", "median PSNR"] + (["SSIM"] if has_ssim else [])
     lines += ["", "Held-out quality against the full-step output (mean latent MSE, mean and median PSNR"
@@ -320,6 +333,7 @@ def run_search(out: str | Path, *, nfes: Sequence[int], problem: Problem | None 
             point either way).
         **search_kw: fields of :class:`budcache.search.SearchConfig` (``sa_iters``, ``hc_rounds``, ...).
     """
+    t_start = time.perf_counter()
     if problem is not None and (settings is not None or model is not None):
         raise ConfigError("give either a problem or settings/model (a problem carries its own settings)")
     check_search_kw(search_kw)
@@ -401,6 +415,7 @@ def run_search(out: str | Path, *, nfes: Sequence[int], problem: Problem | None 
             "scheme": scheme, "warm_start": warm_start}
     if len(outcomes) > 1:
         plot_frontier(outcomes, out / "frontier.png")
+    meta["wall_s"] = time.perf_counter() - t_start
     atomic_write_text(out / "report.md", report(outcomes, meta))
     write_json(out / "summary.json", {"meta": meta, "budgets": [
         {"nfe": o.nfe, "compute": list(o.result.compute), "loss": o.result.loss, "stats": asdict(o.stats),
