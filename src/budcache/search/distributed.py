@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from typing import Any
@@ -42,7 +41,7 @@ import torch
 from ..errors import BudcacheError, ConfigError, require
 from ..peers import PEER_MECHANISMS
 from ..problems.data import CalibrationSet
-from .evaluator import Evaluator, EvaluatorStats, PeerScheduleEvaluator, check_computes, mask_of
+from .evaluator import Evaluator, EvaluatorStats, PeerScheduleEvaluator, check_computes, mask_of, memoised
 from .losses import LossFn, latent_mse
 
 BACKENDS = ("inprocess", "ray")
@@ -214,19 +213,15 @@ class RayEvaluator:
 
     def losses(self, computes: Sequence[Sequence[int]]) -> list[float]:
         """Losses of several compute sets; unknown ones are scored by all workers at once."""
-        keys = check_computes(computes, self.steps)
-        todo = list(dict.fromkeys(k for k in keys if k not in self.memo))
-        self.stats.memo_hits += len(keys) - len(todo)
-        if todo:
-            t0 = time.perf_counter()
+        def score(todo: list[tuple[int, ...]]) -> None:
             chunks, replies = self._scatter(todo)
             for chunk, (vals, work) in zip(chunks, replies):
                 for k, v in zip(chunk, vals):
                     self.memo[k] = v
                 for f in ("evaluations", "item_evaluations", "stack_calls", "steps_run"):
                     setattr(self.stats, f, getattr(self.stats, f) + work[f])
-            self.stats.wall_s += time.perf_counter() - t0
-        return [self.memo[k] for k in keys]
+
+        return memoised(self.memo, check_computes(computes, self.steps), self.stats, score)
 
     def close(self) -> None:
         """Stop the workers, and Ray itself when this evaluator started it."""

@@ -17,8 +17,9 @@ from __future__ import annotations
 import contextlib
 import time
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -100,6 +101,19 @@ class EvaluatorStats:
     wall_s: float = 0.0
 
 
+def memoised(memo: dict[Any, float], keys: Sequence[Any], stats: EvaluatorStats,
+             score: Callable[[list[Any]], None]) -> list[float]:
+    """The values of ``keys`` from ``memo``; the missing ones are scored once each, in first-seen order, by
+    ``score(todo)``, which fills ``memo``. Counts memo hits and the scoring's wall time in ``stats``."""
+    todo = list(dict.fromkeys(k for k in keys if k not in memo))
+    stats.memo_hits += len(keys) - len(todo)
+    if todo:
+        t0 = time.perf_counter()
+        score(todo)
+        stats.wall_s += time.perf_counter() - t0
+    return [memo[k] for k in keys]
+
+
 class Evaluator:
     """Loss of cache masks on a calibration set, through budcache's sampler.
 
@@ -155,11 +169,7 @@ class Evaluator:
 
     def losses(self, computes: Sequence[Sequence[int]]) -> list[float]:
         """Losses of several compute sets (evaluated together where possible)."""
-        keys = check_computes(computes, self.steps)
-        todo = list(dict.fromkeys(k for k in keys if k not in self.memo))
-        self.stats.memo_hits += len(keys) - len(todo)
-        if todo:
-            t0 = time.perf_counter()
+        def score(todo: list[tuple[int, ...]]) -> None:
             with pinned_threads(self.threads):
                 if self.estimator is None:
                     self._run([mask_of(self.steps, k) for k in todo])
@@ -168,8 +178,8 @@ class Evaluator:
                     self._run([p for p in plans if p not in self.plan_memo])
                     for k, p in zip(todo, plans):
                         self.memo[k] = self.plan_memo[p]
-            self.stats.wall_s += time.perf_counter() - t0
-        return [self.memo[k] for k in keys]
+
+        return memoised(self.memo, check_computes(computes, self.steps), self.stats, score)
 
     def plan_losses(self, plans: Sequence[Sequence[int]]) -> list[float]:
         """Losses of plans (per-step estimators, see :func:`plan_of`); needs an evaluator with ``estimator``."""
@@ -179,14 +189,11 @@ class Evaluator:
         for p in keys:
             if len(p) != self.steps or p[0] != est.COMPUTE or not all(c == est.COMPUTE or c in est.NAMES for c in p):
                 raise ConfigError(f"plan {list(p)} is invalid for {self.steps} steps")
-        todo = list(dict.fromkeys(p for p in keys if p not in self.plan_memo))
-        self.stats.memo_hits += len(keys) - len(todo)
-        if todo:
-            t0 = time.perf_counter()
+        def score(todo: list[Plan]) -> None:
             with pinned_threads(self.threads):
                 self._run(todo)
-            self.stats.wall_s += time.perf_counter() - t0
-        return [self.plan_memo[p] for p in keys]
+
+        return memoised(self.plan_memo, keys, self.stats, score)
 
     # -- internals ---------------------------------------------------------------------
     def _prefix_start(self, mask: Mask) -> tuple[Mask, SamplerState]:
@@ -333,12 +340,11 @@ class PeerScheduleEvaluator:
         """Nothing to release."""
 
     def losses(self, computes: Sequence[Sequence[int]]) -> list[float]:
-        keys = check_computes(computes, self.steps)
-        todo = list(dict.fromkeys(k for k in keys if k not in self.memo))
-        self.stats.memo_hits += len(keys) - len(todo)
-        with pinned_threads(self.threads if todo else None):
+        return memoised(self.memo, check_computes(computes, self.steps), self.stats, self._score)
+
+    def _score(self, todo: list[tuple[int, ...]]) -> None:
+        with pinned_threads(self.threads):
             for k in todo:
-                t0 = time.perf_counter()
                 mask = torch.tensor(mask_of(self.steps, k))
                 sampler: Sampler = self.make_sampler(StaticMask(mask), mechanism=self.mechanism)
                 try:
@@ -352,5 +358,3 @@ class PeerScheduleEvaluator:
                 self.stats.item_evaluations += len(k) * len(self.calib)
                 self.stats.steps_run += self.steps
                 self.stats.stack_calls += len(k) * (2 if sampler.guidance != 1.0 else 1)
-                self.stats.wall_s += time.perf_counter() - t0
-        return [self.memo[k] for k in keys]

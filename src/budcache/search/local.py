@@ -29,7 +29,6 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import signal
-import time
 import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
@@ -41,7 +40,7 @@ import torch
 from ..errors import BudcacheError, ConfigError, ModelOutputError
 from ..problems.data import CalibrationSet
 from .distributed import EvalWorker, WorkerError
-from .evaluator import EvaluatorStats, check_computes, mask_of, plan_of
+from .evaluator import EvaluatorStats, check_computes, mask_of, memoised, plan_of
 from .losses import LossFn, latent_mse
 
 Compute = tuple[int, ...]
@@ -220,28 +219,17 @@ class LocalEvaluator:
 
     def losses(self, computes: Sequence[Sequence[int]]) -> list[float]:
         """Losses of several compute sets; unknown ones are scored by all workers at once."""
-        keys = check_computes(computes, self.steps)
-        todo = list(dict.fromkeys(k for k in keys if k not in self.memo))
-        self.stats.memo_hits += len(keys) - len(todo)
-        if todo:
-            t0 = time.perf_counter()
-            row = None if self.estimator is None else (lambda k: plan_of(self.steps, k, self.estimator))
-            self._score(todo, self.memo, "losses", row)
-            self.stats.wall_s += time.perf_counter() - t0
-        return [self.memo[k] for k in keys]
+        row = None if self.estimator is None else (lambda k: plan_of(self.steps, k, self.estimator))
+        return memoised(self.memo, check_computes(computes, self.steps), self.stats,
+                        lambda todo: self._score(todo, self.memo, "losses", row))
 
     def plan_losses(self, plans: Sequence[Sequence[int]]) -> list[float]:
         """Losses of plans (per-step estimators; needs ``estimator``), scored by all workers at once."""
         if self.estimator is None:
             raise ConfigError("plan_losses needs an evaluator built with an estimator")
         keys = [tuple(int(c) for c in p) for p in plans]
-        todo = list(dict.fromkeys(p for p in keys if p not in self.plan_memo))
-        self.stats.memo_hits += len(keys) - len(todo)
-        if todo:
-            t0 = time.perf_counter()
-            self._score(todo, self.plan_memo, "plans", tuple)
-            self.stats.wall_s += time.perf_counter() - t0
-        return [self.plan_memo[p] for p in keys]
+        return memoised(self.plan_memo, keys, self.stats,
+                        lambda todo: self._score(todo, self.plan_memo, "plans", tuple))
 
     def close(self) -> None:
         """Stop the worker processes."""
