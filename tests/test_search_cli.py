@@ -161,7 +161,7 @@ def test_default_search_keeps_the_candidate_with_the_lower_calibration_loss(sear
     """`budcache search` without --mechanism searches budcache's estimators and TaylorSeer's schedule per budget."""
     report = (searched / "report.md").read_text()
     assert "| NFE | vtaylor1 | taylorseer | kept |" in report
-    for k, pol in _policies(searched).items():
+    for pol in _policies(searched).values():
         cand = pol.meta["candidates"]
         assert set(cand) == {"vtaylor1", "taylorseer"}
         kept = min(cand, key=lambda n: (cand[n], n != "vtaylor1"))
