@@ -15,8 +15,11 @@ generation 2 (recompilations), and block-stack runs of an uncompiled generation.
 Each configuration has its own transformer instance, compiled once; timings
 interleave the configurations and take the median of ``--repeats`` rounds.
 
+On CUDA (``--device cuda``) each timed generation ends with a device
+synchronise, and ``--mode reduce-overhead`` makes inductor capture CUDA graphs.
+
 Usage: python benchmarks/compile.py [--batch 2] [--repeats 5] [--backend inductor] [--break-backend eager]
-       [--parts 12] [--only NAME]
+       [--parts 12] [--only NAME] [--device cpu|cuda] [--mode default|reduce-overhead|max-autotune]
 """
 
 from __future__ import annotations
@@ -57,7 +60,7 @@ class _Runs:
 
 def _setup(tf: Any, how: Any) -> Any:
     """A fresh pipeline on its own copy of the transformer, with ``how`` (a policy or a diffusers config)."""
-    fresh = tinyflow.load()
+    fresh = tinyflow.load(device=tf.device)
     pipe = fresh.pipeline()
     if isinstance(how, CachePolicy):
         bd.apply(pipe, how)
@@ -81,8 +84,13 @@ def _magcache_ratios(tf: Any, inputs: dict, steps: int) -> list[float]:
 
 
 def _generate(pipe: Any, inputs: dict, steps: int) -> float:
+    cuda = pipe.transformer.device.type == "cuda" if hasattr(pipe.transformer, "device") else False
+    if cuda:
+        torch.cuda.synchronize()
     t0 = time.perf_counter()
     pipe(**inputs, num_inference_steps=steps, output_type="latent")
+    if cuda:
+        torch.cuda.synchronize()
     return time.perf_counter() - t0
 
 
@@ -97,7 +105,10 @@ def part1(tf: Any, inputs: dict, a: argparse.Namespace) -> None:
     graphs: dict[str, list[int]] = {}
     first: dict[str, float] = {}
     for name, pipe in compiled.items():
-        pipe.transformer = torch.compile(pipe.transformer, fullgraph=True, backend=a.backend)
+        if isinstance(configs[name], CachePolicy):  # copies the kept residuals out of CUDA graphs' memory
+            bd.compile(pipe, backend=a.backend, mode=a.mode)
+        else:
+            pipe.transformer = torch.compile(pipe.transformer, fullgraph=True, backend=a.backend, mode=a.mode)
         graphs[name] = []
         for g in range(2):
             before = counters["stats"]["unique_graphs"]
@@ -114,7 +125,10 @@ def part1(tf: Any, inputs: dict, a: argparse.Namespace) -> None:
             times[f"compiled {name}"].append(_generate(compiled[name], inputs, n))
     med = {key: statistics.median(v) for key, v in times.items()}
     breaks = sum(counters["graph_break"].values())
-    print(f"Backend `{a.backend}`, `torch.compile(pipe.transformer, fullgraph=True)`; graph breaks: {breaks}.\n")
+    mode = "" if a.mode is None else f', mode="{a.mode}"'
+    print(f"Backend `{a.backend}`, `budcache.diffusers.compile(pipe{mode})` (the policies) and "
+          f"`torch.compile(pipe.transformer, fullgraph=True{mode})` (all steps) on {a.device}; "
+          f"graph breaks: {breaks}.\n")
     print("| configuration | eager median (s) | compiled median (s) | compiled / eager | graphs in generation 1 "
           "| graphs in generation 2 | generation 1 incl. compile (s) |\n|---|---|---|---|---|---|---|")
     for name in configs:
@@ -204,17 +218,21 @@ def main() -> None:
     ap.add_argument("--mag-threshold", type=float, default=0.06)
     ap.add_argument("--parts", default="12")
     ap.add_argument("--only", default="", help="part 2: only the caches whose name contains this")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--mode", default=None, help="torch.compile mode, e.g. reduce-overhead (CUDA graphs)")
     a = ap.parse_args()
     torch.set_grad_enabled(False)
     torch._dynamo.config.recompile_limit = 64  # the diffusers caches recompile; let them, and count it
-    tf = tinyflow.load()
+    tf = tinyflow.load(device=a.device)
     pairs = grammar.heldout_pairs(a.batch)
     inputs = tf.pipeline_inputs([p for p, _ in pairs], seeds=[s for _, s in pairs])
     date = datetime.date.today().isoformat()
-    print(f"### Compile and multi-GPU ({date}, {platform.machine()}, {torch.get_num_threads()} threads, "
-          f"torch {torch.__version__})\n")
+    where = torch.cuda.get_device_name() if a.device.startswith("cuda") else f"{torch.get_num_threads()} threads"
+    print(f"### Compile and multi-GPU ({date}, {platform.machine()}, {where}, torch {torch.__version__})\n")
+    extra = (f" --device {a.device}" if a.device != "cpu" else "") + (f" --mode {a.mode}" if a.mode else "")
     print(f"Command: `python benchmarks/compile.py --batch {a.batch} --repeats {a.repeats} --backend {a.backend} "
-          f"--break-backend {a.break_backend}` (tinyflow FluxPipeline, batch {a.batch}, {a.steps} steps)\n")
+          f"--break-backend {a.break_backend} --parts {a.parts}{extra}` (tinyflow FluxPipeline, batch {a.batch}, "
+          f"{a.steps} steps)\n")
     if "1" in a.parts:
         part1(tf, inputs, a)
         print()

@@ -29,6 +29,7 @@ against the scheduler's timesteps, which reads a device tensor back per call
 from __future__ import annotations
 
 import os
+import weakref
 from typing import Any
 
 import torch
@@ -280,6 +281,47 @@ def apply(target: Any, policy: CachePolicy | str | os.PathLike, *, nfe: int | No
                        check_finite=check_finite)
 
 
+_COMPILED: weakref.WeakSet = weakref.WeakSet()  # transformers compiled by :func:`compile`
+_GRAPH_MODES = ("reduce-overhead", "max-autotune")  # torch.compile modes whose inductor captures CUDA graphs
+
+
+def compile(target: Any, *, backend: str = "inductor", mode: str | None = None, fullgraph: bool = True,
+            own_memory: bool | None = None, **kwargs: Any) -> torch.nn.Module:
+    """``torch.compile`` a pipeline's transformer with its budcache policy applied; returns the compiled module.
+
+    The same as ``pipe.transformer = torch.compile(pipe.transformer, fullgraph=True, ...)``,
+    plus one thing CUDA graphs need: their outputs are overwritten by the next
+    replay, so after each call, outside the compiled region, the cache copies
+    the residuals it keeps into memory of its own (one copy of the stack
+    residual per computed step; nothing on a skipped step).
+
+    Args:
+        target: a diffusers pipeline (its ``.transformer`` is replaced) or a bare transformer, with
+            :func:`apply` already called on it.
+        backend: ``torch.compile`` backend.
+        mode: ``torch.compile`` mode; ``"reduce-overhead"`` and ``"max-autotune"`` capture CUDA graphs.
+        fullgraph: refuse graph breaks (a static policy has none).
+        own_memory: copy the kept residuals out after each call (``None``: when ``mode`` captures CUDA graphs
+            or ``options["triton.cudagraphs"]`` is set).
+        kwargs: passed on to ``torch.compile`` (``dynamic``, ``options``).
+    """
+    pipeline = not (isinstance(target, torch.nn.Module) and not hasattr(target, "scheduler"))
+    tr = _transformer_and_scheduler(target)[0] if pipeline else _unwrap(target)
+    handle = find_cache(tr)
+    if handle is None and getattr(tr, "_budcache_peer", None) is None:
+        raise ConfigError("no budcache policy is applied to this transformer; call budcache.diffusers.apply first")
+    if own_memory is None:
+        own_memory = mode in _GRAPH_MODES or bool((kwargs.get("options") or {}).get("triton.cudagraphs"))
+    compiled = torch.compile(tr, backend=backend, mode=mode, fullgraph=fullgraph, **kwargs)
+    if own_memory and handle is not None:
+        cache = handle.cache
+        compiled.register_forward_hook(lambda *_: cache.own_memory())  # runs eagerly, after the graph
+    _COMPILED.add(compiled)
+    if pipeline:
+        target.transformer = compiled
+    return compiled
+
+
 class PeerHandle:
     """A peer's cache installed by :func:`apply` (``taylorseer`` policies); :meth:`remove` takes it off."""
 
@@ -303,3 +345,5 @@ def remove(target: Any) -> None:
     peer = getattr(tr, "_budcache_peer", None)
     if peer is not None:
         peer.remove()
+    if hasattr(target, "scheduler") and getattr(target, "transformer", None) in _COMPILED:
+        target.transformer = tr  # a pipeline compiled by :func:`compile`: back to the plain module

@@ -41,6 +41,7 @@ class CacheState(BaseState):
         self.called = False  # a host-resolved decision was used by a call (set in the forward, read on the host)
         self.outputs = History()  # model outputs of computed steps (velocity estimators on pipelines)
         self.output_list = False  # the model returns a list of per-element tensors (stacked in outputs)
+        self.owned: tuple[History | None, History | None] = (None, None)  # histories already copied out
 
     def reset(self, *args: Any, **kwargs: Any) -> None:
         self.__init__()
@@ -108,6 +109,24 @@ class Cache:
         return st.history.estimate(d.at if d.at is not None else d.step, self.order)
 
     # -- state -----------------------------------------------------------------------------------
+    def own_memory(self) -> None:
+        """Copy the tensors stored by the last call into memory of the cache's own.
+
+        CUDA graphs (``torch.compile`` modes ``reduce-overhead`` and
+        ``max-autotune``) return tensors that live in the graph's memory pool
+        and are overwritten by the next replay; a residual kept for later steps
+        must not. Run on the host after each call, outside the compiled region
+        (:func:`budcache.pipelines.compile` does); a history already copied is
+        left alone, so a skipped step copies nothing.
+        """
+        for st in self.state_manager._state_cache.values():
+            hist, outs = st.owned
+            if st.history is not hist and st.history.img:
+                st.history = st.history.map(torch.clone)
+            if st.outputs is not outs and st.outputs.img:
+                st.outputs = st.outputs.map(torch.clone)
+            st.owned = (st.history, st.outputs)
+
     def reset(self) -> None:
         """Forget every cached residual (all contexts)."""
         self.state_manager.reset()
