@@ -54,6 +54,12 @@ class Section:
 SECTIONS: tuple[Section, ...] = (
     Section("foundation", ("benchmarks/foundation.py", "--pairs", "256"), 12),
     Section("pipeline-hooks", ("benchmarks/pipeline.py", "--batch", "8", "--repeats", "21"), 2),
+    Section("alignment", ("benchmarks/align.py", "--budgets", "5,6,7", "--calib", "24", "--val", "16", "--heldout",
+                          "64", "--epochs", "3", "--lr", "0.5", "--accumulation", "2", "--micro-batch", "4",
+                          "--sa-iters", "100", "--hc-rounds", "10", "--rounds", "3", "--mechanism", "reuse",
+                          "--search-loss", "mse", "--parametrisation", "segment", "--plain-parametrisation", "ld3",
+                          "--plain-lr", "0.05"), 13),
+    Section("ray", ("benchmarks/ray_search.py", "--calib", "4", "--sa-iters", "60", "--hc-rounds", "10"), 10),
     Section("compile-time", ("benchmarks/compile.py", "--parts", "1", "--repeats", "5"), 5),
     Section("compile-breaks", ("benchmarks/compile.py", "--parts", "2"), 3),
     Section("context-parallel", ("benchmarks/context_parallel.py", "--batch", "2", "--steps", "28", "--nfe", "10",
