@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -150,7 +151,9 @@ def test_a_budget_searched_with_others_equals_it_searched_alone_unless_warm_star
     k2 = json.loads((tmp_path / "warm" / "policy_N6_K2.json").read_text())["compute"]
     assert json.loads((tmp_path / "warm" / "summary.json").read_text())["meta"]["warm_start"] is True
     assert json.loads((tmp_path / "both" / "summary.json").read_text())["meta"]["warm_start"] is False
-    assert "Wall time of the whole run:" in (tmp_path / "both" / "report.md").read_text()
+    assert re.search(r"Wall time of the whole run: \d+ s, CPU time of this process \d+ s\.",
+                     (tmp_path / "both" / "report.md").read_text())
+    assert json.loads((tmp_path / "both" / "summary.json").read_text())["meta"]["cpu_s"] > 0
     starts = {d: json.loads((tmp_path / d / "checkpoint_N6_K3.json").read_text())["memo"][0][0]
               for d in ("alone", "warm")}
     assert set(k2) < set(starts["warm"]) and len(starts["warm"]) == 3  # K=3 began from K=2's mask plus one step

@@ -154,7 +154,8 @@ def report(outcomes: list[BudgetOutcome], meta: dict[str, Any]) -> str:
             cells = [(f"**{cand[n]:.4f}**" if n == kept else f"{cand[n]:.4f}") if n in cand else "-" for n in names]
             lines.append(f"| {o.nfe} | " + " | ".join(cells) + f" | {kept} |")
     if "wall_s" in meta:
-        lines += ["", f"Wall time of the whole run: {meta['wall_s']:.0f} s."]
+        cpu = f", CPU time of this process {meta['cpu_s']:.0f} s" if "cpu_s" in meta else ""
+        lines += ["", f"Wall time of the whole run: {meta['wall_s']:.0f} s{cpu}."]
     has_ssim = all("ssim" in o.heldout["budcache"] for o in outcomes)
     cols = ["latent MSE", "PSNR", "median PSNR"] + (["SSIM"] if has_ssim else [])
     lines += ["", "Held-out quality against the full-step output (mean latent MSE, mean and median PSNR"
@@ -333,7 +334,7 @@ def run_search(out: str | Path, *, nfes: Sequence[int], problem: Problem | None 
             point either way).
         **search_kw: fields of :class:`budcache.search.SearchConfig` (``sa_iters``, ``hc_rounds``, ...).
     """
-    t_start = time.perf_counter()
+    t_start, cpu_start = time.perf_counter(), time.process_time()
     if problem is not None and (settings is not None or model is not None):
         raise ConfigError("give either a problem or settings/model (a problem carries its own settings)")
     check_search_kw(search_kw)
@@ -416,6 +417,7 @@ def run_search(out: str | Path, *, nfes: Sequence[int], problem: Problem | None 
     if len(outcomes) > 1:
         plot_frontier(outcomes, out / "frontier.png")
     meta["wall_s"] = time.perf_counter() - t_start
+    meta["cpu_s"] = time.process_time() - cpu_start  # this process only (local or Ray workers are apart)
     atomic_write_text(out / "report.md", report(outcomes, meta))
     write_json(out / "summary.json", {"meta": meta, "budgets": [
         {"nfe": o.nfe, "compute": list(o.result.compute), "loss": o.result.loss, "stats": asdict(o.stats),
