@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> None:
     cfg = config_from_args(a)
     res = run_compare(a.out, cfg, progress=True)
     m = res.meta
-    print(f"### Compare ({datetime.date.today().isoformat()}, {platform.machine()}, {torch.get_num_threads()} "
+    print(f"# Compare ({datetime.date.today().isoformat()}, {platform.machine()}, {torch.get_num_threads()} "
           f"threads, torch {torch.__version__}, no GPU)\n")
     print(f"Command: `flock /tmp/budcache-heavy.lock python benchmarks/compare.py {' '.join(argv)}` "
           f"(total {m['wall_s'] / 60:.1f} min)\n")
