@@ -1,12 +1,12 @@
-"""Wall time of the default ``budcache search`` (local workers, tempering) and its held-out quality against a
-reference policy (e.g. the sequential search's, ``--scheme sequential --backend inprocess``).
+"""Wall and CPU time of the default ``budcache search`` (or with extra options) and its held-out quality against a
+reference policy (e.g. that of ``--backend inprocess``, or of ``--scheme tempering``).
 
 Runs ``budcache search --nfe K --out OUT [EXTRA...]`` in this process, timing it, then scores the new policy and
 the reference policy on the same held-out pairs (the search's own held-out draw: ``--heldout`` pairs, disjoint
 from calibration) and counts paired wins on latent MSE.
 
 Usage: flock /tmp/budcache-heavy.lock python benchmarks/search_parallel.py --out runs/par --reference
-       runs/seq/policy_N28_K10.json [--nfe 10] [-- EXTRA search options]
+       runs/seq/policy_N28_K10.json [--nfe 10] [--compare-only] [-- EXTRA search options]
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import torch
 
 from budcache import CachePolicy, tinyflow
 from budcache.cli import main as cli
+from budcache.problems.data import calibration_pairs, split_pairs
 from budcache.problems.metrics import item_metrics
 from budcache.problems.tinyflow import TinyflowProblem
 
@@ -29,8 +30,17 @@ def main() -> None:
     ap.add_argument("--reference", default=None, help="policy JSON to compare with on the held-out pairs")
     ap.add_argument("--nfe", type=int, default=10)
     ap.add_argument("--heldout", type=int, default=64)
+    ap.add_argument("--compare-only", action="store_true", help="skip the search: compare the policy in --out")
     ap.add_argument("extra", nargs="*")
     a = ap.parse_args()
+    if not a.compare_only:
+        run(a)
+    if a.reference is not None:
+        compare(a)
+
+
+def run(a: argparse.Namespace) -> None:
+    """Run and time the search."""
     t0 = time.perf_counter()
     c0 = os.times()
     rc = cli(["search", "--nfe", str(a.nfe), "--heldout", str(a.heldout), "--out", a.out, "--quiet", "--force",
@@ -40,14 +50,16 @@ def main() -> None:
     cpu = (c1.user - c0.user) + (c1.system - c0.system) + (c1.children_user - c0.children_user) + \
         (c1.children_system - c0.children_system)
     print(f"search rc {rc}: wall {wall:.1f} s, CPU (driver + workers) {cpu:.1f} s", flush=True)
-    if a.reference is None:
-        return
+
+
+def compare(a: argparse.Namespace) -> None:
+    """The new policy against the reference on the search's held-out pairs, with paired wins."""
     torch.set_grad_enabled(False)
     new = CachePolicy.load(os.path.join(a.out, f"policy_N28_K{a.nfe}.json"))
     ref = CachePolicy.load(a.reference)
     problem = TinyflowProblem(tinyflow.load(), 28)
-    prompts = [problem.default_prompts(32, 0)]  # the search's calibration prompts (seed 0), held-out disjoint
-    hp, hs = problem.heldout_pairs(a.heldout, 0, prompts[0])
+    prompts, _ = calibration_pairs(problem, None, 0)  # the search's calibration pairs (seed 0)
+    hp, hs = split_pairs(problem, "heldout", a.heldout, 0, prompts)  # its held-out pairs, disjoint from them
     held = problem.calibration(hp, hs)
     q = {name: item_metrics(problem, problem.final_latents(held, pol), held.teacher) for name, pol in
          (("new", new), ("reference", ref))}

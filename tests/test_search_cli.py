@@ -170,3 +170,21 @@ def test_default_search_keeps_the_candidate_with_the_lower_calibration_loss(sear
         kept = min(cand, key=lambda n: (cand[n], n != "vtaylor1"))
         assert pol.meta["mechanism"] == kept and pol.meta["search_loss"] == cand[kept]
         assert f"**{cand[kept]:.4f}**" in report
+
+
+def test_default_search_runs_its_candidates_at_once_and_matches_the_in_process_search(searched, tmp_path):
+    """The default backend (auto) scores budcache's candidate on worker processes while TaylorSeer's schedule is
+    searched in this process at the same time; the policies are those of the one-process search, bit for bit."""
+    from budcache.search.local import default_workers
+
+    meta = json.loads((searched / "summary.json").read_text())["meta"]
+    assert meta["backend"] == "local" and meta["concurrent_candidates"] is True
+    assert meta["workers"] == max(1, default_workers() - 1)
+    assert main([*ARGS, "--backend", "inprocess", "--out", str(tmp_path)]) == 0
+    assert json.loads((tmp_path / "summary.json").read_text())["meta"]["concurrent_candidates"] is False
+    for k in (2, 3):
+        a = json.loads((searched / f"policy_N6_K{k}.json").read_text())
+        b = json.loads((tmp_path / f"policy_N6_K{k}.json").read_text())
+        assert a["compute"] == b["compute"] and a.get("estimators") == b.get("estimators")
+        assert a["meta"]["search_loss"] == b["meta"]["search_loss"]
+        assert a["meta"]["candidates"] == b["meta"]["candidates"]

@@ -6,8 +6,16 @@ processes on this machine, :mod:`budcache.search.local`), ``ray`` (W Ray
 actors, :mod:`budcache.search.distributed`), and ``auto``: ``local`` with
 every core for tinyflow, ``inprocess`` for a diffusers pipeline (one replica
 per core would not fit a large model; give ``--backend local`` or ``ray``
-explicitly) and for a peer mechanism (scored in-process only). The default is
-``inprocess``.
+explicitly) and for a peer mechanism (scored in-process only). The default of
+``budcache search`` is ``auto``, that of :func:`budcache.search.job.run_search`
+``inprocess`` (a library call starts no process unless asked).
+
+With several candidate mechanisms (``--mechanism auto``), a budget's candidates
+whose evaluators live in different processes are searched at the same time,
+each in its own thread of the driver: at most one in-process candidate (a
+peer's schedule) beside candidates on worker processes or Ray actors. Each
+candidate's search is the one it would run alone, so the policy is unchanged;
+a local backend then leaves one core to the in-process candidate.
 
 Schemes: ``sequential`` (the default: the paper's annealing then hill
 climbing, :func:`budcache.search.anneal.search`: the same policy for every
@@ -105,9 +113,11 @@ def search_scheme(scheme: str, losses: Callable[[Sequence[Sequence[int]]], list[
 def add_backend_args(p: argparse.ArgumentParser) -> None:
     """``--backend``, ``--workers``, ``--scheme`` and ``--ray-address`` on a sub-parser."""
     g = p.add_argument_group("evaluation backend and parallel search")
-    g.add_argument("--backend", default="inprocess", choices=list(BACKENDS),
-                   help="where masks are scored: inprocess (default), local (worker processes, one thread each), "
-                        "ray (actors) or auto (local worker processes for tinyflow, this process for a --pipeline)")
+    g.add_argument("--backend", default="auto", choices=list(BACKENDS),
+                   help="where masks are scored: auto (default: local worker processes for tinyflow, this process "
+                        "for a --pipeline; with --mechanism auto, TaylorSeer's schedule is searched in this process "
+                        "at the same time as budcache's on the workers), inprocess (this process, one thread), "
+                        "local (worker processes, one thread each) or ray (actors)")
     g.add_argument("--workers", type=int, default=None,
                    help="workers W (default: every core for local, 1 for ray); with --scheme tempering the policy "
                         "depends on W: give it to reproduce a search on another machine")

@@ -5,8 +5,9 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import math
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ import torch
 
 from .. import __version__
 from .. import estimators as est
-from ..errors import ConfigError
+from ..errors import BudcacheError, ConfigError
 from ..io import atomic_write_text, check_writable_dir, write_json
 from ..peers import PEER_MECHANISMS, taylorseer_grid_mask
 from ..plots import pyplot, save_figure
@@ -275,6 +276,79 @@ def peer_grid_start(evaluator: Any, steps: int, nfe: int) -> tuple[int, ...] | N
     return options[int(np.argmin(losses))]
 
 
+class Cancellable:
+    """An evaluator whose scoring calls raise :class:`SearchCancelled` once ``cancel`` is set (other attributes
+    pass through): a candidate searched in a thread stops at its next request when another one failed."""
+
+    def __init__(self, evaluator: Any, cancel: threading.Event) -> None:
+        self._ev, self._cancel = evaluator, cancel
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._ev, name)
+
+    def _check(self) -> None:
+        if self._cancel.is_set():
+            raise SearchCancelled("stopped: another candidate mechanism's search failed or was interrupted")
+
+    def losses(self, computes: Sequence[Sequence[int]]) -> list[float]:
+        self._check()
+        return self._ev.losses(computes)
+
+    def plan_losses(self, plans: Sequence[Sequence[int]]) -> list[float]:
+        self._check()
+        return self._ev.plan_losses(plans)
+
+
+class SearchCancelled(BudcacheError):
+    """A candidate's search stopped because another candidate's failed (never reaches the user on its own)."""
+
+
+def concurrent_candidates(where: dict[str, str]) -> bool:
+    """Whether the candidates (mechanism -> backend) can be searched at the same time: more than one, at most one
+    of them in this process (in-process evaluators share the model and its hooks), the others on workers."""
+    return len(where) > 1 and sum(b == "inprocess" for b in where.values()) <= 1
+
+
+def run_concurrently(attempt: Callable[..., tuple[Any, ...]], k: int, candidates: Sequence[str],
+                     where: dict[str, str]) -> list[tuple[Any, ...]]:
+    """``attempt(k, i, m)`` for every candidate at once: the in-process one on this thread, each other on its own
+    thread (its evaluator waits on worker processes or actors). Results in candidate order. An error or Ctrl-C
+    on any stops the others at their next request, then the first error is raised."""
+    results: dict[int, Any] = {}
+    cancel = threading.Event()
+
+    def work(i: int, m: str) -> None:
+        try:
+            with torch.no_grad():  # grad mode is per thread
+                results[i] = attempt(k, i, m, cancel)
+        except BaseException as e:  # noqa: BLE001 - handed to the driver thread
+            results[i] = e
+            cancel.set()
+
+    threads = [threading.Thread(target=work, args=(i, m), daemon=True, name=f"budcache-search-{m}")
+               for i, m in enumerate(candidates) if where[m] != "inprocess"]
+    for t in threads:
+        t.start()
+    try:
+        for i, m in enumerate(candidates):
+            if where[m] == "inprocess":
+                results[i] = attempt(k, i, m, cancel)
+        for t in threads:
+            t.join()
+    except SearchCancelled:
+        for t in threads:
+            t.join()
+    except BaseException:
+        cancel.set()
+        for t in threads:
+            t.join()
+        raise
+    errors = [r for r in results.values() if isinstance(r, BaseException)]
+    if errors:
+        raise next((e for e in errors if not isinstance(e, SearchCancelled)), errors[0])
+    return [results[i] for i in range(len(candidates))]
+
+
 @torch.no_grad()
 def run_search(out: str | Path, *, nfes: Sequence[int], problem: Problem | None = None,
                settings: SamplerSettings | None = None, estimators: Sequence[str] | None = DEFAULT_REFINE,
@@ -322,7 +396,9 @@ def run_search(out: str | Path, *, nfes: Sequence[int], problem: Problem | None 
         progress: show progress bars.
         naive: turn prefix sharing off (for benchmarks).
         model: tinyflow weights folder (default: the shipped weights); only without ``problem``.
-        backend: ``inprocess`` (default), ``local``, ``ray`` or ``auto``.
+        backend: ``inprocess`` (default), ``local``, ``ray`` or ``auto`` (``budcache search``'s default).
+            With several ``mechanisms``, candidates on different processes are searched at the same time
+            (a local backend then leaves one core to an in-process candidate); the policies are unchanged.
         workers: worker processes or Ray actors (default: every core for ``local``, else 1).
         ray_address: a Ray cluster to join.
         scheme: ``sequential`` (the paper's annealing, default) or ``tempering``.
@@ -344,7 +420,7 @@ def run_search(out: str | Path, *, nfes: Sequence[int], problem: Problem | None 
                    calib_pairs=calib_pairs, guidance=settings.guidance)
     backend = resolve_backend(backend, pipeline=problem is not None and not isinstance(problem, TinyflowProblem),
                               mechanism=mechanism)
-    workers = resolve_workers(backend, workers)
+    workers_arg, workers = workers, resolve_workers(backend, workers)
     if scheme not in SCHEMES:
         raise ConfigError(f"--scheme {scheme!r} is unknown; choose one of {list(SCHEMES)}")
     out = check_writable_dir(out, "--out")
@@ -370,29 +446,38 @@ def run_search(out: str | Path, *, nfes: Sequence[int], problem: Problem | None 
     hp, hs = split_pairs(problem, "heldout", heldout_pairs, seed, prompts)
     with phase("teacher (held-out)" if progress else None, len(hp) * steps):
         held = problem.calibration(hp, hs)
-    evaluators = {m: make_backend(backend if m not in PEER_MECHANISMS else "inprocess",
-                                  problem.with_settings(mechanism=m), calib, loss=loss_fn, naive=naive,
-                                  workers=workers if m not in PEER_MECHANISMS else 1, address=ray_address,
+    where = {m: backend if m not in PEER_MECHANISMS else "inprocess" for m in candidates}
+    concurrent = concurrent_candidates(where)
+    if concurrent and backend == "local" and workers_arg is None:  # leave a core to the in-process candidate
+        workers = max(1, workers - sum(b == "inprocess" for b in where.values()))
+    evaluators = {m: make_backend(where[m], problem.with_settings(mechanism=m), calib, loss=loss_fn, naive=naive,
+                                  workers=workers if where[m] != "inprocess" else 1, address=ray_address,
                                   estimator=plans[m][0], mechanism=m) for m in candidates}
     outcomes: list[BudgetOutcome] = []
     prev: dict[str, tuple[int, ...] | None] = dict.fromkeys(candidates)
+
+    def attempt(k: int, i: int, m: str, cancel: threading.Event | None = None) -> tuple[Any, ...]:
+        """Search budget ``k`` with candidate ``m``: ``(loss, i, m, result, refinement, names, stats)``."""
+        ev = evaluators[m] if cancel is None else Cancellable(evaluators[m], cancel)
+        before = EvaluatorStats(**asdict(ev.stats))
+        if m in PEER_MECHANISMS:
+            prev[m] = peer_grid_start(ev, steps, k) or (prev[m] if warm_start else None)
+        name = f"checkpoint_N{steps}_K{k}.json" if i == 0 else f"checkpoint_N{steps}_K{k}_{m}.json"
+        res = search_scheme(scheme, ev.losses, configs[m][k], workers=workers, sa_batch=ev.sa_batch,
+                            init=prev[m], checkpoint=out / name, resume=resume, digest=calib.digest,
+                            progress=progress)
+        refined, names = refine_plan(problem.with_settings(mechanism=m), calib, ev, res.compute, m,
+                                     plans[m][1], loss_fn, naive=naive, progress=progress)
+        stats = EvaluatorStats(**{f: getattr(ev.stats, f) - getattr(before, f) for f in asdict(before)})
+        if warm_start:
+            prev[m] = res.compute
+        return (refined.loss if refined is not None else res.loss, i, m, res, refined, names, stats)
+
     for k in sorted(set(nfes)):
-        tried = []
-        for i, m in enumerate(candidates):
-            ev = evaluators[m]
-            before = EvaluatorStats(**asdict(ev.stats))
-            if m in PEER_MECHANISMS:
-                prev[m] = peer_grid_start(ev, steps, k) or (prev[m] if warm_start else None)
-            name = f"checkpoint_N{steps}_K{k}.json" if i == 0 else f"checkpoint_N{steps}_K{k}_{m}.json"
-            res = search_scheme(scheme, ev.losses, configs[m][k], workers=workers, sa_batch=ev.sa_batch,
-                                init=prev[m], checkpoint=out / name, resume=resume, digest=calib.digest,
-                                progress=progress)
-            refined, names = refine_plan(problem.with_settings(mechanism=m), calib, ev, res.compute, m,
-                                         plans[m][1], loss_fn, naive=naive, progress=progress)
-            stats = EvaluatorStats(**{f: getattr(ev.stats, f) - getattr(before, f) for f in asdict(before)})
-            tried.append((refined.loss if refined is not None else res.loss, i, m, res, refined, names, stats))
-            if warm_start:
-                prev[m] = res.compute
+        if concurrent:
+            tried = run_concurrently(attempt, k, candidates, where)
+        else:
+            tried = [attempt(k, i, m) for i, m in enumerate(candidates)]
         value, _, m, res, refined, names, stats = min(tried, key=lambda t: (t[0], t[1]))
         meta = {"model": problem.name, "solver": settings.solver, "schedule": problem.schedule, "mechanism": m,
                 "guidance": settings.guidance, "budget": k, "search_loss": value, "loss": loss,
@@ -413,7 +498,7 @@ def run_search(out: str | Path, *, nfes: Sequence[int], problem: Problem | None 
             "solver": settings.solver, "mechanism": mechanism, "guidance": settings.guidance,
             "calibration_pairs": len(calib),
             "digest": calib.digest, "heldout_pairs": len(held), "backend": backend, "workers": workers,
-            "scheme": scheme, "warm_start": warm_start}
+            "scheme": scheme, "warm_start": warm_start, "concurrent_candidates": concurrent}
     if len(outcomes) > 1:
         plot_frontier(outcomes, out / "frontier.png")
     meta["wall_s"] = time.perf_counter() - t_start

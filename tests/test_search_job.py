@@ -1,0 +1,98 @@
+"""Candidates searched at the same time (``budcache.search.job``): which may run together, and how an error or
+Ctrl-C in one stops the others."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from budcache.search.job import Cancellable, SearchCancelled, concurrent_candidates, run_concurrently
+
+
+class _Ev:
+    """A stand-in evaluator: counts its requests, each taking a few milliseconds."""
+
+    sa_batch = 1
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def losses(self, computes):
+        self.calls += 1
+        time.sleep(0.005)
+        return [0.0 for _ in computes]
+
+    def plan_losses(self, plans):
+        return self.losses(plans)
+
+
+def _looping(ev, n=2000):
+    def attempt(k, i, m, cancel=None):
+        e = ev if cancel is None else Cancellable(ev, cancel)
+        for _ in range(n):
+            e.losses([(0,)])
+        return (float(i), i, m)
+    return attempt
+
+
+def test_which_candidates_run_at_once():
+    assert concurrent_candidates({"vtaylor1": "local", "taylorseer": "inprocess"})
+    assert concurrent_candidates({"vtaylor1": "ray", "taylorseer": "inprocess"})
+    assert not concurrent_candidates({"vtaylor1": "inprocess", "taylorseer": "inprocess"})
+    assert not concurrent_candidates({"vtaylor1": "local"})
+
+
+def test_results_come_back_in_candidate_order_from_both_threads():
+    seen = {}
+
+    def attempt(k, i, m, cancel=None):
+        seen[m] = threading.current_thread() is threading.main_thread()
+        return (float(10 - i), i, m, k)
+
+    out = run_concurrently(attempt, 7, ["vtaylor1", "taylorseer"], {"vtaylor1": "local", "taylorseer": "inprocess"})
+    assert out == [(10.0, 0, "vtaylor1", 7), (9.0, 1, "taylorseer", 7)]
+    assert seen == {"vtaylor1": False, "taylorseer": True}  # the in-process candidate stays on this thread
+
+
+def test_a_failing_worker_candidate_stops_the_in_process_one_and_its_error_is_raised():
+    ev = _Ev()
+
+    def attempt(k, i, m, cancel=None):
+        if m == "vtaylor1":
+            raise ValueError("boom in vtaylor1")
+        return _looping(ev)(k, i, m, cancel)
+
+    with pytest.raises(ValueError, match="boom in vtaylor1"):
+        run_concurrently(attempt, 3, ["vtaylor1", "taylorseer"], {"vtaylor1": "local", "taylorseer": "inprocess"})
+    assert ev.calls < 2000  # stopped at a request, not run to the end
+
+
+def test_ctrl_c_in_the_in_process_candidate_stops_the_others_before_it_is_raised():
+    ev = _Ev()
+    started = threading.Event()
+
+    def attempt(k, i, m, cancel=None):
+        if m == "taylorseer":
+            started.wait(5)
+            raise KeyboardInterrupt
+        started.set()
+        return _looping(ev)(k, i, m, cancel)
+
+    with pytest.raises(KeyboardInterrupt):
+        run_concurrently(attempt, 3, ["vtaylor1", "taylorseer"], {"vtaylor1": "local", "taylorseer": "inprocess"})
+    assert 0 < ev.calls < 2000
+    assert not [t for t in threading.enumerate() if t.name.startswith("budcache-search-")]  # joined, none left
+
+
+def test_cancellable_passes_attributes_through_and_refuses_after_cancel():
+    ev, cancel = _Ev(), threading.Event()
+    c = Cancellable(ev, cancel)
+    assert c.sa_batch == 1 and c.losses([(0,), (1,)]) == [0.0, 0.0] and c.plan_losses([(0,)]) == [0.0]
+    cancel.set()
+    with pytest.raises(SearchCancelled):
+        c.losses([(0,)])
+    with pytest.raises(SearchCancelled):
+        c.plan_losses([(0,)])
+    assert ev.calls == 2
