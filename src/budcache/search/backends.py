@@ -15,7 +15,9 @@ whose evaluators live in different processes are searched at the same time,
 each in its own thread of the driver: at most one in-process candidate (a
 peer's schedule) beside candidates on worker processes or Ray actors. Each
 candidate's search is the one it would run alone, so the policy is unchanged;
-a local backend then leaves one core to the in-process candidate.
+a local backend with the sequential scheme and no ``--workers`` then leaves
+one core to the in-process candidate (tempering keeps W = every core, since
+its policy depends on W).
 
 Schemes: ``sequential`` (the default: the paper's annealing then hill
 climbing, :func:`budcache.search.anneal.search`: the same policy for every

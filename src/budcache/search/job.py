@@ -398,7 +398,8 @@ def run_search(out: str | Path, *, nfes: Sequence[int], problem: Problem | None 
         model: tinyflow weights folder (default: the shipped weights); only without ``problem``.
         backend: ``inprocess`` (default), ``local``, ``ray`` or ``auto`` (``budcache search``'s default).
             With several ``mechanisms``, candidates on different processes are searched at the same time
-            (a local backend then leaves one core to an in-process candidate); the policies are unchanged.
+            (a local backend with the sequential scheme and no ``workers`` then leaves one core to an
+            in-process candidate); the policies are unchanged.
         workers: worker processes or Ray actors (default: every core for ``local``, else 1).
         ray_address: a Ray cluster to join.
         scheme: ``sequential`` (the paper's annealing, default) or ``tempering``.
@@ -448,7 +449,8 @@ def run_search(out: str | Path, *, nfes: Sequence[int], problem: Problem | None 
         held = problem.calibration(hp, hs)
     where = {m: backend if m not in PEER_MECHANISMS else "inprocess" for m in candidates}
     concurrent = concurrent_candidates(where)
-    if concurrent and backend == "local" and workers_arg is None:  # leave a core to the in-process candidate
+    if concurrent and backend == "local" and workers_arg is None and scheme == "sequential":
+        # leave a core to the in-process candidate (the sequential scheme's policy does not depend on W)
         workers = max(1, workers - sum(b == "inprocess" for b in where.values()))
     evaluators = {m: make_backend(where[m], problem.with_settings(mechanism=m), calib, loss=loss_fn, naive=naive,
                                   workers=workers if where[m] != "inprocess" else 1, address=ray_address,
