@@ -299,7 +299,7 @@ def test_cli_ray_backend_writes_the_in_process_policy(ray_cluster, tmp_path):
     assert main([*args, "--out", str(tmp_path / "b"), "--backend", "ray", "--workers", "2"]) == 0
     a, b = (CachePolicy.load(tmp_path / d / "policy_N8_K3.json") for d in ("a", "b"))
     assert a.compute == b.compute and a.meta["search_loss"] == b.meta["search_loss"]
-    assert main([*args, "--out", str(tmp_path / "c"), "--workers", "2"]) == 2  # workers need --backend ray
+    assert main([*args, "--out", str(tmp_path / "c"), "--backend", "inprocess", "--workers", "2"]) == 2
 
 
 def test_more_workers_than_the_cluster_can_hold_is_a_config_error(ray_cluster, problem, calib):

@@ -39,7 +39,7 @@ def _looping(ev, n=2000):
 
 def test_which_candidates_run_at_once():
     assert concurrent_candidates({"vtaylor1": "local", "taylorseer": "inprocess"})
-    assert concurrent_candidates({"vtaylor1": "ray", "taylorseer": "inprocess"})
+    assert not concurrent_candidates({"vtaylor1": "ray", "taylorseer": "inprocess"})  # its plans score here
     assert not concurrent_candidates({"vtaylor1": "inprocess", "taylorseer": "inprocess"})
     assert not concurrent_candidates({"vtaylor1": "local"})
 
@@ -96,3 +96,32 @@ def test_cancellable_passes_attributes_through_and_refuses_after_cancel():
     with pytest.raises(SearchCancelled):
         c.plan_losses([(0,)])
     assert ev.calls == 2
+    with pytest.raises(SearchCancelled):
+        c.check({"step": 3})  # as the search's on_step callback
+
+
+def test_cancellable_has_plan_losses_only_where_the_evaluator_has():
+    class NoPlans:
+        def losses(self, computes):
+            return [1.0 for _ in computes]
+
+    c = Cancellable(NoPlans(), threading.Event())
+    assert not hasattr(c, "plan_losses") and c.losses([(0,)]) == [1.0]
+
+
+def test_a_candidate_whose_requests_are_all_memo_hits_still_stops():
+    """The annealing checks the cancel flag every step, so a search that sends no request still stops."""
+    started = threading.Event()
+
+    def attempt(k, i, m, cancel=None):
+        if m == "taylorseer":
+            started.wait(5)
+            raise KeyboardInterrupt
+        c = Cancellable(_Ev(), cancel)
+        started.set()
+        for step in range(10**7):
+            c.check({"step": step})
+        return (0.0, i, m)
+
+    with pytest.raises(KeyboardInterrupt):
+        run_concurrently(attempt, 3, ["vtaylor1", "taylorseer"], {"vtaylor1": "local", "taylorseer": "inprocess"})

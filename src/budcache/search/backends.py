@@ -13,7 +13,8 @@ explicitly) and for a peer mechanism (scored in-process only). The default of
 With several candidate mechanisms (``--mechanism auto``), a budget's candidates
 whose evaluators live in different processes are searched at the same time,
 each in its own thread of the driver: at most one in-process candidate (a
-peer's schedule) beside candidates on worker processes or Ray actors. Each
+peer's schedule) beside candidates on local worker processes (Ray candidates
+run one after another: their estimator plans are scored in this process). Each
 candidate's search is the one it would run alone, so the policy is unchanged;
 a local backend with the sequential scheme and no ``--workers`` then leaves
 one core to the in-process candidate (tempering keeps W = every core, since

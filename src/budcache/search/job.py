@@ -277,26 +277,27 @@ def peer_grid_start(evaluator: Any, steps: int, nfe: int) -> tuple[int, ...] | N
 
 
 class Cancellable:
-    """An evaluator whose scoring calls raise :class:`SearchCancelled` once ``cancel`` is set (other attributes
-    pass through): a candidate searched in a thread stops at its next request when another one failed."""
+    """An evaluator whose scoring calls (``losses``, and ``plan_losses`` where it has one) raise
+    :class:`SearchCancelled` once ``cancel`` is set; other attributes pass through. A candidate searched in a
+    thread stops at its next request, or its next annealing step (:meth:`check`), when another one failed."""
 
     def __init__(self, evaluator: Any, cancel: threading.Event) -> None:
         self._ev, self._cancel = evaluator, cancel
 
     def __getattr__(self, name: str) -> Any:
-        return getattr(self._ev, name)
+        attr = getattr(self._ev, name)
+        if name not in ("losses", "plan_losses"):
+            return attr
 
-    def _check(self) -> None:
+        def scored(items: Sequence[Sequence[int]]) -> list[float]:
+            self.check()
+            return attr(items)
+        return scored
+
+    def check(self, *_: Any) -> None:
+        """Raise :class:`SearchCancelled` if another candidate failed (also an ``on_step`` callback)."""
         if self._cancel.is_set():
             raise SearchCancelled("stopped: another candidate mechanism's search failed or was interrupted")
-
-    def losses(self, computes: Sequence[Sequence[int]]) -> list[float]:
-        self._check()
-        return self._ev.losses(computes)
-
-    def plan_losses(self, plans: Sequence[Sequence[int]]) -> list[float]:
-        self._check()
-        return self._ev.plan_losses(plans)
 
 
 class SearchCancelled(BudcacheError):
@@ -305,8 +306,11 @@ class SearchCancelled(BudcacheError):
 
 def concurrent_candidates(where: dict[str, str]) -> bool:
     """Whether the candidates (mechanism -> backend) can be searched at the same time: more than one, at most one
-    of them in this process (in-process evaluators share the model and its hooks), the others on workers."""
-    return len(where) > 1 and sum(b == "inprocess" for b in where.values()) <= 1
+    of them in this process (in-process evaluators share the model and its hooks), the others on local worker
+    processes (which score estimator plans themselves; a Ray candidate's plans are scored in this process, so
+    Ray candidates run one after another)."""
+    return (len(where) > 1 and sum(b == "inprocess" for b in where.values()) <= 1
+            and set(where.values()) <= {"inprocess", "local"})
 
 
 def run_concurrently(attempt: Callable[..., tuple[Any, ...]], k: int, candidates: Sequence[str],
@@ -467,7 +471,7 @@ def run_search(out: str | Path, *, nfes: Sequence[int], problem: Problem | None 
         name = f"checkpoint_N{steps}_K{k}.json" if i == 0 else f"checkpoint_N{steps}_K{k}_{m}.json"
         res = search_scheme(scheme, ev.losses, configs[m][k], workers=workers, sa_batch=ev.sa_batch,
                             init=prev[m], checkpoint=out / name, resume=resume, digest=calib.digest,
-                            progress=progress)
+                            progress=progress, on_step=None if cancel is None else ev.check)
         refined, names = refine_plan(problem.with_settings(mechanism=m), calib, ev, res.compute, m,
                                      plans[m][1], loss_fn, naive=naive, progress=progress)
         stats = EvaluatorStats(**{f: getattr(ev.stats, f) - getattr(before, f) for f in asdict(before)})
