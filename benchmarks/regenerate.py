@@ -63,7 +63,7 @@ SECTIONS: tuple[Section, ...] = (
                                 "runs/regenerate/default/policy_N28_K10.json", "--policy",
                                 "runs/regenerate/default/policy_N28_K14.json", "--methods",
                                 "budcache,taylorseer-searched,taylorseer,magcache,fbcache,uniform,plain",
-                                "--given-only", "--no-transfer", "--out", "runs/regenerate/compare"), 30),
+                                "--given-only", "--out", "runs/regenerate/compare"), 30),
     Section("alignment", ("benchmarks/align.py", "--budgets", "5,6,7", "--calib", "24", "--val", "16", "--heldout",
                           "64", "--epochs", "3", "--lr", "0.5", "--accumulation", "2", "--micro-batch", "4",
                           "--sa-iters", "100", "--hc-rounds", "10", "--rounds", "3", "--mechanism", "reuse",
