@@ -164,7 +164,7 @@ def test_every_evaluator_variant_is_exact(tr, prefix_sharing, batch_candidates, 
     got = ev.losses(computes[:6]) + ev.losses(computes[6:])
     np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-12)
     if max_state_bytes < 2**30:
-        assert ev._state_bytes <= max_state_bytes or len(ev._states) == 1
+        assert ev._store.bytes <= max_state_bytes or len(ev._store) == 1
 
 
 def test_memo_answers_repeats_without_running_the_model(tr):

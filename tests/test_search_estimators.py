@@ -22,8 +22,9 @@ def test_plan_of_and_names_round_trip() -> None:
         plan_of(3, (0, 1), ["output", "output"])
 
 
-def test_refinement_finds_the_best_assignment_and_never_moves_a_computed_step() -> None:
-    """A separable loss: each skipped step has one best code; steepest descent reaches the optimum."""
+@pytest.mark.parametrize("scheme", ["sweep", "steepest"])
+def test_refinement_finds_the_best_assignment_and_never_moves_a_computed_step(scheme) -> None:
+    """A separable loss: each skipped step has one best code; both schemes reach the optimum."""
     best = {1: V2, 2: OUT, 4: V1, 5: V2}
     seen: list[tuple[int, ...]] = []
 
@@ -35,24 +36,59 @@ def test_refinement_finds_the_best_assignment_and_never_moves_a_computed_step() 
         return out
 
     start = (0, V1, V1, 0, V1, V1)
-    res = refine_estimators(losses, start, [V1, V2, OUT])
+    res = refine_estimators(losses, start, [V1, V2, OUT], scheme=scheme)
     assert res.plan == (0, V2, OUT, 0, V1, V2) and res.loss == 0.0
     for p in seen:  # the budget is exact at every move: the computed steps are always 0 and 3
         assert [k for k, c in enumerate(p) if c == est.COMPUTE] == [0, 3]
     assert [h["loss"] for h in res.history] == sorted((h["loss"] for h in res.history), reverse=True)
     # deterministic
-    assert refine_estimators(losses, start, [V1, V2, OUT]).plan == res.plan
+    assert refine_estimators(losses, start, [V1, V2, OUT], scheme=scheme).plan == res.plan
 
 
-def test_refinement_stops_at_a_local_minimum() -> None:
+@pytest.mark.parametrize("scheme", ["sweep", "steepest"])
+def test_refinement_stops_at_a_local_minimum(scheme) -> None:
     calls = []
 
     def losses(plans):
         calls.append(len(plans))
         return [0.0 if p == (0, V1, 0) else 1.0 for p in plans]
 
-    res = refine_estimators(losses, (0, V1, 0), [V1, OUT])
+    res = refine_estimators(losses, (0, V1, 0), [V1, OUT], scheme=scheme)
     assert res.plan == (0, V1, 0) and len(res.history) == 1 and calls == [1, 1]
+
+
+def test_sweep_visits_the_skipped_steps_from_last_to_first_and_keeps_each_improvement() -> None:
+    """One batch per skipped step, last step first; an improving change is kept before the next step is tried,
+    so one sweep makes several moves; a sweep without a move ends the search."""
+    batches: list[list[tuple[int, ...]]] = []
+
+    def losses(plans):
+        batches.append(list(plans))
+        # step 4 prefers OUT; step 1 prefers V2 only once step 4 is OUT (not separable)
+        return [(0.0 if p[4] == OUT else 2.0) + (0.0 if (p[1] == V2 and p[4] == OUT) else 1.0) + 0.1 * (p[2] != V1)
+                for p in plans]
+
+    start = (0, V1, V1, 0, V1)
+    res = refine_estimators(losses, start, [V1, V2, OUT])
+    assert res.plan == (0, V2, V1, 0, OUT) and res.loss == 0.0
+    def steps_changed(batch, base):
+        return sorted({k for p in batch for k in range(5) if p[k] != base[k]})
+
+    # sweep 1: step 4 (takes OUT), step 2 (no gain), step 1 (takes V2), each tried on the plan as it is then
+    assert steps_changed(batches[1], start) == [4]
+    assert steps_changed(batches[2], (0, V1, V1, 0, OUT)) == [2]
+    assert steps_changed(batches[3], (0, V1, V1, 0, OUT)) == [1]
+    assert all(len(b) == 2 for b in batches[1:])  # one step's two alternatives per batch
+    assert len(batches) == 1 + 3 + 3 and [h["round"] for h in res.history] == [0, 1]
+    # steepest takes one move per round: the same optimum in two rounds, scoring all six moves each time
+    batches.clear()
+    st = refine_estimators(losses, start, [V1, V2, OUT], scheme="steepest")
+    assert st.plan == res.plan and [len(b) for b in batches] == [1, 6, 6, 6]
+
+
+def test_refinement_rejects_an_unknown_scheme() -> None:
+    with pytest.raises(ConfigError, match="refinement scheme 'greedy' is unknown"):
+        refine_estimators(lambda ps: [0.0] * len(ps), (0, V1), [V1, OUT], scheme="greedy")
 
 
 @pytest.mark.parametrize(("mechanism", "choices", "expected"), [
@@ -175,3 +211,56 @@ def test_plan_losses_are_exact_when_resuming_states_of_plans_with_other_estimato
         got = shared.plan_losses(later)
         ref = alone.plan_losses(later)
     assert got == pytest.approx(ref, rel=1e-5)  # batched candidates round differently; a lost order would not
+
+
+@pytest.mark.parametrize("guidance", [1.0, 3.0])
+def test_peer_schedule_prefix_sharing_is_exact_and_saves_steps(tr, guidance):
+    """Masks sharing a prefix resume from the stored state (the TaylorSeer hooks' state included, per CFG
+    context): the same loss bits as whole generations, with fewer steps run."""
+    make = _factory(tr, guidance)
+    calib = _calib(make, guidance)
+    computes = [(0, 2, 5), (0, 2, 6), (0, 2, 4), (0, 1, 4), (0, 2, 5, 7), (0, 3)]
+    shared = PeerScheduleEvaluator(make, calib, mechanism="taylorseer")
+    alone = PeerScheduleEvaluator(make, calib, mechanism="taylorseer", prefix_sharing=False)
+    with torch.no_grad():
+        got = [shared.loss_of(c) for c in computes]  # one at a time: each later mask finds stored prefixes
+        ref = alone.losses(computes)
+    assert got == ref
+    assert len(set(got)) == len(computes)
+    assert alone.stats.steps_run == N * len(computes)
+    assert shared.stats.steps_run < alone.stats.steps_run
+    calls = (2 if guidance != 1.0 else 1) * sum(len(c) for c in computes)
+    assert alone.stats.stack_calls == calls and shared.stats.stack_calls < calls
+
+
+def test_peer_run_resumes_from_a_state_bit_for_bit(tr):
+    make = _factory(tr, 3.0)
+    calib = _calib(make, 3.0)
+    mask = torch.tensor([k in (0, 2, 5) for k in range(N)])
+    with torch.no_grad():
+        s = make(StaticMask(mask), mechanism="taylorseer")
+        whole = s.run(s.start(calib.noise), calib.cond, calib.uncond)
+        half = s.run(s.start(calib.noise), calib.cond, calib.uncond, until=4)
+        assert half.peer is not None and half.step == 4
+        for _ in range(2):  # a stored state resumes more than once
+            rest = make(StaticMask(mask), mechanism="taylorseer").run(half, calib.cond, calib.uncond)
+            assert torch.equal(rest.x, whole.x) and rest.nfe.tolist() == whole.nfe.tolist()
+        other = make(StaticMask(mask))  # a vtaylor1 state carries no hook state: a peer cannot resume it
+        plain = other.run(other.start(calib.noise), calib.cond, calib.uncond, until=2)
+        with pytest.raises(ConfigError, match="peer mechanism's state lives in its own hooks"):
+            s.run(plain, calib.cond, calib.uncond)
+
+
+def test_a_peer_snapshot_restores_only_into_the_same_hooks(tr):
+    from budcache.peers import apply_taylorseer_schedule, peer_snapshot, restore_peer
+
+    mask = [True, False, True, False]
+    remove = apply_taylorseer_schedule(tr, mask, lite=True)
+    snap = peer_snapshot(tr)
+    remove()
+    remove = apply_taylorseer_schedule(tr, mask, lite=False)  # hooks on other modules
+    try:
+        with pytest.raises(ConfigError, match="cannot resume a transformer"):
+            restore_peer(tr, snap)
+    finally:
+        remove()

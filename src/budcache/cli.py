@@ -241,6 +241,7 @@ def cmd_search(a: argparse.Namespace) -> int:
                           prompt_file=a.prompts, seeds_per_prompt=a.seeds_per_prompt, heldout_pairs=a.heldout,
                           seed=a.seed, loss=a.loss, resume=a.resume, force=a.force, progress=not a.quiet,
                           naive=a.naive, mechanisms=AUTO if auto else None, warm_start=a.warm_start,
+                          refine_scheme=a.refine_scheme,
                           **backend_kwargs(a), **kw)
     for o in outcomes:
         h = o.heldout
@@ -318,6 +319,10 @@ def _add_search(sub: Any) -> None:
     se.add_argument("--estimators", type=_name_list, default=["vtaylor1", "vtaylor2", "output"],
                     help="after the mask search, each skipped step may switch to any of these estimators "
                          "(comma-separated; default vtaylor1,vtaylor2,output; 'none': keep --mechanism everywhere)")
+    se.add_argument("--refine-scheme", default="sweep", choices=["sweep", "steepest"],
+                    help="how those per-step estimators are chosen: sweep (default: visit the skipped steps from "
+                         "the last to the first and keep each improving change, up to 3 sweeps) or steepest (the "
+                         "best single change of all per round, up to 8 rounds; slower)")
     se.add_argument("--guidance", type=guidance_arg, default=1.0)
     se.add_argument("--prompts", default=None, help="calibration prompts (.txt, .jsonl or .csv); default: "
                     "tinyflow prompts covering every template")

@@ -9,13 +9,17 @@ block skipping, state per cache context) is diffusers' own code.
 
 :func:`apply_taylorseer_schedule` registers the hooks on the same modules and
 under the same hook name as ``transformer.enable_cache(TaylorSeerCacheConfig(...))``;
-the handle it returns removes them.
+the handle it returns removes them. :func:`peer_snapshot` and :func:`restore_peer`
+copy the hooks' state after a step and put it back, so that a search can resume
+a generation from a shared prefix of steps (bit for bit as one whole run).
 """
 
 from __future__ import annotations
 
+import copy
 import re
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -25,7 +29,8 @@ from diffusers.hooks.hooks import HookRegistry, StateManager
 from .errors import ConfigError
 from .specs import PEER_MECHANISMS
 
-__all__ = ["PEER_MECHANISMS", "ScheduledTaylorSeerHook", "apply_taylorseer_schedule", "taylorseer_grid_mask"]
+__all__ = ["PEER_MECHANISMS", "PeerSnapshot", "ScheduledTaylorSeerHook", "apply_taylorseer_schedule", "peer_snapshot",
+           "restore_peer", "taylorseer_grid_mask"]
 
 
 class ScheduledTaylorSeerHook(_ts.TaylorSeerCacheHook):
@@ -105,3 +110,55 @@ def taylorseer_grid_mask(steps: int, before: int, interval: int) -> tuple[bool, 
     """TaylorSeer's own schedule as a mask: step ``s`` computes when ``s < before`` or
     ``(s - before - 1) % interval == 0``."""
     return tuple(s < before or (s - before - 1) % interval == 0 for s in range(steps))
+
+
+def _scheduled_hooks(transformer: torch.nn.Module) -> list[ScheduledTaylorSeerHook]:
+    """The scheduled TaylorSeer hooks under ``transformer``, in module order."""
+    hooks = []
+    for sub in transformer.modules():
+        reg = getattr(sub, "_diffusers_hook", None)
+        hook = reg.get_hook(_ts._TAYLORSEER_CACHE_HOOK) if reg is not None else None
+        if isinstance(hook, ScheduledTaylorSeerHook):
+            hooks.append(hook)
+    return hooks
+
+
+def _copy_state(state: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+    """A copy of a ``TaylorSeerState`` with ``fn`` applied to its Taylor factors (and to the batch size of the
+    zero outputs an inactive module returns)."""
+    new = copy.copy(state)
+    new.taylor_factors = {i: {o: fn(t) for o, t in f.items()} for i, f in state.taylor_factors.items()}
+    if state.inactive_shapes is not None:
+        new.inactive_shapes = tuple((fn(torch.empty(s[0], 0)).shape[0], *s[1:]) if s else s
+                                    for s in state.inactive_shapes)
+    return new
+
+
+@dataclass(frozen=True)
+class PeerSnapshot:
+    """The state of a transformer's scheduled TaylorSeer hooks after a step: per hooked module (in module
+    order), per cache context, a copy of diffusers' ``TaylorSeerState`` (step counter, last update, factors)."""
+
+    states: tuple[dict[str, Any], ...]
+
+    def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> PeerSnapshot:
+        """``fn`` (select, tile, clone, move) applied to every per-element tensor."""
+        return PeerSnapshot(tuple({name: _copy_state(st, fn) for name, st in hook.items()} for hook in self.states))
+
+
+def peer_snapshot(transformer: torch.nn.Module) -> PeerSnapshot:
+    """A copy of the state of every scheduled TaylorSeer hook on ``transformer`` (its factors cloned)."""
+    return PeerSnapshot(tuple({name: _copy_state(st, torch.clone) for name, st in h.state_manager._state_cache.items()}
+                              for h in _scheduled_hooks(transformer)))
+
+
+def restore_peer(transformer: torch.nn.Module, snapshot: PeerSnapshot) -> None:
+    """Put ``snapshot`` back into the scheduled TaylorSeer hooks on ``transformer`` (freshly installed by
+    :func:`apply_taylorseer_schedule` with the same ``lite`` and order), so the next call continues that run."""
+    hooks = _scheduled_hooks(transformer)
+    if len(hooks) != len(snapshot.states):
+        raise ConfigError(f"a TaylorSeer state of {len(snapshot.states)} hooked modules cannot resume a transformer "
+                          f"with {len(hooks)}")
+    for hook, states in zip(hooks, snapshot.states):
+        # the snapshot stays reusable: diffusers replaces the factor dicts on update and never writes a tensor
+        hook.state_manager._state_cache = {name: _copy_state(st, lambda t: t) for name, st in states.items()}

@@ -35,7 +35,7 @@ from . import estimators as est
 from .denoisers import Denoiser, as_denoiser
 from .errors import ConfigError, ModelOutputError
 from .hooks import MECHANISMS, CacheHandle, Estimator, Probe, ResidualHistory, apply_cache, find_cache, probe_stack
-from .peers import PEER_MECHANISMS, apply_taylorseer_schedule
+from .peers import PEER_MECHANISMS, PeerSnapshot, apply_taylorseer_schedule, peer_snapshot, restore_peer
 from .policy import CachePolicy
 from .solvers import Solver, get_solver
 
@@ -219,6 +219,7 @@ class SamplerState:
     last_v: torch.Tensor | None = None    # last velocity (for the ``output`` mechanism)
     cache: dict[str, ResidualHistory] | None = None  # residual caches per CFG context
     velocities: est.History | None = None  # velocities of the last computed steps (velocity forecasts)
+    peer: PeerSnapshot | None = None      # a peer mechanism's hook state after this step (resumes its run)
 
 
 @dataclass(frozen=True)
@@ -306,12 +307,19 @@ class Sampler:
             raise ConfigError(f"until={until} must lie in [{state.step}, {self.steps}]")
         if self.guidance != 1.0 and uncond is None:
             raise ConfigError("guidance != 1 needs the unconditional conditioning (uncond)")
-        if self.peer and self.cached and (state.step != 0 or until != self.steps):
-            raise ConfigError("a peer mechanism's state lives in its own hooks: run the whole schedule in one call")
+        if self.peer and self.cached and state.step != 0 and state.peer is None:
+            raise ConfigError("a peer mechanism's state lives in its own hooks: resume only a state this sampler's "
+                              "mechanism produced (it carries the hooks' state), or start at step 0")
         handle = self._install()
         remove_peer = None
         if self.peer and self.cached:
             remove_peer = apply_taylorseer_schedule(self.denoiser.transformer, self.controller.mask.tolist())
+            if state.step != 0:
+                try:
+                    restore_peer(self.denoiser.transformer, state.peer)
+                except BaseException:
+                    remove_peer()
+                    raise
         try:
             steps = range(state.step, until)
             if progress:
@@ -362,8 +370,11 @@ class Sampler:
             compute = self.controller.decide(k, state).to(dtype=torch.bool)
         cache = state.cache
         velocities = state.velocities
+        peer = None
         if self.peer:
             v = self._velocity(x, sigma, cond, uncond)  # the peer's hooks skip or compute inside
+            if self.cached:
+                peer = peer_snapshot(self.denoiser.transformer)
         elif self.cached and not self.legacy:
             v, cache, velocities = self._planned(state, compute, sigma, cond, uncond, handle, estimator, resume)
         elif handle is not None:
@@ -379,7 +390,7 @@ class Sampler:
             raise ModelOutputError(f"the model returned NaN or Inf at step {k} (sigma={float(self.sigmas[k]):.4f})")
         x_next, history = self.solver.step(x, v, k, self.sigmas, state.history)
         return replace(state, x=x_next, step=k + 1, history=history, nfe=state.nfe + compute.long(),
-                       computed=(*state.computed, compute), last_v=v, cache=cache, velocities=velocities)
+                       computed=(*state.computed, compute), last_v=v, cache=cache, velocities=velocities, peer=peer)
 
     def _planned(self, state: SamplerState, compute: torch.Tensor, sigma: torch.Tensor, cond: Any, uncond: Any,
                  handle: CacheHandle | None, estimator: Estimator | None, resume: Probe | None
@@ -494,7 +505,8 @@ def map_state(state: SamplerState, fn: Any) -> SamplerState:
     return replace(state, x=fn(state.x), history=tuple(fn(h) for h in state.history), nfe=fn(state.nfe),
                    computed=tuple(fn(c) for c in state.computed),
                    last_v=None if state.last_v is None else fn(state.last_v), cache=cache,
-                   velocities=None if state.velocities is None else state.velocities.map(fn))
+                   velocities=None if state.velocities is None else state.velocities.map(fn),
+                   peer=None if state.peer is None else state.peer.map(fn))
 
 
 def tile_state(state: SamplerState, n: int) -> SamplerState:

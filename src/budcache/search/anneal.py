@@ -460,17 +460,42 @@ class RefineResult:
     wall_s: float = 0.0
 
 
+#: How :func:`refine_estimators` moves: ``sweep`` (default) or ``steepest``.
+REFINE_SCHEMES = ("sweep", "steepest")
+
+
 def refine_estimators(plan_losses: Callable[[Sequence[tuple[int, ...]]], list[float]], plan: Sequence[int],
-                      choices: Sequence[int], *, rounds: int = 8, progress: bool = False) -> RefineResult:
-    """Steepest descent over the estimator of every skipped step; the computed steps never move.
+                      choices: Sequence[int], *, rounds: int | None = None, scheme: str = "sweep",
+                      progress: bool = False) -> RefineResult:
+    """Coordinate descent over the estimator of every skipped step; the computed steps never move.
 
     ``plan`` holds 0 for computed steps and an estimator code for skipped ones
-    (:mod:`budcache.estimators`). The neighbourhood of a plan sets one skipped
-    step to another code of ``choices``; all neighbours are scored as one batch
-    (``plan_losses``), the best strictly improving one is taken, and the
-    descent stops at a local minimum or after ``rounds`` rounds. The budget K
-    is the same at every move, since only skipped steps change. Deterministic.
+    (:mod:`budcache.estimators`); a move sets one skipped step to another code
+    of ``choices``. The budget K is the same at every move, since only skipped
+    steps change. Deterministic.
+
+    - ``sweep`` (default): visit the skipped steps from the last to the first;
+      at each, score its alternatives as one batch (``plan_losses``) and take
+      the best if it strictly improves. A round is one sweep; stop after a
+      sweep without a move or after ``rounds`` (default 3) sweeps. A late step
+      costs few model calls to re-score (prefix sharing resumes just before
+      it), so a sweep costs about one steepest-descent round and makes up to
+      one move per skipped step.
+    - ``steepest``: score every single move as one batch and take the best
+      strictly improving one; stop at a local minimum or after ``rounds``
+      (default 8) rounds.
+
+    Args:
+        plan_losses: calibration loss of each plan.
+        plan: the start plan (the searched mask, every skipped step with the search's estimator).
+        choices: the estimator codes a skipped step may take.
+        rounds: the most sweeps (``sweep``) or moves (``steepest``).
+        scheme: ``sweep`` or ``steepest``.
+        progress: show a progress bar.
     """
+    if scheme not in REFINE_SCHEMES:
+        raise ConfigError(f"estimator refinement scheme {scheme!r} is unknown; choose one of {list(REFINE_SCHEMES)}")
+    rounds = (3 if scheme == "sweep" else 8) if rounds is None else rounds
     t0 = time.perf_counter()
     cur = tuple(int(c) for c in plan)
     loss = plan_losses([cur])[0]
@@ -480,26 +505,31 @@ def refine_estimators(plan_losses: Callable[[Sequence[tuple[int, ...]]], list[fl
     if progress:
         from tqdm import tqdm
         bar = tqdm(total=rounds, desc="estimators", dynamic_ncols=True)
+
+    def moves(plan_: tuple[int, ...], steps: Sequence[int]) -> list[tuple[int, ...]]:
+        return [plan_[:k] + (int(alt),) + plan_[k + 1:] for k in steps for alt in choices if alt != plan_[k]]
+
     try:
         for r in range(1, rounds + 1):
-            neigh = []
-            for k, c in enumerate(cur):
-                if c == 0:
+            skipped = [k for k, c in enumerate(cur) if c != 0]
+            moved = False
+            if scheme == "steepest":
+                groups = [skipped]
+            else:
+                groups = [[k] for k in reversed(skipped)]
+            for group in groups:
+                neigh = moves(cur, group)
+                if not neigh:
                     continue
-                for alt in choices:
-                    if alt != c:
-                        cand = cur[:k] + (int(alt),) + cur[k + 1:]
-                        neigh.append(cand)
-            if not neigh:
-                break
-            vals = plan_losses(neigh)
-            evaluated.update(neigh)
-            i = int(np.argmin(vals))
+                vals = plan_losses(neigh)
+                evaluated.update(neigh)
+                i = int(np.argmin(vals))
+                if vals[i] < loss:
+                    cur, loss, moved = neigh[i], vals[i], True
             if bar is not None:
                 bar.update(1)
-            if not vals[i] < loss:
+            if not moved:
                 break
-            cur, loss = neigh[i], vals[i]
             history.append({"round": r, "loss": loss, "plan": list(cur)})
     finally:
         if bar is not None:

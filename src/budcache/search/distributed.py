@@ -306,7 +306,7 @@ def make_evaluator(backend: str, problem: Any, calib: CalibrationSet, *, loss: L
     ``naive`` also turns prefix sharing off. ``estimator`` (a name of
     :mod:`budcache.estimators`) fills the masks' skipped steps and enables
     plans (per-step estimators) in-process; a problem whose mechanism is a
-    peer's (``taylorseer``) is scored whole-generation by
+    peer's (``taylorseer``) is scored by
     :class:`~budcache.search.evaluator.PeerScheduleEvaluator` (in-process only)."""
     if backend not in BACKENDS:
         raise ConfigError(f"--backend {backend!r} is unknown; choose one of {list(BACKENDS)}")
@@ -318,7 +318,7 @@ def make_evaluator(backend: str, problem: Any, calib: CalibrationSet, *, loss: L
         align_weights(problem.transformer)
         if peer:
             return PeerScheduleEvaluator(problem.make_sampler, to_device(calib, str(calib.noise.device)),
-                                         mechanism=mechanism, loss=loss, threads=threads)
+                                         mechanism=mechanism, loss=loss, threads=threads, prefix_sharing=not naive)
         return Evaluator(problem.make_sampler, to_device(calib, str(calib.noise.device)), loss=loss,
                          prefix_sharing=not naive, batch_candidates=False, threads=threads, estimator=estimator)
     if peer:

@@ -10,6 +10,9 @@ Three savings, all exact:
 - **batching**: candidates resuming from the same state run as one batch
   (``candidates x items`` elements, one mask row each); on a step, only the
   elements that compute run the block stack.
+
+A peer's schedule (:class:`PeerScheduleEvaluator`) gets the memo and prefix
+sharing: its states carry a copy of the peer hooks' state.
 """
 
 from __future__ import annotations
@@ -114,6 +117,49 @@ def memoised(memo: dict[Any, float], keys: Sequence[Any], stats: EvaluatorStats,
     return [memo[k] for k in keys]
 
 
+class PrefixStore:
+    """Sampler states keyed by the mask (or plan) prefix that produced them, for prefix sharing.
+
+    An LRU store of at most ``max_bytes`` bytes of tensors (at least one
+    state is kept); :meth:`longest` gives a mask's longest stored prefix, or
+    the start state. ``enabled=False`` stores nothing (every mask starts at
+    step 0).
+    """
+
+    def __init__(self, start: SamplerState, steps: int, *, max_bytes: int, enabled: bool = True) -> None:
+        self.start, self.steps, self.max_bytes, self.enabled = start, steps, max_bytes, enabled
+        self.states: OrderedDict[tuple[Any, ...], SamplerState] = OrderedDict()
+        self.bytes = 0
+
+    def __contains__(self, key: tuple[Any, ...]) -> bool:
+        return key in self.states
+
+    def __len__(self) -> int:
+        return len(self.states)
+
+    def longest(self, mask: tuple[Any, ...]) -> tuple[tuple[Any, ...], SamplerState]:
+        """``(prefix, state)``: the longest stored prefix of ``mask`` and its state (``()`` and the start)."""
+        if self.enabled:
+            for j in range(self.steps, 0, -1):
+                st = self.states.get(mask[:j])
+                if st is not None:
+                    for i in range(1, j + 1):  # keep the whole path to this state fresh
+                        if mask[:i] in self.states:
+                            self.states.move_to_end(mask[:i])
+                    return mask[:j], st
+        return (), self.start
+
+    def put(self, key: tuple[Any, ...], state: SamplerState) -> None:
+        """Keep ``state`` under ``key`` (the oldest states leave once over ``max_bytes``)."""
+        if not self.enabled or key in self.states:
+            return
+        self.states[key] = state
+        self.bytes += _nbytes(state)
+        while self.bytes > self.max_bytes and len(self.states) > 1:
+            _, old = self.states.popitem(last=False)
+            self.bytes -= _nbytes(old)
+
+
 class Evaluator:
     """Loss of cache masks on a calibration set, through budcache's sampler.
 
@@ -149,7 +195,6 @@ class Evaluator:
         self.max_batch = max(len(calib), max_batch)
         self.max_state_bytes = max_state_bytes
         self.threads = threads
-        self._state_bytes = 0
         self.steps = make_sampler(None).steps
         self.memo: dict[tuple[int, ...], float] = {}
         self.plan_memo: dict[Plan, float] = {}
@@ -157,8 +202,8 @@ class Evaluator:
         # set use that estimator, and plans (per-step estimators) can be scored with plan_losses
         self.estimator = None if estimator is None else est.get(estimator).name
         self.stats = EvaluatorStats()
-        self._states: OrderedDict[Mask, SamplerState] = OrderedDict()
-        self._start = make_sampler(None).start(calib.noise)
+        self._store = PrefixStore(make_sampler(None).start(calib.noise), self.steps, max_bytes=max_state_bytes,
+                                  enabled=prefix_sharing)
 
     # -- public ------------------------------------------------------------------------
     def loss_of(self, compute: Sequence[int]) -> float:
@@ -196,31 +241,11 @@ class Evaluator:
         return memoised(self.plan_memo, keys, self.stats, score)
 
     # -- internals ---------------------------------------------------------------------
-    def _prefix_start(self, mask: Mask) -> tuple[Mask, SamplerState]:
-        if self.prefix_sharing:
-            for j in range(self.steps, 0, -1):
-                st = self._states.get(mask[:j])
-                if st is not None:
-                    for i in range(1, j + 1):  # keep the whole path to this state fresh
-                        if mask[:i] in self._states:
-                            self._states.move_to_end(mask[:i])
-                    return mask[:j], st
-        return (), self._start
-
-    def _store(self, key: Mask, state: SamplerState) -> None:
-        if not self.prefix_sharing or key in self._states:
-            return
-        self._states[key] = state
-        self._state_bytes += _nbytes(state)
-        while self._state_bytes > self.max_state_bytes and len(self._states) > 1:
-            _, old = self._states.popitem(last=False)
-            self._state_bytes -= _nbytes(old)
-
     def _run(self, masks: list[Mask]) -> None:
         groups: dict[Mask, list[Mask]] = {}
         starts: dict[Mask, SamplerState] = {}
         for m in masks:
-            key, st = self._prefix_start(m)
+            key, st = self._store.longest(m)
             groups.setdefault(key, []).append(m)
             starts[key] = st
         c = len(self.calib)
@@ -251,8 +276,8 @@ class Evaluator:
             self.stats.steps_run += 1
             if self.prefix_sharing and st.step < self.steps:  # final states are never resumed (memo answers)
                 for i, m in enumerate(masks):
-                    if m[:st.step] not in self._states:
-                        self._store(m[:st.step], slice_state(st, i * c, (i + 1) * c, clone=r > 1))
+                    if m[:st.step] not in self._store:
+                        self._store.put(m[:st.step], slice_state(st, i * c, (i + 1) * c, clone=r > 1))
 
         try:
             state = sampler.run(state, cond, uncond, callback=after_step)
@@ -311,17 +336,19 @@ def _nbytes(state: SamplerState) -> int:
 class PeerScheduleEvaluator:
     """Loss of compute masks that drive a peer's cache (e.g. diffusers' TaylorSeer) on the calibration set.
 
-    The peer's state lives in its own hooks, so there is no prefix sharing and
-    no candidate batching: every mask runs one whole generation of the C
-    calibration items through ``make_sampler`` with the peer's hooks installed
-    for that mask (the sampler's ``mechanism`` names the peer). Memoised;
-    deterministic with a fixed ``threads``.
+    Every mask runs the C calibration items through ``make_sampler`` with the
+    peer's hooks installed for that mask (the sampler's ``mechanism`` names the
+    peer). Memoised, with prefix sharing (``prefix_sharing``): the sampler's
+    states carry a copy of the hooks' state after every step, so a mask resumes
+    from its longest evaluated prefix, bit for bit as one whole run. No
+    candidate batching (the hooks hold one schedule). Deterministic with a
+    fixed ``threads``.
     """
 
     sa_batch: int = 1
 
     def __init__(self, make_sampler, calib: CalibrationSet, *, mechanism: str, loss: LossFn = latent_mse,
-                 threads: int | None = None) -> None:
+                 threads: int | None = None, prefix_sharing: bool = True, max_state_bytes: int = 2 * 2**30) -> None:
         if calib.teacher is None:
             raise ConfigError("the calibration set has no teacher outputs; build it with make_calibration")
         self.make_sampler = make_sampler
@@ -332,6 +359,8 @@ class PeerScheduleEvaluator:
         self.steps = make_sampler(None).steps
         self.memo: dict[tuple[int, ...], float] = {}
         self.stats = EvaluatorStats()
+        self._store = PrefixStore(make_sampler(None).start(calib.noise), self.steps, max_bytes=max_state_bytes,
+                                  enabled=prefix_sharing)
 
     def loss_of(self, compute: Sequence[int]) -> float:
         return self.losses([compute])[0]
@@ -345,16 +374,30 @@ class PeerScheduleEvaluator:
     def _score(self, todo: list[tuple[int, ...]]) -> None:
         with pinned_threads(self.threads):
             for k in todo:
-                mask = torch.tensor(mask_of(self.steps, k))
-                sampler: Sampler = self.make_sampler(StaticMask(mask), mechanism=self.mechanism)
-                try:
-                    st = sampler.run(sampler.start(self.calib.noise), self.calib.cond, self.calib.uncond)
-                except ModelOutputError as exc:
-                    err = ModelOutputError(f"while evaluating compute set {list(k)} with {self.mechanism}: {exc}")
-                    err.step, err.computes = None, [k]
-                    raise err from None
-                self.memo[k] = float(self.loss(st.x.float(), self.calib.teacher.float()).mean())
-                self.stats.evaluations += 1
-                self.stats.item_evaluations += len(k) * len(self.calib)
-                self.stats.steps_run += self.steps
-                self.stats.stack_calls += len(k) * (2 if sampler.guidance != 1.0 else 1)
+                self._score_one(k)
+
+    def _score_one(self, k: tuple[int, ...]) -> None:
+        """One mask, resumed from its longest stored prefix; every step's state is stored."""
+        mask = mask_of(self.steps, k)
+        _, start = self._store.longest(mask)
+        sampler: Sampler = self.make_sampler(StaticMask(torch.tensor(mask)), mechanism=self.mechanism)
+        per_call = 2 if sampler.guidance != 1.0 else 1
+        last = [int(start.nfe[0])]
+
+        def after_step(st: SamplerState) -> None:
+            n = int(st.nfe[0])
+            self.stats.item_evaluations += (n - last[0]) * len(self.calib)
+            self.stats.stack_calls += (n - last[0]) * per_call
+            last[0] = n
+            self.stats.steps_run += 1
+            if st.step < self.steps:  # final states are never resumed (memo answers)
+                self._store.put(mask[:st.step], st)
+
+        try:
+            st = sampler.run(start, self.calib.cond, self.calib.uncond, callback=after_step)
+        except ModelOutputError as exc:
+            err = ModelOutputError(f"while evaluating compute set {list(k)} with {self.mechanism}: {exc}")
+            err.step, err.computes = None, [k]
+            raise err from None
+        self.memo[k] = float(self.loss(st.x.float(), self.calib.teacher.float()).mean())
+        self.stats.evaluations += 1

@@ -29,7 +29,7 @@ from ..problems.settings import SamplerSettings
 from ..problems.tinyflow import TinyflowProblem
 from ..progress import phase
 from ..specs import ALL_MECHANISMS
-from .anneal import RefineResult, SearchConfig, SearchResult, refine_estimators
+from .anneal import REFINE_SCHEMES, RefineResult, SearchConfig, SearchResult, refine_estimators
 from .backends import make_backend, resolve_backend, resolve_workers, search_scheme
 from .distributed import make_evaluator
 from .evaluator import Evaluator, EvaluatorStats, plan_names, plan_of
@@ -39,11 +39,14 @@ from .parallel import SCHEMES
 #: The estimator the default search fills skipped steps with, and the alternatives it may choose per step.
 DEFAULT_MECHANISM = "vtaylor1"
 DEFAULT_REFINE: tuple[str, ...] = ("vtaylor1", "vtaylor2", "output")
+#: How the per-step estimators are chosen (:func:`budcache.search.anneal.refine_estimators`).
+DEFAULT_REFINE_SCHEME = "sweep"
 #: ``--mechanism auto``: budcache's default estimator and diffusers' TaylorSeer on a searched schedule; each
 #: budget keeps the one with the lower calibration loss (BENCHMARKS.md, "Default search").
 AUTO: tuple[str, ...] = ("vtaylor1", "taylorseer")
-#: Search settings for a peer mechanism (no prefix sharing, so every mask costs a whole generation): start from
-#: the peer's best grid schedule (which keeps step 1 free: prefix 1), anneal briefly, then hill-climb.
+#: Search settings for a peer mechanism where the call does not set them (``budcache search`` sets the annealing
+#: and hill-climbing options itself, so only ``prefix`` applies there): start from the peer's best grid schedule
+#: (which keeps step 1 free: prefix 1), anneal briefly, then hill-climb.
 PEER_SEARCH: dict[str, Any] = {"sa_iters": 10, "hc_rounds": 2, "radius": 2, "far_jumps": 0, "prefix": 1}
 
 
@@ -239,8 +242,8 @@ def search_estimators(mechanism: str, estimators: Sequence[str] | None) -> tuple
 
 
 def refine_plan(problem: Any, calib: CalibrationSet, evaluator: Any, compute: Sequence[int], mechanism: str,
-                refine: Sequence[str], loss_fn: Any, *, naive: bool = False, progress: bool = False
-                ) -> tuple[RefineResult | None, tuple[str, ...] | None]:
+                refine: Sequence[str], loss_fn: Any, *, naive: bool = False, progress: bool = False,
+                scheme: str = DEFAULT_REFINE_SCHEME) -> tuple[RefineResult | None, tuple[str, ...] | None]:
     """Per-skipped-step estimators for a searched mask: ``(refinement or None, names or None)``.
 
     ``None`` names: a version-1 search (the policy states its mechanism in ``meta``).
@@ -254,7 +257,7 @@ def refine_plan(problem: Any, calib: CalibrationSet, evaluator: Any, compute: Se
     if not isinstance(planner, Evaluator) and not hasattr(planner, "plan_losses"):  # scored here instead
         planner = make_evaluator("inprocess", problem, calib, loss=loss_fn, naive=naive, estimator=mechanism)
     refined = refine_estimators(planner.plan_losses, plan, [est.CODES[n] for n in dict.fromkeys(
-        [mechanism, *refine])], progress=progress)
+        [mechanism, *refine])], scheme=scheme, progress=progress)
     return refined, plan_names(refined.plan)
 
 
@@ -361,7 +364,7 @@ def run_search(out: str | Path, *, nfes: Sequence[int], problem: Problem | None 
                force: bool = False, progress: bool = True, naive: bool = False, model: str | None = None,
                backend: str = "inprocess", workers: int | None = None, ray_address: str | None = None,
                scheme: str = "sequential", mechanisms: Sequence[str] | None = None, warm_start: bool = False,
-               **search_kw: Any) -> list[BudgetOutcome]:
+               refine_scheme: str = DEFAULT_REFINE_SCHEME, **search_kw: Any) -> list[BudgetOutcome]:
     """Search one policy per budget and write all outputs to ``out``.
 
     Each budget is searched on its own by default, so a budget's policy is the
@@ -387,8 +390,10 @@ def run_search(out: str | Path, *, nfes: Sequence[int], problem: Problem | None 
             28 Euler steps, guidance 1, skipped steps filled by ``vtaylor1`` while the mask is searched.
             A peer mechanism (``taylorseer``) searches that peer's compute schedule instead.
         estimators: after the mask search, each skipped step may switch to another of these
-            estimators (steepest descent, the budget unchanged); ``None`` or empty: no per-step
+            estimators (``refine_scheme``, the budget unchanged); ``None`` or empty: no per-step
             choice. Version-1 mechanisms without it reproduce version 1's search bit for bit.
+        refine_scheme: how the per-step estimators are chosen: ``sweep`` (default: the skipped steps from
+            last to first, up to 3 sweeps) or ``steepest`` (the best single change per round, up to 8 rounds).
         calib_pairs: calibration pairs (default 32 drawn prompts, or all of ``prompt_file``'s pairs).
         prompt_file: calibration prompts (.txt, .jsonl, .csv) instead of the problem's own.
         seeds_per_prompt: seeds per calibration prompt.
@@ -428,6 +433,8 @@ def run_search(out: str | Path, *, nfes: Sequence[int], problem: Problem | None 
     workers_arg, workers = workers, resolve_workers(backend, workers)
     if scheme not in SCHEMES:
         raise ConfigError(f"--scheme {scheme!r} is unknown; choose one of {list(SCHEMES)}")
+    if refine_scheme not in REFINE_SCHEMES:
+        raise ConfigError(f"--refine-scheme {refine_scheme!r} is unknown; choose one of {list(REFINE_SCHEMES)}")
     out = check_writable_dir(out, "--out")
     refuse_overwrite(out, [f"checkpoint_N{steps}_K{k}{tag}.json" for k in sorted(set(nfes))
                            for tag in ("", *(f"_{m}" for m in (mechanisms or ())[1:]))], resume, force)
@@ -473,7 +480,7 @@ def run_search(out: str | Path, *, nfes: Sequence[int], problem: Problem | None 
                             init=prev[m], checkpoint=out / name, resume=resume, digest=calib.digest,
                             progress=progress, on_step=None if cancel is None else ev.check)
         refined, names = refine_plan(problem.with_settings(mechanism=m), calib, ev, res.compute, m,
-                                     plans[m][1], loss_fn, naive=naive, progress=progress)
+                                     plans[m][1], loss_fn, naive=naive, progress=progress, scheme=refine_scheme)
         stats = EvaluatorStats(**{f: getattr(ev.stats, f) - getattr(before, f) for f in asdict(before)})
         if warm_start:
             prev[m] = res.compute
@@ -504,7 +511,8 @@ def run_search(out: str | Path, *, nfes: Sequence[int], problem: Problem | None 
             "solver": settings.solver, "mechanism": mechanism, "guidance": settings.guidance,
             "calibration_pairs": len(calib),
             "digest": calib.digest, "heldout_pairs": len(held), "backend": backend, "workers": workers,
-            "scheme": scheme, "warm_start": warm_start, "concurrent_candidates": concurrent}
+            "scheme": scheme, "warm_start": warm_start, "concurrent_candidates": concurrent,
+            "refine_scheme": refine_scheme}
     if len(outcomes) > 1:
         plot_frontier(outcomes, out / "frontier.png")
     meta["wall_s"] = time.perf_counter() - t_start
