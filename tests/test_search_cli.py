@@ -179,7 +179,7 @@ def test_default_search_runs_its_candidates_at_once_and_matches_the_in_process_s
 
     meta = json.loads((searched / "summary.json").read_text())["meta"]
     assert meta["backend"] == "local" and meta["concurrent_candidates"] is True
-    assert meta["workers"] == max(1, default_workers() - 1)
+    assert meta["workers"] == default_workers()  # one per core, beside the in-process candidate
     assert main([*ARGS, "--backend", "inprocess", "--out", str(tmp_path)]) == 0
     assert json.loads((tmp_path / "summary.json").read_text())["meta"]["concurrent_candidates"] is False
     for k in (2, 3):

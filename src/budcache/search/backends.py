@@ -15,10 +15,10 @@ whose evaluators live in different processes are searched at the same time,
 each in its own thread of the driver: at most one in-process candidate (a
 peer's schedule) beside candidates on local worker processes (Ray candidates
 run one after another: their estimator plans are scored in this process). Each
-candidate's search is the one it would run alone, so the policy is unchanged;
-a local backend with the sequential scheme and no ``--workers`` then leaves
-one core to the in-process candidate (tempering keeps W = every core, since
-its policy depends on W).
+candidate's search is the one it would run alone, so the policy is unchanged.
+The local workers stay one per core beside the in-process candidate: on the
+2-core machine that measured faster than leaving a core to it (BENCHMARKS.md,
+"The default search on this machine's 2 cores").
 
 Schemes: ``sequential`` (the default: the paper's annealing then hill
 climbing, :func:`budcache.search.anneal.search`: the same policy for every

@@ -407,8 +407,7 @@ def run_search(out: str | Path, *, nfes: Sequence[int], problem: Problem | None 
         model: tinyflow weights folder (default: the shipped weights); only without ``problem``.
         backend: ``inprocess`` (default), ``local``, ``ray`` or ``auto`` (``budcache search``'s default).
             With several ``mechanisms``, candidates on different processes are searched at the same time
-            (a local backend with the sequential scheme and no ``workers`` then leaves one core to an
-            in-process candidate); the policies are unchanged.
+            (an in-process candidate runs beside the local workers); the policies are unchanged.
         workers: worker processes or Ray actors (default: every core for ``local``, else 1).
         ray_address: a Ray cluster to join.
         scheme: ``sequential`` (the paper's annealing, default) or ``tempering``.
@@ -430,7 +429,7 @@ def run_search(out: str | Path, *, nfes: Sequence[int], problem: Problem | None 
                    calib_pairs=calib_pairs, guidance=settings.guidance)
     backend = resolve_backend(backend, pipeline=problem is not None and not isinstance(problem, TinyflowProblem),
                               mechanism=mechanism)
-    workers_arg, workers = workers, resolve_workers(backend, workers)
+    workers = resolve_workers(backend, workers)
     if scheme not in SCHEMES:
         raise ConfigError(f"--scheme {scheme!r} is unknown; choose one of {list(SCHEMES)}")
     if refine_scheme not in REFINE_SCHEMES:
@@ -460,9 +459,6 @@ def run_search(out: str | Path, *, nfes: Sequence[int], problem: Problem | None 
         held = problem.calibration(hp, hs)
     where = {m: backend if m not in PEER_MECHANISMS else "inprocess" for m in candidates}
     concurrent = concurrent_candidates(where)
-    if concurrent and backend == "local" and workers_arg is None and scheme == "sequential":
-        # leave a core to the in-process candidate (the sequential scheme's policy does not depend on W)
-        workers = max(1, workers - sum(b == "inprocess" for b in where.values()))
     evaluators = {m: make_backend(where[m], problem.with_settings(mechanism=m), calib, loss=loss_fn, naive=naive,
                                   workers=workers if where[m] != "inprocess" else 1, address=ray_address,
                                   estimator=plans[m][0], mechanism=m) for m in candidates}
