@@ -51,7 +51,10 @@ def main() -> None:
           "SSIM | sweep wins / losses | plan |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for k in (int(v) for v in a.nfe.split(",")):
-        state = json.loads((Path(a.run) / f"checkpoint_N28_K{k}.json").read_text())["state"]
+        ckpt = json.loads((Path(a.run) / f"checkpoint_N28_K{k}.json").read_text())
+        if ckpt["digest"] != calib.digest:
+            raise SystemExit(f"{a.run}: its K={k} search used other calibration pairs or settings than the default")
+        state = ckpt["state"]
         start = plan_of(28, state["best"], DEFAULT_MECHANISM)
         rows = {}
         for scheme in ("steepest", "sweep"):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from budcache import ConfigError
@@ -252,15 +254,50 @@ def test_peer_run_resumes_from_a_state_bit_for_bit(tr):
 
 
 def test_a_peer_snapshot_restores_only_into_the_same_hooks(tr):
-    from budcache.peers import apply_taylorseer_schedule, peer_snapshot, restore_peer
+    from budcache.peers import apply_taylorseer_schedule, peer_snapshot, restore_peer, scheduled_hooks
 
     mask = [True, False, True, False]
     remove = apply_taylorseer_schedule(tr, mask, lite=True)
-    snap = peer_snapshot(tr)
+    snap = peer_snapshot(scheduled_hooks(tr))
     remove()
     remove = apply_taylorseer_schedule(tr, mask, lite=False)  # hooks on other modules
     try:
-        with pytest.raises(ConfigError, match="cannot resume a transformer"):
-            restore_peer(tr, snap)
+        with pytest.raises(ConfigError, match="cannot resume hooks on"):
+            restore_peer(scheduled_hooks(tr), snap, step=0, contexts=("cond",))
     finally:
         remove()
+
+
+def test_a_peer_state_resumes_only_its_own_step_and_guidance(tr):
+    make1, make3 = _factory(tr, 1.0), _factory(tr, 3.0)
+    calib = _calib(make3, 3.0)
+    mask = torch.tensor([k in (0, 2, 5) for k in range(N)])
+    with torch.no_grad():
+        s1 = make1(StaticMask(mask), mechanism="taylorseer")
+        half = s1.run(s1.start(calib.noise), calib.cond, None, until=3)
+        with pytest.raises(ConfigError, match="contexts \\['cond'\\] cannot resume a run with \\['cond', 'uncond'\\]"):
+            make3(StaticMask(mask), mechanism="taylorseer").run(half, calib.cond, calib.uncond)
+        moved = dataclasses.replace(half, step=4)  # a state whose hooks stopped at another step
+        with pytest.raises(ConfigError, match="TaylorSeer state of step 3 cannot resume a run at step 4"):
+            s1.run(moved, calib.cond, None)
+    assert not s1._peer_hooks  # the hooks were removed after the refusal
+
+
+def test_a_peer_snapshot_maps_its_batch(tr):
+    make = _factory(tr, 3.0)
+    calib = _calib(make, 3.0)
+    with torch.no_grad():
+        s = make(StaticMask(torch.tensor([k in (0, 2, 5) for k in range(N)])), mechanism="taylorseer")
+        st = s.run(s.start(calib.noise), calib.cond, calib.uncond, until=2)
+    one = st.peer.map(lambda t: t[1:2])
+    for full, part in zip(st.peer.states, one.states):
+        assert set(full) == set(part) == {"cond", "uncond"}
+        for ctx in full:
+            a, b = full[ctx], part[ctx]
+            if a.inactive_shapes is not None:
+                assert [sh[0] for sh in b.inactive_shapes] == [1] * len(a.inactive_shapes)
+                assert [tuple(sh[1:]) for sh in b.inactive_shapes] == [tuple(sh[1:]) for sh in a.inactive_shapes]
+            for i, f in a.taylor_factors.items():
+                for o, t in f.items():
+                    assert torch.equal(b.taylor_factors[i][o], t[1:2])
+    assert any(a.taylor_factors for h in st.peer.states for a in h.values())  # the active module has factors

@@ -29,8 +29,8 @@ from diffusers.hooks.hooks import HookRegistry, StateManager
 from .errors import ConfigError
 from .specs import PEER_MECHANISMS
 
-__all__ = ["PEER_MECHANISMS", "PeerSnapshot", "ScheduledTaylorSeerHook", "apply_taylorseer_schedule", "peer_snapshot",
-           "restore_peer", "taylorseer_grid_mask"]
+__all__ = ["PEER_MECHANISMS", "PeerHooks", "PeerSnapshot", "ScheduledTaylorSeerHook", "apply_taylorseer_schedule",
+           "peer_snapshot", "restore_peer", "scheduled_hooks", "taylorseer_grid_mask"]
 
 
 class ScheduledTaylorSeerHook(_ts.TaylorSeerCacheHook):
@@ -112,53 +112,76 @@ def taylorseer_grid_mask(steps: int, before: int, interval: int) -> tuple[bool, 
     return tuple(s < before or (s - before - 1) % interval == 0 for s in range(steps))
 
 
-def _scheduled_hooks(transformer: torch.nn.Module) -> list[ScheduledTaylorSeerHook]:
-    """The scheduled TaylorSeer hooks under ``transformer``, in module order."""
+#: A transformer's scheduled TaylorSeer hooks: ``(module name, hook)`` in module order.
+PeerHooks = list[tuple[str, "ScheduledTaylorSeerHook"]]
+
+
+def scheduled_hooks(transformer: torch.nn.Module) -> PeerHooks:
+    """The scheduled TaylorSeer hooks under ``transformer`` with their module names, in module order."""
     hooks = []
-    for sub in transformer.modules():
+    for name, sub in transformer.named_modules():
         reg = getattr(sub, "_diffusers_hook", None)
         hook = reg.get_hook(_ts._TAYLORSEER_CACHE_HOOK) if reg is not None else None
         if isinstance(hook, ScheduledTaylorSeerHook):
-            hooks.append(hook)
+            hooks.append((name, hook))
     return hooks
 
 
+def _layout(hooks: PeerHooks) -> tuple[tuple[str, bool], ...]:
+    """Which modules carry a hook, and whether each is inactive (lite mode's skipped blocks)."""
+    return tuple((name, bool(h.state_manager._init_kwargs.get("is_inactive", False))) for name, h in hooks)
+
+
 def _copy_state(state: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
-    """A copy of a ``TaylorSeerState`` with ``fn`` applied to its Taylor factors (and to the batch size of the
-    zero outputs an inactive module returns)."""
+    """A copy of a ``TaylorSeerState`` with ``fn`` applied to its Taylor factors (and to the batch size and device
+    of the zero outputs an inactive module returns)."""
     new = copy.copy(state)
     new.taylor_factors = {i: {o: fn(t) for o, t in f.items()} for i, f in state.taylor_factors.items()}
     if state.inactive_shapes is not None:
         new.inactive_shapes = tuple((fn(torch.empty(s[0], 0)).shape[0], *s[1:]) if s else s
                                     for s in state.inactive_shapes)
+    if state.device is not None:
+        new.device = fn(torch.empty(0, device=state.device)).device
     return new
 
 
 @dataclass(frozen=True)
 class PeerSnapshot:
     """The state of a transformer's scheduled TaylorSeer hooks after a step: per hooked module (in module
-    order), per cache context, a copy of diffusers' ``TaylorSeerState`` (step counter, last update, factors)."""
+    order), per cache context, a copy of diffusers' ``TaylorSeerState`` (step counter, last update, factors).
+    ``layout`` names the hooked modules and which are inactive, so it restores only into the same hooks."""
 
     states: tuple[dict[str, Any], ...]
+    layout: tuple[tuple[str, bool], ...]
 
     def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> PeerSnapshot:
         """``fn`` (select, tile, clone, move) applied to every per-element tensor."""
-        return PeerSnapshot(tuple({name: _copy_state(st, fn) for name, st in hook.items()} for hook in self.states))
+        return PeerSnapshot(tuple({name: _copy_state(st, fn) for name, st in hook.items()} for hook in self.states),
+                            self.layout)
 
 
-def peer_snapshot(transformer: torch.nn.Module) -> PeerSnapshot:
-    """A copy of the state of every scheduled TaylorSeer hook on ``transformer`` (its factors cloned)."""
+def peer_snapshot(hooks: PeerHooks) -> PeerSnapshot:
+    """A copy of the state of the scheduled TaylorSeer hooks ``hooks`` (from :func:`scheduled_hooks`; factors
+    cloned)."""
     return PeerSnapshot(tuple({name: _copy_state(st, torch.clone) for name, st in h.state_manager._state_cache.items()}
-                              for h in _scheduled_hooks(transformer)))
+                              for _, h in hooks), _layout(hooks))
 
 
-def restore_peer(transformer: torch.nn.Module, snapshot: PeerSnapshot) -> None:
-    """Put ``snapshot`` back into the scheduled TaylorSeer hooks on ``transformer`` (freshly installed by
-    :func:`apply_taylorseer_schedule` with the same ``lite`` and order), so the next call continues that run."""
-    hooks = _scheduled_hooks(transformer)
-    if len(hooks) != len(snapshot.states):
-        raise ConfigError(f"a TaylorSeer state of {len(snapshot.states)} hooked modules cannot resume a transformer "
-                          f"with {len(hooks)}")
-    for hook, states in zip(hooks, snapshot.states):
+def restore_peer(hooks: PeerHooks, snapshot: PeerSnapshot, *, step: int, contexts: Sequence[str]) -> None:
+    """Put ``snapshot`` back into ``hooks`` (freshly installed by :func:`apply_taylorseer_schedule`), so the next
+    call continues that run at ``step``. It must come from the same hooked modules, after step ``step - 1``, with
+    a state for each of ``contexts`` (the sampler's ``cond``, and ``uncond`` under CFG)."""
+    if _layout(hooks) != snapshot.layout:
+        raise ConfigError(f"a TaylorSeer state of {len(snapshot.layout)} hooked modules cannot resume hooks on "
+                          f"{len(hooks)} other or differently configured modules")
+    for (name, _), states in zip(hooks, snapshot.states):
+        if set(states) != set(contexts):
+            raise ConfigError(f"a TaylorSeer state with contexts {sorted(states)} cannot resume a run with "
+                              f"{sorted(contexts)} (another guidance setting)")
+        for st in states.values():
+            if st.current_step != step - 1:
+                raise ConfigError(f"a TaylorSeer state of step {st.current_step + 1} cannot resume a run at "
+                                  f"step {step} (module {name!r})")
+    for (_, hook), states in zip(hooks, snapshot.states):
         # the snapshot stays reusable: diffusers replaces the factor dicts on update and never writes a tensor
         hook.state_manager._state_cache = {name: _copy_state(st, lambda t: t) for name, st in states.items()}

@@ -35,7 +35,15 @@ from . import estimators as est
 from .denoisers import Denoiser, as_denoiser
 from .errors import ConfigError, ModelOutputError
 from .hooks import MECHANISMS, CacheHandle, Estimator, Probe, ResidualHistory, apply_cache, find_cache, probe_stack
-from .peers import PEER_MECHANISMS, PeerSnapshot, apply_taylorseer_schedule, peer_snapshot, restore_peer
+from .peers import (
+    PEER_MECHANISMS,
+    PeerHooks,
+    PeerSnapshot,
+    apply_taylorseer_schedule,
+    peer_snapshot,
+    restore_peer,
+    scheduled_hooks,
+)
 from .policy import CachePolicy
 from .solvers import Solver, get_solver
 
@@ -266,6 +274,7 @@ class Sampler:
         self.mechanism = mechanism
         self.guidance = float(guidance)
         self.check_finite = check_finite
+        self._peer_hooks: PeerHooks = []  # a peer's hooks while run() has them installed
         self.cached = not isinstance(self.controller, ComputeAll)
         self.peer = mechanism in PEER_MECHANISMS
         if self.peer:
@@ -314,11 +323,14 @@ class Sampler:
         remove_peer = None
         if self.peer and self.cached:
             remove_peer = apply_taylorseer_schedule(self.denoiser.transformer, self.controller.mask.tolist())
+            self._peer_hooks = scheduled_hooks(self.denoiser.transformer)
             if state.step != 0:
                 try:
-                    restore_peer(self.denoiser.transformer, state.peer)
+                    restore_peer(self._peer_hooks, state.peer, step=state.step,
+                                 contexts=("cond", "uncond") if self.guidance != 1.0 else ("cond",))
                 except BaseException:
                     remove_peer()
+                    self._peer_hooks = []
                     raise
         try:
             steps = range(state.step, until)
@@ -334,6 +346,7 @@ class Sampler:
                 handle.remove()
             if remove_peer is not None:
                 remove_peer()
+                self._peer_hooks = []
         return state
 
     def _install(self) -> CacheHandle | None:
@@ -374,7 +387,7 @@ class Sampler:
         if self.peer:
             v = self._velocity(x, sigma, cond, uncond)  # the peer's hooks skip or compute inside
             if self.cached:
-                peer = peer_snapshot(self.denoiser.transformer)
+                peer = peer_snapshot(self._peer_hooks)
         elif self.cached and not self.legacy:
             v, cache, velocities = self._planned(state, compute, sigma, cond, uncond, handle, estimator, resume)
         elif handle is not None:
