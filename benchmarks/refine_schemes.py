@@ -44,6 +44,7 @@ def main() -> None:
     problem = TinyflowProblem(settings=SamplerSettings(mechanism=DEFAULT_MECHANISM))
     prompts, seeds = calibration_pairs(problem, None, 0)  # the search's calibration pairs (seed 0)
     calib = problem.calibration(prompts, seeds)
+    calib.info["loss"] = "logmse"  # as the search records it (part of the digest its checkpoints hold)
     hp, hs = split_pairs(problem, "heldout", a.heldout, 0, prompts)
     held = problem.calibration(hp, hs)
     choices = [est.CODES[n] for n in DEFAULT_REFINE]
