@@ -132,11 +132,13 @@ def _layout(hooks: PeerHooks) -> tuple[tuple[str, bool], ...]:
     return tuple((name, bool(h.state_manager._init_kwargs.get("is_inactive", False))) for name, h in hooks)
 
 
-def _copy_state(state: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
-    """A copy of a ``TaylorSeerState`` with ``fn`` applied to its Taylor factors (and to the batch size and device
-    of the zero outputs an inactive module returns)."""
+def _copy_state(state: Any, fn: Callable[[torch.Tensor], torch.Tensor], *, same_layout: bool = False) -> Any:
+    """A copy of a ``TaylorSeerState`` with ``fn`` applied to its Taylor factors (and, unless ``same_layout``
+    says ``fn`` keeps batch and device, to the batch size and device of the zeros an inactive module returns)."""
     new = copy.copy(state)
     new.taylor_factors = {i: {o: fn(t) for o, t in f.items()} for i, f in state.taylor_factors.items()}
+    if same_layout:
+        return new
     if state.inactive_shapes is not None:
         new.inactive_shapes = tuple((fn(torch.empty(s[0], 0)).shape[0], *s[1:]) if s else s
                                     for s in state.inactive_shapes)
@@ -163,8 +165,8 @@ class PeerSnapshot:
 def peer_snapshot(hooks: PeerHooks) -> PeerSnapshot:
     """A copy of the state of the scheduled TaylorSeer hooks ``hooks`` (from :func:`scheduled_hooks`; factors
     cloned)."""
-    return PeerSnapshot(tuple({name: _copy_state(st, torch.clone) for name, st in h.state_manager._state_cache.items()}
-                              for _, h in hooks), _layout(hooks))
+    return PeerSnapshot(tuple({name: _copy_state(st, torch.clone, same_layout=True)
+                               for name, st in h.state_manager._state_cache.items()} for _, h in hooks), _layout(hooks))
 
 
 def restore_peer(hooks: PeerHooks, snapshot: PeerSnapshot, *, step: int, contexts: Sequence[str]) -> None:
@@ -184,4 +186,5 @@ def restore_peer(hooks: PeerHooks, snapshot: PeerSnapshot, *, step: int, context
                                   f"step {step} (module {name!r})")
     for (_, hook), states in zip(hooks, snapshot.states):
         # the snapshot stays reusable: diffusers replaces the factor dicts on update and never writes a tensor
-        hook.state_manager._state_cache = {name: _copy_state(st, lambda t: t) for name, st in states.items()}
+        hook.state_manager._state_cache = {name: _copy_state(st, lambda t: t, same_layout=True)
+                                           for name, st in states.items()}

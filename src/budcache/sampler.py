@@ -386,7 +386,7 @@ class Sampler:
         peer = None
         if self.peer:
             v = self._velocity(x, sigma, cond, uncond)  # the peer's hooks skip or compute inside
-            if self.cached:
+            if self.cached and k + 1 < self.steps:  # a final state is never resumed
                 peer = peer_snapshot(self._peer_hooks)
         elif self.cached and not self.legacy:
             v, cache, velocities = self._planned(state, compute, sigma, cond, uncond, handle, estimator, resume)
