@@ -236,7 +236,7 @@ def ray_cluster():
 def test_ray_workers_reproduce_the_in_process_search(ray_cluster, problem, calib, reference):
     ref, ref_ev = reference
     for workers in (2, 1):
-        with RayEvaluator(Shipped(problem), calib, workers=workers) as ev:
+        with RayEvaluator(Shipped(problem), calib, workers=workers, split="masks") as ev:
             assert ev.devices == ["cpu"] * workers and ev.sa_batch == workers
             got = search(ev.losses, CFG, sa_batch=ev.sa_batch)
             same_search(got, ref)
@@ -250,7 +250,7 @@ def test_ray_workers_reproduce_the_in_process_search(ray_cluster, problem, calib
 @pytest.mark.slow
 def test_killed_workers_are_replaced_and_their_batch_retried(ray_cluster, problem, calib, reference, monkeypatch):
     ref, _ = reference
-    with RayEvaluator(Shipped(problem), calib, workers=2) as ev:
+    with RayEvaluator(Shipped(problem), calib, workers=2, split="masks") as ev:
         first = ev.actors[0]
 
         def kill_between_batches(entry):  # a worker dies while idle: its next batch fails and is retried
@@ -278,6 +278,25 @@ def test_killed_workers_are_replaced_and_their_batch_retried(ray_cluster, proble
 
 
 @pytest.mark.slow
+def test_ray_item_split_scores_each_share_as_in_process_and_replaces_a_killed_worker(ray_cluster, problem, calib):
+    from budcache.search.evaluator import Evaluator
+    from budcache.search.losses import mean_of_items
+
+    align_weights(problem.transformer)
+    parts = [Evaluator(problem.make_sampler, to_device(calib.items(a, a + 1), "cpu"), batch_candidates=False,
+                       threads=1, keep_items=True) for a in range(len(calib))]
+    masks = [(0, 2, 5), (0, 3, 6, 9), (0, 1, 4, 7)]
+    per = [ev.item_losses(masks) for ev in parts]
+    want = [mean_of_items([p[j] for p in per]) for j in range(len(masks))]
+    with RayEvaluator(Shipped(problem), calib, workers=2) as ev:
+        assert ev.split == "items" and ev.shares == [(0, 1), (1, 2)] and ev.sa_batch == 1
+        assert ev.losses(masks[:2]) == want[:2]
+        ray_cluster.kill(ev.actors[1])
+        assert ev.losses(masks) == want  # the dead actor is replaced and its share scored again
+        assert ev.restarts == 1 and ev.stats.evaluations == 3
+
+
+@pytest.mark.slow
 def test_nan_on_a_ray_worker_names_the_mask_and_step(ray_cluster, calib):
     with RayEvaluator(PoisonedTinyflow(NAN_STEP), calib, workers=2) as ev:
         mask = tuple(sorted({0, 1, NAN_STEP, 8}))
@@ -295,8 +314,8 @@ def test_cli_ray_backend_writes_the_in_process_policy(ray_cluster, tmp_path):
 
     args = ["search", "--steps", "8", "--nfe", "3", "--calib-pairs", "2", "--heldout", "2", "--sa-iters", "10",
             "--hc-rounds", "2", "--quiet"]
-    assert main([*args, "--out", str(tmp_path / "a")]) == 0
-    assert main([*args, "--out", str(tmp_path / "b"), "--backend", "ray", "--workers", "2"]) == 0
+    assert main([*args, "--out", str(tmp_path / "a"), "--backend", "inprocess"]) == 0
+    assert main([*args, "--out", str(tmp_path / "b"), "--backend", "ray", "--workers", "2", "--split", "masks"]) == 0
     a, b = (CachePolicy.load(tmp_path / d / "policy_N8_K3.json") for d in ("a", "b"))
     assert a.compute == b.compute and a.meta["search_loss"] == b.meta["search_loss"]
     assert main([*args, "--out", str(tmp_path / "c"), "--backend", "inprocess", "--workers", "2"]) == 2

@@ -174,17 +174,32 @@ def test_default_search_keeps_the_candidate_with_the_lower_calibration_loss(sear
 
 def test_default_search_runs_its_candidates_at_once_and_matches_the_in_process_search(searched, tmp_path):
     """The default backend (auto) scores budcache's candidate on worker processes while TaylorSeer's schedule is
-    searched in this process at the same time; the policies are those of the one-process search, bit for bit."""
+    searched in this process at the same time. With whole masks per worker (--split masks) the policies are those
+    of the one-process search, bit for bit; the default item split averages per-item losses of smaller batches,
+    which may round differently (here: one item per worker)."""
     from budcache.search.local import default_workers
 
     meta = json.loads((searched / "summary.json").read_text())["meta"]
     assert meta["backend"] == "local" and meta["concurrent_candidates"] is True
     assert meta["workers"] == default_workers()  # one per core, beside the in-process candidate
-    assert main([*ARGS, "--backend", "inprocess", "--out", str(tmp_path)]) == 0
-    assert json.loads((tmp_path / "summary.json").read_text())["meta"]["concurrent_candidates"] is False
+    assert meta["split"] == ("items" if default_workers() <= 2 else "masks")  # 2 calibration pairs
+    assert main([*ARGS, "--backend", "inprocess", "--out", str(tmp_path / "one")]) == 0
+    assert main([*ARGS, "--split", "masks", "--workers", "2", "--out", str(tmp_path / "masks")]) == 0
+    assert json.loads((tmp_path / "one" / "summary.json").read_text())["meta"]["concurrent_candidates"] is False
     for k in (2, 3):
-        a = json.loads((searched / f"policy_N6_K{k}.json").read_text())
-        b = json.loads((tmp_path / f"policy_N6_K{k}.json").read_text())
-        assert a["compute"] == b["compute"] and a.get("estimators") == b.get("estimators")
-        assert a["meta"]["search_loss"] == b["meta"]["search_loss"]
-        assert a["meta"]["candidates"] == b["meta"]["candidates"]
+        one = json.loads((tmp_path / "one" / f"policy_N6_K{k}.json").read_text())
+        a = json.loads((tmp_path / "masks" / f"policy_N6_K{k}.json").read_text())
+        assert a["compute"] == one["compute"] and a.get("estimators") == one.get("estimators")
+        assert a["meta"]["search_loss"] == one["meta"]["search_loss"]
+        assert a["meta"]["candidates"] == one["meta"]["candidates"]
+        d = json.loads((searched / f"policy_N6_K{k}.json").read_text())
+        assert d["meta"]["candidates"]["taylorseer"] == one["meta"]["candidates"]["taylorseer"]  # in-process both
+        assert d["meta"]["candidates"]["vtaylor1"] == pytest.approx(one["meta"]["candidates"]["vtaylor1"], rel=1e-4)
+
+
+def test_split_option_is_checked(tmp_path, capsys):
+    assert main([*ARGS, "--backend", "inprocess", "--split", "items", "--out", str(tmp_path / "a")]) == 2
+    assert "--split applies only with workers" in capsys.readouterr().err
+    assert main([*ARGS, "--split", "items", "--workers", "3", "--out", str(tmp_path / "b")]) == 2
+    assert "--split items needs at most one worker per calibration item (3 workers, 2 items)" in \
+        capsys.readouterr().err

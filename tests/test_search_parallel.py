@@ -20,7 +20,10 @@ from budcache.problems.settings import SamplerSettings
 from budcache.problems.tinyflow import TinyflowProblem, TinyflowReplica, tinyflow_prompts
 from budcache.search import SearchConfig, search
 from budcache.search.backends import make_backend, resolve_backend, resolve_workers, search_scheme
-from budcache.search.local import LocalEvaluator, route
+from budcache.search.distributed import align_weights, to_device
+from budcache.search.evaluator import Evaluator
+from budcache.search.local import LocalEvaluator, item_shares, resolve_split, route
+from budcache.search.losses import mean_of_items
 from budcache.search.parallel import TemperingConfig, budget_ok, search_tempering
 
 torch.set_num_threads(1)
@@ -204,22 +207,62 @@ def calib(problem):
         return problem.calibration(prompts, seeds)
 
 
-@pytest.fixture(scope="module")
-def local(calib):
-    ev = LocalEvaluator(TinyflowReplica(settings=SamplerSettings(steps=STEPS)), calib, workers=2)
+@pytest.fixture(scope="module", params=["items", "masks"])
+def local(calib, request):
+    ev = LocalEvaluator(TinyflowReplica(settings=SamplerSettings(steps=STEPS)), calib, workers=2, split=request.param)
+    assert ev.split == request.param and ev.sa_batch == (1 if request.param == "items" else 2)
     yield ev
     ev.close()
 
 
+class ShareReference:
+    """In-process reference of an item split: each share of the items scored by its own in-process evaluator
+    (one thread, aligned data), the per-item losses averaged in item order."""
+
+    def __init__(self, problem, calib, shares, estimator=None):
+        align_weights(problem.transformer)
+        self.parts = [Evaluator(problem.make_sampler, to_device(calib.items(a, b), "cpu"), batch_candidates=False,
+                                threads=1, estimator=estimator, keep_items=True) for a, b in shares]
+        self.stats = self.parts[0].stats
+
+    def losses(self, computes):
+        with torch.no_grad():
+            per = [ev.item_losses(computes) for ev in self.parts]
+        return [mean_of_items([p[j] for p in per]) for j in range(len(computes))]
+
+    def plan_losses(self, plans):
+        with torch.no_grad():
+            per = [ev.item_plan_losses(plans) for ev in self.parts]
+        return [mean_of_items([p[j] for p in per]) for j in range(len(plans))]
+
+
+def reference(problem, calib, ev, estimator=None):
+    """What ``ev`` must return bit for bit: the in-process losses (mask split), share by share (item split)."""
+    if ev.split == "masks":
+        return make_backend("inprocess", problem, calib, estimator=estimator)
+    return ShareReference(problem, calib, ev.shares, estimator)
+
+
+def test_one_share_is_the_in_process_loss_bit_for_bit(problem, calib):
+    masks = [(0, 2, 5), (0, 3, 6)]
+    with torch.no_grad():
+        want = make_backend("inprocess", problem, calib).losses(masks)
+    assert ShareReference(problem, calib, [(0, len(calib))]).losses(masks) == want
+
+
 def test_local_backend_scores_bit_for_bit_as_in_process_and_searches_alike(problem, calib, local):
     with torch.no_grad():
-        inproc = make_backend("inprocess", problem, calib)
+        inproc = reference(problem, calib, local)
         ref = search_tempering(inproc.losses, SMALL, TemperingConfig(workers=2))
         got = search_tempering(local.losses, SMALL, TemperingConfig(workers=2))
     assert got.compute == ref.compute and got.loss == ref.loss and got.history == ref.history
-    masks = list(inproc.memo)
+    masks = list(local.memo)
     assert local.losses(masks) == inproc.losses(masks)
     assert local.stats.evaluations == len(local.memo)
+    if local.split == "items":  # shares of one item round differently from a batch of two, by little
+        with torch.no_grad():
+            whole = make_backend("inprocess", problem, calib).losses(masks)
+        assert np.allclose(local.losses(masks), whole, rtol=1e-4, atol=0)
 
 
 def test_a_killed_local_worker_is_replaced_and_its_chunk_scored(calib, local, problem):
@@ -228,7 +271,7 @@ def test_a_killed_local_worker_is_replaced_and_its_chunk_scored(calib, local, pr
     local.slots[1].proc.join(10)
     masks = [(0, 2, 5), (0, 3, 6), (0, 1, 7), (0, 4, 6)]
     with torch.no_grad():
-        want = make_backend("inprocess", problem, calib).losses(masks)
+        want = reference(problem, calib, local).losses(masks)
     assert local.losses(masks) == want
     assert local.restarts == before + 1 and local.slots[1].proc.is_alive()
 
@@ -265,19 +308,96 @@ def test_a_workers_nan_is_reported_with_mask_and_step(calib):
     assert info.value.computes == [(0, 3, 5)] and info.value.step == 5
 
 
-def test_local_plan_losses_equal_in_process(problem, calib):
+@pytest.mark.parametrize("split", ["items", "masks"])
+def test_local_plan_losses_equal_in_process(problem, calib, split):
     from budcache import estimators as est
     from budcache.search.evaluator import plan_of
 
     plans = [plan_of(STEPS, (0, 2, 5), "vtaylor1"), plan_of(STEPS, (0, 2, 5), "output"),
              plan_of(STEPS, (0, 3, 6), "vtaylor2")]
-    with torch.no_grad():
-        inproc = make_backend("inprocess", problem, calib, estimator="vtaylor1")
-        want = inproc.plan_losses(plans)
-        mask_want = inproc.losses([(0, 1, 4), (0, 2, 5)])
-    with LocalEvaluator(TinyflowReplica(settings=SamplerSettings(steps=STEPS)), calib, workers=2, estimator="vtaylor1") as ev:
+    with LocalEvaluator(TinyflowReplica(settings=SamplerSettings(steps=STEPS)), calib, workers=2,
+                        estimator="vtaylor1", split=split) as ev:
+        with torch.no_grad():
+            inproc = reference(problem, calib, ev, "vtaylor1")
+            want = inproc.plan_losses(plans)
+            mask_want = inproc.losses([(0, 1, 4), (0, 2, 5)])
         assert ev.plan_losses(plans) == want
         assert ev.losses([(0, 1, 4), (0, 2, 5)]) == mask_want
         with pytest.raises(ConfigError):
             ev.plan_losses([(0,) * (STEPS - 1)])
     assert est.COMPUTE == 0
+
+
+# =============================================================================== item split
+def test_item_shares_and_split_resolution():
+    assert item_shares(5, 2) == [(0, 2), (2, 5)] and item_shares(4, 4) == [(0, 1), (1, 2), (2, 3), (3, 4)]
+    for n, w in ((32, 3), (7, 7), (1, 1), (33, 8)):
+        shares = item_shares(n, w)
+        sizes = [b - a for a, b in shares]
+        assert shares[0][0] == 0 and shares[-1][1] == n and min(sizes) >= 1 and max(sizes) - min(sizes) <= 1
+        assert all(shares[j][1] == shares[j + 1][0] for j in range(w - 1))
+    assert resolve_split("auto", 2, 32) == "items" and resolve_split("auto", 33, 32) == "masks"
+    assert resolve_split("masks", 2, 32) == "masks"
+    with pytest.raises(ConfigError, match="--split items needs at most one worker per calibration item"):
+        resolve_split("items", 3, 2)
+    with pytest.raises(ConfigError, match="--split 'rows' is unknown"):
+        resolve_split("rows", 1, 2)
+
+
+def test_calibration_items_are_a_copy_of_a_range(calib):
+    part = calib.items(1, 2)
+    assert part.prompts == calib.prompts[1:2] and part.seeds == calib.seeds[1:2]
+    assert torch.equal(part.noise, calib.noise[1:2]) and torch.equal(part.teacher, calib.teacher[1:2])
+    assert part.noise.data_ptr() != calib.noise[1:2].data_ptr()
+    for bad in ((0, 0), (1, 3), (-1, 1)):
+        with pytest.raises(ConfigError, match="not a non-empty range"):
+            calib.items(*bad)
+
+
+@pytest.fixture(scope="module")
+def cfg_problem() -> TinyflowProblem:
+    return TinyflowProblem(tinyflow.load(), STEPS, guidance=3.0)
+
+
+@pytest.fixture(scope="module")
+def calib5(cfg_problem):
+    prompts, seeds = pairs_for(tinyflow_prompts(5, seed=9), 1, 9)
+    with torch.no_grad():
+        return cfg_problem.calibration(prompts, seeds)
+
+
+@pytest.mark.parametrize("workers", [2, 3])
+def test_item_split_losses_equal_in_process_bit_for_bit_with_cfg_and_uneven_shares(cfg_problem, calib5, workers):
+    from budcache.search.evaluator import plan_of
+
+    masks = [(0, 2, 5), (0, 2, 6), (0, 1, 4, 7), (0, 3)]
+    plans = [plan_of(STEPS, (0, 2, 5), "vtaylor1"), plan_of(STEPS, (0, 2, 5), "output"),
+             plan_of(STEPS, (0, 3, 6), "vtaylor2")]
+    replica = TinyflowReplica(settings=SamplerSettings(steps=STEPS, guidance=3.0))
+    with LocalEvaluator(replica, calib5, workers=workers, estimator="vtaylor1", split="items") as ev:
+        assert [b - a for a, b in ev.shares] == ([2, 3] if workers == 2 else [1, 2, 2])
+        ref = reference(cfg_problem, calib5, ev, "vtaylor1")
+        assert ev.losses(masks) == ref.losses(masks)
+        assert ev.plan_losses(plans) == ref.plan_losses(plans)
+        assert ev.stats.evaluations == len(masks) + len(plans)
+        # every worker ran every mask on its own items: the block-stack work adds up to one process's
+        with torch.no_grad():
+            whole = make_backend("inprocess", cfg_problem, calib5, estimator="vtaylor1")
+            assert np.allclose(ev.losses(masks), whole.losses(masks), rtol=1e-4, atol=0)
+            whole.plan_losses(plans)
+        assert ev.stats.item_evaluations == whole.stats.item_evaluations
+
+
+def test_item_split_search_is_the_share_by_share_search(problem, calib):
+    with LocalEvaluator(TinyflowReplica(settings=SamplerSettings(steps=STEPS)), calib, workers=2, split="items") as ev:
+        ref = search(reference(problem, calib, ev).losses, SMALL)
+        got = search(ev.losses, SMALL, sa_batch=ev.sa_batch)
+    assert got.compute == ref.compute and got.loss == ref.loss and got.history == ref.history
+    assert ev.stats.evaluations == got.evaluations  # no speculative masks
+
+
+def test_split_needs_local_workers(problem, calib):
+    with pytest.raises(ConfigError, match="--split applies only with workers"):
+        make_backend("inprocess", problem, calib, split="items")
+    with pytest.raises(ConfigError, match="--split 'x' is unknown"):
+        make_backend("local", problem, calib, split="x")

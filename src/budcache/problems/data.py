@@ -24,7 +24,7 @@ import torch
 
 from ..errors import ConfigError
 from ..progress import step_counter
-from ..sampler import Sampler, run_batches
+from ..sampler import Sampler, run_batches, select_items
 
 #: Seed offset of each split: a split's pairs are drawn from ``seed + SPLITS[split]``, so the splits of one
 #: seed are disjoint (held-out: quality reports; validation: alignment's stopping set).
@@ -50,6 +50,15 @@ class CalibrationSet:
 
     def __len__(self) -> int:
         return len(self.prompts)
+
+    def items(self, start: int, stop: int) -> CalibrationSet:
+        """Items ``start:stop`` (a copy: noise, conditioning and teacher rows; the same ``info``)."""
+        if not 0 <= start < stop <= len(self):
+            raise ConfigError(f"items {start}:{stop} are not a non-empty range of the {len(self)} calibration items")
+        idx = torch.arange(start, stop, device=self.noise.device)
+        return CalibrationSet(self.prompts[start:stop], self.seeds[start:stop], self.noise[start:stop].clone(),
+                              select_items(self.cond, idx), select_items(self.uncond, idx),
+                              None if self.teacher is None else self.teacher[start:stop].clone(), dict(self.info))
 
     @property
     def digest(self) -> str:

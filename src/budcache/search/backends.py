@@ -39,7 +39,7 @@ from ..errors import ConfigError
 from ..peers import PEER_MECHANISMS
 from ..problems.data import CalibrationSet
 from .anneal import SearchConfig, SearchResult, search
-from .distributed import make_evaluator
+from .distributed import SPLITS, make_evaluator
 from .local import LocalEvaluator, default_workers
 from .losses import LossFn, latent_mse
 from .parallel import SCHEMES, TemperingConfig, search_tempering
@@ -71,7 +71,7 @@ def resolve_workers(backend: str, workers: int | None) -> int:
 def make_backend(backend: str, problem: Any, calib: CalibrationSet, *, loss: LossFn = latent_mse,
                  naive: bool = False, workers: int | None = None, address: str | None = None,
                  factory: Callable[[str], Any] | None = None, estimator: str | None = None,
-                 mechanism: str | None = None) -> Any:
+                 mechanism: str | None = None, split: str = "auto") -> Any:
     """The evaluator of a resolved backend; ``local`` builds :class:`~budcache.search.local.LocalEvaluator`
     (replicas from ``factory``, default as for Ray: ``problem.replica()``), the others
     :func:`~budcache.search.distributed.make_evaluator`.
@@ -82,20 +82,25 @@ def make_backend(backend: str, problem: Any, calib: CalibrationSet, *, loss: Los
         workers: W (default: :func:`resolve_workers`).
         address: a Ray cluster to join (``ray`` only).
         factory: ``factory(device) -> problem`` replica recipe for the workers.
+        split: how local workers or Ray actors share a request (``auto``, ``items``, ``masks``; see
+            :class:`~budcache.search.local.LocalEvaluator`).
     """
     if backend == "auto" or backend not in BACKENDS:
         raise ConfigError(f"--backend {backend!r} must be one of {list(BACKENDS[1:])} here")
     w = resolve_workers(backend, workers)
     if address and backend != "ray":
         raise ConfigError("--ray-address applies only with --backend ray")
+    if split not in SPLITS:
+        raise ConfigError(f"--split {split!r} is unknown; choose one of {list(SPLITS)}")
     if backend != "local":
         return make_evaluator(backend, problem, calib, loss=loss, naive=naive, workers=w, address=address,
-                              factory=factory, estimator=estimator, mechanism=mechanism)
+                              factory=factory, estimator=estimator, mechanism=mechanism, split=split)
     if (mechanism or problem.mechanism) in PEER_MECHANISMS:
         raise ConfigError(f"mechanism {mechanism!r} is searched in-process only (--backend inprocess)")
     if factory is None:
         factory = problem.replica()
-    return LocalEvaluator(factory, calib, loss=loss, workers=w, prefix_sharing=not naive, estimator=estimator)
+    return LocalEvaluator(factory, calib, loss=loss, workers=w, prefix_sharing=not naive, estimator=estimator,
+                          split=split)
 
 
 def search_scheme(scheme: str, losses: Callable[[Sequence[Sequence[int]]], list[float]], cfg: SearchConfig, *,
@@ -127,10 +132,16 @@ def add_backend_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--scheme", default="sequential", choices=list(SCHEMES),
                    help="sequential (default: the paper's annealing, the same policy whatever the workers) or "
                         "tempering (W chains' proposals per round, replica exchange, then hill climbing)")
+    g.add_argument("--split", default="auto", choices=list(SPLITS),
+                   help="how local workers or Ray actors share the work: items (each worker scores every mask on its "
+                        "share of the calibration pairs: a mask costs 1/W, no speculation), masks (whole masks per "
+                        "worker, routed by prefix, W speculative proposals) or auto (default: items while W <= "
+                        "calibration pairs)")
     g.add_argument("--ray-address", default=None,
                    help="join this Ray cluster (e.g. auto or HOST:6379); default: start a local one")
 
 
 def backend_kwargs(a: argparse.Namespace) -> dict[str, Any]:
     """The backend options of parsed arguments, as keyword arguments of :func:`budcache.search.job.run_search`."""
-    return {"backend": a.backend, "workers": a.workers, "ray_address": a.ray_address, "scheme": a.scheme}
+    return {"backend": a.backend, "workers": a.workers, "ray_address": a.ray_address, "scheme": a.scheme,
+            "split": a.split}

@@ -42,7 +42,7 @@ from ..errors import BudcacheError, ConfigError, require
 from ..peers import PEER_MECHANISMS
 from ..problems.data import CalibrationSet
 from .evaluator import Evaluator, EvaluatorStats, PeerScheduleEvaluator, check_computes, mask_of, memoised
-from .losses import LossFn, latent_mse
+from .losses import LossFn, latent_mse, mean_of_items
 
 BACKENDS = ("inprocess", "ray")
 
@@ -96,6 +96,30 @@ def align_weights(module: torch.nn.Module | None) -> int:
     return moved
 
 
+#: How W workers share the work (``--split``): ``items`` (every worker scores every mask on its own share of
+#: the calibration items), ``masks`` (each worker scores whole masks, routed by prefix), ``auto``
+#: (:func:`resolve_split`).
+SPLITS = ("auto", "items", "masks")
+
+
+def resolve_split(split: str, workers: int, items: int) -> str:
+    """The split ``auto`` stands for: ``items`` when every worker gets at least one calibration item, else
+    ``masks``; a ConfigError names an unknown split or an item split with more workers than items."""
+    if split not in SPLITS:
+        raise ConfigError(f"--split {split!r} is unknown; choose one of {list(SPLITS)}")
+    if split == "auto":
+        return "items" if workers <= items else "masks"
+    if split == "items" and workers > items:
+        raise ConfigError(f"--split items needs at most one worker per calibration item ({workers} workers, "
+                          f"{items} items); use fewer --workers or --split masks")
+    return split
+
+
+def item_shares(items: int, workers: int) -> list[tuple[int, int]]:
+    """Contiguous ranges ``[start, stop)`` of ``items`` calibration items, one per worker, sizes within one."""
+    return [(j * items // workers, (j + 1) * items // workers) for j in range(workers)]
+
+
 # ------------------------------------------------------------------------------ worker
 class EvalWorker:
     """Ray actor body: one replica of the problem and a local evaluator (prefix sharing, batching)."""
@@ -116,11 +140,22 @@ class EvalWorker:
 
     def losses(self, computes: list[tuple[int, ...]]) -> tuple[list[float], dict[str, Any]]:
         """Losses of ``computes`` and the work this call did (evaluator stats delta)."""
+        return self.call("losses", computes)
+
+    def call(self, kind: str, keys: list[tuple[int, ...]]) -> tuple[list[Any], dict[str, Any]]:
+        """The evaluator's ``kind`` (:data:`WORKER_CALLS`) of ``keys``, and the work this call did."""
+        if kind not in WORKER_CALLS:
+            raise ConfigError(f"unknown worker call {kind!r}; one of {list(WORKER_CALLS)}")
         before = asdict(self.evaluator.stats)
         with torch.no_grad():
-            vals = self.evaluator.losses(computes)
+            vals = getattr(self.evaluator, WORKER_CALLS[kind])(keys)
         after = asdict(self.evaluator.stats)
         return vals, {k: after[k] - before[k] for k in after}
+
+
+#: What a worker answers: losses or per-item losses of compute sets or of plans (per-step estimators).
+WORKER_CALLS = {"losses": "losses", "plans": "plan_losses", "items": "item_losses",
+                "item_plans": "item_plan_losses"}
 
 
 # ------------------------------------------------------------------------------ driver
@@ -168,7 +203,7 @@ class RayEvaluator:
                  workers: int = 1, address: str | None = None, prefix_sharing: bool = True,
                  batch_candidates: bool = False, max_batch: int = 512, max_state_bytes: int = 2 * 2**30,
                  threads: int = 1, gpus: float | None = None, max_retries: int = 3,
-                 estimator: str | None = None) -> None:
+                 estimator: str | None = None, split: str = "auto") -> None:
         if type(workers) is not int or workers < 1:
             raise ConfigError(f"--workers must be an integer >= 1 (got {workers!r})")
         if calib.teacher is None:
@@ -179,7 +214,9 @@ class RayEvaluator:
         self._started = connect(address, num_cpus=None if address else max(os.cpu_count() or 1, workers * threads))
         self.workers = workers
         self.estimator = estimator  # the workers' masks use it; per-step estimators are refined in-process
-        self.sa_batch = workers
+        self.split = resolve_split(split, workers, len(calib))
+        self.shares = item_shares(len(calib), workers) if self.split == "items" else [(0, len(calib))] * workers
+        self.sa_batch = 1 if self.split == "items" else workers
         self.max_retries = max_retries
         self.calib = calib
         self.memo: dict[tuple[int, ...], float] = {}
@@ -196,10 +233,14 @@ class RayEvaluator:
                     raise ConfigError(f"{workers} workers need {n:g} {kind}s but the Ray cluster has "
                                       f"{res.get(kind, 0):g}; use fewer --workers")
             opts = {"prefix_sharing": prefix_sharing, "batch_candidates": batch_candidates, "max_batch": max_batch,
-                    "max_state_bytes": max_state_bytes, "threads": threads, "estimator": estimator}
-            self._args = (self._ray.put(factory), self._ray.put(calib), loss, opts)
+                    "max_state_bytes": max_state_bytes, "threads": threads, "estimator": estimator,
+                    "keep_items": self.split == "items"}
+            fac = self._ray.put(factory)
+            whole = self._ray.put(calib) if self.split == "masks" else None
+            self._args = [(fac, whole if whole is not None else self._ray.put(calib.items(a, b)), loss, opts)
+                          for a, b in self.shares]
             self._actor_cls = self._ray.remote(EvalWorker)
-            self.actors = [self._new_actor() for _ in range(workers)]
+            self.actors = [self._new_actor(i) for i in range(workers)]
             infos = [self._call(i, lambda a: a.info.remote(), retry=False) for i in range(workers)]
         except BaseException:
             self.close()
@@ -214,6 +255,15 @@ class RayEvaluator:
     def losses(self, computes: Sequence[Sequence[int]]) -> list[float]:
         """Losses of several compute sets; unknown ones are scored by all workers at once."""
         def score(todo: list[tuple[int, ...]]) -> None:
+            if self.split == "items":  # every actor scores every mask on its items; the driver averages them
+                jobs = [(j, (lambda a: a.call.remote("items", todo))) for j in range(self.workers)]
+                replies = self._gather(jobs, retry=True)
+                for i, k in enumerate(todo):
+                    self.memo[k] = mean_of_items([r[0][i] for r in replies])
+                self.stats.evaluations += len(todo)
+                for f in ("item_evaluations", "stack_calls", "steps_run"):
+                    setattr(self.stats, f, getattr(self.stats, f) + sum(r[1][f] for r in replies))
+                return
             chunks, replies = self._scatter(todo)
             for chunk, (vals, work) in zip(chunks, replies):
                 for k, v in zip(chunk, vals):
@@ -242,9 +292,9 @@ class RayEvaluator:
         self.close()
 
     # -- internals -----------------------------------------------------------------------
-    def _new_actor(self) -> Any:
+    def _new_actor(self, i: int) -> Any:
         opts: dict[str, Any] = {"num_cpus": self.threads if not self.gpus else 1, "num_gpus": self.gpus}
-        return self._actor_cls.options(**opts).remote(*self._args)
+        return self._actor_cls.options(**opts).remote(*self._args[i])
 
     def _replace(self, i: int) -> None:
         """A fresh actor in slot ``i`` (the old one is dead or unreachable)."""
@@ -253,7 +303,7 @@ class RayEvaluator:
             self._ray.kill(self.actors[i])
         except Exception:  # noqa: BLE001 - already gone
             pass
-        self.actors[i] = self._new_actor()
+        self.actors[i] = self._new_actor(i)
 
     def _call(self, i: int, submit: Callable[[Any], Any], retry: bool = True) -> Any:
         """``submit(actor_i)`` and wait, replacing the actor and retrying when it dies."""
@@ -297,7 +347,7 @@ class RayEvaluator:
 def make_evaluator(backend: str, problem: Any, calib: CalibrationSet, *, loss: LossFn = latent_mse,
                    naive: bool = False, workers: int = 1, address: str | None = None,
                    factory: Callable[[str], Any] | None = None, threads: int = 1,
-                   estimator: str | None = None, mechanism: str | None = None) -> Any:
+                   estimator: str | None = None, mechanism: str | None = None, split: str = "auto") -> Any:
     """The evaluator of a backend: ``inprocess`` (default) or ``ray`` (``workers`` actors; ``factory(device)``
     builds a replica on each, default: ``problem.replica()``).
 
@@ -305,7 +355,8 @@ def make_evaluator(backend: str, problem: Any, calib: CalibrationSet, *, loss: L
     mask's loss is the same bits whichever backend, worker or call scored it;
     ``naive`` also turns prefix sharing off. ``estimator`` (a name of
     :mod:`budcache.estimators`) fills the masks' skipped steps and enables
-    plans (per-step estimators) in-process; a problem whose mechanism is a
+    plans (per-step estimators) in-process; ``split`` says how Ray actors share the work (see
+    :class:`~budcache.search.local.LocalEvaluator`); a problem whose mechanism is a
     peer's (``taylorseer``) is scored by
     :class:`~budcache.search.evaluator.PeerScheduleEvaluator` (in-process only)."""
     if backend not in BACKENDS:
@@ -315,6 +366,8 @@ def make_evaluator(backend: str, problem: Any, calib: CalibrationSet, *, loss: L
     if backend == "inprocess":
         if workers != 1 or address:
             raise ConfigError("--workers and --ray-address apply only with --backend ray")
+        if split != "auto":
+            raise ConfigError("--split applies only with workers (--backend local or ray)")
         align_weights(problem.transformer)
         if peer:
             return PeerScheduleEvaluator(problem.make_sampler, to_device(calib, str(calib.noise.device)),
@@ -326,4 +379,4 @@ def make_evaluator(backend: str, problem: Any, calib: CalibrationSet, *, loss: L
     if factory is None:  # the problem says how to rebuild itself on a worker (e.g. from a model path)
         factory = problem.replica()
     return RayEvaluator(factory, calib, loss=loss, workers=workers, address=address, prefix_sharing=not naive,
-                        batch_candidates=False, threads=threads, estimator=estimator)
+                        batch_candidates=False, threads=threads, estimator=estimator, split=split)

@@ -182,7 +182,7 @@ class Evaluator:
     def __init__(self, make_sampler, calib: CalibrationSet, *, loss: LossFn = latent_mse,
                  prefix_sharing: bool = True, batch_candidates: bool = True, max_batch: int = 512,
                  max_state_bytes: int = 2 * 2**30, threads: int | None = None,
-                 estimator: str | None = None) -> None:
+                 estimator: str | None = None, keep_items: bool = False) -> None:
         if threads is not None and (type(threads) is not int or threads < 1):
             raise ConfigError(f"threads must be an integer >= 1 (got {threads!r})")
         if calib.teacher is None:
@@ -202,6 +202,9 @@ class Evaluator:
         # set use that estimator, and plans (per-step estimators) can be scored with plan_losses
         self.estimator = None if estimator is None else est.get(estimator).name
         self.stats = EvaluatorStats()
+        # per-item losses of each scored mask or plan, kept for a driver that splits the items across workers
+        self.keep_items = keep_items
+        self.items: dict[tuple[int, ...], list[float]] = {}
         self._store = PrefixStore(make_sampler(None).start(calib.noise), self.steps, max_bytes=max_state_bytes,
                                   enabled=prefix_sharing)
 
@@ -240,7 +243,24 @@ class Evaluator:
 
         return memoised(self.plan_memo, keys, self.stats, score)
 
+    def item_losses(self, computes: Sequence[Sequence[int]]) -> list[list[float]]:
+        """Per-item losses (one list of C floats, in item order) of compute sets; needs ``keep_items``."""
+        keys = check_computes(computes, self.steps)
+        self.losses(keys)
+        return [self._items(k if self.estimator is None else plan_of(self.steps, k, self.estimator)) for k in keys]
+
+    def item_plan_losses(self, plans: Sequence[Sequence[int]]) -> list[list[float]]:
+        """Per-item losses of plans (see :meth:`plan_losses`); needs ``keep_items``."""
+        keys = [tuple(int(c) for c in p) for p in plans]
+        self.plan_losses(keys)
+        return [self._items(k) for k in keys]
+
     # -- internals ---------------------------------------------------------------------
+    def _items(self, key: tuple[int, ...]) -> list[float]:
+        if not self.keep_items:
+            raise ConfigError("per-item losses need an evaluator built with keep_items=True")
+        return self.items[key]
+
     def _run(self, masks: list[Mask]) -> None:
         groups: dict[Mask, list[Mask]] = {}
         starts: dict[Mask, SamplerState] = {}
@@ -286,11 +306,12 @@ class Evaluator:
         teacher = self.calib.teacher
         for i, m in enumerate(masks):
             x = state.x[i * c:(i + 1) * c]
-            value = float(self.loss(x.float(), teacher.float()).mean())
-            if self.estimator is None:
-                self.memo[compute_of(m)] = value
-            else:
-                self.plan_memo[m] = value
+            per_item = self.loss(x.float(), teacher.float())
+            value = float(per_item.mean())
+            key = compute_of(m) if self.estimator is None else m
+            (self.memo if self.estimator is None else self.plan_memo)[key] = value
+            if self.keep_items:
+                self.items[key] = per_item.tolist()
             self.stats.evaluations += 1
 
     def _non_finite(self, start: SamplerState, masks: list[Mask], step: int, exc: Exception) -> ModelOutputError:

@@ -31,7 +31,7 @@ from ..progress import phase
 from ..specs import ALL_MECHANISMS
 from .anneal import REFINE_SCHEMES, RefineResult, SearchConfig, SearchResult, refine_estimators
 from .backends import make_backend, resolve_backend, resolve_workers, search_scheme
-from .distributed import make_evaluator
+from .distributed import SPLITS, make_evaluator, resolve_split
 from .evaluator import Evaluator, EvaluatorStats, plan_names, plan_of
 from .losses import get_loss
 from .parallel import SCHEMES
@@ -364,7 +364,8 @@ def run_search(out: str | Path, *, nfes: Sequence[int], problem: Problem | None 
                force: bool = False, progress: bool = True, naive: bool = False, model: str | None = None,
                backend: str = "inprocess", workers: int | None = None, ray_address: str | None = None,
                scheme: str = "sequential", mechanisms: Sequence[str] | None = None, warm_start: bool = False,
-               refine_scheme: str = DEFAULT_REFINE_SCHEME, **search_kw: Any) -> list[BudgetOutcome]:
+               refine_scheme: str = DEFAULT_REFINE_SCHEME, split: str = "auto",
+               **search_kw: Any) -> list[BudgetOutcome]:
     """Search one policy per budget and write all outputs to ``out``.
 
     Each budget is searched on its own by default, so a budget's policy is the
@@ -409,6 +410,9 @@ def run_search(out: str | Path, *, nfes: Sequence[int], problem: Problem | None 
             With several ``mechanisms``, candidates on different processes are searched at the same time
             (an in-process candidate runs beside the local workers); the policies are unchanged.
         workers: worker processes or Ray actors (default: every core for ``local``, else 1).
+        split: how local workers or Ray actors share the work: ``items`` (each scores every mask on its share of the
+            calibration pairs), ``masks`` (whole masks routed by prefix) or ``auto`` (default: ``items``
+            while workers <= calibration pairs); see :class:`budcache.search.local.LocalEvaluator`.
         ray_address: a Ray cluster to join.
         scheme: ``sequential`` (the paper's annealing, default) or ``tempering``.
         mechanisms: search each budget with each of these mechanisms (an estimator of budcache's, or a
@@ -430,6 +434,11 @@ def run_search(out: str | Path, *, nfes: Sequence[int], problem: Problem | None 
     backend = resolve_backend(backend, pipeline=problem is not None and not isinstance(problem, TinyflowProblem),
                               mechanism=mechanism)
     workers = resolve_workers(backend, workers)
+    if split not in SPLITS:
+        raise ConfigError(f"--split {split!r} is unknown; choose one of {list(SPLITS)}")
+    if split != "auto" and backend not in ("local", "ray"):
+        raise ConfigError(f"--split applies only with workers, --backend local or ray (the backend here is "
+                          f"{backend})")
     if scheme not in SCHEMES:
         raise ConfigError(f"--scheme {scheme!r} is unknown; choose one of {list(SCHEMES)}")
     if refine_scheme not in REFINE_SCHEMES:
@@ -451,6 +460,8 @@ def run_search(out: str | Path, *, nfes: Sequence[int], problem: Problem | None 
     loss_fn = get_loss(loss)
     prompts, seeds = calibration_pairs(problem, calib_pairs, seed, seeds_per_prompt=seeds_per_prompt,
                                        prompt_file=prompt_file)
+    if backend in ("local", "ray"):
+        resolve_split(split, workers, len(prompts))  # a split that cannot be made fails before the teacher runs
     with phase("teacher (calibration)" if progress else None, len(prompts) * steps):
         calib = problem.calibration(prompts, seeds)
     calib.info["loss"] = loss
@@ -461,7 +472,8 @@ def run_search(out: str | Path, *, nfes: Sequence[int], problem: Problem | None 
     concurrent = concurrent_candidates(where)
     evaluators = {m: make_backend(where[m], problem.with_settings(mechanism=m), calib, loss=loss_fn, naive=naive,
                                   workers=workers if where[m] != "inprocess" else 1, address=ray_address,
-                                  estimator=plans[m][0], mechanism=m) for m in candidates}
+                                  estimator=plans[m][0], mechanism=m,
+                                  split=split if where[m] != "inprocess" else "auto") for m in candidates}
     outcomes: list[BudgetOutcome] = []
     prev: dict[str, tuple[int, ...] | None] = dict.fromkeys(candidates)
 
@@ -508,7 +520,8 @@ def run_search(out: str | Path, *, nfes: Sequence[int], problem: Problem | None 
             "calibration_pairs": len(calib),
             "digest": calib.digest, "heldout_pairs": len(held), "backend": backend, "workers": workers,
             "scheme": scheme, "warm_start": warm_start, "concurrent_candidates": concurrent,
-            "refine_scheme": refine_scheme}
+            "refine_scheme": refine_scheme,
+            "split": next((e.split for e in evaluators.values() if hasattr(e, "split")), None)}
     if len(outcomes) > 1:
         plot_frontier(outcomes, out / "frontier.png")
     meta["wall_s"] = time.perf_counter() - t_start

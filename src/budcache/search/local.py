@@ -5,16 +5,28 @@ across the workers at once. Each worker is a spawned process holding a
 replica built by the Ray backend's recipes (:class:`~budcache.problems.TinyflowReplica`,
 :class:`~budcache.problems.Shipped`) and a local
 :class:`~budcache.search.distributed.EvalWorker` (an evaluator with its own
-prefix store). Losses are the in-process ones bit for bit: every mask runs as
-its own batch of the C calibration items with one torch thread, on aligned
-weights and data (see :mod:`budcache.search.distributed`).
+prefix store), with one torch thread, on aligned weights and data (see
+:mod:`budcache.search.distributed`).
 
-Routing (:func:`route`): the driver remembers which mask prefixes each worker
-has run; a new mask goes to the worker holding its longest prefix (so it
-resumes from that worker's stored state instead of step 0), each worker taking
-at most ``ceil(n / W)`` of a request's ``n`` masks, masks visited in sorted
-order so that new masks sharing a prefix land together. Routing changes only
-the cost, never a loss.
+Two ways to share the work (``split``, :data:`SPLITS`):
+
+- ``items`` (the default while W <= C): worker ``w`` holds a contiguous share
+  of the C calibration items and scores every requested mask on it, returning
+  per-item losses; the driver averages them in item order (float32, as one
+  batch's mean is taken). A mask then costs about ``ceil(C / W)`` item
+  evaluations of critical path instead of C, the sequential annealing needs no
+  speculation, and prefix sharing works in every worker (each stores its
+  items' states for every prefix). The losses equal the in-process ones bit
+  for bit where the model's kernels give a row the same bits whatever the
+  batch size, as one-thread CPU kernels do on the project's machine (tested);
+  elsewhere they are fixed by the worker count.
+- ``masks``: each mask runs on one worker as its own batch of all C items (the
+  in-process losses bit for bit); the driver remembers which mask prefixes
+  each worker has run and routes (:func:`route`) a new mask to the worker
+  holding its longest prefix, each worker taking at most ``ceil(n / W)`` of a
+  request's ``n`` masks, visited in sorted order so that masks sharing a
+  prefix land together. Routing changes only the cost, never a loss; the
+  annealing speculates on ``W`` proposals per request.
 
 Faults: a worker that dies (killed, out of memory) is replaced by a fresh
 process and its chunk sent again, up to ``max_retries`` times per request; a
@@ -31,17 +43,14 @@ import os
 import signal
 import traceback
 from collections.abc import Callable, Sequence
-from dataclasses import asdict
 from multiprocessing.connection import Connection, wait
 from typing import Any
 
-import torch
-
 from ..errors import BudcacheError, ConfigError, ModelOutputError
 from ..problems.data import CalibrationSet
-from .distributed import EvalWorker, WorkerError
+from .distributed import EvalWorker, WorkerError, item_shares, resolve_split
 from .evaluator import EvaluatorStats, check_computes, mask_of, memoised, plan_of
-from .losses import LossFn, latent_mse
+from .losses import LossFn, latent_mse, mean_of_items
 
 Compute = tuple[int, ...]
 Mask = tuple[bool, ...]
@@ -108,18 +117,9 @@ def _serve(conn: Connection, factory: Callable[[str], Any], calib: CalibrationSe
         if msg[0] == "stop":
             return
         try:
-            conn.send(("ok", worker.losses(msg[1]) if msg[0] == "losses" else _plan_losses(worker, msg[1])))
+            conn.send(("ok", worker.call(msg[0], msg[1])))
         except BaseException as exc:  # noqa: BLE001 - reported to the driver
             conn.send(_failure(exc))
-
-
-def _plan_losses(worker: EvalWorker, plans: list[tuple[int, ...]]) -> tuple[list[float], dict[str, Any]]:
-    """Losses of plans (per-step estimators) on a worker, and the work this call did."""
-    before = asdict(worker.evaluator.stats)
-    with torch.no_grad():
-        vals = worker.evaluator.plan_losses(plans)
-    after = asdict(worker.evaluator.stats)
-    return vals, {k: after[k] - before[k] for k in after}
 
 
 def _failure(exc: BaseException) -> tuple[Any, ...]:
@@ -171,6 +171,12 @@ class LocalEvaluator:
         calib: the calibration set with its teacher outputs.
         loss: per-item loss (a module-level function: it is pickled to the workers).
         workers: W worker processes (default: every core this process may use).
+        split: how the workers share a request (:data:`SPLITS`): ``items`` gives each worker a contiguous
+            share of the calibration items and sends it every mask (a mask costs about 1/W of its one-process
+            time, nothing is speculated, and the search runs as in-process: the per-item losses are averaged
+            in item order, in float32, as one batch's are); ``masks`` sends each worker whole masks (each on
+            all items), routed to the worker holding the longest prefix, with ``sa_batch = W`` speculative
+            annealing proposals per request; ``auto`` (default): ``items`` when ``W <= C``.
         prefix_sharing, max_state_bytes, estimator: the workers' evaluator settings.
         threads: torch threads per worker (1: bit-reproducible losses, one core each).
         max_retries: replacements of a dead worker per request before a :class:`WorkerError`.
@@ -180,7 +186,7 @@ class LocalEvaluator:
     def __init__(self, factory: Callable[[str], Any], calib: CalibrationSet, *, loss: LossFn = latent_mse,
                  workers: int | None = None, prefix_sharing: bool = True, max_state_bytes: int = 2 * 2**30,
                  threads: int = 1, estimator: str | None = None, max_retries: int = 3,
-                 start_timeout: float = 600.0) -> None:
+                 start_timeout: float = 600.0, split: str = "auto") -> None:
         workers = default_workers() if workers is None else workers
         if type(workers) is not int or workers < 1:
             raise ConfigError(f"--workers must be an integer >= 1 (got {workers!r})")
@@ -189,7 +195,9 @@ class LocalEvaluator:
         if calib.teacher is None:
             raise ConfigError("the calibration set has no teacher outputs; build it with make_calibration")
         self.workers = workers
-        self.sa_batch = workers
+        self.split = resolve_split(split, workers, len(calib))
+        # an item split scores each proposal on all workers at once: speculating on more would waste work
+        self.sa_batch = 1 if self.split == "items" else workers
         self.estimator = estimator  # the workers' masks use it; per-step estimators are refined in-process
         self.calib = calib
         self.max_retries = max_retries
@@ -199,13 +207,16 @@ class LocalEvaluator:
         self.stats = EvaluatorStats()
         self.restarts = 0
         opts = {"prefix_sharing": prefix_sharing, "batch_candidates": False, "max_batch": 512,
-                "max_state_bytes": max_state_bytes, "threads": threads, "estimator": estimator}
+                "max_state_bytes": max_state_bytes, "threads": threads, "estimator": estimator,
+                "keep_items": self.split == "items"}
         self._ctx = mp.get_context("spawn")
-        self._args = (factory, calib, loss, opts)
+        self.shares = item_shares(len(calib), workers) if self.split == "items" else [(0, len(calib))] * workers
+        self._args = [(factory, calib if self.split == "masks" else calib.items(a, b), loss, opts)
+                      for a, b in self.shares]
         self.slots: list[_Slot] = []
         self.held: list[set[Mask]] = [set() for _ in range(workers)]
         try:
-            self.slots = [_Slot(self._ctx, self._args) for _ in range(workers)]
+            self.slots = [_Slot(self._ctx, self._args[i]) for i in range(workers)]
             infos = [self._started(i) for i in range(workers)]
         except BaseException:
             self.close()
@@ -253,6 +264,15 @@ class LocalEvaluator:
     def _score(self, todo: list[Compute], memo: dict[Compute, float], kind: str,
                row: Callable[[Compute], tuple[Any, ...]] | None) -> None:
         """Route ``todo`` to the workers, score it (``kind``: losses or plans) and fill ``memo``."""
+        if self.split == "items":  # every worker scores every key on its items; the driver averages them
+            replies = self._gather(dict.fromkeys(range(self.workers), todo),
+                                   "items" if kind == "losses" else "item_plans")
+            for j, k in enumerate(todo):
+                memo[k] = mean_of_items([replies[w][0][j] for w in range(self.workers)])
+            self.stats.evaluations += len(todo)
+            for f in ("item_evaluations", "stack_calls", "steps_run"):
+                setattr(self.stats, f, getattr(self.stats, f) + sum(r[1][f] for r in replies.values()))
+            return
         chunks = route(todo, self.steps, self.held, row)
         replies = self._gather({w: c for w, c in enumerate(chunks) if c}, kind)
         for w, (vals, work) in replies.items():
@@ -282,7 +302,7 @@ class LocalEvaluator:
             old.proc.kill()
         old.proc.join(5)
         old.conn.close()
-        self.slots[i] = _Slot(self._ctx, self._args)
+        self.slots[i] = _Slot(self._ctx, self._args[i])
         self.held[i] = set()
         self._started(i)
 

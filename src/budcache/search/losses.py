@@ -7,7 +7,7 @@ calibration set (:class:`budcache.problems.CalibrationSet`).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -35,6 +35,16 @@ def latent_log_mse(x: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     quality metric (PSNR, paired wins) rewards.
     """
     return torch.log((x - teacher).pow(2).flatten(1).mean(1).clamp_min(1e-20))
+
+
+def mean_of_items(parts: Sequence[Sequence[float]]) -> float:
+    """The calibration loss ``L = mean_i loss_i`` from per-item losses given in item order, split in parts.
+
+    Taken as the in-process evaluator takes it (a float32 mean over the C
+    items), so items scored on different workers give the same bits as one
+    batch would.
+    """
+    return float(torch.tensor([v for p in parts for v in p], dtype=torch.float32).mean())
 
 
 LOSSES: dict[str, LossFn] = {"mse": latent_mse, "l1": latent_l1, "logmse": latent_log_mse}
