@@ -20,9 +20,16 @@ The local workers stay one per core beside the in-process candidate: on the
 2-core machine that measured faster than leaving a core to it (BENCHMARKS.md,
 "The default search on this machine's 2 cores").
 
+Splits (``--split``, local workers and Ray actors): ``items`` (the default
+while W <= C) gives each worker a share of the C calibration items and sends
+it every mask, so a mask costs about 1/W and nothing is speculated; ``masks``
+sends whole masks to the worker holding their longest prefix and speculates
+on W annealing proposals per request (the in-process losses for any W). See
+:class:`~budcache.search.local.LocalEvaluator`.
+
 Schemes: ``sequential`` (the default: the paper's annealing then hill
 climbing, :func:`budcache.search.anneal.search`: the same policy for every
-backend and W, which only speculate on its proposals) and ``tempering``
+backend and W with ``--split masks``, fixed by W with the item split) and ``tempering``
 (:mod:`budcache.search.parallel`: W proposals per round, the policy depends on
 the seed and W). Both defaults are what measured best on held-out pairs on the
 project's 2-core machine (BENCHMARKS.md, "Parallel search").
