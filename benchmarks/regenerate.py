@@ -70,6 +70,7 @@ SECTIONS: tuple[Section, ...] = (
                           "--search-loss", "mse", "--parametrisation", "segment", "--plain-parametrisation", "ld3",
                           "--plain-lr", "0.05"), 13),
     Section("ray", ("benchmarks/ray_search.py", "--calib", "4", "--sa-iters", "60", "--hc-rounds", "10"), 10),
+    Section("item-split", ("benchmarks/item_split.py",), 17),
     Section("compile-time", ("benchmarks/compile.py", "--parts", "1", "--repeats", "5"), 5),
     Section("compile-breaks", ("benchmarks/compile.py", "--parts", "2"), 3),
     Section("context-parallel", ("benchmarks/context_parallel.py", "--batch", "2", "--steps", "28", "--nfe", "10",
