@@ -1,7 +1,9 @@
 """Ray backend for the search's evaluator: one model replica per worker actor.
 
 The driver runs annealing and hill climbing (:func:`budcache.search.anneal.search`)
-and sends every request for losses out at once: the masks still unknown are
+and sends every request for losses out at once: with the item split (the
+default while W <= C) every actor gets every unknown mask and scores it on its
+share of the calibration items; with the mask split the masks still unknown are
 sorted (so masks sharing a prefix land on the same worker) and cut into at most
 ``workers`` contiguous chunks, one per actor. Each actor holds its own replica
 of the problem (one GPU each where the cluster has GPUs, else CPU threads) and a
@@ -9,7 +11,8 @@ local :class:`~budcache.search.evaluator.Evaluator`, so prefix sharing (a new
 mask resumes from the worker's stored state of its longest known prefix) works
 inside every worker.
 
-Same seed, same policy, whatever the backend and worker count:
+Same seed, same policy, whatever the backend and worker count, with the mask
+split (the item split's policy is fixed by the seed and W):
 
 - a mask's loss does not depend on which worker or batch evaluated it: both
   backends score every mask as its own batch of the C calibration items
@@ -20,10 +23,14 @@ Same seed, same policy, whatever the backend and worker count:
   ``tests/test_ray.py``; batching candidates together would let the kernels
   round differently for other batch shapes). On GPUs, equal bits also need
   the same GPU model and library versions on every worker;
-- SA stays sequential: the driver scores ``sa_batch = workers`` proposals per
-  round trip, speculating that each is rejected, and replays them with the
-  real random generator (see :mod:`budcache.search.anneal`), so the accepted
-  moves are exactly those of the in-process search;
+- SA stays sequential: with the mask split the driver scores
+  ``sa_batch = workers`` proposals per round trip, speculating that each is
+  rejected, and replays them with the real random generator (see
+  :mod:`budcache.search.anneal`), so the accepted moves are exactly those of
+  the in-process search; with the item split (``split="items"``, the default
+  while W <= C) every actor scores each proposal on its share of the
+  calibration items and nothing is speculated (the losses are then fixed by
+  W: see :class:`~budcache.search.local.LocalEvaluator`);
 - a worker that dies (killed, out of memory, node lost) is replaced by a fresh
   actor and its chunk is sent again, up to ``max_retries`` times per request.
 """
@@ -196,7 +203,10 @@ class RayEvaluator:
     ``make_sampler`` and ``calib`` define the loss as in the in-process
     evaluator. ``threads`` per worker (torch threads, and the
     CPUs each actor reserves); ``gpus`` per worker (default: 1 when the
-    cluster has GPUs, else 0).
+    cluster has GPUs, else 0); ``split``: ``items`` (each actor holds a share
+    of the calibration items and scores every mask), ``masks`` (whole masks
+    per actor) or ``auto`` (items while W <= C), as for
+    :class:`~budcache.search.local.LocalEvaluator`.
     """
 
     def __init__(self, factory: Callable[[str], Any], calib: CalibrationSet, *, loss: LossFn = latent_mse,
