@@ -119,7 +119,8 @@ def wall_times(problem: TinyflowProblem, calib: Any, cfg: SearchConfig) -> list[
         rows.append({"backend": name, "start_s": start, "search_s": wall, "evaluations": ev.stats.evaluations,
                      "best_s": min((t for t, b in zip(times, bests) if b <= ref.loss * (1 + 1e-4)), default=None),
                      "item_evaluations": ev.stats.item_evaluations, "compute": list(res.compute), "loss": res.loss,
-                     "same_as_in_process": res.compute == ref.compute and res.loss == ref.loss})
+                     "same_as_in_process": res.compute == ref.compute and res.loss == ref.loss,
+                     "same_mask": res.compute == ref.compute})
         print(f"  {name}: start {start:.1f} s, search {wall:.1f} s, {ev.stats.evaluations} masks", flush=True)
     return rows
 
@@ -237,7 +238,7 @@ def main() -> None:
         for r in res["wall"]:
             reach = "never" if r["best_s"] is None else f"{r['best_s']:.1f}"
             print(f"| {r['backend']} | {r['start_s']:.1f} | {r['search_s']:.1f} | {reach} | {r['evaluations']} | "
-                  f"{r['item_evaluations']} | {'yes' if r['same_as_in_process'] else 'no'} |")
+                  f"{r['item_evaluations']} | {'yes' if r['same_as_in_process'] else 'same mask' if r['same_mask'] else 'no'} |")
     if "paper" in res:
         w, est = a.paper_workers, res["estimate"]
         print(f"\nPaper's search (N=28, K=10, SA {a.paper_sa}, HC {a.paper_hc}, 2 calibration pairs) on tinyflow, "
