@@ -46,7 +46,7 @@ from ..errors import ConfigError
 from ..peers import PEER_MECHANISMS
 from ..problems.data import CalibrationSet
 from .anneal import SearchConfig, SearchResult, search
-from .distributed import SPLITS, make_evaluator
+from .distributed import WORK_SPLITS, make_evaluator
 from .local import LocalEvaluator, default_workers
 from .losses import LossFn, latent_mse
 from .parallel import SCHEMES, TemperingConfig, search_tempering
@@ -97,8 +97,8 @@ def make_backend(backend: str, problem: Any, calib: CalibrationSet, *, loss: Los
     w = resolve_workers(backend, workers)
     if address and backend != "ray":
         raise ConfigError("--ray-address applies only with --backend ray")
-    if split not in SPLITS:
-        raise ConfigError(f"--split {split!r} is unknown; choose one of {list(SPLITS)}")
+    if split not in WORK_SPLITS:
+        raise ConfigError(f"--split {split!r} is unknown; choose one of {list(WORK_SPLITS)}")
     if backend != "local":
         return make_evaluator(backend, problem, calib, loss=loss, naive=naive, workers=w, address=address,
                               factory=factory, estimator=estimator, mechanism=mechanism, split=split)
@@ -139,7 +139,7 @@ def add_backend_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--scheme", default="sequential", choices=list(SCHEMES),
                    help="sequential (default: the paper's annealing, the same policy whatever the workers) or "
                         "tempering (W chains' proposals per round, replica exchange, then hill climbing)")
-    g.add_argument("--split", default="auto", choices=list(SPLITS),
+    g.add_argument("--split", default="auto", choices=list(WORK_SPLITS),
                    help="how local workers or Ray actors share the work: items (each worker scores every mask on its "
                         "share of the calibration pairs: a mask costs 1/W, no speculation), masks (whole masks per "
                         "worker, routed by prefix, W speculative proposals) or auto (default: items while W <= "

@@ -106,14 +106,14 @@ def align_weights(module: torch.nn.Module | None) -> int:
 #: How W workers share the work (``--split``): ``items`` (every worker scores every mask on its own share of
 #: the calibration items), ``masks`` (each worker scores whole masks, routed by prefix), ``auto``
 #: (:func:`resolve_split`).
-SPLITS = ("auto", "items", "masks")
+WORK_SPLITS = ("auto", "items", "masks")
 
 
 def resolve_split(split: str, workers: int, items: int) -> str:
     """The split ``auto`` stands for: ``items`` when every worker gets at least one calibration item, else
     ``masks``; a ConfigError names an unknown split or an item split with more workers than items."""
-    if split not in SPLITS:
-        raise ConfigError(f"--split {split!r} is unknown; choose one of {list(SPLITS)}")
+    if split not in WORK_SPLITS:
+        raise ConfigError(f"--split {split!r} is unknown; choose one of {list(WORK_SPLITS)}")
     if split == "auto":
         return "items" if workers <= items else "masks"
     if split == "items" and workers > items:

@@ -31,7 +31,7 @@ from ..progress import phase
 from ..specs import ALL_MECHANISMS
 from .anneal import REFINE_SCHEMES, RefineResult, SearchConfig, SearchResult, refine_estimators
 from .backends import make_backend, resolve_backend, resolve_workers, search_scheme
-from .distributed import SPLITS, make_evaluator, resolve_split
+from .distributed import WORK_SPLITS, make_evaluator, resolve_split
 from .evaluator import Evaluator, EvaluatorStats, plan_names, plan_of
 from .losses import get_loss
 from .parallel import SCHEMES
@@ -434,8 +434,8 @@ def run_search(out: str | Path, *, nfes: Sequence[int], problem: Problem | None 
     backend = resolve_backend(backend, pipeline=problem is not None and not isinstance(problem, TinyflowProblem),
                               mechanism=mechanism)
     workers = resolve_workers(backend, workers)
-    if split not in SPLITS:
-        raise ConfigError(f"--split {split!r} is unknown; choose one of {list(SPLITS)}")
+    if split not in WORK_SPLITS:
+        raise ConfigError(f"--split {split!r} is unknown; choose one of {list(WORK_SPLITS)}")
     if split != "auto" and backend not in ("local", "ray"):
         raise ConfigError(f"--split applies only with workers, --backend local or ray (the backend here is "
                           f"{backend})")

@@ -8,7 +8,7 @@ replica built by the Ray backend's recipes (:class:`~budcache.problems.TinyflowR
 prefix store), with one torch thread, on aligned weights and data (see
 :mod:`budcache.search.distributed`).
 
-Two ways to share the work (``split``, :data:`SPLITS`):
+Two ways to share the work (``split``, :data:`WORK_SPLITS`):
 
 - ``items`` (the default while W <= C): worker ``w`` holds a contiguous share
   of the C calibration items and scores every requested mask on it, returning
@@ -171,7 +171,7 @@ class LocalEvaluator:
         calib: the calibration set with its teacher outputs.
         loss: per-item loss (a module-level function: it is pickled to the workers).
         workers: W worker processes (default: every core this process may use).
-        split: how the workers share a request (:data:`SPLITS`): ``items`` gives each worker a contiguous
+        split: how the workers share a request (:data:`WORK_SPLITS`): ``items`` gives each worker a contiguous
             share of the calibration items and sends it every mask (a mask costs about 1/W of its one-process
             time, nothing is speculated, and the search runs as in-process: the per-item losses are averaged
             in item order, in float32, as one batch's are); ``masks`` sends each worker whole masks (each on
