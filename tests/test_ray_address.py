@@ -37,7 +37,7 @@ def test_search_joins_a_running_cluster_and_writes_the_in_process_policy(tmp_pat
     assert head.returncode == 0, head.stderr[-2000:]
     try:
         cli = [sys.executable, "-m", "budcache.cli", *ARGS]
-        here = subprocess.run([*cli, "--out", str(tmp_path / "a")], env=ENV, capture_output=True, text=True,
+        here = subprocess.run([*cli, "--out", str(tmp_path / "a"), "--backend", "inprocess"], env=ENV, capture_output=True, text=True,
                               timeout=900)
         assert here.returncode == 0, here.stderr[-2000:]
         joined = subprocess.run([*cli, "--out", str(tmp_path / "b"), "--backend", "ray", "--workers", "1",
