@@ -134,10 +134,12 @@ def add_backend_args(p: argparse.ArgumentParser) -> None:
                         "at the same time as budcache's on the workers), inprocess (this process, one thread), "
                         "local (worker processes, one thread each) or ray (actors)")
     g.add_argument("--workers", type=int, default=None,
-                   help="workers W (default: every core for local, 1 for ray); with --scheme tempering the policy "
-                        "depends on W: give it to reproduce a search on another machine")
+                   help="workers W (default: every core for local, 1 for ray); the policy is fixed by the seed and "
+                        "W (with --scheme tempering, or the item split's rounding): give it to reproduce a search "
+                        "on another machine")
     g.add_argument("--scheme", default="sequential", choices=list(SCHEMES),
-                   help="sequential (default: the paper's annealing, the same policy whatever the workers) or "
+                   help="sequential (default: the paper's annealing; with --split masks the same policy whatever "
+                        "the workers) or "
                         "tempering (W chains' proposals per round, replica exchange, then hill climbing)")
     g.add_argument("--split", default="auto", choices=list(WORK_SPLITS),
                    help="how local workers or Ray actors share the work: items (each worker scores every mask on its "

@@ -1,9 +1,9 @@
 """Parallel tempering with best-of-m moves: a budget-exact mask search whose work splits across W workers.
 
 Why this scheme. Sequential annealing makes one Metropolis decision per
-evaluation, so W workers can only speculate on it (the Ray backend's
-``sa_batch``), and most speculative proposals are wasted after the first
-accepted move. Here every round scores exactly W new proposals in one request,
+evaluation, so W workers can either split each evaluation's calibration items
+(the item split, at most C ways) or speculate on its proposals (the mask
+split's ``sa_batch``, most of them wasted after the first accepted move). Here every round scores exactly W new proposals in one request,
 one per worker, and all of them inform a decision:
 
 - ``R = min(max_chains, ceil(W / 4))`` chains share the W proposals of a
