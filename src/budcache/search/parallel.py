@@ -3,8 +3,9 @@
 Why this scheme. Sequential annealing makes one Metropolis decision per
 evaluation, so W workers can either split each evaluation's calibration items
 (the item split, at most C ways) or speculate on its proposals (the mask
-split's ``sa_batch``, most of them wasted after the first accepted move). Here every round scores exactly W new proposals in one request,
-one per worker, and all of them inform a decision:
+split's ``sa_batch``, most of them wasted after the first accepted move).
+Here every round scores exactly W new proposals in one request, one per
+worker, and all of them inform a decision:
 
 - ``R = min(max_chains, ceil(W / 4))`` chains share the W proposals of a
   round as evenly as possible (``m`` each, the colder chains first) and run at
