@@ -16,17 +16,12 @@
    block-stack work. Multiplied by a per-evaluation cost, this gives the wall
    time on 1 and W GPUs.
 
-3. ``--tempering 1,2,8,32``: the same critical-path model for the parallel
-   scheme (:mod:`budcache.search.parallel`; masks routed to the worker holding
-   their longest prefix, :func:`budcache.search.local.route`): best loss so far
-   against the critical path for each W, the critical path at which it first
-   reaches the sequential search's final loss (as a fraction of the sequential
-   critical path), and held-out paired wins of each policy against the
-   sequential one (``--heldout`` pairs, disjoint from calibration).
+Tempering and the item split have their own critical-path model in
+``benchmarks/item_split.py``.
 
 Usage: flock /tmp/budcache-heavy.lock python benchmarks/ray_search.py [--calib 4] [--sa-iters 60]
        [--hc-rounds 10] [--paper-workers 8] [--eval-cost-s 4.75] [--json out.json]
-       [--skip-wall] [--skip-paper] [--tempering 1,2,8,32] [--heldout 64]
+       [--skip-wall] [--skip-paper]
 Prints a Markdown section for BENCHMARKS.md.
 """
 
@@ -42,23 +37,19 @@ from typing import Any
 import torch
 
 from budcache import tinyflow
-from budcache.policy import CachePolicy
 from budcache.problems.base import Shipped
 from budcache.problems.data import pairs_for
 from budcache.problems.tinyflow import TinyflowProblem, tinyflow_prompts
 from budcache.search import SearchConfig, search
 from budcache.search.distributed import RayEvaluator, make_evaluator, split_chunks
 from budcache.search.evaluator import check_computes
-from budcache.search.local import route
-from budcache.search.parallel import TemperingConfig, search_tempering
 
 
 class SimulatedWorkers:
     """W in-process evaluators fed like Ray workers; records each request's largest chunk of work."""
 
-    def __init__(self, problem: TinyflowProblem, calib: Any, workers: int, affinity: bool = False) -> None:
+    def __init__(self, problem: TinyflowProblem, calib: Any, workers: int) -> None:
         self.evs = [make_evaluator("inprocess", problem, calib) for _ in range(workers)]
-        self.held: list[set] | None = [set() for _ in range(workers)] if affinity else None
         self.workers = workers
         self.sa_batch = workers
         self.steps = problem.steps
@@ -73,8 +64,7 @@ class SimulatedWorkers:
         if todo:
             self.requests += 1
             items, sizes = [], []
-            chunks = split_chunks(todo, self.steps, self.workers) if self.held is None else \
-                route(todo, self.steps, self.held)
+            chunks = split_chunks(todo, self.steps, self.workers)
             for ev, chunk in zip(self.evs, chunks):
                 before = ev.stats.item_evaluations
                 for k, v in zip(chunk, ev.losses(chunk)):
@@ -140,44 +130,6 @@ def paper_counts(problem: TinyflowProblem, calib: Any, workers: int, sa: int, hc
     return out
 
 
-def tempering_curves(problem: TinyflowProblem, calib: Any, held: Any, workers: list[int], sa: int,
-                     hc: int) -> dict[str, Any]:
-    """Best loss so far against the critical path: the sequential search (1 worker) and tempering with each W."""
-    cfg = SearchConfig(28, 10, sa_iters=sa, hc_rounds=hc, seed=0)
-    runs: dict[str, Any] = {}
-
-    def one(name: str, w: int, scheme: str) -> None:
-        sim = SimulatedWorkers(problem, calib, w, affinity=scheme == "tempering")
-        trace: list[tuple[int, float]] = []
-        t0 = time.perf_counter()
-        hook = lambda e: trace.append((sim.critical_items, e["best_loss"]))  # noqa: E731
-        res = search(sim.losses, cfg, on_step=hook) if scheme == "sequential" else \
-            search_tempering(sim.losses, cfg, TemperingConfig(workers=w), on_step=hook)
-        runs[name] = {"workers": w, "scheme": scheme, "compute": list(res.compute), "loss": res.loss,
-                      "evaluations": sim.evaluations, "item_evaluations": sim.item_evaluations,
-                      "requests": sim.requests, "critical_items": sim.critical_items, "trace": trace,
-                      "wall_s": time.perf_counter() - t0}
-        print(f"  {name}: loss {res.loss:.6e}, critical {sim.critical_items}, items {sim.item_evaluations}, "
-              f"{time.perf_counter() - t0:.0f} s", flush=True)
-
-    one("sequential", 1, "sequential")
-    target, c1 = runs["sequential"]["loss"], runs["sequential"]["critical_items"]
-    for w in workers:
-        one(f"tempering W={w}", w, "tempering")
-    ref_lat = None
-    for r in runs.values():
-        r["reached_at"] = next((c for c, b in r["trace"] if b <= target), None)
-        r["fraction"] = None if r["reached_at"] is None else r["reached_at"] / c1
-        lat = problem.final_latents(held, CachePolicy(28, tuple(r["compute"])))
-        mse = (lat - held.teacher).pow(2).flatten(1).mean(1)
-        ref_lat = mse if ref_lat is None else ref_lat
-        r["heldout_mse"] = float(mse.mean())
-        r["heldout_psnr_latent"] = float((10 * torch.log10(1 / mse.clamp_min(1e-12))).mean())
-        r["wins_vs_sequential"] = int((mse < ref_lat).sum())
-        r["losses_vs_sequential"] = int((mse > ref_lat).sum())
-    return {"target": target, "sequential_critical": c1, "runs": runs, "pairs": len(held)}
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--calib", type=int, default=4)
@@ -191,8 +143,6 @@ def main() -> None:
                          "10 NFE: 33 min 47 s for 427 evaluations)")
     ap.add_argument("--skip-wall", action="store_true")
     ap.add_argument("--skip-paper", action="store_true")
-    ap.add_argument("--tempering", default="", help="worker counts for the parallel scheme, e.g. 1,2,8,32")
-    ap.add_argument("--heldout", type=int, default=64)
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
     torch.set_num_threads(1)
@@ -219,12 +169,6 @@ def main() -> None:
         res["estimate"] = {"unit_s": unit, "gpu1_naive_s": one["evaluations"] * a.eval_cost_s,
                            "gpu1_s": one["item_evaluations"] * unit,
                            f"gpu{a.paper_workers}_s": many["critical_items"] * unit}
-    if a.tempering:
-        hp, hs = pairs_for(tinyflow_prompts(a.heldout, seed=7_777_777), 1, 7_777_777)
-        held = problem.calibration(hp, hs)
-        print("parallel tempering, critical path:", flush=True)
-        res["tempering"] = tempering_curves(problem, calib2, held, [int(v) for v in a.tempering.split(",")],
-                                            a.paper_sa, a.paper_hc)
     if a.json:
         with open(a.json, "w") as f:
             json.dump(res, f, indent=2)
@@ -250,23 +194,7 @@ def main() -> None:
         print(f"\nAt {a.eval_cost_s:.2f} s per from-scratch evaluation ({unit:.3f} s per item x computed step): "
               f"1 GPU naive {est['gpu1_naive_s'] / 60:.1f} min, 1 GPU with prefix sharing {est['gpu1_s'] / 60:.1f} "
               f"min, {w} GPUs {est[f'gpu{w}_s'] / 60:.1f} min.")
-    if "tempering" in res:
-        t = res["tempering"]
-        c1 = t["sequential_critical"]
-        print(f"\nParallel tempering against the sequential search (N=28, K=10, SA {a.paper_sa}, HC {a.paper_hc}, "
-              f"2 calibration pairs; target: the sequential final loss {t['target']:.6e}; held-out: "
-              f"{t['pairs']} pairs):\n")
-        print("| search | masks scored | item evaluations | critical path (items) | reaches target at (items) | "
-              "fraction of sequential | final loss | held-out latent MSE | wins / losses vs sequential | "
-              "est. FLUX min |")
-        print("|---|---|---|---|---|---|---|---|---|---|")
-        for name, r in t["runs"].items():
-            reach = "never" if r["reached_at"] is None else str(r["reached_at"])
-            frac = "" if r["fraction"] is None else f"1/{1 / r['fraction']:.1f}" if r["fraction"] > 0 else "0"
-            print(f"| {name} | {r['evaluations']} | {r['item_evaluations']} | {r['critical_items']} | {reach} | "
-                  f"{frac} | {r['loss']:.6e} | {r['heldout_mse']:.4e} | {r['wins_vs_sequential']} / "
-                  f"{r['losses_vs_sequential']} | {r['critical_items'] * unit / 60:.1f} |")
-        print(f"\nSequential critical path: {c1} item evaluations.")
+
 
 if __name__ == "__main__":
     main()

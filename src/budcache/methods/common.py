@@ -7,8 +7,7 @@ from typing import Any
 import torch
 
 from ..errors import ConfigError
-from ..problems.data import CalibrationSet
-from ..sampler import Controller, run_batches, select_items
+from ..sampler import Controller, run_batches
 
 
 def rel_l1(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -70,14 +69,6 @@ def check_budget(problem: Any, nfe: int) -> int:
     if isinstance(nfe, bool) or not isinstance(nfe, int) or not 1 <= nfe <= problem.steps:
         raise ConfigError(f"budget nfe={nfe!r} must be an integer in 1..{problem.steps} (the number of steps)")
     return nfe
-
-
-def subset(calib: Any, n: int) -> Any:
-    """The first ``n`` items of a calibration set (noise, conditioning, teacher)."""
-    idx = torch.arange(n, device=calib.noise.device)
-    return CalibrationSet(calib.prompts[:n], calib.seeds[:n], calib.noise[:n], select_items(calib.cond, idx),
-                          select_items(calib.uncond, idx), None if calib.teacher is None else calib.teacher[:n],
-                          dict(calib.info))
 
 
 def calib_key(problem: Any, calib: Any) -> tuple:

@@ -42,7 +42,7 @@ from ..sampler import StaticMask
 from ..search.evaluator import Evaluator
 from ..search.losses import latent_l1
 from .base import MethodRun
-from .common import calib_key, check_budget, reuse_sampler, run_controller, subset
+from .common import calib_key, check_budget, reuse_sampler, run_controller
 
 Cost = tuple[float, ...]
 
@@ -168,7 +168,7 @@ class LeMiCa:
         key = calib_key(problem, calib) + (self.max_span, self.items)
         if key not in self._edges:
             if self.items is not None and self.items < len(calib):
-                calib = subset(calib, self.items)
+                calib = calib.items(0, self.items)
             with torch.no_grad():
                 self._edges[key] = edge_errors(reuse_sampler(problem), calib, problem.steps, self.max_span,
                                                self.progress)

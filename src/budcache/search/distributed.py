@@ -127,6 +127,18 @@ def item_shares(items: int, workers: int) -> list[tuple[int, int]]:
     return [(j * items // workers, (j + 1) * items // workers) for j in range(workers)]
 
 
+def merge_item_replies(keys: Sequence[tuple[int, ...]], replies: Sequence[tuple[list[list[float]], dict[str, Any]]],
+                       memo: dict[tuple[int, ...], float], stats: EvaluatorStats) -> None:
+    """Fill ``memo`` from an item split's replies (one per worker, in share order: per-item losses of every key
+    and the work done) with :func:`~budcache.search.losses.mean_of_items`; count each key once in ``stats``
+    and the workers' work summed."""
+    for j, k in enumerate(keys):
+        memo[k] = mean_of_items([r[0][j] for r in replies])
+    stats.evaluations += len(keys)
+    for f in ("item_evaluations", "stack_calls", "steps_run"):
+        setattr(stats, f, getattr(stats, f) + sum(r[1][f] for r in replies))
+
+
 # ------------------------------------------------------------------------------ worker
 class EvalWorker:
     """Ray actor body: one replica of the problem and a local evaluator (prefix sharing, batching)."""
@@ -267,12 +279,7 @@ class RayEvaluator:
         def score(todo: list[tuple[int, ...]]) -> None:
             if self.split == "items":  # every actor scores every mask on its items; the driver averages them
                 jobs = [(j, (lambda a: a.call.remote("items", todo))) for j in range(self.workers)]
-                replies = self._gather(jobs, retry=True)
-                for i, k in enumerate(todo):
-                    self.memo[k] = mean_of_items([r[0][i] for r in replies])
-                self.stats.evaluations += len(todo)
-                for f in ("item_evaluations", "stack_calls", "steps_run"):
-                    setattr(self.stats, f, getattr(self.stats, f) + sum(r[1][f] for r in replies))
+                merge_item_replies(todo, self._gather(jobs, retry=True), self.memo, self.stats)
                 return
             chunks, replies = self._scatter(todo)
             for chunk, (vals, work) in zip(chunks, replies):

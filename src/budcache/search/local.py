@@ -48,9 +48,9 @@ from typing import Any
 
 from ..errors import BudcacheError, ConfigError, ModelOutputError
 from ..problems.data import CalibrationSet
-from .distributed import EvalWorker, WorkerError, item_shares, resolve_split
+from .distributed import EvalWorker, WorkerError, item_shares, merge_item_replies, resolve_split
 from .evaluator import EvaluatorStats, check_computes, mask_of, memoised, plan_of
-from .losses import LossFn, latent_mse, mean_of_items
+from .losses import LossFn, latent_mse
 
 Compute = tuple[int, ...]
 Mask = tuple[bool, ...]
@@ -267,11 +267,7 @@ class LocalEvaluator:
         if self.split == "items":  # every worker scores every key on its items; the driver averages them
             replies = self._gather(dict.fromkeys(range(self.workers), todo),
                                    "items" if kind == "losses" else "item_plans")
-            for j, k in enumerate(todo):
-                memo[k] = mean_of_items([replies[w][0][j] for w in range(self.workers)])
-            self.stats.evaluations += len(todo)
-            for f in ("item_evaluations", "stack_calls", "steps_run"):
-                setattr(self.stats, f, getattr(self.stats, f) + sum(r[1][f] for r in replies.values()))
+            merge_item_replies(todo, [replies[w] for w in range(self.workers)], memo, self.stats)
             return
         chunks = route(todo, self.steps, self.held, row)
         replies = self._gather({w: c for w, c in enumerate(chunks) if c}, kind)
