@@ -7,6 +7,8 @@ from __future__ import annotations
 import math
 import os
 import signal
+import subprocess
+import sys
 from dataclasses import dataclass
 
 import numpy as np
@@ -25,6 +27,7 @@ from budcache.search.evaluator import Evaluator
 from budcache.search.local import LocalEvaluator, item_shares, resolve_split, route
 from budcache.search.losses import mean_of_items
 from budcache.search.parallel import TemperingConfig, budget_ok, search_tempering
+from budcache.search.procs import start_method, worker_context
 
 torch.set_num_threads(1)
 
@@ -274,6 +277,32 @@ def test_a_killed_local_worker_is_replaced_and_its_chunk_scored(calib, local, pr
         want = reference(problem, calib, local).losses(masks)
     assert local.losses(masks) == want
     assert local.restarts == before + 1 and local.slots[1].proc.is_alive()
+
+
+def _parent_cmdline(pid: int) -> tuple[int, str]:
+    """The parent pid of ``pid`` and the parent's command line (Linux ``/proc``)."""
+    with open(f"/proc/{pid}/stat") as f:
+        ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+    with open(f"/proc/{ppid}/cmdline", "rb") as f:
+        return ppid, f.read().replace(b"\0", b" ").decode()
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/stat"), reason="reads /proc")
+def test_workers_are_forked_from_the_clean_server_and_so_is_a_replacement(calib, local):
+    assert worker_context().get_start_method() == start_method() == "forkserver"
+    for pid in [s.proc.pid for s in local.slots]:  # the live workers, replacements included
+        ppid, cmd = _parent_cmdline(pid)
+        assert ppid != os.getpid() and "multiprocessing.forkserver" in cmd
+
+
+def test_procs_starts_the_server_without_importing_torch(tmp_path):
+    code = ("import sys, multiprocessing.forkserver as f\n"
+            "from budcache.search.procs import start_worker_server\n"
+            "start_worker_server()\n"
+            "assert 'torch' not in sys.modules, 'torch imported'\n"
+            "assert f._forkserver._forkserver_pid is not None, 'no server'\n")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,6 @@
 """Driver kill: a ``budcache search`` process killed with SIGKILL after a few accepted moves, then run again
-with ``--resume``, writes the policy of an uninterrupted run."""
+with ``--resume``, writes the policy of an uninterrupted run; the killed driver's worker processes and their fork
+server exit with it."""
 
 from __future__ import annotations
 
@@ -33,6 +34,34 @@ def _read(path):
         return None
 
 
+def _descendants(pid: int) -> set[int]:
+    """Live descendants of ``pid`` (Linux ``/proc``; empty elsewhere)."""
+    parent: dict[int, int] = {}
+    for entry in os.listdir("/proc") if os.path.isdir("/proc") else []:
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    parent[int(entry)] = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                pass
+    found, todo = set(), [pid]
+    while todo:
+        p = todo.pop()
+        kids = {c for c, pp in parent.items() if pp == p} - found
+        found |= kids
+        todo.extend(kids)
+    return found
+
+
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie or a gone process does not)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
 @pytest.mark.slow
 def test_resume_after_sigkill_of_the_driver_gives_the_uninterrupted_policy(tmp_path):
     ref_dir, run_dir = tmp_path / "ref", tmp_path / "killed"
@@ -53,11 +82,18 @@ def test_resume_after_sigkill_of_the_driver_gives_the_uninterrupted_policy(tmp_p
             if len(seen) >= 4:  # the start and at least 3 later checkpoints (accepted moves)
                 break
             time.sleep(0.01)
+        helpers = _descendants(proc.pid)  # the workers' fork server, the workers, multiprocessing's tracker
         proc.send_signal(signal.SIGKILL)
     finally:
         proc.kill()
         _, err = proc.communicate()
     assert proc.returncode == -signal.SIGKILL, f"the search ended before it was killed: {err.decode()[-2000:]}"
+    if os.path.isdir("/proc"):
+        assert helpers, "the search ran no worker process"
+        deadline = time.monotonic() + 30
+        while any(_alive(p) for p in helpers) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not [p for p in helpers if _alive(p)], "a killed driver left processes behind"
     killed = _read(run_dir / CKPT)
     assert killed["state"]["phase"] in ("sa", "hc"), "killed too late to test a resume"
     assert not (run_dir / POLICY).exists()

@@ -21,6 +21,7 @@ from .errors import BudcacheError, ConfigError
 from .io import check_writable_dir, check_writable_file, printable
 from .problems.options import MAX_SEED, add_pipeline_args, build_problem, guidance_arg, seed_arg, settings_from
 from .problems.settings import SamplerSettings
+from .specs import PEER_MECHANISMS
 
 EXIT_OK = 0
 EXIT_USAGE = 2  #: a bad option, input file, policy or checkpoint (argparse's code for usage errors too)
@@ -226,6 +227,11 @@ def _name_list(text: str) -> list[str]:
 
 def cmd_search(a: argparse.Namespace) -> int:
     check_writable_dir(a.out, "--out")  # before the model stack is imported
+    if a.backend == "local" or (a.backend == "auto" and getattr(a, "pipeline", None) is None
+                                and a.mechanism not in PEER_MECHANISMS):
+        from .search.procs import start_worker_server
+
+        start_worker_server()  # the local workers' fork server imports the model stack beside this process
 
     from .search.backends import backend_kwargs
     from .search.job import AUTO, run_search

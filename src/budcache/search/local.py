@@ -1,7 +1,8 @@
 """Local backend: W worker processes on this machine, one model replica and one torch thread each.
 
 The driver (this process) runs the search; every request for losses is split
-across the workers at once. Each worker is a spawned process holding a
+across the workers at once. Each worker is a process (forked from a clean
+server that has the model stack imported, else spawned: :mod:`budcache.search.procs`) holding a
 replica built by the Ray backend's recipes (:class:`~budcache.problems.TinyflowReplica`,
 :class:`~budcache.problems.Shipped`) and a local
 :class:`~budcache.search.distributed.EvalWorker` (an evaluator with its own
@@ -38,7 +39,6 @@ closes), so a killed driver leaves no process behind.
 
 from __future__ import annotations
 
-import multiprocessing as mp
 import os
 import signal
 import traceback
@@ -51,6 +51,7 @@ from ..problems.data import CalibrationSet
 from .distributed import EvalWorker, WorkerError, item_shares, merge_item_replies, resolve_split
 from .evaluator import EvaluatorStats, check_computes, mask_of, memoised, plan_of
 from .losses import LossFn, latent_mse
+from .procs import worker_context
 
 Compute = tuple[int, ...]
 Mask = tuple[bool, ...]
@@ -209,7 +210,7 @@ class LocalEvaluator:
         opts = {"prefix_sharing": prefix_sharing, "batch_candidates": False, "max_batch": 512,
                 "max_state_bytes": max_state_bytes, "threads": threads, "estimator": estimator,
                 "keep_items": self.split == "items"}
-        self._ctx = mp.get_context("spawn")
+        self._ctx = worker_context()
         self.shares = item_shares(len(calib), workers) if self.split == "items" else [(0, len(calib))] * workers
         self._args = [(factory, calib if self.split == "masks" else calib.items(a, b), loss, opts)
                       for a, b in self.shares]
