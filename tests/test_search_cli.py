@@ -72,6 +72,12 @@ def test_search_writes_report_summary_and_plots(searched):
         assert b["estimator_loss"] == pols[b["nfe"]].meta["search_loss"] and b["estimator_loss"] <= b["loss"]
         assert b["estimators"] == list(pols[b["nfe"]].estimators)
         assert b["stats"]["evaluations"] >= 1
+        # the report's "masks evaluated" is the mask search's own count; the evaluator's stats add the estimator
+        # plans (the sweep's start plan is the searched mask, already scored)
+        masks, plans = b["mask_evaluations"], b["estimator_evaluations"]
+        assert masks >= 1 and masks + plans - 1 <= b["stats"]["evaluations"] <= masks + plans
+        refined = b["loss"] if b["estimator_loss"] is None else b["estimator_loss"]
+        assert f"| {b['nfe']} | {b['loss']:.4e} | {refined:.4e} | {masks} |" in report
         assert set(b["heldout"]) >= {"budcache", "uniform", "plain"}
 
     for name in ("history_N6_K2.png", "history_N6_K3.png", "frontier.png"):

@@ -60,6 +60,7 @@ class BudgetOutcome:
     stats: EvaluatorStats
     heldout: dict[str, dict[str, float]] = field(default_factory=dict)
     refined: RefineResult | None = None
+    mask_evaluations: int | None = None  # masks the mask search ran (``stats`` also counts estimator plans)
 
 
 def heldout_table(problem: Any, held: CalibrationSet, policy: CachePolicy) -> dict[str, dict[str, float]]:
@@ -145,7 +146,8 @@ def report(outcomes: list[BudgetOutcome], meta: dict[str, Any]) -> str:
     for o in outcomes:
         r = o.refined
         lines.append(f"| {o.nfe} | {o.result.loss:.4e} | {r.loss if r else o.result.loss:.4e} | "
-                     f"{o.stats.evaluations} | {o.result.wall_s:.1f} | {r.evaluations if r else 0} | "
+                     f"{o.stats.evaluations if o.mask_evaluations is None else o.mask_evaluations} | "
+                     f"{o.result.wall_s:.1f} | {r.evaluations if r else 0} | "
                      f"{r.wall_s if r else 0.0:.1f} | `{o.policy.estimator_strip()}` |")
     if any("candidates" in o.policy.meta for o in outcomes):
         names = list(dict.fromkeys(n for o in outcomes for n in o.policy.meta.get("candidates", {})))
@@ -478,7 +480,7 @@ def run_search(out: str | Path, *, nfes: Sequence[int], problem: Problem | None 
     prev: dict[str, tuple[int, ...] | None] = dict.fromkeys(candidates)
 
     def attempt(k: int, i: int, m: str, cancel: threading.Event | None = None) -> tuple[Any, ...]:
-        """Search budget ``k`` with candidate ``m``: ``(loss, i, m, result, refinement, names, stats)``."""
+        """Search budget ``k`` with candidate ``m``: ``(loss, i, m, result, refinement, names, stats, masks run)``."""
         ev = evaluators[m] if cancel is None else Cancellable(evaluators[m], cancel)
         before = EvaluatorStats(**asdict(ev.stats))
         if m in PEER_MECHANISMS:
@@ -487,19 +489,20 @@ def run_search(out: str | Path, *, nfes: Sequence[int], problem: Problem | None 
         res = search_scheme(scheme, ev.losses, configs[m][k], workers=workers, sa_batch=ev.sa_batch,
                             init=prev[m], checkpoint=out / name, resume=resume, digest=calib.digest,
                             progress=progress, on_step=None if cancel is None else ev.check)
+        masks_run = ev.stats.evaluations - before.evaluations
         refined, names = refine_plan(problem.with_settings(mechanism=m), calib, ev, res.compute, m,
                                      plans[m][1], loss_fn, naive=naive, progress=progress, scheme=refine_scheme)
         stats = EvaluatorStats(**{f: getattr(ev.stats, f) - getattr(before, f) for f in asdict(before)})
         if warm_start:
             prev[m] = res.compute
-        return (refined.loss if refined is not None else res.loss, i, m, res, refined, names, stats)
+        return (refined.loss if refined is not None else res.loss, i, m, res, refined, names, stats, masks_run)
 
     for k in sorted(set(nfes)):
         if concurrent:
             tried = run_concurrently(attempt, k, candidates, where)
         else:
             tried = [attempt(k, i, m) for i, m in enumerate(candidates)]
-        value, _, m, res, refined, names, stats = min(tried, key=lambda t: (t[0], t[1]))
+        value, _, m, res, refined, names, stats, masks_run = min(tried, key=lambda t: (t[0], t[1]))
         meta = {"model": problem.name, "solver": settings.solver, "schedule": problem.schedule, "mechanism": m,
                 "guidance": settings.guidance, "budget": k, "search_loss": value, "loss": loss,
                 "calibration_digest": calib.digest, "calibration_pairs": len(calib), "budcache_version": __version__}
@@ -508,7 +511,7 @@ def run_search(out: str | Path, *, nfes: Sequence[int], problem: Problem | None 
         policy = CachePolicy(steps, res.compute, meta=meta, estimators=names)
         policy.save(out / f"policy_N{steps}_K{k}.json")
         plot_history(res.history, out / f"history_N{steps}_K{k}.png", f"search N={steps}, K={k} ({m})")
-        o = BudgetOutcome(k, res, policy, stats, refined=refined)
+        o = BudgetOutcome(k, res, policy, stats, refined=refined, mask_evaluations=masks_run)
         with phase(f"held-out K={k}" if progress else None, len(held) * (2 * steps + k)):
             o.heldout = heldout_table(problem, held, policy)
         outcomes.append(o)
@@ -529,8 +532,10 @@ def run_search(out: str | Path, *, nfes: Sequence[int], problem: Problem | None 
     atomic_write_text(out / "report.md", report(outcomes, meta))
     write_json(out / "summary.json", {"meta": meta, "budgets": [
         {"nfe": o.nfe, "compute": list(o.result.compute), "loss": o.result.loss, "stats": asdict(o.stats),
+         "mask_evaluations": o.mask_evaluations,
          "wall_s": o.result.wall_s, "heldout": o.heldout,
          "estimators": list(o.policy.estimators) if o.policy.estimators is not None else None,
          "estimator_loss": o.refined.loss if o.refined else None,
+         "estimator_evaluations": o.refined.evaluations if o.refined else 0,
          "estimator_wall_s": o.refined.wall_s if o.refined else 0.0} for o in outcomes]})
     return outcomes
