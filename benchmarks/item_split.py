@@ -185,6 +185,7 @@ def main() -> None:
     ap.add_argument("--default-shares", default="1,2,8,32")
     ap.add_argument("--heldout", type=int, default=64)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--seed", type=int, default=0, help="the search's seed (the calibration pairs stay seed 0's)")
     a = ap.parse_args()
     torch.set_num_threads(1)
     torch.set_grad_enabled(False)
@@ -198,7 +199,7 @@ def main() -> None:
         calib = problem.calibration(prompts, seeds)
         hp, hs = pairs_for(tinyflow_prompts(a.heldout, seed=7_777_777), 1, 7_777_777)
         held = problem.calibration(hp, hs)
-        cfg = SearchConfig(28, 10, sa_iters=200, hc_rounds=20, seed=0)
+        cfg = SearchConfig(28, 10, sa_iters=200, hc_rounds=20, seed=a.seed)
         print("paper configuration:", flush=True)
         runs = {}
         for spec in a.paper_runs.split(","):
@@ -216,7 +217,7 @@ def main() -> None:
         calib = problem.calibration(prompts, seeds)
         hp, hs = split_pairs(problem, "heldout", a.heldout, 0, prompts)
         held = problem.calibration(hp, hs)
-        cfg = SearchConfig(28, 10, sa_iters=200, hc_rounds=20, seed=0)
+        cfg = SearchConfig(28, 10, sa_iters=200, hc_rounds=20, seed=a.seed)
         print("default configuration:", flush=True)
         runs = {}
         for s in (int(v) for v in a.default_shares.split(",")):
