@@ -109,6 +109,19 @@ def test_resume_with_other_settings_is_a_clear_error(searched, capsys):
     assert "another search" in capsys.readouterr().err
 
 
+def test_mechanism_taylorseer_needs_no_other_option(tmp_path, capsys):
+    # a peer fills skipped steps with its own estimator: no per-step choices unless asked for
+    out = tmp_path / "ts"
+    rc = main([*ARGS[:4], "3", *ARGS[5:], "--mechanism", "taylorseer",
+               "--out", str(out)])
+    assert rc == 0, capsys.readouterr().err
+    pol = CachePolicy.load(out / "policy_N6_K3.json")
+    assert pol.estimators is None and pol.estimator == "taylorseer" and pol.nfe == 3
+    # asking for per-step estimators with it is a clear usage error
+    rc = main([*ARGS, "--mechanism", "taylorseer", "--estimators", "vtaylor2", "--out", str(tmp_path / "x")])
+    assert rc == 2 and "--estimators none" in capsys.readouterr().err
+
+
 def test_budget_beyond_steps_is_a_clear_error(tmp_path, capsys):
     rc = main(["search", "--steps", "6", "--nfe", "9", "--out", str(tmp_path / "o"), "--quiet"])
     assert rc == 2

@@ -21,7 +21,6 @@ from .errors import BudcacheError, ConfigError
 from .io import check_writable_dir, check_writable_file, printable
 from .problems.options import MAX_SEED, add_pipeline_args, build_problem, guidance_arg, seed_arg, settings_from
 from .problems.settings import SamplerSettings
-from .specs import PEER_MECHANISMS
 
 EXIT_OK = 0
 EXIT_USAGE = 2  #: a bad option, input file, policy or checkpoint (argparse's code for usage errors too)
@@ -227,14 +226,19 @@ def _name_list(text: str) -> list[str]:
 
 def cmd_search(a: argparse.Namespace) -> int:
     check_writable_dir(a.out, "--out")  # before the model stack is imported
-    if a.backend == "local" or (a.backend == "auto" and getattr(a, "pipeline", None) is None
-                                and a.mechanism not in PEER_MECHANISMS):
-        from .search.procs import start_worker_server
+    from .search.procs import auto_backend, start_worker_server
 
+    pipeline = getattr(a, "pipeline", None) is not None
+    if (a.backend if a.backend != "auto" else auto_backend(pipeline=pipeline, mechanism=a.mechanism)) == "local":
         start_worker_server()  # the local workers' fork server imports the model stack beside this process
 
     from .search.backends import backend_kwargs
-    from .search.job import AUTO, run_search
+    from .search.job import AUTO, DEFAULT_REFINE, run_search
+    from .specs import PEER_MECHANISMS
+
+    estimators = a.estimators
+    if estimators is None:  # not given: the default choices, or none for a peer's own estimator
+        estimators = [] if a.mechanism in PEER_MECHANISMS else list(DEFAULT_REFINE)
 
     kw = {k: getattr(a, k) for k in ("sa_iters", "t_max", "t_min", "radius", "hc_rounds", "restarts", "far_jumps")}
     if a.prefix is not None:
@@ -243,7 +247,7 @@ def cmd_search(a: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     auto = a.mechanism == "auto"
     problem = build_problem(a, SamplerSettings(a.steps, a.solver, AUTO[0] if auto else a.mechanism, a.guidance))
-    outcomes = run_search(a.out, nfes=a.nfe, problem=problem, estimators=a.estimators, calib_pairs=a.calib_pairs,
+    outcomes = run_search(a.out, nfes=a.nfe, problem=problem, estimators=estimators, calib_pairs=a.calib_pairs,
                           prompt_file=a.prompts, seeds_per_prompt=a.seeds_per_prompt, heldout_pairs=a.heldout,
                           seed=a.seed, loss=a.loss, resume=a.resume, force=a.force, progress=not a.quiet,
                           naive=a.naive, mechanisms=AUTO if auto else None, warm_start=a.warm_start,
@@ -322,9 +326,10 @@ def _add_search(sub: Any) -> None:
                          "block-stack residual in sigma), forecast1/forecast2 (residual in the step index), reuse "
                          "(the paper's); or taylorseer: search the compute schedule of diffusers' TaylorSeer, its own "
                          "estimator")
-    se.add_argument("--estimators", type=_name_list, default=["vtaylor1", "vtaylor2", "output"],
+    se.add_argument("--estimators", type=_name_list, default=None,
                     help="after the mask search, each skipped step may switch to any of these estimators "
-                         "(comma-separated; default vtaylor1,vtaylor2,output; 'none': keep --mechanism everywhere)")
+                         "(comma-separated; default vtaylor1,vtaylor2,output, or none with --mechanism taylorseer, "
+                         "whose own hooks fill skipped steps; 'none': keep --mechanism everywhere)")
     se.add_argument("--refine-scheme", default="sweep", choices=["sweep", "steepest"],
                     help="how those per-step estimators are chosen: sweep (default: visit the skipped steps from "
                          "the last to the first and keep each improving change, up to 3 sweeps) or steepest (the "

@@ -50,6 +50,7 @@ from .distributed import WORK_SPLITS, make_evaluator
 from .local import LocalEvaluator, default_workers
 from .losses import LossFn, latent_mse
 from .parallel import SCHEMES, TemperingConfig, search_tempering
+from .procs import auto_backend
 
 BACKENDS = ("auto", "inprocess", "local", "ray")
 MAX_WORKERS = 4096
@@ -61,7 +62,7 @@ def resolve_backend(backend: str, *, pipeline: bool, mechanism: str | None) -> s
         raise ConfigError(f"--backend {backend!r} is unknown; choose one of {list(BACKENDS)}")
     if backend != "auto":
         return backend
-    return "inprocess" if pipeline or mechanism in PEER_MECHANISMS else "local"
+    return auto_backend(pipeline=pipeline, mechanism=mechanism)
 
 
 def resolve_workers(backend: str, workers: int | None) -> int:

@@ -24,6 +24,14 @@ from multiprocessing.context import BaseContext
 PRELOAD = ("budcache.search.local", "budcache.problems.tinyflow")
 
 
+def auto_backend(*, pipeline: bool, mechanism: str | None) -> str:
+    """What ``--backend auto`` stands for: ``inprocess`` for a diffusers pipeline or a peer's mechanism (their
+    hooks run in this process), else ``local`` worker processes."""
+    from ..specs import PEER_MECHANISMS
+
+    return "inprocess" if pipeline or mechanism in PEER_MECHANISMS else "local"
+
+
 def start_method() -> str:
     """``forkserver`` where the platform has it, else ``spawn``."""
     return "forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn"
