@@ -20,6 +20,8 @@ from __future__ import annotations
 import multiprocessing as mp
 from multiprocessing.context import BaseContext
 
+from ..specs import PEER_MECHANISMS
+
 #: Modules the fork server imports once, before it forks any worker: the worker body and tinyflow's replica.
 PRELOAD = ("budcache.search.local", "budcache.problems.tinyflow")
 
@@ -27,8 +29,6 @@ PRELOAD = ("budcache.search.local", "budcache.problems.tinyflow")
 def auto_backend(*, pipeline: bool, mechanism: str | None) -> str:
     """What ``--backend auto`` stands for: ``inprocess`` for a diffusers pipeline or a peer's mechanism (their
     hooks run in this process), else ``local`` worker processes."""
-    from ..specs import PEER_MECHANISMS
-
     return "inprocess" if pipeline or mechanism in PEER_MECHANISMS else "local"
 
 
