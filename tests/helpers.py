@@ -70,3 +70,9 @@ class StackRuns:
 
     def __exit__(self, *exc: object) -> None:
         self._handle.remove()
+
+
+def parent_pid(pid: int) -> int:
+    """The parent pid of ``pid`` (Linux ``/proc/PID/stat``; the command name may hold spaces and parentheses)."""
+    with open(f"/proc/{pid}/stat") as f:
+        return int(f.read().rsplit(")", 1)[1].split()[1])

@@ -222,3 +222,13 @@ def test_split_option_is_checked(tmp_path, capsys):
     assert main([*ARGS, "--split", "items", "--workers", "3", "--out", str(tmp_path / "b")]) == 2
     assert "--split items needs at most one worker per calibration item (3 workers, 2 items)" in \
         capsys.readouterr().err
+
+
+def test_run_search_takes_names_none_or_the_default_for_estimators(tmp_path):
+    from budcache.errors import ConfigError
+    from budcache.problems.settings import SamplerSettings
+    from budcache.search import run_search
+
+    with pytest.raises(ConfigError, match="estimators='vtaylor2'"):  # a bare name, not a list
+        run_search(tmp_path, nfes=[3], settings=SamplerSettings(6), estimators="vtaylor2", progress=False)
+    assert not list(tmp_path.glob("policy_*.json"))

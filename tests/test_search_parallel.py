@@ -28,6 +28,7 @@ from budcache.search.local import LocalEvaluator, item_shares, resolve_split, ro
 from budcache.search.losses import mean_of_items
 from budcache.search.parallel import TemperingConfig, budget_ok, search_tempering
 from budcache.search.procs import start_method, worker_context
+from helpers import parent_pid
 
 torch.set_num_threads(1)
 
@@ -281,8 +282,7 @@ def test_a_killed_local_worker_is_replaced_and_its_chunk_scored(calib, local, pr
 
 def _parent_cmdline(pid: int) -> tuple[int, str]:
     """The parent pid of ``pid`` and the parent's command line (Linux ``/proc``)."""
-    with open(f"/proc/{pid}/stat") as f:
-        ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+    ppid = parent_pid(pid)
     with open(f"/proc/{ppid}/cmdline", "rb") as f:
         return ppid, f.read().replace(b"\0", b" ").decode()
 

@@ -16,6 +16,7 @@ import torch
 
 from budcache import CachePolicy
 from budcache.cli import main
+from helpers import parent_pid
 
 torch.set_num_threads(1)
 
@@ -40,8 +41,7 @@ def _descendants(pid: int) -> set[int]:
     for entry in os.listdir("/proc") if os.path.isdir("/proc") else []:
         if entry.isdigit():
             try:
-                with open(f"/proc/{entry}/stat") as f:
-                    parent[int(entry)] = int(f.read().rsplit(")", 1)[1].split()[1])
+                parent[int(entry)] = parent_pid(int(entry))
             except (OSError, ValueError, IndexError):
                 pass
     found, todo = set(), [pid]

@@ -233,12 +233,7 @@ def cmd_search(a: argparse.Namespace) -> int:
         start_worker_server()  # the local workers' fork server imports the model stack beside this process
 
     from .search.backends import backend_kwargs
-    from .search.job import AUTO, DEFAULT_REFINE, run_search
-    from .specs import PEER_MECHANISMS
-
-    estimators = a.estimators
-    if estimators is None:  # not given: the default choices, or none for a peer's own estimator
-        estimators = [] if a.mechanism in PEER_MECHANISMS else list(DEFAULT_REFINE)
+    from .search.job import AUTO, DEFAULT_CHOICES, run_search
 
     kw = {k: getattr(a, k) for k in ("sa_iters", "t_max", "t_min", "radius", "hc_rounds", "restarts", "far_jumps")}
     if a.prefix is not None:
@@ -247,6 +242,7 @@ def cmd_search(a: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     auto = a.mechanism == "auto"
     problem = build_problem(a, SamplerSettings(a.steps, a.solver, AUTO[0] if auto else a.mechanism, a.guidance))
+    estimators = DEFAULT_CHOICES if a.estimators is None else a.estimators  # the default depends on the mechanism
     outcomes = run_search(a.out, nfes=a.nfe, problem=problem, estimators=estimators, calib_pairs=a.calib_pairs,
                           prompt_file=a.prompts, seeds_per_prompt=a.seeds_per_prompt, heldout_pairs=a.heldout,
                           seed=a.seed, loss=a.loss, resume=a.resume, force=a.force, progress=not a.quiet,

@@ -39,6 +39,9 @@ from .parallel import SCHEMES
 #: The estimator the default search fills skipped steps with, and the alternatives it may choose per step.
 DEFAULT_MECHANISM = "vtaylor1"
 DEFAULT_REFINE: tuple[str, ...] = ("vtaylor1", "vtaylor2", "output")
+#: ``run_search(estimators=DEFAULT_CHOICES)``: :data:`DEFAULT_REFINE` for budcache's own mechanisms, none for a
+#: peer's (its hooks fill skipped steps).
+DEFAULT_CHOICES = "default"
 #: How the per-step estimators are chosen (:func:`budcache.search.anneal.refine_estimators`).
 DEFAULT_REFINE_SCHEME = "sweep"
 #: ``--mechanism auto``: budcache's default estimator and diffusers' TaylorSeer on a searched schedule; each
@@ -360,7 +363,7 @@ def run_concurrently(attempt: Callable[..., tuple[Any, ...]], k: int, candidates
 
 @torch.no_grad()
 def run_search(out: str | Path, *, nfes: Sequence[int], problem: Problem | None = None,
-               settings: SamplerSettings | None = None, estimators: Sequence[str] | None = DEFAULT_REFINE,
+               settings: SamplerSettings | None = None, estimators: Sequence[str] | str | None = DEFAULT_CHOICES,
                calib_pairs: int | None = None, prompt_file: str | None = None, seeds_per_prompt: int = 1,
                heldout_pairs: int = 64, seed: int = 0, loss: str = "logmse", resume: bool = False,
                force: bool = False, progress: bool = True, naive: bool = False, model: str | None = None,
@@ -394,7 +397,9 @@ def run_search(out: str | Path, *, nfes: Sequence[int], problem: Problem | None 
             A peer mechanism (``taylorseer``) searches that peer's compute schedule instead.
         estimators: after the mask search, each skipped step may switch to another of these
             estimators (``refine_scheme``, the budget unchanged); ``None`` or empty: no per-step
-            choice. Version-1 mechanisms without it reproduce version 1's search bit for bit.
+            choice; ``"default"``: :data:`DEFAULT_REFINE`, or none for a peer mechanism. A peer searched
+            beside other candidates takes none either way. Version-1 mechanisms without it reproduce
+            version 1's search bit for bit.
         refine_scheme: how the per-step estimators are chosen: ``sweep`` (default: the skipped steps from
             last to first, up to 3 sweeps) or ``steepest`` (the best single change per round, up to 8 rounds).
         calib_pairs: calibration pairs (default 32 drawn prompts, or all of ``prompt_file``'s pairs).
@@ -454,8 +459,16 @@ def run_search(out: str | Path, *, nfes: Sequence[int], problem: Problem | None 
     for m in candidates:
         if m not in ALL_MECHANISMS:
             raise ConfigError(f"mechanism {m!r} is unknown; choose one of {list(ALL_MECHANISMS)}")
-    plans = {m: search_estimators(m, None if m in PEER_MECHANISMS and len(candidates) > 1 else estimators)
-             for m in candidates}
+    default = isinstance(estimators, str)
+    if default and estimators != DEFAULT_CHOICES:
+        raise ConfigError(f"estimators={estimators!r}: give a list of names, None, or {DEFAULT_CHOICES!r}")
+
+    def choices(m: str) -> Sequence[str] | None:
+        if m in PEER_MECHANISMS and (default or len(candidates) > 1):
+            return None  # the peer's own hooks fill its skipped steps
+        return DEFAULT_REFINE if default else estimators
+
+    plans = {m: search_estimators(m, choices(m)) for m in candidates}
     kw_of = {m: ({**PEER_SEARCH, **search_kw} if m in PEER_MECHANISMS else search_kw) for m in candidates}
     configs = {m: {k: SearchConfig(steps=steps, nfe=k, seed=seed, **kw_of[m]) for k in sorted(set(nfes))}
                for m in candidates}
