@@ -21,6 +21,7 @@ from budcache.problems.data import pairs_for
 from budcache.problems.settings import SamplerSettings
 from budcache.problems.tinyflow import TinyflowProblem, TinyflowReplica, tinyflow_prompts
 from budcache.search import SearchConfig, search
+from budcache.search.anneal import block_shifts
 from budcache.search.backends import make_backend, resolve_backend, resolve_workers, search_scheme
 from budcache.search.distributed import align_weights, to_device
 from budcache.search.evaluator import Evaluator
@@ -71,11 +72,42 @@ def test_each_round_is_one_request_of_w_proposals():
         return base(c)
 
     tc = TemperingConfig(workers=8)
-    assert tc.chains == 2 and tc.proposals() == [4, 4] and tc.rounds(CFG) == 6
+    assert tc.chains == 2 and tc.proposals() == [4, 4] and tc.rounds(CFG) == 2  # ceil(0.25 * 24 / 4)
+    assert TemperingConfig(workers=8, anneal=1.0).rounds(CFG) == 6
     assert TemperingConfig(workers=32).proposals() == [8] * 4 and TemperingConfig(workers=2).proposals() == [2]
     assert TemperingConfig(workers=7).proposals() == [4, 3]
     search_tempering(losses, SearchConfig(steps=16, nfe=6, sa_iters=24, hc_rounds=0, seed=2), tc)
     assert sizes[0] == 2 and all(n <= 8 for n in sizes[1:])  # the starts, then at most W new masks per round
+    sizes.clear()
+    search_tempering(losses, SearchConfig(steps=16, nfe=6, sa_iters=24, hc_rounds=5, seed=2), tc)
+    assert len(sizes) > 1 + tc.rounds(CFG) and all(n <= 8 for n in sizes)  # hill climbing: batches of W too
+
+
+def test_block_shifts_are_every_budget_exact_run_moved_by_one():
+    import itertools
+
+    cfg = SearchConfig(steps=12, nfe=5, seed=0)  # P = 1
+    for cur in [(0, 1, 2, 3, 11), (0, 3, 4, 8, 10), (0, 2, 4, 6, 8), (0, 8, 9, 10, 11)]:
+        got = block_shifts(cur, cfg)
+        assert len(got) == len(set(got)) and all(budget_ok(c, cfg) and c != cur for c in got)
+        want = set()
+        for i, j in itertools.combinations_with_replacement(range(1, 5), 2):
+            for d in (-1, 1):
+                new = [*cur[:i], *(k + d for k in cur[i:j + 1]), *cur[j + 1:]]
+                if budget_ok(new, cfg):
+                    want.add(tuple(new))
+        assert set(got) == want
+    assert (0, 2, 3, 4, 11) in block_shifts((0, 1, 2, 3, 11), cfg)  # a run of three moved in one move
+    assert block_shifts((0, 1, 2, 3, 4), SearchConfig(steps=5, nfe=5)) == []
+
+
+def test_proposals_follow_the_shift_probability():
+    seen = []
+    search_tempering(table_loss(CFG.steps), CFG, TemperingConfig(workers=4, shift=1.0, anneal=1.0),
+                     on_step=lambda e: seen.append((e["stage"], e["states"][0])))
+    walk = [s for stage, s in seen if stage in ("init", "sa")]
+    moves = [(a, b) for a, b in zip(walk, walk[1:]) if a != b]
+    assert moves and all(tuple(b) in block_shifts(tuple(a), CFG) for a, b in moves)
 
 
 @pytest.mark.parametrize("workers", [1, 3, 8])
@@ -165,7 +197,8 @@ def test_non_finite_losses_name_the_mask():
         search_tempering(nan, CFG, TemperingConfig(workers=2))
 
 
-@pytest.mark.parametrize("kw", [{"workers": 0}, {"workers": 1.5}, {"max_chains": 0}, {"ladder": 0.5}])
+@pytest.mark.parametrize("kw", [{"workers": 0}, {"workers": 1.5}, {"max_chains": 0}, {"ladder": 0.5},
+                                {"shift": 1.5}, {"shift": -0.1}, {"anneal": 0}, {"anneal": 1.2}])
 def test_bad_tempering_settings_are_config_errors(kw):
     with pytest.raises(ConfigError):
         TemperingConfig(**kw)

@@ -137,6 +137,27 @@ def sa_proposal(cur: Compute, cfg: SearchConfig, rng: np.random.Generator) -> Co
     return tuple(sorted(cset))
 
 
+def block_shifts(cur: Compute, cfg: SearchConfig) -> list[Compute]:
+    """Every budget-exact block shift: movable computed steps ``c_i..c_j`` (``i <= j``) all moved by ``d = +-1``.
+
+    A shift keeps K and the prefix when the block neither meets its neighbour
+    (``c_i - 1 > c_{i-1}`` for ``d = -1``, ``c_j + 1 < c_{j+1}`` for ``d = +1``) nor
+    leaves ``P..N-1``. Deep minima of the loss often differ by a run of computed
+    steps moved by one, which one-step moves can only reach through worse masks.
+    """
+    c, p = list(cur), cfg.forced
+    first = next((i for i, k in enumerate(c) if k >= p), len(c))
+    out: list[Compute] = []
+    for i in range(first, len(c)):
+        down = c[i] - 1 >= p and (i == first or c[i] - 1 > c[i - 1])
+        for j in range(i, len(c)):
+            up = c[j] + 1 <= cfg.steps - 1 and (j == len(c) - 1 or c[j] + 1 < c[j + 1])
+            for d, ok in ((-1, down), (1, up)):
+                if ok:
+                    out.append(tuple(c[:i] + [k + d for k in c[i:j + 1]] + c[j + 1:]))
+    return out
+
+
 def hc_neighbourhood(cur: Compute, cfg: SearchConfig, rng: np.random.Generator) -> list[Compute]:
     """Local moves within ``radius`` of every movable computed step, plus random far jumps."""
     p = cfg.forced

@@ -13,24 +13,35 @@ worker, and all of them inform a decision:
   chain 0 anneals as the sequential search does and explores, the colder ones
   exploit early (the sequential schedule spends its first rounds far above the
   loss differences of neighbouring masks, a random walk);
-- each chain draws its proposals with the sequential search's budget-preserving
-  move (:func:`~budcache.search.anneal.sa_proposal`) and takes the best one,
+- each chain draws its proposals either as a block shift (probability
+  ``shift``: a run of computed steps ``c_i..c_j`` all moved by one, drawn
+  uniformly from :func:`~budcache.search.anneal.block_shifts`) or with the
+  sequential search's budget-preserving move
+  (:func:`~budcache.search.anneal.sa_proposal`), and takes the best one,
   ``c* = argmin L(c_i)``, with Metropolis: accept if ``u < exp(-(L(c*) - L_cur) / T_c)``
   (always when it improves); best-of-m is a cheap steepest-descent step at low
-  temperature and an ordinary annealing move at high temperature;
+  temperature and an ordinary annealing move at high temperature. Deep minima of
+  the loss often differ by a run of computed steps moved by one step, which
+  one-step moves reach only through worse masks;
 - after every round neighbouring chains ``(c, c+1)`` (even pairs on even rounds,
   odd pairs on odd ones) swap states with probability
   ``min(1, exp((L_c - L_{c+1}) (1/T_c - 1/T_{c+1})))``: good states found by
   the hot, exploring chains sink to the cold ones, and the cold chains' states
   are perturbed by the hot ones;
-- ``rounds = ceil(sa_iters / m)``: every chain makes as many proposals as the
-  sequential annealing, so the total work is about ``R`` times the sequential
-  annealing's, spread over W workers. Few chains with several proposals each
+- ``rounds = ceil(anneal * ceil(sa_iters / m))``: with ``anneal = 1`` every chain
+  makes as many proposals as the sequential annealing; the default ``0.25``
+  anneals for a quarter of that and leaves the rest to hill climbing, which
+  uses all W workers on one descent. Few chains with several proposals each
   reached the sequential search's loss sooner (on the critical path) than many
   chains with one or two (BENCHMARKS.md, "Parallel search"), hence the cap;
-- then hill climbing from the best state found, as in the sequential search:
-  each round's whole neighbourhood is one request (cut across the workers, masks
-  sharing a prefix sent to the worker holding it).
+- then hill climbing from the best state found: first improvement over the
+  neighbourhood (:func:`~budcache.search.anneal.hc_neighbourhood` plus every
+  block shift) in a random order, W masks per request (cut across the workers,
+  masks sharing a prefix sent to the worker holding it); the first batch holding
+  a better mask moves there and starts a new neighbourhood. Masks already scored
+  are skipped: none of them is below the current state, which holds the lowest
+  loss scored so far. A neighbourhood scored to the end is a local minimum and
+  ends the climb.
 
 Replica exchange was preferred to a population with selection because every
 chain keeps a plain Metropolis walk (the sequential search's behaviour at
@@ -38,8 +49,8 @@ chain keeps a plain Metropolis walk (the sequential search's behaviour at
 several accepted moves per round because moves accepted together on one state
 interact (their losses were measured apart).
 
-Budget: every state is a proposal of :func:`~budcache.search.anneal.sa_proposal`
-or a hill-climbing neighbour, each exactly K steps with the forced prefix; the
+Budget: every state is a proposal of :func:`~budcache.search.anneal.sa_proposal`,
+a block shift or a hill-climbing neighbour, each exactly K steps with the forced prefix; the
 search checks it for every accepted state and raises if it ever failed.
 
 Determinism: all random draws come from one generator seeded with
@@ -75,6 +86,7 @@ from .anneal import (
     LossesFn,
     SearchConfig,
     SearchResult,
+    block_shifts,
     content_digest,
     fit_budget,
     hc_neighbourhood,
@@ -84,7 +96,7 @@ from .anneal import (
 
 SCHEMES = ("sequential", "tempering")
 CHECKPOINT_FORMAT = "budcache.tempering-checkpoint"
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2  # 2: block shifts, a shorter annealing and first-improvement hill climbing
 _MAX_CHECKPOINT_BYTES = 64 * 2**20
 
 
@@ -96,11 +108,17 @@ class TemperingConfig:
         workers: W, the proposals scored per round (one per worker).
         max_chains: the most chains (replicas); ``R = min(max_chains, ceil(W / 4))``.
         ladder: temperature ratio between neighbouring chains (>= 1; chain c runs at ``T(r) / ladder^c``).
+        shift: probability that a proposal is a block shift (:func:`~budcache.search.anneal.block_shifts`)
+            rather than the sequential search's move; in ``[0, 1]``.
+        anneal: the annealing's length as a fraction of the sequential one's, in ``(0, 1]``:
+            ``rounds = ceil(anneal * ceil(sa_iters / m))``.
     """
 
     workers: int = 1
     max_chains: int = 4
     ladder: float = 4.0
+    shift: float = 0.5
+    anneal: float = 0.25
 
     def __post_init__(self) -> None:
         if type(self.workers) is not int or self.workers < 1:
@@ -109,6 +127,10 @@ class TemperingConfig:
             raise ConfigError(f"max_chains must be an integer >= 1 (got {self.max_chains!r})")
         if not (isinstance(self.ladder, (int, float)) and math.isfinite(self.ladder) and self.ladder >= 1):
             raise ConfigError(f"ladder must be a finite number >= 1 (got {self.ladder!r})")
+        if not (isinstance(self.shift, (int, float)) and 0 <= self.shift <= 1):
+            raise ConfigError(f"shift must be a probability in [0, 1] (got {self.shift!r})")
+        if not (isinstance(self.anneal, (int, float)) and 0 < self.anneal <= 1):
+            raise ConfigError(f"anneal must be a fraction in (0, 1] (got {self.anneal!r})")
 
     @property
     def chains(self) -> int:
@@ -121,8 +143,9 @@ class TemperingConfig:
         return [self.workers // r + (c < self.workers % r) for c in range(r)]
 
     def rounds(self, cfg: SearchConfig) -> int:
-        """Annealing rounds: ``ceil(sa_iters / m)`` (each chain proposes as often as the sequential search)."""
-        return -(-cfg.sa_iters // max(self.proposals()))
+        """Annealing rounds: ``ceil(anneal * ceil(sa_iters / m))`` (``anneal = 1``: each chain proposes as often
+        as the sequential search)."""
+        return math.ceil(self.anneal * -(-cfg.sa_iters // max(self.proposals())))
 
 
 def budget_ok(compute: Sequence[int], cfg: SearchConfig) -> bool:
@@ -171,7 +194,7 @@ def search_tempering(losses: LossesFn, cfg: SearchConfig, tcfg: TemperingConfig,
 
     rng = np.random.default_rng(cfg.seed)
     st: dict[str, Any] = {"restart": 0, "phase": "init", "it": 0, "chains": [], "cur": None, "cur_loss": None,
-                          "best": None, "best_loss": math.inf, "history": []}
+                          "best": None, "best_loss": math.inf, "history": [], "queue": []}
     if resume and ckpt is not None and ckpt.exists():
         st, memo = _load(ckpt, cfg, tcfg, digest, rng)
         if st["phase"] == "done":
@@ -183,6 +206,7 @@ def search_tempering(losses: LossesFn, cfg: SearchConfig, tcfg: TemperingConfig,
         payload = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "config": asdict(cfg),
                    "tempering": asdict(tcfg), "digest": digest, "rng": rng.bit_generator.state,
                    "state": {**st, "chains": [[list(c), v] for c, v in st["chains"]],
+                             "queue": [list(c) for c in st["queue"]],
                              "cur": list(st["cur"]) if st["cur"] else None,
                              "best": list(st["best"]) if st["best"] else None},
                    "memo": [[list(k), v] for k, v in memo.items()]}
@@ -237,22 +261,27 @@ def search_tempering(losses: LossesFn, cfg: SearchConfig, tcfg: TemperingConfig,
                 st["cur"], st["cur_loss"] = st["best"], st["best_loss"]
                 st["chains"] = []
                 save()
-            while st["phase"] == "hc" and st["it"] < cfg.hc_rounds:
-                neigh = hc_neighbourhood(st["cur"], cfg, rng)
-                st["it"] += 1
-                tick()
-                if not neigh:
-                    break
-                vals = score(neigh)
+            while st["phase"] == "hc" and (st["queue"] or st["it"] < cfg.hc_rounds):
+                if not st["queue"]:  # a new round: the neighbourhood in a random order, unscored masks only
+                    neigh = [c for c in dict.fromkeys([*hc_neighbourhood(st["cur"], cfg, rng),
+                                                       *block_shifts(st["cur"], cfg)]) if c not in memo]
+                    st["queue"] = [neigh[i] for i in rng.permutation(len(neigh))]
+                    st["it"] += 1
+                    tick()
+                    if not st["queue"]:
+                        break
+                batch, st["queue"] = st["queue"][:tcfg.workers], st["queue"][tcfg.workers:]
+                vals = score(batch)
                 i = int(np.argmin(vals))
-                if not vals[i] < st["cur_loss"]:
-                    break
-                st["cur"], st["cur_loss"] = neigh[i], vals[i]
-                keep(neigh[i], vals[i])
-                log("hc")
+                if vals[i] < st["cur_loss"]:
+                    st["cur"], st["cur_loss"], st["queue"] = batch[i], vals[i], []
+                    keep(batch[i], vals[i])
+                    log("hc")
+                elif not st["queue"]:  # the whole neighbourhood scored: a local minimum
+                    st["it"] = cfg.hc_rounds
                 save()
             st["restart"] += 1
-            st["phase"], st["it"], st["chains"] = "init", 0, []
+            st["phase"], st["it"], st["chains"], st["queue"] = "init", 0, [], []
             save()
         st["phase"] = "done"
         save()
@@ -267,7 +296,7 @@ def _tempering_round(st: dict[str, Any], cfg: SearchConfig, tcfg: TemperingConfi
                      keep: Callable[[Compute, float], None]) -> None:
     """One round: every chain's proposals scored as one request, best-of-m Metropolis per chain, then swaps."""
     temps = [_temperature(cfg, st["it"], rounds) / tcfg.ladder ** c for c in range(len(props))]
-    drawn = [[sa_proposal(cur, cfg, rng) for _ in range(m)] for (cur, _), m in zip(st["chains"], props)]
+    drawn = [[_propose(cur, cfg, tcfg, rng) for _ in range(m)] for (cur, _), m in zip(st["chains"], props)]
     vals = score([c for group in drawn for c in group])
     at = 0
     for c, group in enumerate(drawn):
@@ -286,6 +315,15 @@ def _tempering_round(st: dict[str, Any], cfg: SearchConfig, tcfg: TemperingConfi
         u = rng.random()
         if x >= 0 or u < math.exp(x):
             st["chains"][c], st["chains"][c + 1] = st["chains"][c + 1], st["chains"][c]
+
+
+def _propose(cur: Compute, cfg: SearchConfig, tcfg: TemperingConfig, rng: np.random.Generator) -> Compute:
+    """A block shift drawn uniformly with probability ``tcfg.shift``, else the sequential search's move."""
+    if tcfg.shift > 0 and rng.random() < tcfg.shift:
+        shifts = block_shifts(cur, cfg)
+        if shifts:
+            return shifts[int(rng.integers(len(shifts)))]
+    return sa_proposal(cur, cfg, rng)
 
 
 # ------------------------------------------------------------------------------ checkpoints
@@ -323,6 +361,7 @@ def _load(path: Path, cfg: SearchConfig, tcfg: TemperingConfig, digest: str,
             memo[key] = float(v)
         raw = data["state"]
         st = {**raw, "chains": [(tuple(c), float(v)) for c, v in raw["chains"]],
+              "queue": [tuple(c) for c in raw["queue"]],
               "cur": tuple(raw["cur"]) if raw["cur"] is not None else None,
               "best": tuple(raw["best"]) if raw["best"] is not None else None}
         if st["phase"] not in ("init", "sa", "hc", "done") or type(st["it"]) is not int or \
@@ -332,6 +371,8 @@ def _load(path: Path, cfg: SearchConfig, tcfg: TemperingConfig, digest: str,
                      *([(st["best"], st["best_loss"])] if st["best"] else [])]:
             if memo.get(c) != v:
                 raise bad(f"state {list(c)} has a loss that does not match the memo's")
+        if not all(budget_ok(c, cfg) and all(type(i) is int for i in c) for c in st["queue"]):
+            raise bad("field 'state.queue' must hold compute sets of K steps")
         if st["phase"] == "sa" and len(st["chains"]) != tcfg.chains:
             raise bad(f"field 'state.chains' must hold {tcfg.chains} chains")
         rng.bit_generator.state = data["rng"]
