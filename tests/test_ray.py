@@ -2,7 +2,7 @@
 worker is replaced and its batch retried, speculative SA batches leave the search unchanged, losses are
 bit-identical whatever the batch, and NaN/Inf from the model is reported with the mask and step.
 
-The Ray tests run a local cluster with 2 CPUs on tinyflow; they skip only when ray is not importable
+The Ray tests run a local cluster with 4 logical CPUs (on however many cores) on tinyflow; they skip only when ray is not importable
 (CI installs the ``ray`` extra)."""
 
 from __future__ import annotations
@@ -227,7 +227,7 @@ def ray_cluster():
     import ray.cloudpickle
 
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers get this module's test models
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)  # 4 logical: the hybrid split's W = 4
     yield ray
     ray.shutdown()
 
@@ -297,6 +297,32 @@ def test_ray_item_split_scores_each_share_as_in_process_and_replaces_a_killed_wo
 
 
 @pytest.mark.slow
+def test_ray_hybrid_split_routes_masks_to_groups_that_split_the_items(ray_cluster, problem, calib):
+    from budcache.search.evaluator import Evaluator
+    from budcache.search.losses import mean_of_items
+    from budcache.search.parallel import TemperingConfig, search_tempering
+
+    align_weights(problem.transformer)
+    parts = [Evaluator(problem.make_sampler, to_device(calib.items(a, a + 1), "cpu"), batch_candidates=False,
+                       threads=1, keep_items=True) for a in range(len(calib))]
+
+    def want(masks):
+        per = [ev.item_losses(masks) for ev in parts]
+        return [mean_of_items([p[j] for p in per]) for j in range(len(masks))]
+
+    with RayEvaluator(Shipped(problem), calib, workers=4) as ev:  # C = 2: 2 groups x 2 shares
+        assert ev.split == "hybrid" and (ev.groups, ev.per_group) == (2, 2) and ev.sa_batch == ev.proposals == 2
+        assert ev.shares == [(0, 1), (1, 2)] * 2
+        cfg = SearchConfig(steps=STEPS, nfe=4, sa_iters=8, hc_rounds=2, seed=3)
+        got = search_tempering(ev.losses, cfg, TemperingConfig(workers=ev.proposals))
+        ref = search_tempering(want, cfg, TemperingConfig(workers=2))
+        assert got.compute == ref.compute and got.loss == ref.loss and got.history == ref.history
+        ray_cluster.kill(ev.actors[2])  # group 1's first share
+        masks = [(0, 2, 5), (0, 3, 6, 9), (0, 1, 4, 7), (0, 4, 8)]
+        assert ev.losses(masks) == want(masks) and ev.restarts == 1
+
+
+@pytest.mark.slow
 def test_nan_on_a_ray_worker_names_the_mask_and_step(ray_cluster, calib):
     with RayEvaluator(PoisonedTinyflow(NAN_STEP), calib, workers=2) as ev:
         mask = tuple(sorted({0, 1, NAN_STEP, 8}))
@@ -322,7 +348,7 @@ def test_cli_ray_backend_writes_the_in_process_policy(ray_cluster, tmp_path):
 
 
 def test_more_workers_than_the_cluster_can_hold_is_a_config_error(ray_cluster, problem, calib):
-    with pytest.raises(ConfigError, match="3 workers need 3 CPUs but the Ray cluster has 2"):
-        RayEvaluator(Shipped(problem), calib, workers=3)
+    with pytest.raises(ConfigError, match="5 workers need 5 CPUs but the Ray cluster has 4"):
+        RayEvaluator(Shipped(problem), calib, workers=5)
     with pytest.raises(ConfigError, match="--workers must be an integer >= 1"):
         RayEvaluator(Shipped(problem), calib, workers=0)

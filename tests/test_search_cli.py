@@ -201,7 +201,8 @@ def test_default_search_runs_its_candidates_at_once_and_matches_the_in_process_s
     meta = json.loads((searched / "summary.json").read_text())["meta"]
     assert meta["backend"] == "local" and meta["concurrent_candidates"] is True
     assert meta["workers"] == default_workers()  # one per core, beside the in-process candidate
-    assert meta["split"] == ("items" if default_workers() <= 2 else "masks")  # 2 calibration pairs
+    w = default_workers()  # 2 calibration pairs: one per worker, else groups of 2 when W is even
+    assert meta["split"] == ("items" if w <= 2 else "hybrid" if w % 2 == 0 else "masks")
     assert main([*ARGS, "--backend", "inprocess", "--out", str(tmp_path / "one")]) == 0
     assert main([*ARGS, "--split", "masks", "--workers", "2", "--out", str(tmp_path / "masks")]) == 0
     assert json.loads((tmp_path / "one" / "summary.json").read_text())["meta"]["concurrent_candidates"] is False
@@ -222,6 +223,18 @@ def test_split_option_is_checked(tmp_path, capsys):
     assert main([*ARGS, "--split", "items", "--workers", "3", "--out", str(tmp_path / "b")]) == 2
     assert "--split items needs at most one worker per calibration item (3 workers, 2 items)" in \
         capsys.readouterr().err
+
+
+def test_more_workers_than_pairs_split_both_ways_and_temper_one_proposal_per_group(tmp_path):
+    out = tmp_path / "hybrid"
+    assert main([*ARGS, "--workers", "4", "--scheme", "tempering", "--mechanism", "vtaylor1", "--out", str(out)]) == 0
+    meta = json.loads((out / "summary.json").read_text())["meta"]
+    assert meta["split"] == "hybrid" and meta["workers"] == 4
+    for k in (2, 3):
+        pol = CachePolicy.load(out / f"policy_N6_K{k}.json")
+        assert len(pol.compute) == k and math.isfinite(pol.meta["search_loss"])
+    ckpt = json.loads((out / "checkpoint_N6_K3.json").read_text())
+    assert ckpt["tempering"]["workers"] == 2  # W / S = 4 / 2 proposals per round
 
 
 def test_run_search_takes_names_none_or_the_default_for_estimators(tmp_path):

@@ -23,7 +23,7 @@ from budcache.problems.tinyflow import TinyflowProblem, TinyflowReplica, tinyflo
 from budcache.search import SearchConfig, search
 from budcache.search.anneal import block_shifts
 from budcache.search.backends import make_backend, resolve_backend, resolve_workers, search_scheme
-from budcache.search.distributed import align_weights, to_device
+from budcache.search.distributed import align_weights, hybrid_shares, split_layout, to_device
 from budcache.search.evaluator import Evaluator
 from budcache.search.local import LocalEvaluator, item_shares, resolve_split, route
 from budcache.search.losses import mean_of_items
@@ -277,7 +277,7 @@ def reference(problem, calib, ev, estimator=None):
     """What ``ev`` must return bit for bit: the in-process losses (mask split), share by share (item split)."""
     if ev.split == "masks":
         return make_backend("inprocess", problem, calib, estimator=estimator)
-    return ShareReference(problem, calib, ev.shares, estimator)
+    return ShareReference(problem, calib, ev.shares[:ev.per_group], estimator)  # every group holds these shares
 
 
 def test_one_share_is_the_in_process_loss_bit_for_bit(problem, calib):
@@ -311,6 +311,29 @@ def test_a_killed_local_worker_is_replaced_and_its_chunk_scored(calib, local, pr
         want = reference(problem, calib, local).losses(masks)
     assert local.losses(masks) == want
     assert local.restarts == before + 1 and local.slots[1].proc.is_alive()
+
+
+def test_hybrid_split_routes_masks_across_groups_that_split_the_items(problem, calib):
+    """W = 4 workers on C = 2 pairs: 2 groups of 2 workers, each worker scoring its group's masks on one pair."""
+    from budcache.search.evaluator import plan_of
+
+    plans = [plan_of(STEPS, (0, 4, 7), "vtaylor1"), plan_of(STEPS, (0, 3, 7), "output")]
+    with LocalEvaluator(TinyflowReplica(settings=SamplerSettings(steps=STEPS)), calib, workers=4,
+                        estimator="vtaylor1") as ev:
+        assert ev.split == "hybrid" and (ev.groups, ev.per_group) == (2, 2) and ev.sa_batch == ev.proposals == 2
+        assert ev.shares == [(0, 1), (1, 2), (0, 1), (1, 2)]
+        ref = reference(problem, calib, ev, "vtaylor1")
+        with torch.no_grad():
+            want = search_tempering(ref.losses, SMALL, TemperingConfig(workers=ev.proposals))
+        got = search_tempering(ev.losses, SMALL, TemperingConfig(workers=ev.proposals))
+        assert got.compute == want.compute and got.loss == want.loss and got.history == want.history
+        assert ev.stats.evaluations == len(ev.memo) and ev.plan_losses(plans) == ref.plan_losses(plans)
+        assert all(ev.held) and ev.held[0] != ev.held[1]  # both groups ran masks, not the same ones
+        os.kill(ev.slots[3].proc.pid, signal.SIGKILL)  # group 1's second share
+        ev.slots[3].proc.join(10)
+        masks = [(0, 2, 5), (0, 3, 6), (0, 1, 7), (0, 4, 6)]
+        assert ev.losses(masks) == ref.losses(masks)
+        assert ev.restarts == 1 and ev.slots[3].proc.is_alive()
 
 
 def _parent_cmdline(pid: int) -> tuple[int, str]:
@@ -398,8 +421,13 @@ def test_item_shares_and_split_resolution():
         sizes = [b - a for a, b in shares]
         assert shares[0][0] == 0 and shares[-1][1] == n and min(sizes) >= 1 and max(sizes) - min(sizes) <= 1
         assert all(shares[j][1] == shares[j + 1][0] for j in range(w - 1))
-    assert resolve_split("auto", 2, 32) == "items" and resolve_split("auto", 33, 32) == "masks"
-    assert resolve_split("masks", 2, 32) == "masks"
+    assert resolve_split("auto", 2, 32) == "items" and resolve_split("auto", 37, 32) == "masks"  # 37: prime
+    assert resolve_split("auto", 8, 2) == "hybrid" and resolve_split("hybrid", 2, 32) == "items"
+    assert resolve_split("hybrid", 7, 2) == "masks" and resolve_split("masks", 2, 32) == "masks"
+    assert [hybrid_shares(w, c) for w, c in ((8, 2), (32, 2), (33, 32), (7, 2), (12, 5), (4, 4))] == \
+        [2, 2, 11, 1, 4, 4]
+    assert split_layout("hybrid", 8, 2) == (4, 2) and split_layout("items", 4, 9) == (1, 4) and \
+        split_layout("masks", 3, 9) == (3, 1)
     with pytest.raises(ConfigError, match="--split items needs at most one worker per calibration item"):
         resolve_split("items", 3, 2)
     with pytest.raises(ConfigError, match="--split 'rows' is unknown"):

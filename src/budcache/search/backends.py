@@ -24,14 +24,16 @@ Splits (``--split``, local workers and Ray actors): ``items`` (the default
 while W <= C) gives each worker a share of the C calibration items and sends
 it every mask, so a mask costs about 1/W and nothing is speculated; ``masks``
 sends whole masks to the worker holding their longest prefix and speculates
-on W annealing proposals per request (the in-process losses for any W). See
-:class:`~budcache.search.local.LocalEvaluator`.
+on W annealing proposals per request (the in-process losses for any W);
+``hybrid`` (the default when W > C) does both: ``G = W / S`` groups take the
+masks by prefix, and the S workers of a group split the items (S the largest
+divisor of W up to C). See :class:`~budcache.search.local.LocalEvaluator`.
 
 Schemes: ``sequential`` (the default: the paper's annealing then hill
 climbing, :func:`budcache.search.anneal.search`: the same policy for every
 backend and W with ``--split masks``, fixed by W with the item split) and ``tempering``
-(:mod:`budcache.search.parallel`: W proposals per round, the policy depends on
-the seed and W). Both defaults are what measured best on held-out pairs on the
+(:mod:`budcache.search.parallel`: W proposals per round, one per group with
+the hybrid split; the policy depends on the seed and W). Both defaults are what measured best on held-out pairs on the
 project's 2-core machine (BENCHMARKS.md, "Parallel search").
 """
 
@@ -145,8 +147,9 @@ def add_backend_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--split", default="auto", choices=list(WORK_SPLITS),
                    help="how local workers or Ray actors share the work: items (each worker scores every mask on its "
                         "share of the calibration pairs: a mask costs 1/W, no speculation), masks (whole masks per "
-                        "worker, routed by prefix, W speculative proposals) or auto (default: items while W <= "
-                        "calibration pairs)")
+                        "worker, routed by prefix, W speculative proposals), hybrid (masks routed across W/S groups, "
+                        "each group's S workers splitting the pairs; S the largest divisor of W up to the pairs) or "
+                        "auto (default: items while W <= calibration pairs, else hybrid, else masks)")
     g.add_argument("--ray-address", default=None,
                    help="join this Ray cluster (e.g. auto or HOST:6379); default: start a local one")
 

@@ -104,22 +104,43 @@ def align_weights(module: torch.nn.Module | None) -> int:
 
 
 #: How W workers share the work (``--split``): ``items`` (every worker scores every mask on its own share of
-#: the calibration items), ``masks`` (each worker scores whole masks, routed by prefix), ``auto``
-#: (:func:`resolve_split`).
-WORK_SPLITS = ("auto", "items", "masks")
+#: the calibration items), ``masks`` (each worker scores whole masks, routed by prefix), ``hybrid`` (masks
+#: routed across ``G`` groups, each group's ``S`` workers scoring them on their shares of the items; ``W = G x S``),
+#: ``auto`` (:func:`resolve_split`).
+WORK_SPLITS = ("auto", "items", "masks", "hybrid")
+
+
+def hybrid_shares(workers: int, items: int) -> int:
+    """``S`` of the hybrid split: the largest divisor of W that is at most C (1: no item split possible)."""
+    return max(s for s in range(1, min(workers, items) + 1) if workers % s == 0)
 
 
 def resolve_split(split: str, workers: int, items: int) -> str:
-    """The split ``auto`` stands for: ``items`` when every worker gets at least one calibration item, else
-    ``masks``; a ConfigError names an unknown split or an item split with more workers than items."""
+    """The split ``split`` comes to with W workers and C calibration items.
+
+    ``auto``: ``items`` while ``W <= C``, else ``hybrid`` where some ``S >= 2``
+    divides W (:func:`hybrid_shares`), else ``masks``. ``hybrid`` comes to
+    ``items`` when ``W <= C`` and to ``masks`` when no such S exists (the same
+    layouts). A ConfigError names an unknown split or an item split with more
+    workers than items.
+    """
     if split not in WORK_SPLITS:
         raise ConfigError(f"--split {split!r} is unknown; choose one of {list(WORK_SPLITS)}")
-    if split == "auto":
-        return "items" if workers <= items else "masks"
     if split == "items" and workers > items:
         raise ConfigError(f"--split items needs at most one worker per calibration item ({workers} workers, "
-                          f"{items} items); use fewer --workers or --split masks")
+                          f"{items} items); use fewer --workers, --split hybrid or --split masks")
+    if split in ("auto", "hybrid"):
+        if workers <= items:
+            return "items"
+        return "hybrid" if hybrid_shares(workers, items) > 1 else "masks"
     return split
+
+
+def split_layout(split: str, workers: int, items: int) -> tuple[int, int]:
+    """``(G, S)`` of a resolved split: G proposal groups of S workers, each worker of a group holding one of
+    S item shares (``items``: ``(1, W)``, ``masks``: ``(W, 1)``, ``hybrid``: ``(W / S, S)``)."""
+    s = {"items": workers, "masks": 1, "hybrid": hybrid_shares(workers, items)}[split]
+    return workers // s, s
 
 
 def item_shares(items: int, workers: int) -> list[tuple[int, int]]:
@@ -217,8 +238,9 @@ class RayEvaluator:
     CPUs each actor reserves); ``gpus`` per worker (default: 1 when the
     cluster has GPUs, else 0); ``split``: ``items`` (each actor holds a share
     of the calibration items and scores every mask), ``masks`` (whole masks
-    per actor) or ``auto`` (items while W <= C), as for
-    :class:`~budcache.search.local.LocalEvaluator`.
+    per actor), ``hybrid`` (masks cut across ``W / S`` groups of actors, each
+    group's S actors splitting the items) or ``auto`` (items while W <= C, else
+    hybrid, else masks), as for :class:`~budcache.search.local.LocalEvaluator`.
     """
 
     def __init__(self, factory: Callable[[str], Any], calib: CalibrationSet, *, loss: LossFn = latent_mse,
@@ -237,8 +259,11 @@ class RayEvaluator:
         self.workers = workers
         self.estimator = estimator  # the workers' masks use it; per-step estimators are refined in-process
         self.split = resolve_split(split, workers, len(calib))
-        self.shares = item_shares(len(calib), workers) if self.split == "items" else [(0, len(calib))] * workers
-        self.sa_batch = 1 if self.split == "items" else workers
+        self.groups, self.per_group = split_layout(self.split, workers, len(calib))
+        shares = item_shares(len(calib), self.per_group)
+        self.shares = [shares[w % self.per_group] for w in range(workers)]  # actor w: group w // S, share w % S
+        self.sa_batch = self.groups
+        self.proposals = self.groups if self.split == "hybrid" else workers  # tempering's proposals per round
         self.max_retries = max_retries
         self.calib = calib
         self.memo: dict[tuple[int, ...], float] = {}
@@ -256,7 +281,7 @@ class RayEvaluator:
                                       f"{res.get(kind, 0):g}; use fewer --workers")
             opts = {"prefix_sharing": prefix_sharing, "batch_candidates": batch_candidates, "max_batch": max_batch,
                     "max_state_bytes": max_state_bytes, "threads": threads, "estimator": estimator,
-                    "keep_items": self.split == "items"}
+                    "keep_items": self.split != "masks"}
             fac = self._ray.put(factory)
             whole = self._ray.put(calib) if self.split == "masks" else None
             self._args = [(fac, whole if whole is not None else self._ray.put(calib.items(a, b)), loss, opts)
@@ -277,9 +302,14 @@ class RayEvaluator:
     def losses(self, computes: Sequence[Sequence[int]]) -> list[float]:
         """Losses of several compute sets; unknown ones are scored by all workers at once."""
         def score(todo: list[tuple[int, ...]]) -> None:
-            if self.split == "items":  # every actor scores every mask on its items; the driver averages them
-                jobs = [(j, (lambda a: a.call.remote("items", todo))) for j in range(self.workers)]
-                merge_item_replies(todo, self._gather(jobs, retry=True), self.memo, self.stats)
+            if self.split != "masks":  # each group's actors score its masks on their items; averaged here
+                s = self.per_group
+                chunks = split_chunks(todo, self.steps, self.groups) if self.groups > 1 else [todo]
+                jobs = [(g * s + j, (lambda a, c=c: a.call.remote("items", c)))
+                        for g, c in enumerate(chunks) for j in range(s)]
+                replies = self._gather(jobs, retry=True)
+                for g, c in enumerate(chunks):
+                    merge_item_replies(c, replies[g * s:(g + 1) * s], self.memo, self.stats)
                 return
             chunks, replies = self._scatter(todo)
             for chunk, (vals, work) in zip(chunks, replies):

@@ -499,7 +499,8 @@ def run_search(out: str | Path, *, nfes: Sequence[int], problem: Problem | None 
         if m in PEER_MECHANISMS:
             prev[m] = peer_grid_start(ev, steps, k) or (prev[m] if warm_start else None)
         name = f"checkpoint_N{steps}_K{k}.json" if i == 0 else f"checkpoint_N{steps}_K{k}_{m}.json"
-        res = search_scheme(scheme, ev.losses, configs[m][k], workers=workers, sa_batch=ev.sa_batch,
+        res = search_scheme(scheme, ev.losses, configs[m][k], workers=getattr(evaluators[m], "proposals", workers),
+                            sa_batch=ev.sa_batch,
                             init=prev[m], checkpoint=out / name, resume=resume, digest=calib.digest,
                             progress=progress, on_step=None if cancel is None else ev.check)
         masks_run = ev.stats.evaluations - before.evaluations

@@ -9,7 +9,7 @@ replica built by the Ray backend's recipes (:class:`~budcache.problems.TinyflowR
 prefix store), with one torch thread, on aligned weights and data (see
 :mod:`budcache.search.distributed`).
 
-Two ways to share the work (``split``, :data:`WORK_SPLITS`):
+Three ways to share the work (``split``, :data:`WORK_SPLITS`):
 
 - ``items`` (the default while W <= C): worker ``w`` holds a contiguous share
   of the C calibration items and scores every requested mask on it, returning
@@ -28,6 +28,14 @@ Two ways to share the work (``split``, :data:`WORK_SPLITS`):
   request's ``n`` masks, visited in sorted order so that masks sharing a
   prefix land together. Routing changes only the cost, never a loss; the
   annealing speculates on ``W`` proposals per request.
+- ``hybrid`` (the default when W > C): ``G = W / S`` groups of ``S`` workers
+  (S the largest divisor of W up to C); masks are routed across the groups
+  as the mask split routes them across workers, and the S workers of a group
+  score its masks on their item shares as the item split does (worker ``w``:
+  group ``w // S``, share ``w % S``). The annealing speculates on G proposals
+  per request and tempering draws G per round, each costing about ``C / S``
+  items of critical path. With the paper's two calibration pairs, W = 8 runs
+  as 4 x 2 and W = 32 as 16 x 2.
 
 Faults: a worker that dies (killed, out of memory) is replaced by a fresh
 process and its chunk sent again, up to ``max_retries`` times per request; a
@@ -48,7 +56,7 @@ from typing import Any
 
 from ..errors import BudcacheError, ConfigError, ModelOutputError
 from ..problems.data import CalibrationSet
-from .distributed import EvalWorker, WorkerError, item_shares, merge_item_replies, resolve_split
+from .distributed import EvalWorker, WorkerError, item_shares, merge_item_replies, resolve_split, split_layout
 from .evaluator import EvaluatorStats, check_computes, mask_of, memoised, plan_of
 from .losses import LossFn, latent_mse
 from .procs import worker_context
@@ -177,7 +185,9 @@ class LocalEvaluator:
             time, nothing is speculated, and the search runs as in-process: the per-item losses are averaged
             in item order, in float32, as one batch's are); ``masks`` sends each worker whole masks (each on
             all items), routed to the worker holding the longest prefix, with ``sa_batch = W`` speculative
-            annealing proposals per request; ``auto`` (default): ``items`` when ``W <= C``.
+            annealing proposals per request; ``hybrid`` routes masks across ``W / S`` groups whose ``S`` workers
+            split the items; ``auto`` (default): ``items`` when ``W <= C``, else ``hybrid`` where some
+            ``S >= 2`` divides W, else ``masks``.
         prefix_sharing, max_state_bytes, estimator: the workers' evaluator settings.
         threads: torch threads per worker (1: bit-reproducible losses, one core each).
         max_retries: replacements of a dead worker per request before a :class:`WorkerError`.
@@ -197,8 +207,11 @@ class LocalEvaluator:
             raise ConfigError("the calibration set has no teacher outputs; build it with make_calibration")
         self.workers = workers
         self.split = resolve_split(split, workers, len(calib))
-        # an item split scores each proposal on all workers at once: speculating on more would waste work
-        self.sa_batch = 1 if self.split == "items" else workers
+        self.groups, self.per_group = split_layout(self.split, workers, len(calib))
+        # a group scores each proposal on all its workers at once: one speculative proposal per group
+        self.sa_batch = self.groups
+        # tempering's proposals per round: one per group with the hybrid split; W otherwise (as before it)
+        self.proposals = self.groups if self.split == "hybrid" else workers
         self.estimator = estimator  # the workers' masks use it; per-step estimators are refined in-process
         self.calib = calib
         self.max_retries = max_retries
@@ -209,13 +222,14 @@ class LocalEvaluator:
         self.restarts = 0
         opts = {"prefix_sharing": prefix_sharing, "batch_candidates": False, "max_batch": 512,
                 "max_state_bytes": max_state_bytes, "threads": threads, "estimator": estimator,
-                "keep_items": self.split == "items"}
+                "keep_items": self.split != "masks"}
         self._ctx = worker_context()
-        self.shares = item_shares(len(calib), workers) if self.split == "items" else [(0, len(calib))] * workers
+        shares = item_shares(len(calib), self.per_group)
+        self.shares = [shares[w % self.per_group] for w in range(workers)]  # worker w: group w // S, share w % S
         self._args = [(factory, calib if self.split == "masks" else calib.items(a, b), loss, opts)
                       for a, b in self.shares]
         self.slots: list[_Slot] = []
-        self.held: list[set[Mask]] = [set() for _ in range(workers)]
+        self.held: list[set[Mask]] = [set() for _ in range(self.groups)]  # prefixes each group has run
         try:
             self.slots = [_Slot(self._ctx, self._args[i]) for i in range(workers)]
             infos = [self._started(i) for i in range(workers)]
@@ -265,12 +279,15 @@ class LocalEvaluator:
     def _score(self, todo: list[Compute], memo: dict[Compute, float], kind: str,
                row: Callable[[Compute], tuple[Any, ...]] | None) -> None:
         """Route ``todo`` to the workers, score it (``kind``: losses or plans) and fill ``memo``."""
-        if self.split == "items":  # every worker scores every key on its items; the driver averages them
-            replies = self._gather(dict.fromkeys(range(self.workers), todo),
+        chunks = route(todo, self.steps, self.held, row) if self.groups > 1 else [todo]
+        if self.split != "masks":  # every worker of a group scores the group's keys on its items; averaged here
+            s = self.per_group
+            replies = self._gather({w: chunks[w // s] for w in range(self.workers) if chunks[w // s]},
                                    "items" if kind == "losses" else "item_plans")
-            merge_item_replies(todo, [replies[w] for w in range(self.workers)], memo, self.stats)
+            for g, chunk in enumerate(chunks):
+                if chunk:
+                    merge_item_replies(chunk, [replies[g * s + j] for j in range(s)], memo, self.stats)
             return
-        chunks = route(todo, self.steps, self.held, row)
         replies = self._gather({w: c for w, c in enumerate(chunks) if c}, kind)
         for w, (vals, work) in replies.items():
             for k, v in zip(chunks[w], vals):
@@ -300,7 +317,7 @@ class LocalEvaluator:
         old.proc.join(5)
         old.conn.close()
         self.slots[i] = _Slot(self._ctx, self._args[i])
-        self.held[i] = set()
+        self.held[i // self.per_group] = set()  # its group no longer holds all its prefixes
         self._started(i)
 
     def _gather(self, jobs: dict[int, list[Compute]], kind: str = "losses") -> dict[int, Any]:
