@@ -21,7 +21,10 @@ Two configurations:
 
 - ``paper``: the paper's search (N=28, K=10, SA 200, HC 20, mechanism
   ``reuse``, loss MSE, two calibration pairs, seed 0): at most 2 shares, so
-  W = 8 and 32 combine the item split with tempering (4 x 2, 16 x 2);
+  W = 8 and 32 combine the item split with tempering (4 x 2, 16 x 2: the
+  layout of ``--split hybrid``, the default when W > C, with one tempering
+  proposal per group and round) or run tempering on the mask split (8 x 1,
+  32 x 1: ``--split masks``);
 - ``default``: the mask search of the default ``budcache search`` at K = 10
   (32 calibration pairs of seed 0, estimator ``vtaylor1``, loss ``logmse``,
   SA 200, HC 20, seed 0): the sequential search with S = 1, 2, 8, 32 shares.
@@ -41,6 +44,7 @@ import argparse
 import datetime
 import json
 import platform
+import statistics
 import time
 from typing import Any
 
@@ -177,6 +181,70 @@ def table(title: str, runs: dict[str, Any], target: float, c1: int, pairs: int) 
         print(f"| {name} | " + " | ".join(cells) + " |")
 
 
+def parse_seeds(text: str) -> list[int]:
+    """``"0-3,7"`` -> ``[0, 1, 2, 3, 7]``."""
+    out: list[int] = []
+    for part in text.split(","):
+        lo, _, hi = part.partition("-")
+        out += list(range(int(lo), int(hi or lo) + 1))
+    return out
+
+
+def spread(a: argparse.Namespace) -> None:
+    """The paper configuration over several search seeds: the fraction of the sequential critical path at which
+    each run first reaches the one-worker sequential policy's loss of the same seed (same calibration pairs)."""
+    torch.set_num_threads(1)
+    torch.set_grad_enabled(False)
+    problem = TinyflowProblem(tinyflow.load(), steps=28, mechanism="reuse")
+    prompts, seeds = pairs_for(tinyflow_prompts(2, seed=0), 1, 0)
+    calib = problem.calibration(prompts, seeds)
+    hp, hs = pairs_for(tinyflow_prompts(a.heldout, seed=7_777_777), 1, 7_777_777)
+    held = problem.calibration(hp, hs)
+    specs = [tuple(int(v) for v in spec.split("x")) for spec in a.paper_runs.split(",")]
+    if specs[0] != (1, 1):
+        raise SystemExit("--spread-seeds needs 1x1 (the sequential reference) first in --paper-runs")
+    rows = []
+    for seed in parse_seeds(a.spread_seeds):
+        cfg = SearchConfig(28, 10, sa_iters=200, hc_rounds=20, seed=seed)
+        print(f"seed {seed}:", flush=True)
+        runs: dict[str, Any] = {}
+        for g, s in specs:
+            seq = runs["1x1"]["compute"] if runs else None
+            runs[f"{g}x{s}"] = run(problem, calib, cfg, groups=g, shares=s, loss=get_loss("mse"), estimator=None,
+                                   reference=seq)
+        score(problem, held, runs, None)
+        finish(runs)
+        rows.append((seed, runs))
+    names = [f"{g}x{s}" for g, s in specs[1:]]
+    target = {w: 0.2 if w <= 8 else 1 / 12 for w in (g * s for g, s in specs[1:])}
+    print(f"\n### Tempering over search seeds ({datetime.date.today().isoformat()}, {platform.machine()}, one torch "
+          f"thread per simulated worker, torch {torch.__version__}, no GPU)\n")
+    print("Paper's search (N=28, K=10, SA 200, HC 20, `reuse`, loss MSE, 2 calibration pairs), the search's seed "
+          "varied. Each cell: the fraction of the one-worker sequential critical path at which the run first reaches "
+          "the sequential policy's loss of the same seed (`never (final loss)` when it ends above it), then its "
+          f"held-out wins / losses against the sequential policy on {len(held)} pairs.\n")
+    print("| seed | sequential final loss | " + " | ".join(f"{n.replace('x', ' x ')}" for n in names) + " |")
+    print("|---|---|" + "---|" * len(names))
+    for seed, runs in rows:
+        cells = []
+        for n in names:
+            r = runs[n]
+            f = "never ({:.3e})".format(r["loss"]) if r["fraction"] is None else f"{r['fraction']:.3f}"
+            cells.append(f"{f}; {r['wins']} / {r['losses']}")
+        print(f"| {seed} | {runs['1x1']['loss']:.4e} | " + " | ".join(cells) + " |")
+    fr = {n: sorted(r[n]["fraction"] if r[n]["fraction"] is not None else float("inf") for _, r in rows)
+          for n in names}
+    ws = [int(n.split("x")[0]) * int(n.split("x")[1]) for n in names]
+    print("| target | | " + " | ".join(f"{target[w]:.3g}" for w in ws) + " |")
+    print("| seeds meeting it | | " + " | ".join(
+        f"{sum(f <= target[w] for f in fr[n])} of {len(rows)}" for n, w in zip(names, ws)) + " |")
+    print("| median fraction | | " + " | ".join(f"{statistics.median(fr[n]):.3f}" for n in names) + " |")
+    print("| ended at or below the sequential loss | | " + " | ".join(
+        f"{sum(r[n]['loss'] <= r[n]['target'] for _, r in rows)} of {len(rows)}" for n in names) + " |")
+    print("| held-out wins / losses, all seeds | | " + " | ".join(
+        f"{sum(r[n]['wins'] for _, r in rows)} / {sum(r[n]['losses'] for _, r in rows)}" for n in names) + " |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--configs", default="paper,default")
@@ -186,7 +254,12 @@ def main() -> None:
     ap.add_argument("--heldout", type=int, default=64)
     ap.add_argument("--json", default=None)
     ap.add_argument("--seed", type=int, default=0, help="the search's seed (the calibration pairs stay seed 0's)")
+    ap.add_argument("--spread-seeds", default=None,
+                    help="e.g. 0-15: run the paper configuration once per search seed and print the spread table")
     a = ap.parse_args()
+    if a.spread_seeds:
+        spread(a)
+        return
     torch.set_num_threads(1)
     torch.set_grad_enabled(False)
     configs = a.configs.split(",")
@@ -204,8 +277,8 @@ def main() -> None:
         runs = {}
         for spec in a.paper_runs.split(","):
             g, s = (int(v) for v in spec.split("x"))
-            name = ("sequential" if g == 1 else f"tempering, {g} chains' proposals") + \
-                (", items split" if s > 1 else "")
+            name = ("sequential" if g == 1 else f"tempering, {g} proposals per round") + \
+                ((", items split" if g == 1 else f", hybrid ({g} groups x {s} shares)") if s > 1 else "")
             seq = next(iter(runs.values()))["compute"] if runs else None
             runs[name] = run(problem, calib, cfg, groups=g, shares=s, loss=get_loss("mse"), estimator=None,
                              reference=seq)

@@ -71,6 +71,8 @@ SECTIONS: tuple[Section, ...] = (
                           "--plain-lr", "0.05"), 13),
     Section("ray", ("benchmarks/ray_search.py", "--calib", "4", "--sa-iters", "60", "--hc-rounds", "10"), 10),
     Section("item-split", ("benchmarks/item_split.py",), 17),
+    Section("tempering-seeds", ("benchmarks/item_split.py", "--spread-seeds", "0-15", "--paper-runs",
+                                "1x1,8x1,4x2,32x1,16x2", "--heldout", "16"), 32),
     Section("compile-time", ("benchmarks/compile.py", "--parts", "1", "--repeats", "5"), 5),
     Section("compile-breaks", ("benchmarks/compile.py", "--parts", "2"), 3),
     Section("context-parallel", ("benchmarks/context_parallel.py", "--batch", "2", "--steps", "28", "--nfe", "10",
