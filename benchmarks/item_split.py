@@ -106,8 +106,9 @@ class SplitWorkers:
 
 
 def run(problem: TinyflowProblem, calib: Any, cfg: SearchConfig, *, groups: int, shares: int, loss: Any,
-        estimator: str | None, reference: list[int] | None = None) -> dict[str, Any]:
-    """One search (sequential for one group, tempering over ``groups`` chains' proposals otherwise).
+        estimator: str | None, reference: list[int] | None = None, sequential: bool = False) -> dict[str, Any]:
+    """One search: sequential for one group or with ``sequential`` (then ``sa_batch = groups`` speculative
+    proposals per request, as the backends run it), tempering with ``groups`` proposals per round otherwise.
 
     ``target`` is the loss of ``reference`` (the one-worker sequential policy; default: this run's own) as
     this configuration scores it: shares of other sizes may round that mask's loss differently.
@@ -116,7 +117,7 @@ def run(problem: TinyflowProblem, calib: Any, cfg: SearchConfig, *, groups: int,
     trace: list[tuple[int, float]] = []
     hook = lambda e: trace.append((sim.critical_items, e["best_loss"]))  # noqa: E731
     t0 = time.perf_counter()
-    res = search(sim.losses, cfg, on_step=hook) if groups == 1 else \
+    res = search(sim.losses, cfg, on_step=hook, sa_batch=groups) if groups == 1 or sequential else \
         search_tempering(sim.losses, cfg, TemperingConfig(workers=groups), on_step=hook)
     out = {"groups": groups, "shares": shares, "workers": groups * shares, "compute": list(res.compute),
            "loss": res.loss, "evaluations": sim.evaluations, "item_evaluations": sim.item_evaluations,
@@ -249,7 +250,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--configs", default="paper,default")
     ap.add_argument("--paper-runs", default="1x1,1x2,8x1,4x2,32x1,16x2",
-                    help="groups x shares of the paper configuration (1 group: sequential; more: tempering)")
+                    help="groups x shares of the paper configuration (1 group: sequential; more: tempering; "
+                         "a trailing s, e.g. 4x2s: the sequential annealing with one speculative proposal per group)")
     ap.add_argument("--default-shares", default="1,2,8,32")
     ap.add_argument("--heldout", type=int, default=64)
     ap.add_argument("--json", default=None)
@@ -276,12 +278,14 @@ def main() -> None:
         print("paper configuration:", flush=True)
         runs = {}
         for spec in a.paper_runs.split(","):
-            g, s = (int(v) for v in spec.split("x"))
-            name = ("sequential" if g == 1 else f"tempering, {g} proposals per round") + \
+            sequential = spec.endswith("s")  # e.g. 4x2s: the sequential annealing on that layout
+            g, s = (int(v) for v in spec.rstrip("s").split("x"))
+            name = ("sequential" if g == 1 else f"sequential, {g} speculative proposals" if sequential else
+                    f"tempering, {g} proposals per round") + \
                 ((", items split" if g == 1 else f", hybrid ({g} groups x {s} shares)") if s > 1 else "")
             seq = next(iter(runs.values()))["compute"] if runs else None
             runs[name] = run(problem, calib, cfg, groups=g, shares=s, loss=get_loss("mse"), estimator=None,
-                             reference=seq)
+                             reference=seq, sequential=sequential)
         score(problem, held, runs, None)
         res["paper"] = {"runs": runs, "pairs": len(held)}
     if "default" in configs:
