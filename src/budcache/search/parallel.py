@@ -105,7 +105,8 @@ class TemperingConfig:
     """Settings of the parallel scheme (the move set, temperatures and hill climbing are ``SearchConfig``'s).
 
     Args:
-        workers: W, the proposals scored per round (one per worker).
+        workers: W, the proposals scored per round: one per worker, or one per group of workers with the hybrid
+            split (pass the evaluator's ``proposals``).
         max_chains: the most chains (replicas); ``R = min(max_chains, ceil(W / 4))``.
         ladder: temperature ratio between neighbouring chains (>= 1; chain c runs at ``T(r) / ladder^c``).
         shift: probability that a proposal is a block shift (:func:`~budcache.search.anneal.block_shifts`)
