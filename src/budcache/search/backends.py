@@ -142,8 +142,8 @@ def add_backend_args(p: argparse.ArgumentParser) -> None:
                         "on another machine")
     g.add_argument("--scheme", default="sequential", choices=list(SCHEMES),
                    help="sequential (default: the paper's annealing; with --split masks the same policy whatever "
-                        "the workers) or "
-                        "tempering (W chains' proposals per round, replica exchange, then hill climbing)")
+                        "the workers) or tempering (W proposals per round, one per group with --split hybrid; "
+                        "replica exchange with block shifts, then hill climbing)")
     g.add_argument("--split", default="auto", choices=list(WORK_SPLITS),
                    help="how local workers or Ray actors share the work: items (each worker scores every mask on its "
                         "share of the calibration pairs: a mask costs 1/W, no speculation), masks (whole masks per "
