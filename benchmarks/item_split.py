@@ -55,9 +55,9 @@ from budcache.policy import CachePolicy
 from budcache.problems.data import calibration_pairs, pairs_for, split_pairs
 from budcache.problems.tinyflow import TinyflowProblem, tinyflow_prompts
 from budcache.search import SearchConfig, search
-from budcache.search.distributed import align_weights, to_device
+from budcache.search.distributed import align_weights, item_shares, to_device
 from budcache.search.evaluator import Evaluator, check_computes
-from budcache.search.local import item_shares, route
+from budcache.search.local import route
 from budcache.search.losses import get_loss, mean_of_items
 from budcache.search.parallel import TemperingConfig, search_tempering
 

@@ -23,9 +23,16 @@ from budcache.problems.tinyflow import TinyflowProblem, TinyflowReplica, tinyflo
 from budcache.search import SearchConfig, search
 from budcache.search.anneal import block_shifts
 from budcache.search.backends import make_backend, resolve_backend, resolve_workers, search_scheme
-from budcache.search.distributed import align_weights, hybrid_shares, split_layout, to_device
+from budcache.search.distributed import (
+    align_weights,
+    hybrid_shares,
+    item_shares,
+    resolve_split,
+    split_layout,
+    to_device,
+)
 from budcache.search.evaluator import Evaluator
-from budcache.search.local import LocalEvaluator, item_shares, resolve_split, route
+from budcache.search.local import LocalEvaluator, route
 from budcache.search.losses import mean_of_items
 from budcache.search.parallel import TemperingConfig, budget_ok, search_tempering
 from budcache.search.procs import start_method, worker_context

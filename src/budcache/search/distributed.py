@@ -143,6 +143,31 @@ def split_layout(split: str, workers: int, items: int) -> tuple[int, int]:
     return workers // s, s
 
 
+class SplitLayout:
+    """Where each of W workers stands under a resolved split (one definition for local workers and Ray actors).
+
+    Worker ``w`` is in group ``w // S`` and holds item share ``w % S``; a group
+    scores each proposal on all its workers at once, so the annealing speculates
+    on ``sa_batch = G`` proposals per request. ``proposals`` is tempering's W:
+    one per group with the hybrid split, W otherwise.
+    """
+
+    split: str
+    groups: int
+    per_group: int
+    shares: list[tuple[int, int]]
+    sa_batch: int
+    proposals: int
+
+    def _set_layout(self, split: str, workers: int, items: int) -> None:
+        self.split = resolve_split(split, workers, items)
+        self.groups, self.per_group = split_layout(self.split, workers, items)
+        shares = item_shares(items, self.per_group)
+        self.shares = [shares[w % self.per_group] for w in range(workers)]
+        self.sa_batch = self.groups
+        self.proposals = self.groups if self.split == "hybrid" else workers
+
+
 def item_shares(items: int, workers: int) -> list[tuple[int, int]]:
     """Contiguous ranges ``[start, stop)`` of ``items`` calibration items, one per worker, sizes within one."""
     return [(j * items // workers, (j + 1) * items // workers) for j in range(workers)]
@@ -228,7 +253,7 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> bool:
     return True
 
 
-class RayEvaluator:
+class RayEvaluator(SplitLayout):
     """Drop-in for :class:`~budcache.search.evaluator.Evaluator` whose masks are scored by Ray actors.
 
     ``factory(device) -> problem`` builds one replica per actor (a problem's
@@ -258,12 +283,7 @@ class RayEvaluator:
         self._started = connect(address, num_cpus=None if address else max(os.cpu_count() or 1, workers * threads))
         self.workers = workers
         self.estimator = estimator  # the workers' masks use it; per-step estimators are refined in-process
-        self.split = resolve_split(split, workers, len(calib))
-        self.groups, self.per_group = split_layout(self.split, workers, len(calib))
-        shares = item_shares(len(calib), self.per_group)
-        self.shares = [shares[w % self.per_group] for w in range(workers)]  # actor w: group w // S, share w % S
-        self.sa_batch = self.groups
-        self.proposals = self.groups if self.split == "hybrid" else workers  # tempering's proposals per round
+        self._set_layout(split, workers, len(calib))
         self.max_retries = max_retries
         self.calib = calib
         self.memo: dict[tuple[int, ...], float] = {}

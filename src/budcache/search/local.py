@@ -56,7 +56,7 @@ from typing import Any
 
 from ..errors import BudcacheError, ConfigError, ModelOutputError
 from ..problems.data import CalibrationSet
-from .distributed import EvalWorker, WorkerError, item_shares, merge_item_replies, resolve_split, split_layout
+from .distributed import EvalWorker, SplitLayout, WorkerError, merge_item_replies
 from .evaluator import EvaluatorStats, check_computes, mask_of, memoised, plan_of
 from .losses import LossFn, latent_mse
 from .procs import worker_context
@@ -170,7 +170,7 @@ class _Slot:
         self.conn.close()
 
 
-class LocalEvaluator:
+class LocalEvaluator(SplitLayout):
     """Drop-in for :class:`~budcache.search.evaluator.Evaluator` whose masks are scored by local worker processes.
 
     Args:
@@ -206,12 +206,7 @@ class LocalEvaluator:
         if calib.teacher is None:
             raise ConfigError("the calibration set has no teacher outputs; build it with make_calibration")
         self.workers = workers
-        self.split = resolve_split(split, workers, len(calib))
-        self.groups, self.per_group = split_layout(self.split, workers, len(calib))
-        # a group scores each proposal on all its workers at once: one speculative proposal per group
-        self.sa_batch = self.groups
-        # tempering's proposals per round: one per group with the hybrid split; W otherwise (as before it)
-        self.proposals = self.groups if self.split == "hybrid" else workers
+        self._set_layout(split, workers, len(calib))
         self.estimator = estimator  # the workers' masks use it; per-step estimators are refined in-process
         self.calib = calib
         self.max_retries = max_retries
@@ -224,8 +219,6 @@ class LocalEvaluator:
                 "max_state_bytes": max_state_bytes, "threads": threads, "estimator": estimator,
                 "keep_items": self.split != "masks"}
         self._ctx = worker_context()
-        shares = item_shares(len(calib), self.per_group)
-        self.shares = [shares[w % self.per_group] for w in range(workers)]  # worker w: group w // S, share w % S
         self._args = [(factory, calib if self.split == "masks" else calib.items(a, b), loss, opts)
                       for a, b in self.shares]
         self.slots: list[_Slot] = []
