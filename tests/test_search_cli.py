@@ -217,6 +217,32 @@ def test_default_search_runs_its_candidates_at_once_and_matches_the_in_process_s
         assert d["meta"]["candidates"]["vtaylor1"] == pytest.approx(one["meta"]["candidates"]["vtaylor1"], rel=1e-4)
 
 
+def test_options_given_apply_to_every_candidate_and_the_peer_keeps_its_short_search_otherwise(searched, monkeypatch,
+                                                                                               tmp_path):
+    """--sa-iters / --hc-rounds given on the command line set both candidates' searches; the options not given keep
+    each candidate's own default: budcache's annealing (radius 3, 2 far jumps) and, for TaylorSeer's schedule, the
+    short search from its best grid point (PEER_SEARCH: radius 2, no far jumps, prefix 1)."""
+    from budcache.search import job
+
+    own = json.loads((searched / "checkpoint_N6_K3.json").read_text())["config"]
+    peer = json.loads((searched / "checkpoint_N6_K3_taylorseer.json").read_text())["config"]
+    assert (own["sa_iters"], own["hc_rounds"], own["radius"], own["far_jumps"]) == (4, 1, 3, 2)
+    assert (peer["sa_iters"], peer["hc_rounds"], peer["radius"], peer["far_jumps"], peer["prefix"]) == (4, 1, 2, 0, 1)
+    seen = {}
+
+    def fake_run_search(out, **kw):
+        seen.update(kw)
+        return []
+
+    monkeypatch.setattr(job, "run_search", fake_run_search)
+    assert main(["search", "--nfe", "3", "--quiet", "--backend", "inprocess", "--out", str(tmp_path / "a")]) == 0
+    assert not {"sa_iters", "hc_rounds", "radius", "far_jumps", "t_max", "t_min", "restarts"} & set(seen)
+    seen.clear()
+    assert main(["search", "--nfe", "3", "--quiet", "--backend", "inprocess", "--radius", "1", "--t-max", "0.1",
+                 "--out", str(tmp_path / "b")]) == 0
+    assert seen["radius"] == 1 and seen["t_max"] == 0.1 and "sa_iters" not in seen
+
+
 def test_split_option_is_checked(tmp_path, capsys):
     assert main([*ARGS, "--backend", "inprocess", "--split", "items", "--out", str(tmp_path / "a")]) == 2
     assert "--split applies only with workers" in capsys.readouterr().err

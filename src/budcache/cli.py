@@ -235,7 +235,9 @@ def cmd_search(a: argparse.Namespace) -> int:
     from .search.backends import backend_kwargs
     from .search.job import AUTO, DEFAULT_CHOICES, run_search
 
-    kw = {k: getattr(a, k) for k in ("sa_iters", "t_max", "t_min", "radius", "hc_rounds", "restarts", "far_jumps")}
+    # only the options given: a peer's schedule keeps its own short search (PEER_SEARCH) unless one is set
+    kw = {k: getattr(a, k) for k in ("sa_iters", "t_max", "t_min", "radius", "hc_rounds", "restarts", "far_jumps")
+          if getattr(a, k) is not None}
     if a.prefix is not None:
         kw["prefix"] = a.prefix
     kw["relative"] = a.relative_temperature
@@ -342,13 +344,20 @@ def _add_search(sub: Any) -> None:
                     help="per-item loss averaged over the calibration set: logmse (default: log of each item's MSE, "
                          "every item counts equally, like mean PSNR), mse (the paper's) or l1")
     se.add_argument("--seed", type=seed_arg, default=0)
-    se.add_argument("--sa-iters", type=int, default=200)
-    se.add_argument("--t-max", type=float, default=0.05)
-    se.add_argument("--t-min", type=float, default=1e-5)
-    se.add_argument("--radius", type=int, default=3)
-    se.add_argument("--hc-rounds", type=int, default=20)
-    se.add_argument("--far-jumps", type=int, default=2)
-    se.add_argument("--restarts", type=int, default=1)
+    peer = ("budcache's own estimators; a peer's schedule (taylorseer) is searched from its best grid point "
+            "with a short search, {}, unless this option is given")
+    se.add_argument("--sa-iters", type=int, default=None,
+                    help="annealing iterations (default 200 for " + peer.format("10") + ")")
+    se.add_argument("--t-max", type=float, default=None, help="start temperature (default 0.05)")
+    se.add_argument("--t-min", type=float, default=None, help="end temperature (default 1e-5)")
+    se.add_argument("--radius", type=int, default=None,
+                    help="hill climbing's local radius (default 3 for " + peer.format("2") + ")")
+    se.add_argument("--hc-rounds", type=int, default=None,
+                    help="hill-climbing rounds (default 20 for " + peer.format("2") + ")")
+    se.add_argument("--far-jumps", type=int, default=None,
+                    help="random far moves per computed step in hill climbing (default 2 for "
+                         + peer.format("0") + ")")
+    se.add_argument("--restarts", type=int, default=None, help="annealing restarts (default 1)")
     se.add_argument("--prefix", type=int, default=None, help="forced computed prefix (default max(1, K//4))")
     se.add_argument("--relative-temperature", action="store_true",
                     help="Metropolis on the loss difference relative to the start loss (default: the raw difference, "
