@@ -20,6 +20,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import torch
 
 from budcache import CachePolicy, tinyflow
@@ -76,12 +77,14 @@ def compare(a: argparse.Namespace) -> None:
          (("new", new), ("reference", ref))}
     wins = int((q["new"]["latent_mse"] < q["reference"]["latent_mse"]).sum())
     losses = int((q["new"]["latent_mse"] > q["reference"]["latent_mse"]).sum())
-    print("| policy | plan | held-out latent MSE | PSNR (dB) | SSIM |\n|---|---|---|---|---|")
+    print("| policy | plan | held-out latent MSE | median latent MSE | PSNR (dB) | median PSNR (dB) | SSIM |\n"
+          "|---|---|---|---|---|---|---|")
     for name, pol in (("new", new), ("reference", ref)):
         m = q[name]
         ssim = f"{m['ssim'].mean():.4f}" if "ssim" in m else ""
-        print(f"| {name} | `{pol.estimator_strip()}` | {m['latent_mse'].mean():.4e} | {m['psnr'].mean():.2f} | "
-              f"{ssim} |")
+        print(f"| {name} | `{pol.estimator_strip()}` | {m['latent_mse'].mean():.4e} | "
+              f"{float(np.median(m['latent_mse'])):.4e} | {m['psnr'].mean():.2f} | "
+              f"{float(np.median(m['psnr'])):.2f} | {ssim} |")
     print(f"\nnew vs reference, paired on {len(held)} held-out pairs: {wins} wins, {losses} losses, "
           f"{len(held) - wins - losses} ties")
 

@@ -187,6 +187,38 @@ def test_a_checkpoint_of_another_worker_count_or_scheme_is_refused(tmp_path):
                          digest="d")
 
 
+@pytest.mark.parametrize("queue, why", [
+    ([[0, 1, 2]], "state.queue"),                      # a mask of 3 steps where K = 6
+    ([[0, 1, 2, 3, 4, 99]], "state.queue"),            # a step beyond N
+    ([[0, 1, 2, 3, 4, 5.0]], "state.queue"),           # a float step
+    ([7], "malformed content"),                        # not a compute set at all
+    ("x", "state.queue' must be a list"),
+])
+def test_a_checkpoint_whose_pending_neighbourhood_is_corrupt_is_refused(tmp_path, queue, why):
+    """The checkpointed hill-climbing queue is validated on --resume, even with a matching content digest (a
+    hostile or hand-edited file): one ConfigError naming the field, nothing run."""
+    import json
+
+    from budcache.search.anneal import content_digest
+
+    ck = tmp_path / "ck.json"
+    tc = TemperingConfig(workers=2)
+    search_tempering(table_loss(CFG.steps), CFG, tc, checkpoint=ck, digest="d")
+    data = json.loads(ck.read_text())
+    data["state"]["queue"] = queue
+    data["sha256"] = content_digest(data)
+    ck.write_text(json.dumps(data))
+    calls = []
+
+    def spy(computes):
+        calls.append(computes)
+        return table_loss(CFG.steps)(computes)
+
+    with pytest.raises(ConfigError, match=why):
+        search_tempering(spy, CFG, tc, checkpoint=ck, resume=True, digest="d")
+    assert calls == []
+
+
 def test_sequential_scheme_is_the_paper_search():
     a = search_scheme("sequential", table_loss(CFG.steps), CFG, workers=8, sa_batch=8)
     b = search(table_loss(CFG.steps), CFG)

@@ -361,6 +361,8 @@ def _load(path: Path, cfg: SearchConfig, tcfg: TemperingConfig, digest: str,
                 raise bad("field 'memo' must hold [compute set of K steps, finite loss] pairs")
             memo[key] = float(v)
         raw = data["state"]
+        if not isinstance(raw["queue"], list):
+            raise bad("field 'state.queue' must be a list of compute sets")
         st = {**raw, "chains": [(tuple(c), float(v)) for c, v in raw["chains"]],
               "queue": [tuple(c) for c in raw["queue"]],
               "cur": tuple(raw["cur"]) if raw["cur"] is not None else None,
