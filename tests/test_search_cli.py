@@ -191,6 +191,19 @@ def test_default_search_keeps_the_candidate_with_the_lower_calibration_loss(sear
         assert f"**{cand[kept]:.4f}**" in report
 
 
+def test_default_search_also_writes_each_candidates_policy(searched):
+    """Beside the kept policy, policy_N*_K*_<mechanism>.json holds each candidate's own searched policy (TaylorSeer's
+    searched schedule too when budcache's is kept), with its own loss; the kept one is the lower."""
+    for k, kept in _policies(searched).items():
+        cands = {m: CachePolicy.load(searched / f"policy_N6_K{k}_{m}.json") for m in ("vtaylor1", "taylorseer")}
+        for m, pol in cands.items():
+            assert pol.nfe == k and pol.meta["mechanism"] == m
+            assert pol.meta["search_loss"] == kept.meta["candidates"][m]
+        assert cands["taylorseer"].estimators is None and cands["taylorseer"].estimator == "taylorseer"
+        same = cands[kept.meta["mechanism"]]
+        assert same.compute == kept.compute and same.estimators == kept.estimators and same.meta == kept.meta
+
+
 def test_default_search_runs_its_candidates_at_once_and_matches_the_in_process_search(searched, tmp_path):
     """The default backend (auto) scores budcache's candidate on worker processes while TaylorSeer's schedule is
     searched in this process at the same time. With whole masks per worker (--split masks) the policies are those

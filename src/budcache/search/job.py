@@ -511,18 +511,27 @@ def run_search(out: str | Path, *, nfes: Sequence[int], problem: Problem | None 
             prev[m] = res.compute
         return (refined.loss if refined is not None else res.loss, i, m, res, refined, names, stats, masks_run)
 
+    def policy_of(k: int, tried: list[tuple[Any, ...]], value: float, m: str, res: SearchResult,
+                  names: Sequence[str] | None) -> CachePolicy:
+        """Budget ``k``'s policy of candidate ``m`` (``tried``: every candidate's outcome, for the meta)."""
+        meta = {"model": problem.name, "solver": settings.solver, "schedule": problem.schedule,
+                "mechanism": m, "guidance": settings.guidance, "budget": k, "search_loss": value, "loss": loss,
+                "calibration_digest": calib.digest, "calibration_pairs": len(calib),
+                "budcache_version": __version__}
+        if len(candidates) > 1:
+            meta["candidates"] = {t[2]: t[0] for t in tried}
+        return CachePolicy(steps, res.compute, meta=meta, estimators=names)
+
     for k in sorted(set(nfes)):
         if concurrent:
             tried = run_concurrently(attempt, k, candidates, where)
         else:
             tried = [attempt(k, i, m) for i, m in enumerate(candidates)]
         value, _, m, res, refined, names, stats, masks_run = min(tried, key=lambda t: (t[0], t[1]))
-        meta = {"model": problem.name, "solver": settings.solver, "schedule": problem.schedule, "mechanism": m,
-                "guidance": settings.guidance, "budget": k, "search_loss": value, "loss": loss,
-                "calibration_digest": calib.digest, "calibration_pairs": len(calib), "budcache_version": __version__}
-        if len(candidates) > 1:
-            meta["candidates"] = {t[2]: t[0] for t in tried}
-        policy = CachePolicy(steps, res.compute, meta=meta, estimators=names)
+        policy = policy_of(k, tried, value, m, res, names)
+        if len(candidates) > 1:  # every candidate's own policy too, e.g. to compare TaylorSeer's searched schedule
+            for t in tried:
+                policy_of(k, tried, t[0], t[2], t[3], t[5]).save(out / f"policy_N{steps}_K{k}_{t[2]}.json")
         policy.save(out / f"policy_N{steps}_K{k}.json")
         plot_history(res.history, out / f"history_N{steps}_K{k}.png", f"search N={steps}, K={k} ({m})")
         o = BudgetOutcome(k, res, policy, stats, refined=refined, mask_evaluations=masks_run)
