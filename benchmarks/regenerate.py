@@ -105,7 +105,7 @@ def markdown_of(stdout: str, top: int = 3) -> str:
 
 def splice(text: str, name: str, body: str) -> str:
     """``text`` with the block of ``name`` replaced by ``body``; the markers must be present exactly once."""
-    pattern = re.compile(rf"<!-- generated: {re.escape(name)} -->\n.*?\n<!-- end generated: {re.escape(name)} -->",
+    pattern = re.compile(rf"<!-- generated: {re.escape(name)} -->\n(?:.*?\n)?<!-- end generated: {re.escape(name)} -->",
                          re.S)
     found = pattern.findall(text)
     if len(found) != 1:

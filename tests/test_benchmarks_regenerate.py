@@ -39,6 +39,8 @@ def test_splice_replaces_only_the_named_block_and_headings_sit_under_the_file(re
     assert out == text.replace("old a", body)
     with pytest.raises(ValueError, match="exactly once"):
         regen.splice(text, "c", body)
+    fresh = text + "\n<!-- generated: c -->\n<!-- end generated: c -->\nafter"  # a new section, not yet run
+    assert regen.splice(fresh, "c", body) == text + f"\n<!-- generated: c -->\n{body}\n<!-- end generated: c -->\nafter"
     with pytest.raises(ValueError, match="no Markdown heading"):
         regen.markdown_of("only progress\n")
 
