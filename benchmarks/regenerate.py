@@ -69,6 +69,7 @@ SECTIONS: tuple[Section, ...] = (
                                      ("--policy", f"runs/regenerate/default/policy_N28_K{k}_taylorseer.json")),
                                    "--methods", "taylorseer-searched,taylorseer,plain", "--given-only",
                                    "--no-transfer", "--out", "runs/regenerate/compare-taylorseer"), 4),
+    Section("candidates", ("benchmarks/candidates.py", "--pairs", "128"), 7),
     Section("alignment", ("benchmarks/align.py", "--budgets", "5,6,7", "--calib", "24", "--val", "16", "--heldout",
                           "64", "--epochs", "3", "--lr", "0.5", "--accumulation", "2", "--micro-batch", "4",
                           "--sa-iters", "100", "--hc-rounds", "10", "--rounds", "3", "--mechanism", "reuse",
