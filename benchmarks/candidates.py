@@ -21,12 +21,12 @@ import torch
 from budcache import CachePolicy, tinyflow
 from budcache.problems.data import calibration_pairs, split_pairs
 from budcache.problems.tinyflow import TinyflowProblem
+from budcache.search.losses import latent_log_mse
 
 
 def mean_log_mse(problem: TinyflowProblem, calib, policy: CachePolicy) -> float:
-    """``mean_i log(mean((x_i - x_full_i)^2))`` over the set's items (the ``logmse`` search loss)."""
-    err = (problem.final_latents(calib, policy) - calib.teacher).pow(2).flatten(1).mean(1)
-    return float(torch.log(err).mean())
+    """The ``logmse`` search loss of ``policy`` on a set: the mean over its items of ``latent_log_mse``."""
+    return float(latent_log_mse(problem.final_latents(calib, policy), calib.teacher).mean())
 
 
 def main() -> None:

@@ -531,7 +531,8 @@ def run_search(out: str | Path, *, nfes: Sequence[int], problem: Problem | None 
         policy = policy_of(k, tried, value, m, res, names)
         if len(candidates) > 1:  # every candidate's own policy too, e.g. to compare TaylorSeer's searched schedule
             for t in tried:
-                policy_of(k, tried, t[0], t[2], t[3], t[5]).save(out / f"policy_N{steps}_K{k}_{t[2]}.json")
+                pol = policy if t[2] == m else policy_of(k, tried, t[0], t[2], t[3], t[5])
+                pol.save(out / f"policy_N{steps}_K{k}_{t[2]}.json")
         policy.save(out / f"policy_N{steps}_K{k}.json")
         plot_history(res.history, out / f"history_N{steps}_K{k}.png", f"search N={steps}, K={k} ({m})")
         o = BudgetOutcome(k, res, policy, stats, refined=refined, mask_evaluations=masks_run)
