@@ -1,5 +1,7 @@
 """How well the default search's candidates generalise: each candidate's policy, and budcache's mask alone, scored
 on the calibration pairs, a validation split and the held-out pairs (mean log latent MSE, the search's loss).
+Then the compare's metrics on the validation split, a second set of fresh pairs beside the compare's held-out
+ones: the kept policy, TaylorSeer's searched schedule, TaylorSeer's best grid point and plain K steps.
 
 Reads the policies a default search wrote (``policy_N28_K*_<mechanism>.json``, e.g. from ``python
 benchmarks/regenerate.py --only default-search``) and draws the same pairs as that search (seed 0): its 32
@@ -19,7 +21,9 @@ import numpy as np
 import torch
 
 from budcache import CachePolicy, tinyflow
+from budcache.peers import taylorseer_grid_mask
 from budcache.problems.data import calibration_pairs, split_pairs
+from budcache.problems.metrics import item_metrics
 from budcache.problems.tinyflow import TinyflowProblem
 from budcache.search.losses import latent_log_mse
 
@@ -27,6 +31,45 @@ from budcache.search.losses import latent_log_mse
 def mean_log_mse(problem: TinyflowProblem, calib, policy: CachePolicy) -> float:
     """The ``logmse`` search loss of ``policy`` on a set: the mean over its items of ``latent_log_mse``."""
     return float(latent_log_mse(problem.final_latents(calib, policy), calib.teacher).mean())
+
+
+def grid_policy(problem: TinyflowProblem, calib, k: int) -> CachePolicy:
+    """TaylorSeer's best (warm-up, interval) grid schedule with exactly ``k`` computed steps, picked on ``calib``
+    by the mean log latent MSE (as the search's start point, :func:`budcache.search.job.peer_grid_start`)."""
+    options = []
+    for before in range(1, k + 1):
+        for interval in range(1, problem.steps + 1):
+            mask = taylorseer_grid_mask(problem.steps, before, interval)
+            if sum(mask) == k:
+                options.append(tuple(i for i, m in enumerate(mask) if m))
+                break
+    policies = [CachePolicy(problem.steps, c, meta={"mechanism": "taylorseer"}) for c in dict.fromkeys(options)]
+    return min(policies, key=lambda p: mean_log_mse(problem, calib, p))
+
+
+def quality_table(problem: TinyflowProblem, calib, val, run: str, ks: list[int]) -> None:
+    """Mean latent MSE, mean and median PSNR, SSIM and paired wins on ``val``, as ``budcache compare`` reports."""
+    print(f"\nThe compare's metrics on the {len(val)} validation pairs (images decoded; wins: pairs where the row's "
+          "PSNR is higher than TaylorSeer's best grid point's; the grid point is picked on the 32 calibration pairs "
+          "by mean log latent MSE):\n")
+    print("| K | method | latent MSE | PSNR (dB) | median PSNR | SSIM | wins against TaylorSeer's grid |")
+    print("|---|---|---|---|---|---|---|")
+    for k in ks:
+        rows = {"kept (`auto`)": CachePolicy.load(f"{run}/policy_N28_K{k}.json"),
+                "TaylorSeer's searched schedule": CachePolicy.load(f"{run}/policy_N28_K{k}_taylorseer.json"),
+                "TaylorSeer's best grid point": grid_policy(problem, calib, k), "plain K steps": None}
+        q = {name: item_metrics(problem, problem.final_latents(val, pol, plain_steps=None if pol else k),
+                                val.teacher) for name, pol in rows.items()}
+        grid = q["TaylorSeer's best grid point"]["psnr"]
+        best = {m: (min if m == "latent_mse" else max)(q, key=lambda n: q[n][m].mean()) for m in
+                ("latent_mse", "psnr", "ssim")}
+        best["median"] = max(q, key=lambda n: float(np.median(q[n]["psnr"])))
+        for name, m in q.items():
+            vals = {"latent_mse": f"{m['latent_mse'].mean():.3e}", "psnr": f"{m['psnr'].mean():.2f}",
+                    "median": f"{float(np.median(m['psnr'])):.2f}", "ssim": f"{m['ssim'].mean():.4f}"}
+            cells = [f"**{v}**" if best[key] == name else v for key, v in vals.items()]
+            wins = "" if name.startswith("TaylorSeer's best") else f"{int((m['psnr'] > grid).sum())}/{len(val)}"
+            print(f"| {k} | {name} | " + " | ".join(cells) + f" | {wins} |", flush=True)
 
 
 def main() -> None:
@@ -50,7 +93,8 @@ def main() -> None:
           "estimator choice).\n")
     print("| K | set | budcache (kept by calibration loss) | TaylorSeer's searched schedule | budcache's mask alone |")
     print("|---|---|---|---|---|")
-    for k in (int(x) for x in a.nfe.split(",")):
+    ks = [int(x) for x in a.nfe.split(",")]
+    for k in ks:
         own = CachePolicy.load(f"{a.run}/policy_N28_K{k}_vtaylor1.json")
         peer = CachePolicy.load(f"{a.run}/policy_N28_K{k}_taylorseer.json")
         alone = CachePolicy(28, own.compute, meta={**own.meta, "mechanism": "vtaylor1"})
@@ -59,6 +103,7 @@ def main() -> None:
             best = int(np.argmin(v[:2]))
             cells = [f"**{x:.3f}**" if i == best else f"{x:.3f}" for i, x in enumerate(v[:2])]
             print(f"| {k} | {name} | {cells[0]} | {cells[1]} | {v[2]:.3f} |", flush=True)
+    quality_table(problem, sets["calibration"], sets["validation"], a.run, ks)
 
 
 if __name__ == "__main__":
