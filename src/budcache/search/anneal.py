@@ -90,6 +90,19 @@ class SearchResult:
     wall_s: float = 0.0
 
 
+def memo_scores(memo: dict[Compute, float], losses: LossesFn, cands: Sequence[Compute]) -> list[float]:
+    """The losses of ``cands``: those missing from ``memo`` are scored once each by ``losses`` (first-seen order)
+    and stored. A non-finite loss raises :class:`ModelOutputError` naming its compute set."""
+    todo = [c for c in dict.fromkeys(cands) if c not in memo]
+    if todo:
+        for c, v in zip(todo, losses(todo)):
+            if not math.isfinite(v):
+                raise ModelOutputError(f"loss of compute set {list(c)} is not finite ({v}): the model "
+                                       "produced NaN or Inf on this mask")
+            memo[c] = v
+    return [memo[c] for c in cands]
+
+
 def random_init(cfg: SearchConfig, rng: np.random.Generator) -> Compute:
     """Forced prefix plus a random sample of the remaining budget."""
     p = cfg.forced
@@ -347,14 +360,7 @@ def search(losses: LossesFn, cfg: SearchConfig, *, init: Sequence[int] | None = 
     ckpt = Path(checkpoint) if checkpoint is not None else None
 
     def score(cands: Sequence[Compute]) -> list[float]:
-        todo = [c for c in dict.fromkeys(cands) if c not in memo]
-        if todo:
-            for c, v in zip(todo, losses(todo)):
-                if not math.isfinite(v):
-                    raise ModelOutputError(f"loss of compute set {list(c)} is not finite ({v}): the model "
-                                           "produced NaN or Inf on this mask")
-                memo[c] = v
-        return [memo[c] for c in cands]
+        return memo_scores(memo, losses, cands)
 
     def speculate(n: int) -> None:
         """Score the next ``n`` proposals from the current state, as if each were rejected after its draw."""

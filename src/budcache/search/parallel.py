@@ -79,7 +79,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import ConfigError, ModelOutputError
+from ..errors import ConfigError
 from ..io import read_json_limited, write_json
 from .anneal import (
     Compute,
@@ -90,6 +90,7 @@ from .anneal import (
     content_digest,
     fit_budget,
     hc_neighbourhood,
+    memo_scores,
     random_init,
     sa_proposal,
 )
@@ -184,14 +185,7 @@ def search_tempering(losses: LossesFn, cfg: SearchConfig, tcfg: TemperingConfig,
     n_chains, rounds = len(props), tcfg.rounds(cfg)
 
     def score(cands: Sequence[Compute]) -> list[float]:
-        todo = [c for c in dict.fromkeys(cands) if c not in memo]
-        if todo:
-            for c, v in zip(todo, losses(todo)):
-                if not math.isfinite(v):
-                    raise ModelOutputError(f"loss of compute set {list(c)} is not finite ({v}): the model "
-                                           "produced NaN or Inf on this mask")
-                memo[c] = v
-        return [memo[c] for c in cands]
+        return memo_scores(memo, losses, cands)
 
     rng = np.random.default_rng(cfg.seed)
     st: dict[str, Any] = {"restart": 0, "phase": "init", "it": 0, "chains": [], "cur": None, "cur_loss": None,
