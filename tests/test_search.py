@@ -33,6 +33,7 @@ from budcache.search import (
     sa_proposal,
     search,
 )
+from budcache.search.anneal import memo_scores
 from budcache.search.losses import latent_mse
 from helpers import make_transformer
 
@@ -837,3 +838,27 @@ def test_log_mse_loss_weighs_items_by_relative_error():
     assert torch.isfinite(log_mse(teacher, teacher)).all()
     with pytest.raises(ConfigError, match="logmse"):
         get_loss("psnr")
+
+
+def test_memo_scores_scores_each_new_mask_once_and_names_a_non_finite_one():
+    calls: list[list[tuple[int, ...]]] = []
+
+    def losses(cands):
+        calls.append(list(cands))
+        return [float("inf") if c == (0, 2) else float(sum(c)) for c in cands]
+
+    memo = {(0, 1): 0.5}
+    assert memo_scores(memo, losses, [(0, 3), (0, 1), (0, 3)]) == [3.0, 0.5, 3.0]
+    assert calls == [[(0, 3)]]  # the memo answers (0, 1); a repeat is scored once
+    assert memo_scores(memo, losses, [(0, 3)]) == [3.0] and len(calls) == 1
+    with pytest.raises(ModelOutputError, match=r"compute set \[0, 2\] is not finite"):
+        memo_scores(memo, losses, [(0, 2)])
+    assert (0, 2) not in memo
+
+
+def test_tempering_reports_a_non_finite_loss_with_its_mask():
+    from budcache.search.parallel import TemperingConfig, search_tempering
+
+    with pytest.raises(ModelOutputError, match=r"compute set \[0, .*not finite"):
+        search_tempering(TableLoss(lambda c: float("nan")), SearchConfig(8, 3, sa_iters=4),
+                         TemperingConfig(workers=2))
