@@ -40,10 +40,12 @@ def test_search_writes_one_budget_exact_policy_per_budget(searched):
         assert pol.meta["calibration_pairs"] == 2
         assert isinstance(pol.meta["search_loss"], float) and math.isfinite(pol.meta["search_loss"])
         # the default (--mechanism auto): budcache's velocity forecast in sigma with per-step estimators
-        # (policy version 2) and TaylorSeer's searched schedule, the lower mean per-pair log-MSE kept
+        # (policy version 2), TaylorSeer's searched schedule, and budcache's estimators on that schedule; the lowest
+        # mean per-pair log-MSE kept
         cand = pol.meta["candidates"]
-        assert set(cand) == {"vtaylor1", "taylorseer"} and pol.meta["loss"] == "logmse"
-        assert pol.meta["search_loss"] == min(cand.values()) and pol.meta["mechanism"] == min(cand, key=cand.get)
+        assert set(cand) == {"vtaylor1", "taylorseer", "vtaylor1@taylorseer"} and pol.meta["loss"] == "logmse"
+        assert pol.meta["search_loss"] == min(cand.values()) and pol.meta["candidate"] == min(cand, key=cand.get)
+        assert pol.meta["mechanism"] == pol.meta["candidate"].partition("@")[0]
         if pol.meta["mechanism"] == "vtaylor1":
             assert pol.estimators is not None and len(pol.estimators) == 6 - k
             assert set(pol.estimators) <= {"vtaylor1", "vtaylor2", "output"}
@@ -182,25 +184,31 @@ def test_a_budget_searched_with_others_equals_it_searched_alone_unless_warm_star
 def test_default_search_keeps_the_candidate_with_the_lower_calibration_loss(searched):
     """`budcache search` without --mechanism searches budcache's estimators and TaylorSeer's schedule per budget."""
     report = (searched / "report.md").read_text()
-    assert "| NFE | vtaylor1 | taylorseer | kept |" in report
+    assert "| NFE | vtaylor1 | taylorseer | vtaylor1@taylorseer | kept |" in report
+    order = ("vtaylor1", "taylorseer", "vtaylor1@taylorseer")  # ties go to the earlier candidate
     for pol in _policies(searched).values():
         cand = pol.meta["candidates"]
-        assert set(cand) == {"vtaylor1", "taylorseer"}
-        kept = min(cand, key=lambda n: (cand[n], n != "vtaylor1"))
-        assert pol.meta["mechanism"] == kept and pol.meta["search_loss"] == cand[kept]
+        assert set(cand) == set(order)
+        kept = min(cand, key=lambda n: (cand[n], order.index(n)))
+        assert pol.meta["candidate"] == kept and pol.meta["search_loss"] == cand[kept]
         assert f"**{cand[kept]:.4f}**" in report
 
 
 def test_default_search_also_writes_each_candidates_policy(searched):
     """Beside the kept policy, policy_N*_K*_<mechanism>.json holds each candidate's own searched policy (TaylorSeer's
     searched schedule too when budcache's is kept), with its own loss; the kept one is the lower."""
+    names = ("vtaylor1", "taylorseer", "vtaylor1@taylorseer")
     for k, kept in _policies(searched).items():
-        cands = {m: CachePolicy.load(searched / f"policy_N6_K{k}_{m}.json") for m in ("vtaylor1", "taylorseer")}
+        cands = {m: CachePolicy.load(searched / f"policy_N6_K{k}_{m}.json") for m in names}
         for m, pol in cands.items():
-            assert pol.nfe == k and pol.meta["mechanism"] == m
+            assert pol.nfe == k and pol.meta["mechanism"] == m.partition("@")[0] and pol.meta["candidate"] == m
             assert pol.meta["search_loss"] == kept.meta["candidates"][m]
         assert cands["taylorseer"].estimators is None and cands["taylorseer"].estimator == "taylorseer"
-        same = cands[kept.meta["mechanism"]]
+        # budcache's estimators per skipped step on TaylorSeer's searched schedule, the budget unchanged
+        hybrid = cands["vtaylor1@taylorseer"]
+        assert hybrid.compute == cands["taylorseer"].compute and hybrid.meta["mask_from"] == "taylorseer"
+        assert hybrid.estimators is not None and set(hybrid.estimators) <= {"vtaylor1", "vtaylor2", "output"}
+        same = cands[kept.meta["candidate"]]
         assert same.compute == kept.compute and same.estimators == kept.estimators and same.meta == kept.meta
 
 
@@ -284,3 +292,16 @@ def test_run_search_takes_names_none_or_the_default_for_estimators(tmp_path):
     with pytest.raises(ConfigError, match="estimators='vtaylor2'"):  # a bare name, not a list
         run_search(tmp_path, nfes=[3], settings=SamplerSettings(6), estimators="vtaylor2", progress=False)
     assert not list(tmp_path.glob("policy_*.json"))
+
+
+def test_no_peer_masks_searches_the_two_candidates_alone(searched, tmp_path):
+    """--no-peer-masks leaves out budcache's estimators on TaylorSeer's schedule; the other two candidates are
+    searched as with it, to the same losses."""
+    out = tmp_path / "two"
+    assert main([*ARGS, "--backend", "inprocess", "--no-peer-masks", "--out", str(out)]) == 0
+    for k, pol in _policies(out).items():
+        assert set(pol.meta["candidates"]) == {"vtaylor1", "taylorseer"}
+        assert not (out / f"policy_N6_K{k}_vtaylor1@taylorseer.json").exists()
+        three = CachePolicy.load(searched / f"policy_N6_K{k}.json").meta["candidates"]
+        assert pol.meta["candidates"]["taylorseer"] == three["taylorseer"]
+        assert pol.meta["candidates"]["vtaylor1"] == pytest.approx(three["vtaylor1"], rel=1e-4)  # items split there

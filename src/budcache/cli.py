@@ -249,7 +249,7 @@ def cmd_search(a: argparse.Namespace) -> int:
                           prompt_file=a.prompts, seeds_per_prompt=a.seeds_per_prompt, heldout_pairs=a.heldout,
                           seed=a.seed, loss=a.loss, resume=a.resume, force=a.force, progress=not a.quiet,
                           naive=a.naive, mechanisms=AUTO if auto else None, warm_start=a.warm_start,
-                          refine_scheme=a.refine_scheme,
+                          refine_scheme=a.refine_scheme, peer_masks=not a.no_peer_masks,
                           **backend_kwargs(a), **kw)
     for o in outcomes:
         h = o.heldout
@@ -362,6 +362,9 @@ def _add_search(sub: Any) -> None:
     se.add_argument("--relative-temperature", action="store_true",
                     help="Metropolis on the loss difference relative to the start loss (default: the raw difference, "
                          "as the reference does)")
+    se.add_argument("--no-peer-masks", action="store_true",
+                    help="with --mechanism auto: do not also choose budcache's per-step estimators on TaylorSeer's "
+                         "searched schedule (the candidate vtaylor1@taylorseer; default: it is searched too)")
     se.add_argument("--warm-start", action="store_true",
                     help="start each budget's annealing from the previous budget's mask (default: every budget "
                          "is searched on its own, so its policy does not depend on the other budgets asked for)")

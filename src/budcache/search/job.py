@@ -44,13 +44,23 @@ DEFAULT_REFINE: tuple[str, ...] = ("vtaylor1", "vtaylor2", "output")
 DEFAULT_CHOICES = "default"
 #: How the per-step estimators are chosen (:func:`budcache.search.anneal.refine_estimators`).
 DEFAULT_REFINE_SCHEME = "sweep"
-#: ``--mechanism auto``: budcache's default estimator and diffusers' TaylorSeer on a searched schedule; each
-#: budget keeps the one with the lower calibration loss (BENCHMARKS.md, "Default search").
+#: ``--mechanism auto``: budcache's default estimator and diffusers' TaylorSeer on a searched schedule, and (with
+#: ``peer_masks``) budcache's estimators chosen per step on TaylorSeer's searched schedule; each budget keeps the
+#: candidate with the lowest calibration loss (BENCHMARKS.md, "Default search").
 AUTO: tuple[str, ...] = ("vtaylor1", "taylorseer")
 #: Search settings for a peer mechanism where the call does not set them (``budcache search`` sets the annealing
 #: and hill-climbing options itself, so only ``prefix`` applies there): start from the peer's best grid schedule
 #: (which keeps step 1 free: prefix 1), anneal briefly, then hill-climb.
 PEER_SEARCH: dict[str, Any] = {"sa_iters": 10, "hc_rounds": 2, "radius": 2, "far_jumps": 0, "prefix": 1}
+#: Joins a peer-schedule candidate's name: ``vtaylor1@taylorseer`` is budcache's estimators chosen per step on
+#: TaylorSeer's searched schedule (``run_search(peer_masks=True)``).
+ON = "@"
+
+
+def candidate_parts(name: str) -> tuple[str, str | None]:
+    """``(mechanism, peer whose searched schedule it runs on, or None)`` of a candidate's name."""
+    mech, _, peer = name.partition(ON)
+    return mech, peer or None
 
 
 @dataclass
@@ -154,12 +164,12 @@ def report(outcomes: list[BudgetOutcome], meta: dict[str, Any]) -> str:
                      f"{r.wall_s if r else 0.0:.1f} | `{o.policy.estimator_strip()}` |")
     if any("candidates" in o.policy.meta for o in outcomes):
         names = list(dict.fromkeys(n for o in outcomes for n in o.policy.meta.get("candidates", {})))
-        lines += ["", "Each budget was searched with every candidate mechanism; the policy keeps the lowest "
-                  "calibration loss (bold):", "",
+        lines += ["", "Each budget was searched with every candidate mechanism (`a@b`: estimators `a` chosen per "
+                  "step on `b`'s searched schedule); the policy keeps the lowest calibration loss (bold):", "",
                   "| NFE | " + " | ".join(names) + " | kept |", "|---|" + "---|" * (len(names) + 1)]
         for o in outcomes:
             cand = o.policy.meta.get("candidates", {})
-            kept = o.policy.meta.get("mechanism")
+            kept = o.policy.meta.get("candidate", o.policy.meta.get("mechanism"))
             cells = [(f"**{cand[n]:.4f}**" if n == kept else f"{cand[n]:.4f}") if n in cand else "-" for n in names]
             lines.append(f"| {o.nfe} | " + " | ".join(cells) + f" | {kept} |")
     if "wall_s" in meta:
@@ -323,9 +333,10 @@ def concurrent_candidates(where: dict[str, str]) -> bool:
 
 def run_concurrently(attempt: Callable[..., tuple[Any, ...]], k: int, candidates: Sequence[str],
                      where: dict[str, str]) -> list[tuple[Any, ...]]:
-    """``attempt(k, i, m)`` for every candidate at once: the in-process one on this thread, each other on its own
-    thread (its evaluator waits on worker processes or actors). Results in candidate order. An error or Ctrl-C
-    on any stops the others at their next request, then the first error is raised."""
+    """``attempt(k, i, m)`` for every candidate at once: the in-process ones on this thread, one after another in
+    candidate order, each other on its own thread (its evaluator waits on worker processes or actors). Results in
+    candidate order. An error or Ctrl-C on any stops the others at their next request, then the first error is
+    raised."""
     results: dict[int, Any] = {}
     cancel = threading.Event()
 
@@ -369,7 +380,7 @@ def run_search(out: str | Path, *, nfes: Sequence[int], problem: Problem | None 
                force: bool = False, progress: bool = True, naive: bool = False, model: str | None = None,
                backend: str = "inprocess", workers: int | None = None, ray_address: str | None = None,
                scheme: str = "sequential", mechanisms: Sequence[str] | None = None, warm_start: bool = False,
-               refine_scheme: str = DEFAULT_REFINE_SCHEME, split: str = "auto",
+               refine_scheme: str = DEFAULT_REFINE_SCHEME, split: str = "auto", peer_masks: bool = True,
                **search_kw: Any) -> list[BudgetOutcome]:
     """Search one policy per budget and write all outputs to ``out``.
 
@@ -428,6 +439,9 @@ def run_search(out: str | Path, *, nfes: Sequence[int], problem: Problem | None 
         warm_start: start each budget's annealing from the previous budget's mask (default: from the
             seed's random mask, as a budget searched alone; a peer's schedule starts from its best grid
             point either way).
+        peer_masks: with a peer mechanism and one of budcache's (with per-step estimators) among
+            ``mechanisms``, also choose budcache's estimators per step on the peer's searched schedule: one
+            more candidate, ``<mechanism>@<peer>`` (default on; searched in this process after the peer).
         **search_kw: fields of :class:`budcache.search.SearchConfig` (``sa_iters``, ``hc_rounds``, ...).
     """
     t_start, cpu_start = time.perf_counter(), time.process_time()
@@ -469,6 +483,8 @@ def run_search(out: str | Path, *, nfes: Sequence[int], problem: Problem | None 
         return DEFAULT_REFINE if default else estimators
 
     plans = {m: search_estimators(m, choices(m)) for m in candidates}
+    own = next((m for m in candidates if m not in PEER_MECHANISMS and plans[m][1]), None)
+    hybrids = tuple(f"{own}{ON}{p}" for p in candidates if p in PEER_MECHANISMS) if peer_masks and own else ()
     kw_of = {m: ({**PEER_SEARCH, **search_kw} if m in PEER_MECHANISMS else search_kw) for m in candidates}
     configs = {m: {k: SearchConfig(steps=steps, nfe=k, seed=seed, **kw_of[m]) for k in sorted(set(nfes))}
                for m in candidates}
@@ -489,13 +505,29 @@ def run_search(out: str | Path, *, nfes: Sequence[int], problem: Problem | None 
                                   workers=workers if where[m] != "inprocess" else 1, address=ray_address,
                                   estimator=plans[m][0], mechanism=m,
                                   split=split if where[m] != "inprocess" else "auto") for m in candidates}
+    for h in hybrids:  # after its peer, on this process's thread (beside budcache's own candidate's workers)
+        where[h] = "inprocess"
+        evaluators[h] = make_backend("inprocess", problem.with_settings(mechanism=own), calib, loss=loss_fn,
+                                     naive=naive, workers=1, estimator=plans[own][0], mechanism=own)
     outcomes: list[BudgetOutcome] = []
     prev: dict[str, tuple[int, ...] | None] = dict.fromkeys(candidates)
+    peer_done: dict[tuple[int, str], tuple[SearchResult, int, EvaluatorStats]] = {}  # (budget, peer) -> its outcome
 
     def attempt(k: int, i: int, m: str, cancel: threading.Event | None = None) -> tuple[Any, ...]:
         """Search budget ``k`` with candidate ``m``: ``(loss, i, m, result, refinement, names, stats, masks run)``."""
         ev = evaluators[m] if cancel is None else Cancellable(evaluators[m], cancel)
         before = EvaluatorStats(**asdict(ev.stats))
+        mech, peer = candidate_parts(m)
+        if peer is not None:  # budcache's estimators chosen per step on the peer's searched schedule
+            res, masks_run, searched = peer_done[(k, peer)]
+            refined, names = refine_plan(problem.with_settings(mechanism=mech), calib, ev, res.compute, mech,
+                                         plans[mech][1], loss_fn, naive=naive, progress=progress,
+                                         scheme=refine_scheme)
+            if refined is None:  # cannot happen: ``own`` has per-step choices and its evaluator an estimator
+                raise BudcacheError(f"candidate {m}: no per-step estimators to choose")
+            stats = EvaluatorStats(**{f: getattr(ev.stats, f) - getattr(before, f) + getattr(searched, f)
+                                      for f in asdict(before)})  # the peer's mask search and these plans
+            return (refined.loss, i, m, res, refined, names, stats, masks_run)
         if m in PEER_MECHANISMS:
             prev[m] = peer_grid_start(ev, steps, k) or (prev[m] if warm_start else None)
         name = f"checkpoint_N{steps}_K{k}.json" if i == 0 else f"checkpoint_N{steps}_K{k}_{m}.json"
@@ -507,6 +539,7 @@ def run_search(out: str | Path, *, nfes: Sequence[int], problem: Problem | None 
         refined, names = refine_plan(problem.with_settings(mechanism=m), calib, ev, res.compute, m,
                                      plans[m][1], loss_fn, naive=naive, progress=progress, scheme=refine_scheme)
         stats = EvaluatorStats(**{f: getattr(ev.stats, f) - getattr(before, f) for f in asdict(before)})
+        peer_done[(k, m)] = (res, masks_run, stats)
         if warm_start:
             prev[m] = res.compute
         return (refined.loss if refined is not None else res.loss, i, m, res, refined, names, stats, masks_run)
@@ -514,22 +547,27 @@ def run_search(out: str | Path, *, nfes: Sequence[int], problem: Problem | None 
     def policy_of(k: int, tried: list[tuple[Any, ...]], value: float, m: str, res: SearchResult,
                   names: Sequence[str] | None) -> CachePolicy:
         """Budget ``k``'s policy of candidate ``m`` (``tried``: every candidate's outcome, for the meta)."""
+        mech, peer = candidate_parts(m)
         meta = {"model": problem.name, "solver": settings.solver, "schedule": problem.schedule,
-                "mechanism": m, "guidance": settings.guidance, "budget": k, "search_loss": value, "loss": loss,
+                "mechanism": mech, "guidance": settings.guidance, "budget": k, "search_loss": value, "loss": loss,
                 "calibration_digest": calib.digest, "calibration_pairs": len(calib),
                 "budcache_version": __version__}
-        if len(candidates) > 1:
+        if peer is not None:
+            meta["mask_from"] = peer
+        if len(tried) > 1:
             meta["candidates"] = {t[2]: t[0] for t in tried}
+            meta["candidate"] = m
         return CachePolicy(steps, res.compute, meta=meta, estimators=names)
 
     for k in sorted(set(nfes)):
+        names_k = (*candidates, *hybrids)
         if concurrent:
-            tried = run_concurrently(attempt, k, candidates, where)
+            tried = run_concurrently(attempt, k, names_k, where)
         else:
-            tried = [attempt(k, i, m) for i, m in enumerate(candidates)]
+            tried = [attempt(k, i, m) for i, m in enumerate(names_k)]
         value, _, m, res, refined, names, stats, masks_run = min(tried, key=lambda t: (t[0], t[1]))
         policy = policy_of(k, tried, value, m, res, names)
-        if len(candidates) > 1:  # every candidate's own policy too, e.g. to compare TaylorSeer's searched schedule
+        if len(tried) > 1:  # every candidate's own policy too, e.g. to compare TaylorSeer's searched schedule
             for t in tried:
                 pol = policy if t[2] == m else policy_of(k, tried, t[0], t[2], t[3], t[5])
                 pol.save(out / f"policy_N{steps}_K{k}_{t[2]}.json")
@@ -541,7 +579,7 @@ def run_search(out: str | Path, *, nfes: Sequence[int], problem: Problem | None 
         outcomes.append(o)
     for ev in evaluators.values():
         ev.close()
-    mechanism = "+".join(candidates)
+    mechanism = "+".join((*candidates, *hybrids))
     meta = {"date": datetime.date.today().isoformat(), "model": problem.name, "steps": steps,
             "solver": settings.solver, "mechanism": mechanism, "guidance": settings.guidance,
             "calibration_pairs": len(calib),
