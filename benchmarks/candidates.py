@@ -1,7 +1,7 @@
 """How well the default search's candidates generalise: each candidate's policy, and budcache's mask alone, scored
 on the calibration pairs, a validation split and the held-out pairs (mean log latent MSE, the search's loss).
 Then the compare's metrics on the validation split, a second set of fresh pairs beside the compare's held-out
-ones: the kept policy, TaylorSeer's searched schedule, TaylorSeer's best grid point and plain K steps.
+ones: the three candidates, TaylorSeer's best grid point and plain K steps.
 
 Reads the policies a default search wrote (``policy_N28_K*_<mechanism>.json``, e.g. from ``python
 benchmarks/regenerate.py --only default-search``) and draws the same pairs as that search (seed 0): its 32
@@ -48,16 +48,20 @@ def grid_policy(problem: TinyflowProblem, calib, k: int) -> CachePolicy:
 
 
 def quality_table(problem: TinyflowProblem, calib, val, run: str, ks: list[int]) -> None:
-    """Mean latent MSE, mean and median PSNR, SSIM and paired wins on ``val``, as ``budcache compare`` reports."""
+    """Mean latent MSE, mean and median PSNR, SSIM and paired wins on ``val``, as ``budcache compare`` reports, for
+    the three candidates (the kept one marked), TaylorSeer's best grid point and plain K steps."""
     print(f"\nThe compare's metrics on the {len(val)} validation pairs (images decoded; wins: pairs where the row's "
           "PSNR is higher than TaylorSeer's best grid point's; the grid point is picked on the 32 calibration pairs "
           "by mean log latent MSE):\n")
     print("| K | method | latent MSE | PSNR (dB) | median PSNR | SSIM | wins against TaylorSeer's grid |")
     print("|---|---|---|---|---|---|---|")
     for k in ks:
-        rows = {"kept (`auto`)": CachePolicy.load(f"{run}/policy_N28_K{k}.json"),
-                "TaylorSeer's searched schedule": CachePolicy.load(f"{run}/policy_N28_K{k}_taylorseer.json"),
-                "TaylorSeer's best grid point": grid_policy(problem, calib, k), "plain K steps": None}
+        kept = CachePolicy.load(f"{run}/policy_N28_K{k}.json").meta.get("candidate")
+        rows: dict[str, CachePolicy | None] = {
+            f"{label}{' (kept)' if m == kept else ''}": CachePolicy.load(f"{run}/policy_N28_K{k}_{m}.json")
+            for m, label in (("vtaylor1", "vtaylor1"), ("taylorseer", "TaylorSeer's searched schedule"),
+                             ("vtaylor1@taylorseer", "vtaylor1@taylorseer"))}
+        rows.update({"TaylorSeer's best grid point": grid_policy(problem, calib, k), "plain K steps": None})
         q = {name: item_metrics(problem, problem.final_latents(val, pol, plain_steps=None if pol else k),
                                 val.teacher) for name, pol in rows.items()}
         grid = q["TaylorSeer's best grid point"]["psnr"]
@@ -88,21 +92,25 @@ def main() -> None:
     print(f"### Candidates on fresh pairs ({datetime.date.today().isoformat()}, {platform.machine()}, one thread, "
           f"torch {torch.__version__})\n")
     print(f"Policies of `{a.run}`; mean log latent MSE against the 28-step output (lower is better) on the "
-          f"{len(prompts)} calibration pairs, {a.pairs} validation pairs and {a.pairs} held-out pairs. "
-          "`mask alone`: budcache's searched mask with vtaylor1 at every skipped step (before the per-step "
-          "estimator choice).\n")
-    print("| K | set | budcache (kept by calibration loss) | TaylorSeer's searched schedule | budcache's mask alone |")
-    print("|---|---|---|---|---|")
+          f"{len(prompts)} calibration pairs, {a.pairs} validation pairs and {a.pairs} held-out pairs; in bold the "
+          "best of the three candidates, marked `(kept)` the one `auto` kept at that budget (the lowest on "
+          "calibration). `vtaylor1`: budcache's estimators on its own searched mask; `vtaylor1@taylorseer`: "
+          "budcache's estimators chosen on TaylorSeer's searched schedule. `mask alone`: budcache's searched mask "
+          "with vtaylor1 at every skipped step (before the per-step estimator choice).\n")
+    names = ("vtaylor1", "taylorseer", "vtaylor1@taylorseer")
+    print("| K | set | vtaylor1 | TaylorSeer's searched schedule | vtaylor1@taylorseer | budcache's mask alone |")
+    print("|---|---|---|---|---|---|")
     ks = [int(x) for x in a.nfe.split(",")]
     for k in ks:
-        own = CachePolicy.load(f"{a.run}/policy_N28_K{k}_vtaylor1.json")
-        peer = CachePolicy.load(f"{a.run}/policy_N28_K{k}_taylorseer.json")
-        alone = CachePolicy(28, own.compute, meta={**own.meta, "mechanism": "vtaylor1"})
+        pols = [CachePolicy.load(f"{a.run}/policy_N28_K{k}_{m}.json") for m in names]
+        kept = CachePolicy.load(f"{a.run}/policy_N28_K{k}.json").meta.get("candidate")
+        alone = CachePolicy(28, pols[0].compute, meta={**pols[0].meta, "mechanism": "vtaylor1"})
         for name, s in sets.items():
-            v = [mean_log_mse(problem, s, p) for p in (own, peer, alone)]
-            best = int(np.argmin(v[:2]))
-            cells = [f"**{x:.3f}**" if i == best else f"{x:.3f}" for i, x in enumerate(v[:2])]
-            print(f"| {k} | {name} | {cells[0]} | {cells[1]} | {v[2]:.3f} |", flush=True)
+            v = [mean_log_mse(problem, s, p) for p in (*pols, alone)]
+            best = int(np.argmin(v[:3]))
+            cells = [(f"**{x:.3f}**" if i == best else f"{x:.3f}") + (" (kept)" if names[i] == kept else "")
+                     for i, x in enumerate(v[:3])]
+            print(f"| {k} | {name} | " + " | ".join(cells) + f" | {v[3]:.3f} |", flush=True)
     quality_table(problem, sets["calibration"], sets["validation"], a.run, ks)
 
 
