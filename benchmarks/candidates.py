@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from budcache import CachePolicy, tinyflow
-from budcache.peers import taylorseer_grid_mask
+from budcache.peers import taylorseer_grid_computes
 from budcache.problems.data import calibration_pairs, split_pairs
 from budcache.problems.metrics import item_metrics
 from budcache.problems.tinyflow import TinyflowProblem
@@ -36,14 +36,8 @@ def mean_log_mse(problem: TinyflowProblem, calib, policy: CachePolicy) -> float:
 def grid_policy(problem: TinyflowProblem, calib, k: int) -> CachePolicy:
     """TaylorSeer's best (warm-up, interval) grid schedule with exactly ``k`` computed steps, picked on ``calib``
     by the mean log latent MSE (as the search's start point, :func:`budcache.search.job.peer_grid_start`)."""
-    options = []
-    for before in range(1, k + 1):
-        for interval in range(1, problem.steps + 1):
-            mask = taylorseer_grid_mask(problem.steps, before, interval)
-            if sum(mask) == k:
-                options.append(tuple(i for i, m in enumerate(mask) if m))
-                break
-    policies = [CachePolicy(problem.steps, c, meta={"mechanism": "taylorseer"}) for c in dict.fromkeys(options)]
+    policies = [CachePolicy(problem.steps, c, meta={"mechanism": "taylorseer"})
+                for c in taylorseer_grid_computes(problem.steps, k)]
     return min(policies, key=lambda p: mean_log_mse(problem, calib, p))
 
 

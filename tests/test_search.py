@@ -862,3 +862,13 @@ def test_tempering_reports_a_non_finite_loss_with_its_mask():
     with pytest.raises(ModelOutputError, match=r"compute set \[0, .*not finite"):
         search_tempering(TableLoss(lambda c: float("nan")), SearchConfig(8, 3, sa_iters=4),
                          TemperingConfig(workers=2))
+
+
+def test_taylorseer_grid_computes_are_the_grids_exact_budget_schedules():
+    from budcache.peers import taylorseer_grid_computes, taylorseer_grid_mask
+
+    got = taylorseer_grid_computes(12, 4)
+    assert got and len(set(got)) == len(got) and all(len(c) == 4 and c[0] == 0 for c in got)
+    want = {tuple(k for k, m in enumerate(taylorseer_grid_mask(12, b, i)) if m)
+            for b in range(1, 5) for i in range(1, 13) if sum(taylorseer_grid_mask(12, b, i)) == 4}
+    assert set(got) <= want and taylorseer_grid_computes(12, 13) == []

@@ -264,6 +264,12 @@ def test_options_given_apply_to_every_candidate_and_the_peer_keeps_its_short_sea
     assert seen["radius"] == 1 and seen["t_max"] == 0.1 and "sa_iters" not in seen
 
 
+def test_no_peer_masks_needs_the_auto_mechanism(tmp_path, capsys):
+    assert main([*ARGS, "--mechanism", "vtaylor1", "--no-peer-masks", "--out", str(tmp_path / "a")]) == 2
+    assert "--no-peer-masks applies only with --mechanism auto" in capsys.readouterr().err
+    assert not (tmp_path / "a").exists()
+
+
 def test_split_option_is_checked(tmp_path, capsys):
     assert main([*ARGS, "--backend", "inprocess", "--split", "items", "--out", str(tmp_path / "a")]) == 2
     assert "--split applies only with workers" in capsys.readouterr().err

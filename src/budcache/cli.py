@@ -225,6 +225,9 @@ def _name_list(text: str) -> list[str]:
 
 
 def cmd_search(a: argparse.Namespace) -> int:
+    if a.no_peer_masks and a.mechanism != "auto":
+        raise ConfigError("--no-peer-masks applies only with --mechanism auto (the only search with a peer's "
+                          "schedule to choose budcache's estimators on)")
     check_writable_dir(a.out, "--out")  # before the model stack is imported
     from .search.procs import auto_backend, start_worker_server
 

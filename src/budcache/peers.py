@@ -30,7 +30,8 @@ from .errors import ConfigError
 from .specs import PEER_MECHANISMS
 
 __all__ = ["PEER_MECHANISMS", "PeerHooks", "PeerSnapshot", "ScheduledTaylorSeerHook", "apply_taylorseer_schedule",
-           "peer_snapshot", "restore_peer", "scheduled_hooks", "taylorseer_grid_mask"]
+           "peer_snapshot", "restore_peer", "scheduled_hooks", "taylorseer_grid_computes",
+           "taylorseer_grid_mask"]
 
 
 class ScheduledTaylorSeerHook(_ts.TaylorSeerCacheHook):
@@ -110,6 +111,19 @@ def taylorseer_grid_mask(steps: int, before: int, interval: int) -> tuple[bool, 
     """TaylorSeer's own schedule as a mask: step ``s`` computes when ``s < before`` or
     ``(s - before - 1) % interval == 0``."""
     return tuple(s < before or (s - before - 1) % interval == 0 for s in range(steps))
+
+
+def taylorseer_grid_computes(steps: int, nfe: int) -> list[tuple[int, ...]]:
+    """The compute sets of TaylorSeer's (warm-up, interval) grid with exactly ``nfe`` of ``steps`` computed, one per
+    warm-up length (its smallest such interval), without repeats; empty when none computes exactly ``nfe``."""
+    options = []
+    for before in range(1, nfe + 1):
+        for interval in range(1, steps + 1):
+            mask = taylorseer_grid_mask(steps, before, interval)
+            if sum(mask) == nfe:
+                options.append(tuple(k for k, m in enumerate(mask) if m))
+                break
+    return list(dict.fromkeys(options))
 
 
 #: A transformer's scheduled TaylorSeer hooks: ``(module name, hook)`` in module order.

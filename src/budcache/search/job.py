@@ -19,7 +19,7 @@ from .. import __version__
 from .. import estimators as est
 from ..errors import BudcacheError, ConfigError
 from ..io import atomic_write_text, check_writable_dir, write_json
-from ..peers import PEER_MECHANISMS, taylorseer_grid_mask
+from ..peers import PEER_MECHANISMS, taylorseer_grid_computes
 from ..plots import pyplot, save_figure
 from ..policy import CachePolicy
 from ..problems.base import Problem
@@ -280,16 +280,9 @@ def peer_grid_start(evaluator: Any, steps: int, nfe: int) -> tuple[int, ...] | N
     """The best of TaylorSeer's own (warm-up, interval) schedules with exactly ``nfe`` computed steps, scored by
     ``evaluator``: the searched schedule starts from it, so it can only improve on the peer's grid
     (``None`` when no grid point computes exactly ``nfe`` steps)."""
-    options = []
-    for before in range(1, nfe + 1):
-        for interval in range(1, steps + 1):
-            mask = taylorseer_grid_mask(steps, before, interval)
-            if sum(mask) == nfe:
-                options.append(tuple(k for k, m in enumerate(mask) if m))
-                break
+    options = taylorseer_grid_computes(steps, nfe)
     if not options:
         return None
-    options = list(dict.fromkeys(options))
     losses = evaluator.losses(options)
     return options[int(np.argmin(losses))]
 
