@@ -311,3 +311,30 @@ def test_no_peer_masks_searches_the_two_candidates_alone(searched, tmp_path):
         three = CachePolicy.load(searched / f"policy_N6_K{k}.json").meta["candidates"]
         assert pol.meta["candidates"]["taylorseer"] == three["taylorseer"]
         assert pol.meta["candidates"]["vtaylor1"] == pytest.approx(three["vtaylor1"], rel=1e-4)  # items split there
+
+
+def test_estimators_on_the_peers_schedule_take_one_sweep_and_budcaches_own_the_default(tmp_path, monkeypatch):
+    """The third candidate's estimator choice runs PEER_MASK_SWEEPS (1) sweep; budcache's own candidate the sweep
+    default (2); ``--refine-scheme steepest`` keeps its own default for both."""
+    from budcache.search import anneal, job
+
+    calls = []
+
+    def spy(plan_losses, plan, choices, *, rounds=None, scheme="sweep", progress=False):
+        res = anneal.refine_estimators(plan_losses, plan, choices, rounds=rounds, scheme=scheme, progress=progress)
+        calls.append((rounds, scheme, len(res.history) - 1))
+        return res
+
+    monkeypatch.setattr(job, "refine_estimators", spy)
+    kw = dict(nfes=[3], calib_pairs=2, heldout_pairs=2, progress=False)
+    from budcache.problems.settings import SamplerSettings
+    from budcache.search.job import AUTO, PEER_MASK_SWEEPS, run_search
+
+    settings = SamplerSettings(steps=6, mechanism="vtaylor1")
+    run_search(tmp_path / "a", settings=settings, mechanisms=AUTO, sa_iters=4, hc_rounds=1, **kw)
+    assert PEER_MASK_SWEEPS == 1 and [c[:2] for c in calls] == [(None, "sweep"), (1, "sweep")]
+    assert calls[1][2] <= 1
+    calls.clear()
+    run_search(tmp_path / "b", settings=settings, mechanisms=AUTO, sa_iters=4, hc_rounds=1,
+               refine_scheme="steepest", **kw)
+    assert [c[:2] for c in calls] == [(None, "steepest"), (None, "steepest")]

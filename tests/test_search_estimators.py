@@ -301,3 +301,16 @@ def test_a_peer_snapshot_maps_its_batch(tr):
                 for o, t in f.items():
                     assert torch.equal(b.taylor_factors[i][o], t[1:2])
     assert any(a.taylor_factors for h in st.peer.states for a in h.values())  # the active module has factors
+
+
+def test_sweeps_stop_after_two_by_default_even_when_another_would_move() -> None:
+    """Each step prefers OUT only once the step before it is OUT, so a last-to-first sweep makes one move; the
+    default stops after 2 sweeps (2 moves), ``rounds=4`` goes on to the optimum."""
+    def losses(plans):
+        return [-float(sum(p[k] == OUT and (k == 1 or p[k - 1] == OUT) for k in range(1, 5))) for p in plans]
+
+    start = (0, V1, V1, V1, V1)
+    two = refine_estimators(losses, start, [V1, OUT])
+    assert two.plan == (0, OUT, OUT, V1, V1) and [h["round"] for h in two.history] == [0, 1, 2]
+    four = refine_estimators(losses, start, [V1, OUT], rounds=4)
+    assert four.plan == (0, OUT, OUT, OUT, OUT) and four.loss == -4.0

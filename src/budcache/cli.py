@@ -333,8 +333,8 @@ def _add_search(sub: Any) -> None:
                          "whose own hooks fill skipped steps; 'none': keep --mechanism everywhere)")
     se.add_argument("--refine-scheme", default="sweep", choices=["sweep", "steepest"],
                     help="how those per-step estimators are chosen: sweep (default: visit the skipped steps from "
-                         "the last to the first and keep each improving change, up to 3 sweeps) or steepest (the "
-                         "best single change of all per round, up to 8 rounds; slower)")
+                         "the last to the first and keep each improving change, up to 2 sweeps, 1 on a peer's "
+                         "schedule) or steepest (the best single change of all per round, up to 8 rounds; slower)")
     se.add_argument("--guidance", type=guidance_arg, default=1.0)
     se.add_argument("--prompts", default=None, help="calibration prompts (.txt, .jsonl or .csv); default: "
                     "tinyflow prompts covering every template")

@@ -504,7 +504,7 @@ def refine_estimators(plan_losses: Callable[[Sequence[tuple[int, ...]]], list[fl
     - ``sweep`` (default): visit the skipped steps from the last to the first;
       at each, score its alternatives as one batch (``plan_losses``) and take
       the best if it strictly improves. A round is one sweep; stop after a
-      sweep without a move or after ``rounds`` (default 3) sweeps. A late step
+      sweep without a move or after ``rounds`` (default 2) sweeps. A late step
       costs few model calls to re-score (prefix sharing resumes just before
       it), so a sweep costs about one steepest-descent round and makes up to
       one move per skipped step.
@@ -522,7 +522,7 @@ def refine_estimators(plan_losses: Callable[[Sequence[tuple[int, ...]]], list[fl
     """
     if scheme not in REFINE_SCHEMES:
         raise ConfigError(f"estimator refinement scheme {scheme!r} is unknown; choose one of {list(REFINE_SCHEMES)}")
-    rounds = (3 if scheme == "sweep" else 8) if rounds is None else rounds
+    rounds = (2 if scheme == "sweep" else 8) if rounds is None else rounds
     t0 = time.perf_counter()
     cur = tuple(int(c) for c in plan)
     loss = plan_losses([cur])[0]

@@ -55,6 +55,11 @@ PEER_SEARCH: dict[str, Any] = {"sa_iters": 10, "hc_rounds": 2, "radius": 2, "far
 #: Joins a peer-schedule candidate's name: ``vtaylor1@taylorseer`` is budcache's estimators chosen per step on
 #: TaylorSeer's searched schedule (``run_search(peer_masks=True)``).
 ON = "@"
+#: Sweeps of the per-step estimator choice on a peer's searched schedule (``<mechanism>@<peer>``, ``sweep``
+#: scheme; budcache's own mask takes :func:`~budcache.search.anneal.refine_estimators`' default, 2). On tinyflow
+#: a second sweep there moved the calibration loss by at most 0.03 and made the fresh pairs' loss worse at every
+#: budget measured (BENCHMARKS.md, "Sweeps of the estimator choice"), at about the first sweep's cost.
+PEER_MASK_SWEEPS = 1
 
 
 def candidate_parts(name: str) -> tuple[str, str | None]:
@@ -258,10 +263,12 @@ def search_estimators(mechanism: str, estimators: Sequence[str] | None) -> tuple
 
 def refine_plan(problem: Any, calib: CalibrationSet, evaluator: Any, compute: Sequence[int], mechanism: str,
                 refine: Sequence[str], loss_fn: Any, *, naive: bool = False, progress: bool = False,
-                scheme: str = DEFAULT_REFINE_SCHEME) -> tuple[RefineResult | None, tuple[str, ...] | None]:
+                scheme: str = DEFAULT_REFINE_SCHEME,
+                rounds: int | None = None) -> tuple[RefineResult | None, tuple[str, ...] | None]:
     """Per-skipped-step estimators for a searched mask: ``(refinement or None, names or None)``.
 
-    ``None`` names: a version-1 search (the policy states its mechanism in ``meta``).
+    ``None`` names: a version-1 search (the policy states its mechanism in ``meta``). ``rounds``: the most sweeps
+    or steepest moves (default: :func:`~budcache.search.anneal.refine_estimators`' for ``scheme``).
     """
     if getattr(evaluator, "estimator", None) is None:
         return None, None
@@ -272,7 +279,7 @@ def refine_plan(problem: Any, calib: CalibrationSet, evaluator: Any, compute: Se
     if not isinstance(planner, Evaluator) and not hasattr(planner, "plan_losses"):  # scored here instead
         planner = make_evaluator("inprocess", problem, calib, loss=loss_fn, naive=naive, estimator=mechanism)
     refined = refine_estimators(planner.plan_losses, plan, [est.CODES[n] for n in dict.fromkeys(
-        [mechanism, *refine])], scheme=scheme, progress=progress)
+        [mechanism, *refine])], scheme=scheme, rounds=rounds, progress=progress)
     return refined, plan_names(refined.plan)
 
 
@@ -405,7 +412,8 @@ def run_search(out: str | Path, *, nfes: Sequence[int], problem: Problem | None 
             beside other candidates takes none either way. Version-1 mechanisms without it reproduce
             version 1's search bit for bit.
         refine_scheme: how the per-step estimators are chosen: ``sweep`` (default: the skipped steps from
-            last to first, up to 3 sweeps) or ``steepest`` (the best single change per round, up to 8 rounds).
+            last to first, up to 2 sweeps; :data:`PEER_MASK_SWEEPS` on a peer's schedule) or ``steepest`` (the
+            best single change per round, up to 8 rounds).
         calib_pairs: calibration pairs (default 32 drawn prompts, or all of ``prompt_file``'s pairs).
         prompt_file: calibration prompts (.txt, .jsonl, .csv) instead of the problem's own.
         seeds_per_prompt: seeds per calibration prompt.
@@ -434,7 +442,8 @@ def run_search(out: str | Path, *, nfes: Sequence[int], problem: Problem | None 
             point either way).
         peer_masks: with a peer mechanism and one of budcache's (with per-step estimators) among
             ``mechanisms``, also choose budcache's estimators per step on the peer's searched schedule: one
-            more candidate, ``<mechanism>@<peer>`` (default on; searched in this process after the peer).
+            more candidate, ``<mechanism>@<peer>`` (default on; searched in this process after the peer, with
+            :data:`PEER_MASK_SWEEPS` sweeps).
         **search_kw: fields of :class:`budcache.search.SearchConfig` (``sa_iters``, ``hc_rounds``, ...).
     """
     t_start, cpu_start = time.perf_counter(), time.process_time()
@@ -515,7 +524,8 @@ def run_search(out: str | Path, *, nfes: Sequence[int], problem: Problem | None 
             res, masks_run, searched = peer_done[(k, peer)]
             refined, names = refine_plan(problem.with_settings(mechanism=mech), calib, ev, res.compute, mech,
                                          plans[mech][1], loss_fn, naive=naive, progress=progress,
-                                         scheme=refine_scheme)
+                                         scheme=refine_scheme,
+                                         rounds=PEER_MASK_SWEEPS if refine_scheme == "sweep" else None)
             if refined is None:  # cannot happen: ``own`` has per-step choices and its evaluator an estimator
                 raise BudcacheError(f"candidate {m}: no per-step estimators to choose")
             stats = EvaluatorStats(**{f: getattr(ev.stats, f) - getattr(before, f) + getattr(searched, f)
