@@ -71,6 +71,7 @@ SECTIONS: tuple[Section, ...] = (
                                    "--no-transfer", "--eval-pairs", "128", "--out",
                                    "runs/regenerate/compare-taylorseer"), 6),
     Section("candidates", ("benchmarks/candidates.py", "--pairs", "128"), 11),
+    Section("sweeps", ("benchmarks/sweeps.py",), 10),
     Section("alignment", ("benchmarks/align.py", "--budgets", "5,6,7", "--calib", "24", "--val", "16", "--heldout",
                           "64", "--epochs", "3", "--lr", "0.5", "--accumulation", "2", "--micro-batch", "4",
                           "--sa-iters", "100", "--hc-rounds", "10", "--rounds", "3", "--mechanism", "reuse",
