@@ -333,8 +333,11 @@ def test_estimators_on_the_peers_schedule_take_one_sweep_and_budcaches_own_the_d
     settings = SamplerSettings(steps=6, mechanism="vtaylor1")
     run_search(tmp_path / "a", settings=settings, mechanisms=AUTO, sa_iters=4, hc_rounds=1, **kw)
     assert PEER_MASK_SWEEPS == 1 and [c[:2] for c in calls] == [(None, "sweep"), (1, "sweep")]
-    assert calls[1][2] <= 1
+    meta = json.loads((tmp_path / "a" / "summary.json").read_text())["meta"]
+    assert meta["refine_rounds"] == {"own": 2, "peer_mask": 1}
     calls.clear()
     run_search(tmp_path / "b", settings=settings, mechanisms=AUTO, sa_iters=4, hc_rounds=1,
                refine_scheme="steepest", **kw)
     assert [c[:2] for c in calls] == [(None, "steepest"), (None, "steepest")]
+    meta = json.loads((tmp_path / "b" / "summary.json").read_text())["meta"]
+    assert meta["refine_rounds"] == {"own": 8, "peer_mask": 8}

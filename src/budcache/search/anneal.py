@@ -491,6 +491,10 @@ class RefineResult:
 REFINE_SCHEMES = ("sweep", "steepest")
 
 
+#: The most rounds of :func:`refine_estimators` per scheme: sweeps, or steepest-descent moves.
+DEFAULT_REFINE_ROUNDS: dict[str, int] = {"sweep": 2, "steepest": 8}
+
+
 def refine_estimators(plan_losses: Callable[[Sequence[tuple[int, ...]]], list[float]], plan: Sequence[int],
                       choices: Sequence[int], *, rounds: int | None = None, scheme: str = "sweep",
                       progress: bool = False) -> RefineResult:
@@ -522,7 +526,7 @@ def refine_estimators(plan_losses: Callable[[Sequence[tuple[int, ...]]], list[fl
     """
     if scheme not in REFINE_SCHEMES:
         raise ConfigError(f"estimator refinement scheme {scheme!r} is unknown; choose one of {list(REFINE_SCHEMES)}")
-    rounds = (2 if scheme == "sweep" else 8) if rounds is None else rounds
+    rounds = DEFAULT_REFINE_ROUNDS[scheme] if rounds is None else rounds
     t0 = time.perf_counter()
     cur = tuple(int(c) for c in plan)
     loss = plan_losses([cur])[0]

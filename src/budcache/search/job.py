@@ -29,7 +29,7 @@ from ..problems.settings import SamplerSettings
 from ..problems.tinyflow import TinyflowProblem
 from ..progress import phase
 from ..specs import ALL_MECHANISMS
-from .anneal import REFINE_SCHEMES, RefineResult, SearchConfig, SearchResult, refine_estimators
+from .anneal import DEFAULT_REFINE_ROUNDS, REFINE_SCHEMES, RefineResult, SearchConfig, SearchResult, refine_estimators
 from .backends import make_backend, resolve_backend, resolve_workers, search_scheme
 from .distributed import WORK_SPLITS, make_evaluator, resolve_split
 from .evaluator import Evaluator, EvaluatorStats, plan_names, plan_of
@@ -589,6 +589,8 @@ def run_search(out: str | Path, *, nfes: Sequence[int], problem: Problem | None 
             "digest": calib.digest, "heldout_pairs": len(held), "backend": backend, "workers": workers,
             "scheme": scheme, "warm_start": warm_start, "concurrent_candidates": concurrent,
             "refine_scheme": refine_scheme,
+            "refine_rounds": {"own": DEFAULT_REFINE_ROUNDS[refine_scheme], "peer_mask": None if not hybrids else (
+                PEER_MASK_SWEEPS if refine_scheme == "sweep" else DEFAULT_REFINE_ROUNDS[refine_scheme])},
             "split": next((e.split for e in evaluators.values() if hasattr(e, "split")), None)}
     if len(outcomes) > 1:
         plot_frontier(outcomes, out / "frontier.png")
