@@ -57,8 +57,9 @@ PEER_SEARCH: dict[str, Any] = {"sa_iters": 10, "hc_rounds": 2, "radius": 2, "far
 ON = "@"
 #: Sweeps of the per-step estimator choice on a peer's searched schedule (``<mechanism>@<peer>``, ``sweep``
 #: scheme; budcache's own mask takes :func:`~budcache.search.anneal.refine_estimators`' default, 2). On tinyflow
-#: a second sweep there moved the calibration loss by at most 0.03 and made the fresh pairs' loss worse at every
-#: budget measured (BENCHMARKS.md, "Sweeps of the estimator choice"), at about the first sweep's cost.
+#: (BENCHMARKS.md, "Sweeps of the estimator choice"), where this candidate is kept (K = 6 and 8) a second sweep
+#: moved the calibration loss by 0.01 to 0.03 and the fresh pairs' loss by up to 0.02 the wrong way, at about
+#: the first sweep's cost; it helped only at K = 10, where budcache's own candidate is 1.3 lower anyway.
 PEER_MASK_SWEEPS = 1
 
 
