@@ -35,7 +35,8 @@ from budcache.search.anneal import refine_estimators
 from budcache.search.distributed import make_evaluator
 from budcache.search.evaluator import plan_names, plan_of
 from budcache.search.job import DEFAULT_MECHANISM, DEFAULT_REFINE
-from budcache.search.losses import get_loss, latent_log_mse
+from budcache.search.losses import get_loss
+from candidates import mean_log_mse  # this folder's candidates.py: the search's loss of a policy on a set
 
 MASKS = {"vtaylor1": "budcache's own mask", "taylorseer": "TaylorSeer's searched schedule"}
 #: The search's candidate that chose estimators on each mask.
@@ -77,7 +78,7 @@ def one(run: str, k: int, source: str, rounds: int) -> list[dict[str, Any]]:
         row = {"k": k, "source": source, "round": h["round"], "calibration": h["loss"],
                "plans": res.evaluations, "wall": wall, "policy": tuple(names) == tuple(searched.estimators or ())}
         for name, s in fresh.items():
-            row[name] = float(latent_log_mse(problem.final_latents(s, pol), s.teacher).mean())
+            row[name] = mean_log_mse(problem, s, pol)
         rows.append(row)
     return rows
 

@@ -488,6 +488,7 @@ def run_search(out: str | Path, *, nfes: Sequence[int], problem: Problem | None 
     plans = {m: search_estimators(m, choices(m)) for m in candidates}
     own = next((m for m in candidates if m not in PEER_MECHANISMS and plans[m][1]), None)
     hybrids = tuple(f"{own}{ON}{p}" for p in candidates if p in PEER_MECHANISMS) if peer_masks and own else ()
+    peer_rounds = PEER_MASK_SWEEPS if refine_scheme == "sweep" else None  # None: the scheme's default
     kw_of = {m: ({**PEER_SEARCH, **search_kw} if m in PEER_MECHANISMS else search_kw) for m in candidates}
     configs = {m: {k: SearchConfig(steps=steps, nfe=k, seed=seed, **kw_of[m]) for k in sorted(set(nfes))}
                for m in candidates}
@@ -525,8 +526,7 @@ def run_search(out: str | Path, *, nfes: Sequence[int], problem: Problem | None 
             res, masks_run, searched = peer_done[(k, peer)]
             refined, names = refine_plan(problem.with_settings(mechanism=mech), calib, ev, res.compute, mech,
                                          plans[mech][1], loss_fn, naive=naive, progress=progress,
-                                         scheme=refine_scheme,
-                                         rounds=PEER_MASK_SWEEPS if refine_scheme == "sweep" else None)
+                                         scheme=refine_scheme, rounds=peer_rounds)
             if refined is None:  # cannot happen: ``own`` has per-step choices and its evaluator an estimator
                 raise BudcacheError(f"candidate {m}: no per-step estimators to choose")
             stats = EvaluatorStats(**{f: getattr(ev.stats, f) - getattr(before, f) + getattr(searched, f)
@@ -590,8 +590,8 @@ def run_search(out: str | Path, *, nfes: Sequence[int], problem: Problem | None 
             "digest": calib.digest, "heldout_pairs": len(held), "backend": backend, "workers": workers,
             "scheme": scheme, "warm_start": warm_start, "concurrent_candidates": concurrent,
             "refine_scheme": refine_scheme,
-            "refine_rounds": {"own": DEFAULT_REFINE_ROUNDS[refine_scheme], "peer_mask": None if not hybrids else (
-                PEER_MASK_SWEEPS if refine_scheme == "sweep" else DEFAULT_REFINE_ROUNDS[refine_scheme])},
+            "refine_rounds": {"own": DEFAULT_REFINE_ROUNDS[refine_scheme],
+                              "peer_mask": (peer_rounds or DEFAULT_REFINE_ROUNDS[refine_scheme]) if hybrids else None},
             "split": next((e.split for e in evaluators.values() if hasattr(e, "split")), None)}
     if len(outcomes) > 1:
         plot_frontier(outcomes, out / "frontier.png")
