@@ -329,7 +329,8 @@ def test_search_api_refuses_then_resumes_or_forces(tmp_path):
     kw = dict(nfes=[2], settings=SamplerSettings(steps=4, mechanism="vtaylor1"), calib_pairs=2, heldout_pairs=1,
               sa_iters=2, hc_rounds=1, progress=False)
     first = run_search(tmp_path, **kw)
-    with pytest.raises(ConfigError, match=r"holds the checkpoint of an earlier run \(checkpoint_N4_K2\.json\)"):
+    with pytest.raises(ConfigError, match=r"holds the checkpoint of an earlier run \(checkpoint_N4_K2\.json, "
+                                         r"estimators_N4_K2_vtaylor1\.json\)"):
         run_search(tmp_path, **kw)
     assert run_search(tmp_path, resume=True, **kw)[0].policy.compute == first[0].policy.compute
     assert run_search(tmp_path, force=True, **kw)[0].policy.compute == first[0].policy.compute

@@ -9,7 +9,7 @@ import re
 import pytest
 import torch
 
-from budcache import CachePolicy
+from budcache import CachePolicy, ConfigError
 from budcache.cli import main
 
 torch.set_num_threads(1)
@@ -320,8 +320,8 @@ def test_estimators_on_the_peers_schedule_take_one_sweep_and_budcaches_own_the_d
 
     calls = []
 
-    def spy(plan_losses, plan, choices, *, rounds=None, scheme="sweep", progress=False):
-        res = anneal.refine_estimators(plan_losses, plan, choices, rounds=rounds, scheme=scheme, progress=progress)
+    def spy(plan_losses, plan, choices, *, rounds=None, scheme="sweep", **kw):
+        res = anneal.refine_estimators(plan_losses, plan, choices, rounds=rounds, scheme=scheme, **kw)
         calls.append((rounds, scheme, len(res.history) - 1))
         return res
 
@@ -341,3 +341,60 @@ def test_estimators_on_the_peers_schedule_take_one_sweep_and_budcaches_own_the_d
     assert [c[:2] for c in calls] == [(None, "steepest"), (None, "steepest")]
     meta = json.loads((tmp_path / "b" / "summary.json").read_text())["meta"]
     assert meta["refine_rounds"] == {"own": 8, "peer_mask": 8}
+
+
+def test_the_estimator_choice_keeps_a_checkpoint_and_resumes_where_it_was_killed(tmp_path, monkeypatch):
+    """A search killed during the per-step estimator choice resumes to the uninterrupted policies without scoring
+    a plan it already scored; a finished run resumed scores no plan; the checkpoint alone makes an unflagged run
+    refuse to start over."""
+    from budcache.problems.settings import SamplerSettings
+    from budcache.search import anneal, job
+    from budcache.search.job import AUTO, run_search
+
+    class Killed(Exception):
+        pass
+
+    asked: list[tuple[int, ...]] = []
+    budget = {"calls": None}
+
+    def spy(plan_losses, plan, choices, **kw):
+        def counted(plans):
+            if budget["calls"] is not None:
+                if budget["calls"] == 0:
+                    raise Killed
+                budget["calls"] -= 1
+            asked.extend(plans)
+            return plan_losses(plans)
+        return anneal.refine_estimators(counted, plan, choices, **kw)
+
+    monkeypatch.setattr(job, "refine_estimators", spy)
+    settings = SamplerSettings(steps=6, mechanism="vtaylor1")
+    kw = dict(nfes=[3], calib_pairs=2, heldout_pairs=2, progress=False, settings=settings, mechanisms=AUTO,
+              sa_iters=4, hc_rounds=1)
+    run_search(tmp_path / "ref", **kw)
+    ref, total = CachePolicy.load(tmp_path / "ref" / "policy_N6_K3.json"), len(asked)
+    names = sorted(p.name for p in (tmp_path / "ref").glob("estimators_*.json"))
+    assert names == ["estimators_N6_K3_vtaylor1.json", "estimators_N6_K3_vtaylor1@taylorseer.json"]
+
+    asked.clear()
+    run_search(tmp_path / "ref", resume=True, **kw)  # finished: nothing is scored again
+    assert asked == [] and CachePolicy.load(tmp_path / "ref" / "policy_N6_K3.json").to_dict() == ref.to_dict()
+
+    asked.clear()
+    budget["calls"] = 3
+    with pytest.raises(Killed):
+        run_search(tmp_path / "run", **kw)
+    first = len(asked)
+    assert 0 < first < total and not (tmp_path / "run" / "policy_N6_K3.json").exists()
+    budget["calls"] = None
+    asked.clear()
+    run_search(tmp_path / "run", resume=True, **kw)
+    assert len(asked) == total - first  # only the plans the killed run had not scored
+    got = CachePolicy.load(tmp_path / "run" / "policy_N6_K3.json")
+    assert got.compute == ref.compute and got.estimators == ref.estimators
+    assert got.meta["candidates"] == ref.meta["candidates"]
+
+    for p in (tmp_path / "run").glob("checkpoint_*.json"):
+        p.unlink()
+    with pytest.raises(ConfigError, match=r"estimators_N6_K3_vtaylor1\.json.*--resume"):
+        run_search(tmp_path / "run", **kw)

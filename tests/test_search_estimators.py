@@ -81,11 +81,14 @@ def test_sweep_visits_the_skipped_steps_from_last_to_first_and_keeps_each_improv
     assert steps_changed(batches[2], (0, V1, V1, 0, OUT)) == [2]
     assert steps_changed(batches[3], (0, V1, V1, 0, OUT)) == [1]
     assert all(len(b) == 2 for b in batches[1:])  # one step's two alternatives per batch
-    assert len(batches) == 1 + 3 + 3 and [h["round"] for h in res.history] == [0, 1]
-    # steepest takes one move per round: the same optimum in two rounds, scoring all six moves each time
+    # sweep 2 moves nothing; its step-1 alternatives were both scored in sweep 1, so they are not asked again
+    assert len(batches) == 1 + 3 + 2 and [h["round"] for h in res.history] == [0, 1]
+    # steepest takes one move per round: the same optimum in two rounds; each round asks the moves not scored yet
+    # (round 2: the four away from step 4; round 3: three of them, the other three met before)
     batches.clear()
     st = refine_estimators(losses, start, [V1, V2, OUT], scheme="steepest")
-    assert st.plan == res.plan and [len(b) for b in batches] == [1, 6, 6, 6]
+    assert st.plan == res.plan and [len(b) for b in batches] == [1, 6, 4, 3]
+    assert len({p for b in batches for p in b}) == sum(len(b) for b in batches)  # no plan asked twice
 
 
 def test_refinement_rejects_an_unknown_scheme() -> None:

@@ -20,8 +20,9 @@ from helpers import parent_pid
 
 torch.set_num_threads(1)
 
-# The mask search is what checkpoints (the per-step estimator phase after it is recomputed, deterministically,
-# on resume); the residual forecast keeps this tiny search accepting moves long enough to kill it mid-annealing.
+# The mask search is killed here (the per-step estimator choice has a checkpoint of its own, tested in
+# test_search_estimator_checkpoint.py and test_search_cli.py); the residual forecast keeps this tiny search
+# accepting moves long enough to kill it mid-annealing.
 ARGS = ["search", "--steps", "8", "--nfe", "3", "--calib-pairs", "2", "--heldout", "2", "--sa-iters", "150",
         "--hc-rounds", "3", "--seed", "4", "--mechanism", "forecast1", "--estimators", "none", "--quiet"]
 CKPT = "checkpoint_N8_K3.json"

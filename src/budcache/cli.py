@@ -372,7 +372,8 @@ def _add_search(sub: Any) -> None:
                     help="start each budget's annealing from the previous budget's mask (default: every budget "
                          "is searched on its own, so its policy does not depend on the other budgets asked for)")
     se.add_argument("--naive", action="store_true", help="evaluate masks one by one from step 0 (for comparison)")
-    se.add_argument("--resume", action="store_true", help="continue from the checkpoints in --out")
+    se.add_argument("--resume", action="store_true",
+                    help="continue from the checkpoints in --out (the mask search's and the estimator choice's)")
     se.add_argument("--force", action="store_true",
                     help="start over even though --out holds checkpoints of an earlier run (they are overwritten)")
     se.add_argument("--model", default=None, help="tinyflow weights directory (default: the shipped model)")

@@ -487,6 +487,55 @@ class RefineResult:
     wall_s: float = 0.0
 
 
+REFINE_CHECKPOINT_FORMAT = "budcache.estimators-checkpoint"
+REFINE_CHECKPOINT_VERSION = 1
+
+
+def load_refine_checkpoint(path: Path, config: dict[str, Any], digest: str) -> dict[tuple[int, ...], float]:
+    """The scored plans of an estimator-choice checkpoint; every problem is a ConfigError naming the file.
+
+    The file holds ``format``, ``version``, the run's ``config`` (start plan, choices, scheme, rounds), the
+    calibration ``digest``, ``memo`` (``[plan, loss]`` pairs) and a ``sha256`` of the rest. Each plan must keep
+    the start plan's computed steps and give every skipped step an estimator of the start plan or ``choices``;
+    each loss must be a finite number.
+    """
+    data = read_json_limited(path, max_bytes=_MAX_CHECKPOINT_BYTES, max_depth=6, what="estimator checkpoint",
+                             error=ConfigError)
+
+    def bad(why: str) -> ConfigError:
+        return ConfigError(f"estimator checkpoint '{path}': {why}")
+
+    if not isinstance(data, dict) or data.get("format") != REFINE_CHECKPOINT_FORMAT:
+        raise bad(f"not a budcache estimator checkpoint (expected format {REFINE_CHECKPOINT_FORMAT!r})")
+    if type(data.get("version")) is not int or data["version"] != REFINE_CHECKPOINT_VERSION:
+        raise bad(f"unsupported version {data.get('version')!r} (supported: {REFINE_CHECKPOINT_VERSION})")
+    try:
+        ok = data.get("sha256") == content_digest(data)
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise bad("its content digest does not match: the file was edited or damaged; remove it or run with "
+                  "--force to start over")
+    if data.get("config") != config or data.get("digest") != digest:
+        raise bad("it belongs to another search (mask, estimators or calibration set differ); remove it or run "
+                  "without --resume")
+    start = config["plan"]
+    codes = set(config["choices"]) | {c for c in start if c != 0}
+    memo = data.get("memo")
+    if not isinstance(memo, list):
+        raise bad("field 'memo' must be a list")
+    known: dict[tuple[int, ...], float] = {}
+    for entry in memo:
+        if not (isinstance(entry, list) and len(entry) == 2 and _is_loss(entry[1])):
+            raise bad("field 'memo' must hold [plan, finite loss] pairs")
+        p = entry[0]
+        if not (isinstance(p, list) and len(p) == len(start) and all(type(c) is int for c in p)
+                and all((c == 0) == (s == 0) for c, s in zip(p, start)) and all(c == 0 or c in codes for c in p)):
+            raise bad(f"plan {p!r} in field 'memo' does not keep the start plan's computed steps and estimators")
+        known[tuple(p)] = float(entry[1])
+    return known
+
+
 #: How :func:`refine_estimators` moves: ``sweep`` (default) or ``steepest``.
 REFINE_SCHEMES = ("sweep", "steepest")
 
@@ -497,7 +546,8 @@ DEFAULT_REFINE_ROUNDS: dict[str, int] = {"sweep": 2, "steepest": 8}
 
 def refine_estimators(plan_losses: Callable[[Sequence[tuple[int, ...]]], list[float]], plan: Sequence[int],
                       choices: Sequence[int], *, rounds: int | None = None, scheme: str = "sweep",
-                      progress: bool = False) -> RefineResult:
+                      progress: bool = False, checkpoint: str | Path | None = None, resume: bool = False,
+                      digest: str = "") -> RefineResult:
     """Coordinate descent over the estimator of every skipped step; the computed steps never move.
 
     ``plan`` holds 0 for computed steps and an estimator code for skipped ones
@@ -523,13 +573,39 @@ def refine_estimators(plan_losses: Callable[[Sequence[tuple[int, ...]]], list[fl
         rounds: the most sweeps (``sweep``) or moves (``steepest``).
         scheme: ``sweep`` or ``steepest``.
         progress: show a progress bar.
+        checkpoint: a JSON file that holds every plan scored so far with its loss, written atomically after each
+            scoring call (:func:`load_refine_checkpoint`); ``None``: no checkpoint.
+        resume: continue from ``checkpoint``: its plans are not scored again, so a run killed at any point ends
+            at the uninterrupted result.
+        digest: the calibration set's digest, stored in the checkpoint and checked on resume.
     """
     if scheme not in REFINE_SCHEMES:
         raise ConfigError(f"estimator refinement scheme {scheme!r} is unknown; choose one of {list(REFINE_SCHEMES)}")
     rounds = DEFAULT_REFINE_ROUNDS[scheme] if rounds is None else rounds
     t0 = time.perf_counter()
     cur = tuple(int(c) for c in plan)
-    loss = plan_losses([cur])[0]
+    config = {"plan": list(cur), "choices": [int(c) for c in choices], "scheme": scheme, "rounds": rounds}
+    ckpt = Path(checkpoint) if checkpoint is not None else None
+    known: dict[tuple[int, ...], float] = {}
+    if resume and ckpt is not None and ckpt.exists():
+        known = load_refine_checkpoint(ckpt, config, digest)
+
+    def scored(plans: Sequence[tuple[int, ...]]) -> list[float]:
+        """``plan_losses`` of the plans not known yet; then the checkpoint holds every plan scored so far."""
+        todo = [p for p in dict.fromkeys(plans) if p not in known]
+        if todo:
+            for p, v in zip(todo, plan_losses(todo)):
+                if not math.isfinite(v):
+                    raise ModelOutputError(f"loss of estimator plan {list(p)} is not finite ({v}): the model "
+                                           "produced NaN or Inf on this plan")
+                known[p] = v
+            if ckpt is not None:
+                payload = {"format": REFINE_CHECKPOINT_FORMAT, "version": REFINE_CHECKPOINT_VERSION,
+                           "config": config, "digest": digest, "memo": [[list(k), v] for k, v in known.items()]}
+                _save(ckpt, {**payload, "sha256": content_digest(payload)})
+        return [known[p] for p in plans]
+
+    loss = scored([cur])[0]
     history = [{"round": 0, "loss": loss, "plan": list(cur)}]
     evaluated = {cur}
     bar = None
@@ -552,7 +628,7 @@ def refine_estimators(plan_losses: Callable[[Sequence[tuple[int, ...]]], list[fl
                 neigh = moves(cur, group)
                 if not neigh:
                     continue
-                vals = plan_losses(neigh)
+                vals = scored(neigh)
                 evaluated.update(neigh)
                 i = int(np.argmin(vals))
                 if vals[i] < loss:

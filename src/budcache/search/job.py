@@ -264,12 +264,14 @@ def search_estimators(mechanism: str, estimators: Sequence[str] | None) -> tuple
 
 def refine_plan(problem: Any, calib: CalibrationSet, evaluator: Any, compute: Sequence[int], mechanism: str,
                 refine: Sequence[str], loss_fn: Any, *, naive: bool = False, progress: bool = False,
-                scheme: str = DEFAULT_REFINE_SCHEME,
-                rounds: int | None = None) -> tuple[RefineResult | None, tuple[str, ...] | None]:
+                scheme: str = DEFAULT_REFINE_SCHEME, rounds: int | None = None,
+                checkpoint: Path | None = None,
+                resume: bool = False) -> tuple[RefineResult | None, tuple[str, ...] | None]:
     """Per-skipped-step estimators for a searched mask: ``(refinement or None, names or None)``.
 
     ``None`` names: a version-1 search (the policy states its mechanism in ``meta``). ``rounds``: the most sweeps
     or steepest moves (default: :func:`~budcache.search.anneal.refine_estimators`' for ``scheme``).
+    ``checkpoint``: the file that keeps the scored plans, continued with ``resume``.
     """
     if getattr(evaluator, "estimator", None) is None:
         return None, None
@@ -280,8 +282,14 @@ def refine_plan(problem: Any, calib: CalibrationSet, evaluator: Any, compute: Se
     if not isinstance(planner, Evaluator) and not hasattr(planner, "plan_losses"):  # scored here instead
         planner = make_evaluator("inprocess", problem, calib, loss=loss_fn, naive=naive, estimator=mechanism)
     refined = refine_estimators(planner.plan_losses, plan, [est.CODES[n] for n in dict.fromkeys(
-        [mechanism, *refine])], scheme=scheme, rounds=rounds, progress=progress)
+        [mechanism, *refine])], scheme=scheme, rounds=rounds, progress=progress, checkpoint=checkpoint, resume=resume,
+        digest=calib.digest)
     return refined, plan_names(refined.plan)
+
+
+def refine_checkpoint(steps: int, nfe: int, candidate: str) -> str:
+    """File name of a candidate's estimator-choice checkpoint in the output folder (one per budget)."""
+    return f"estimators_N{steps}_K{nfe}_{candidate}.json"
 
 
 def peer_grid_start(evaluator: Any, steps: int, nfe: int) -> tuple[int, ...] | None:
@@ -395,7 +403,8 @@ def run_search(out: str | Path, *, nfes: Sequence[int], problem: Problem | None 
     in-process policy with any of them, ``"tempering"`` searches with
     ``workers`` proposals per round (its policy depends on the seed and the
     worker count). A
-    checkpoint of an earlier run in ``out`` is continued with ``resume``,
+    checkpoint of an earlier run in ``out`` (the mask search's, ``checkpoint_N*_K*.json``, and the per-step
+    estimator choice's, ``estimators_N*_K*_<candidate>.json``) is continued with ``resume``,
     overwritten with ``force``, and otherwise an error (it may hold hours of
     work).
 
@@ -468,8 +477,10 @@ def run_search(out: str | Path, *, nfes: Sequence[int], problem: Problem | None 
     if refine_scheme not in REFINE_SCHEMES:
         raise ConfigError(f"--refine-scheme {refine_scheme!r} is unknown; choose one of {list(REFINE_SCHEMES)}")
     out = check_writable_dir(out, "--out")
-    refuse_overwrite(out, [f"checkpoint_N{steps}_K{k}{tag}.json" for k in sorted(set(nfes))
-                           for tag in ("", *(f"_{m}" for m in (mechanisms or ())[1:]))], resume, force)
+    refuse_overwrite(out, [*(f"checkpoint_N{steps}_K{k}{tag}.json" for k in sorted(set(nfes))
+                             for tag in ("", *(f"_{m}" for m in (mechanisms or ())[1:]))),
+                           *sorted(p.name for k in set(nfes) for p in out.glob(f"estimators_N{steps}_K{k}_*.json"))],
+                     resume, force)
     if problem is None:
         problem = TinyflowProblem(settings=settings, model=model)
     candidates = tuple(dict.fromkeys(mechanisms or (mechanism,)))
@@ -526,7 +537,8 @@ def run_search(out: str | Path, *, nfes: Sequence[int], problem: Problem | None 
             res, masks_run, searched = peer_done[(k, peer)]
             refined, names = refine_plan(problem.with_settings(mechanism=mech), calib, ev, res.compute, mech,
                                          plans[mech][1], loss_fn, naive=naive, progress=progress,
-                                         scheme=refine_scheme, rounds=peer_rounds)
+                                         scheme=refine_scheme, rounds=peer_rounds,
+                                         checkpoint=out / refine_checkpoint(steps, k, m), resume=resume)
             if refined is None:  # cannot happen: ``own`` has per-step choices and its evaluator an estimator
                 raise BudcacheError(f"candidate {m}: no per-step estimators to choose")
             stats = EvaluatorStats(**{f: getattr(ev.stats, f) - getattr(before, f) + getattr(searched, f)
@@ -541,7 +553,8 @@ def run_search(out: str | Path, *, nfes: Sequence[int], problem: Problem | None 
                             progress=progress, on_step=None if cancel is None else ev.check)
         masks_run = ev.stats.evaluations - before.evaluations
         refined, names = refine_plan(problem.with_settings(mechanism=m), calib, ev, res.compute, m,
-                                     plans[m][1], loss_fn, naive=naive, progress=progress, scheme=refine_scheme)
+                                     plans[m][1], loss_fn, naive=naive, progress=progress, scheme=refine_scheme,
+                                     checkpoint=out / refine_checkpoint(steps, k, m), resume=resume)
         stats = EvaluatorStats(**{f: getattr(ev.stats, f) - getattr(before, f) for f in asdict(before)})
         peer_done[(k, m)] = (res, masks_run, stats)
         if warm_start:
