@@ -217,6 +217,40 @@ def content_digest(payload: dict[str, Any]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
+def read_checkpoint(path: Path, *, kind: str, title: str, fmt: str, versions: Sequence[int],
+                    identity: dict[str, Any], differs: str, foreign: str = "", max_depth: int = 8,
+                    digest_from: int = 1) -> tuple[dict[str, Any], Callable[[str], ConfigError]]:
+    """A checkpoint's JSON after the checks every kind shares; ``(data, bad)`` where ``bad(why)`` words a
+    further problem. Each problem is a one-line ConfigError naming the file (``kind``: e.g. "search checkpoint").
+
+    Checked in order: size and depth; ``format == fmt`` (else "not a ``title``", with the advice
+    ``foreign``); ``version`` in ``versions``; the ``sha256`` content digest (:func:`content_digest`; versions
+    from ``digest_from`` on); the fields of ``identity`` (the run's config and calibration digest), else
+    ``differs`` names what may differ.
+    """
+    data = read_json_limited(path, max_bytes=_MAX_CHECKPOINT_BYTES, max_depth=max_depth, what=kind,
+                             error=ConfigError)
+
+    def bad(why: str) -> ConfigError:
+        return ConfigError(f"{kind} '{path}': {why}")
+
+    if not isinstance(data, dict) or data.get("format") != fmt:
+        raise bad(f"not a {title} (expected format {fmt!r}){foreign}")
+    if type(data.get("version")) is not int or data["version"] not in versions:
+        raise bad(f"unsupported version {data.get('version')!r} (supported: {', '.join(map(str, versions))})")
+    if data["version"] >= digest_from:
+        try:
+            ok = data.get("sha256") == content_digest(data)
+        except (TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise bad("its content digest does not match: the file was edited or damaged; remove it or run with "
+                      "--force to start over")
+    if any(data.get(k) != v for k, v in identity.items()):
+        raise bad(f"it belongs to another search ({differs} differ); remove it or run without --resume")
+    return data, bad
+
+
 def load_checkpoint(path: Path, cfg: SearchConfig, digest: str,
                     rng: np.random.Generator) -> tuple[dict[str, Any], list[tuple[Compute, float]]]:
     """Read and validate a search checkpoint; restores ``rng``; every problem is a ConfigError naming it.
@@ -226,27 +260,10 @@ def load_checkpoint(path: Path, cfg: SearchConfig, digest: str,
     number), the counters against the config, the history entries, and the
     current and best losses against the memo.
     """
-    data = read_json_limited(path, max_bytes=_MAX_CHECKPOINT_BYTES, max_depth=8, what="search checkpoint",
-                             error=ConfigError)
-
-    def bad(why: str) -> ConfigError:
-        return ConfigError(f"search checkpoint '{path}': {why}")
-
-    if not isinstance(data, dict) or data.get("format") != CHECKPOINT_FORMAT:
-        raise bad(f"not a budcache search checkpoint (expected format {CHECKPOINT_FORMAT!r})")
-    if type(data.get("version")) is not int or data.get("version") not in (1, CHECKPOINT_VERSION):
-        raise bad(f"unsupported version {data.get('version')!r} (supported: 1, {CHECKPOINT_VERSION})")
-    if data["version"] >= 2:
-        try:
-            ok = data.get("sha256") == content_digest(data)
-        except (TypeError, ValueError):
-            ok = False
-        if not ok:
-            raise bad("its content digest does not match: the file was edited or damaged; remove it or run with "
-                      "--force to start over")
-    if data.get("config") != asdict(cfg) or data.get("digest") != digest:
-        raise bad("it belongs to another search (config or calibration set differ); remove it or run without "
-                  "--resume")
+    data, bad = read_checkpoint(path, kind="search checkpoint", title="budcache search checkpoint",
+                                fmt=CHECKPOINT_FORMAT, versions=(1, CHECKPOINT_VERSION),
+                                identity={"config": asdict(cfg), "digest": digest},
+                                differs="config or calibration set", digest_from=2)
     try:
         st, memo_items = _checked_content(data, cfg, bad)
         rng.bit_generator.state = data["rng"]
@@ -499,26 +516,10 @@ def load_refine_checkpoint(path: Path, config: dict[str, Any], digest: str) -> d
     the start plan's computed steps and give every skipped step an estimator of the start plan or ``choices``;
     each loss must be a finite number.
     """
-    data = read_json_limited(path, max_bytes=_MAX_CHECKPOINT_BYTES, max_depth=6, what="estimator checkpoint",
-                             error=ConfigError)
-
-    def bad(why: str) -> ConfigError:
-        return ConfigError(f"estimator checkpoint '{path}': {why}")
-
-    if not isinstance(data, dict) or data.get("format") != REFINE_CHECKPOINT_FORMAT:
-        raise bad(f"not a budcache estimator checkpoint (expected format {REFINE_CHECKPOINT_FORMAT!r})")
-    if type(data.get("version")) is not int or data["version"] != REFINE_CHECKPOINT_VERSION:
-        raise bad(f"unsupported version {data.get('version')!r} (supported: {REFINE_CHECKPOINT_VERSION})")
-    try:
-        ok = data.get("sha256") == content_digest(data)
-    except (TypeError, ValueError):
-        ok = False
-    if not ok:
-        raise bad("its content digest does not match: the file was edited or damaged; remove it or run with "
-                  "--force to start over")
-    if data.get("config") != config or data.get("digest") != digest:
-        raise bad("it belongs to another search (mask, estimators or calibration set differ); remove it or run "
-                  "without --resume")
+    data, bad = read_checkpoint(path, kind="estimator checkpoint", title="budcache estimator checkpoint",
+                                fmt=REFINE_CHECKPOINT_FORMAT,
+                                versions=(REFINE_CHECKPOINT_VERSION,), identity={"config": config, "digest": digest},
+                                differs="mask, estimators or calibration set", max_depth=6)
     start = config["plan"]
     codes = set(config["choices"]) | {c for c in start if c != 0}
     memo = data.get("memo")
@@ -531,7 +532,8 @@ def load_refine_checkpoint(path: Path, config: dict[str, Any], digest: str) -> d
         p = entry[0]
         if not (isinstance(p, list) and len(p) == len(start) and all(type(c) is int for c in p)
                 and all((c == 0) == (s == 0) for c, s in zip(p, start)) and all(c == 0 or c in codes for c in p)):
-            raise bad(f"plan {p!r} in field 'memo' does not keep the start plan's computed steps and estimators")
+            raise bad(f"a plan in field 'memo' ({str(p)[:80]}) does not keep the start plan's computed steps and "
+                      "estimators")
         known[tuple(p)] = float(entry[1])
     return known
 

@@ -80,7 +80,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import ConfigError
-from ..io import read_json_limited, write_json
+from ..io import write_json
 from .anneal import (
     Compute,
     LossesFn,
@@ -92,6 +92,7 @@ from .anneal import (
     hc_neighbourhood,
     memo_scores,
     random_init,
+    read_checkpoint,
     sa_proposal,
 )
 
@@ -325,27 +326,11 @@ def _propose(cur: Compute, cfg: SearchConfig, tcfg: TemperingConfig, rng: np.ran
 def _load(path: Path, cfg: SearchConfig, tcfg: TemperingConfig, digest: str,
           rng: np.random.Generator) -> tuple[dict[str, Any], dict[Compute, float]]:
     """Read and validate a tempering checkpoint (every problem a ConfigError naming it); restores ``rng``."""
-    data = read_json_limited(path, max_bytes=_MAX_CHECKPOINT_BYTES, max_depth=8, what="search checkpoint",
-                             error=ConfigError)
-
-    def bad(why: str) -> ConfigError:
-        return ConfigError(f"search checkpoint '{path}': {why}")
-
-    if not isinstance(data, dict) or data.get("format") != CHECKPOINT_FORMAT:
-        raise bad(f"not a tempering search checkpoint (expected format {CHECKPOINT_FORMAT!r}); it may belong "
-                  "to another --scheme: remove it or run with --force")
-    if data.get("version") != CHECKPOINT_VERSION:
-        raise bad(f"unsupported version {data.get('version')!r} (supported: {CHECKPOINT_VERSION})")
-    try:
-        ok = data.get("sha256") == content_digest(data)
-    except (TypeError, ValueError):
-        ok = False
-    if not ok:
-        raise bad("its content digest does not match: the file was edited or damaged; remove it or run with "
-                  "--force to start over")
-    if data.get("config") != asdict(cfg) or data.get("tempering") != asdict(tcfg) or data.get("digest") != digest:
-        raise bad("it belongs to another search (config, worker count or calibration set differ); remove it or "
-                  "run without --resume")
+    data, bad = read_checkpoint(path, kind="search checkpoint", title="tempering search checkpoint",
+                                fmt=CHECKPOINT_FORMAT, versions=(CHECKPOINT_VERSION,),
+                                identity={"config": asdict(cfg), "tempering": asdict(tcfg), "digest": digest},
+                                differs="config, worker count or calibration set",
+                                foreign="; it may belong to another --scheme: remove it or run with --force")
     try:
         memo: dict[Compute, float] = {}
         for k, v in data["memo"]:
