@@ -90,16 +90,20 @@ class SearchResult:
     wall_s: float = 0.0
 
 
-def memo_scores(memo: dict[Compute, float], losses: LossesFn, cands: Sequence[Compute]) -> list[float]:
+def memo_scores(memo: dict[Compute, float], losses: LossesFn, cands: Sequence[Compute], *,
+                what: str = "compute set", stored: Callable[[], None] | None = None) -> list[float]:
     """The losses of ``cands``: those missing from ``memo`` are scored once each by ``losses`` (first-seen order)
-    and stored. A non-finite loss raises :class:`ModelOutputError` naming its compute set."""
+    and stored, then ``stored()`` is called (e.g. to write a checkpoint). A non-finite loss raises
+    :class:`ModelOutputError` naming its ``what`` (a compute set, or an estimator plan)."""
     todo = [c for c in dict.fromkeys(cands) if c not in memo]
     if todo:
         for c, v in zip(todo, losses(todo)):
             if not math.isfinite(v):
-                raise ModelOutputError(f"loss of compute set {list(c)} is not finite ({v}): the model "
-                                       "produced NaN or Inf on this mask")
+                raise ModelOutputError(f"loss of {what} {list(c)} is not finite ({v}): the model produced NaN or "
+                                       "Inf on it")
             memo[c] = v
+        if stored is not None:
+            stored()
     return [memo[c] for c in cands]
 
 
@@ -592,20 +596,15 @@ def refine_estimators(plan_losses: Callable[[Sequence[tuple[int, ...]]], list[fl
     if resume and ckpt is not None and ckpt.exists():
         known = load_refine_checkpoint(ckpt, config, digest)
 
+    def save() -> None:
+        """Write every plan scored so far (atomic)."""
+        if ckpt is not None:
+            payload = {"format": REFINE_CHECKPOINT_FORMAT, "version": REFINE_CHECKPOINT_VERSION,
+                       "config": config, "digest": digest, "memo": [[list(k), v] for k, v in known.items()]}
+            _save(ckpt, {**payload, "sha256": content_digest(payload)})
+
     def scored(plans: Sequence[tuple[int, ...]]) -> list[float]:
-        """``plan_losses`` of the plans not known yet; then the checkpoint holds every plan scored so far."""
-        todo = [p for p in dict.fromkeys(plans) if p not in known]
-        if todo:
-            for p, v in zip(todo, plan_losses(todo)):
-                if not math.isfinite(v):
-                    raise ModelOutputError(f"loss of estimator plan {list(p)} is not finite ({v}): the model "
-                                           "produced NaN or Inf on this plan")
-                known[p] = v
-            if ckpt is not None:
-                payload = {"format": REFINE_CHECKPOINT_FORMAT, "version": REFINE_CHECKPOINT_VERSION,
-                           "config": config, "digest": digest, "memo": [[list(k), v] for k, v in known.items()]}
-                _save(ckpt, {**payload, "sha256": content_digest(payload)})
-        return [known[p] for p in plans]
+        return memo_scores(known, plan_losses, plans, what="estimator plan", stored=save)
 
     loss = scored([cur])[0]
     history = [{"round": 0, "loss": loss, "plan": list(cur)}]
