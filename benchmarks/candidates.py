@@ -41,10 +41,11 @@ def grid_policy(problem: TinyflowProblem, calib, k: int) -> CachePolicy:
     return min(policies, key=lambda p: mean_log_mse(problem, calib, p))
 
 
-def quality_table(problem: TinyflowProblem, calib, val, run: str, ks: list[int]) -> None:
+def quality_table(problem: TinyflowProblem, calib, val, run: str, ks: list[int],
+                  label: str = "validation pairs") -> None:
     """Mean latent MSE, mean and median PSNR, SSIM and paired wins on ``val``, as ``budcache compare`` reports, for
     the three candidates (the kept one marked), TaylorSeer's best grid point and plain K steps."""
-    print(f"\nThe compare's metrics on the {len(val)} validation pairs (images decoded; wins: pairs where the row's "
+    print(f"\nThe compare's metrics on the {len(val)} {label} (images decoded; wins: pairs where the row's "
           "PSNR is higher than TaylorSeer's best grid point's; the grid point is picked on the 32 calibration pairs "
           "by mean log latent MSE):\n")
     print("| K | method | latent MSE | PSNR (dB) | median PSNR | SSIM | wins against TaylorSeer's grid |")
@@ -75,11 +76,19 @@ def main() -> None:
     ap.add_argument("--run", default="runs/regenerate/default", help="directory of a default search's policies")
     ap.add_argument("--nfe", default="6,8,10,14")
     ap.add_argument("--pairs", type=int, default=32, help="validation and held-out pairs each")
+    ap.add_argument("--wide", type=int, default=0,
+                    help="then the compare's metrics on this many more pairs, the held-out split of seed 1 (disjoint "
+                         "from the search's calibration, validation and held-out pairs); 0: none")
+    ap.add_argument("--wide-only", action="store_true", help="print only the --wide table")
     a = ap.parse_args()
     torch.set_grad_enabled(False)
     torch.set_num_threads(1)
     problem = TinyflowProblem(tinyflow.load(), 28)
     prompts, seeds = calibration_pairs(problem, None, 0)
+    ks = [int(x) for x in a.nfe.split(",")]
+    if a.wide_only:
+        wide_table(problem, problem.calibration(prompts, seeds), a)
+        return
     sets = {"calibration": problem.calibration(prompts, seeds),
             "validation": problem.calibration(*split_pairs(problem, "validation", a.pairs, 0, prompts)),
             "held-out": problem.calibration(*split_pairs(problem, "heldout", a.pairs, 0, prompts))}
@@ -94,7 +103,6 @@ def main() -> None:
     names = ("vtaylor1", "taylorseer", "vtaylor1@taylorseer")
     print("| K | set | vtaylor1 | TaylorSeer's searched schedule | vtaylor1@taylorseer | budcache's mask alone |")
     print("|---|---|---|---|---|---|")
-    ks = [int(x) for x in a.nfe.split(",")]
     for k in ks:
         pols = [CachePolicy.load(f"{a.run}/policy_N28_K{k}_{m}.json") for m in names]
         kept = CachePolicy.load(f"{a.run}/policy_N28_K{k}.json").meta.get("candidate")
@@ -106,6 +114,20 @@ def main() -> None:
                      for i, x in enumerate(v[:3])]
             print(f"| {k} | {name} | " + " | ".join(cells) + f" | {v[3]:.3f} |", flush=True)
     quality_table(problem, sets["calibration"], sets["validation"], a.run, ks)
+    if a.wide:
+        wide_table(problem, sets["calibration"], a)
+
+
+def wide_table(problem: TinyflowProblem, calib, a: argparse.Namespace) -> None:
+    """The compare's metrics on ``a.wide`` pairs of seed 1's held-out split: a larger sample for the heavy-tailed
+    metrics (mean latent MSE, median PSNR), disjoint from the pairs the search and the compare used."""
+    prompts = list(calib.prompts)
+    wide = problem.calibration(*split_pairs(problem, "heldout", a.wide, 1, prompts))
+    if set(zip(wide.prompts, wide.seeds)) & (set(zip(calib.prompts, calib.seeds)) | {
+            p for s in ("validation", "heldout") for p in zip(*split_pairs(problem, s, a.pairs, 0, prompts))}):
+        raise SystemExit("the wide pairs overlap the search's pairs")
+    quality_table(problem, calib, wide, a.run, [int(x) for x in a.nfe.split(",")],
+                  label="pairs of seed 1's held-out split")
 
 
 if __name__ == "__main__":

@@ -82,6 +82,25 @@ def test_resuming_a_finished_choice_scores_nothing_and_without_resume_it_starts_
     assert _run(fresh, path).plan == ref.plan and len(fresh.asked) == ref.evaluations  # overwritten, not read
 
 
+def test_a_resume_with_other_rounds_scheme_or_choices_reuses_the_plans_it_shares(tmp_path):
+    """A plan's loss depends only on the plan and the calibration set, so the checkpoint serves any scheme."""
+    path = tmp_path / "est.json"
+    first = TableLoss()
+    _run(first, path)
+    saved = path.read_bytes()
+    for kw in ({"scheme": "steepest"}, {"rounds": 1}, {"choices": [V1, OUT]}):
+        path.write_bytes(saved)
+        asked = TableLoss()
+        args = {"rounds": 3, "scheme": "sweep", "choices": CHOICES, **kw}
+        res = refine_estimators(asked, START, args.pop("choices"), checkpoint=path, resume=True, digest="abc",
+                                **args)
+        alone = TableLoss()
+        ref = refine_estimators(alone, START, kw.get("choices", CHOICES),
+                                **{"rounds": 3, "scheme": "sweep", **{k: v for k, v in kw.items() if k != "choices"}})
+        assert (res.plan, res.loss, res.history) == (ref.plan, ref.loss, ref.history), kw
+        assert set(asked.asked) == set(alone.asked) - set(first.asked), kw  # only the plans not scored before
+
+
 def test_a_non_finite_loss_names_the_plan_and_the_checkpoint_keeps_only_finite_losses(tmp_path):
     ref_loss = TableLoss()
     _run(ref_loss)
@@ -91,7 +110,7 @@ def test_a_non_finite_loss_names_the_plan_and_the_checkpoint_keeps_only_finite_l
         _run(TableLoss(nan=bad), path)
     memo = json.loads(path.read_text())["memo"]
     assert tuple(memo[-1][0]) != bad and all(v == v for _, v in memo)
-    load_refine_checkpoint(path, json.loads(path.read_text())["config"], "abc")  # still valid
+    assert load_refine_checkpoint(path, json.loads(path.read_text())["mask"], "abc")  # still valid
 
 
 def _forged(path, edit):
@@ -109,16 +128,16 @@ def _forged(path, edit):
     ("version", "unsupported version"),
     ("edited loss", "content digest does not match"),
     ("other digest", "belongs to another search"),
-    ("other choices", "belongs to another search"),
-    ("moved computed step", "does not keep the start plan's computed steps"),
-    ("unknown estimator", "does not keep the start plan's computed steps"),
+    ("other mask", "belongs to another search"),
+    ("moved computed step", "does not compute exactly the mask's steps"),
+    ("unknown estimator", "does not compute exactly the mask's steps"),
     ("loss not a number", "finite loss"),
     ("memo not a list", "field 'memo' must be a list"),
 ])
 def test_a_damaged_or_foreign_checkpoint_is_a_clear_error(tmp_path, case, match):
     path = tmp_path / "est.json"
     _run(TableLoss(), path)
-    digest, choices = "abc", CHOICES
+    digest, start = "abc", START
     if case == "garbage":
         path.write_bytes(b"\x00{not json")
     elif case == "other format":
@@ -131,8 +150,8 @@ def test_a_damaged_or_foreign_checkpoint_is_a_clear_error(tmp_path, case, match)
         path.write_text(json.dumps(data))
     elif case == "other digest":
         digest = "xyz"
-    elif case == "other choices":
-        choices = [V1, OUT]
+    elif case == "other mask":
+        start = (0, V1, 0, V1, V1, V1, 0, V1)
     elif case == "moved computed step":
         _forged(path, lambda d: d["memo"][0].__setitem__(0, [0, 0, V1, V1, V1, V1, 0, V1]))
     elif case == "unknown estimator":
@@ -143,6 +162,6 @@ def test_a_damaged_or_foreign_checkpoint_is_a_clear_error(tmp_path, case, match)
         _forged(path, lambda d: d.update(memo={"a": 1}))
     asked = TableLoss()
     with pytest.raises(ConfigError, match=match) as err:
-        refine_estimators(asked, START, choices, rounds=3, checkpoint=path, resume=True, digest=digest)
+        refine_estimators(asked, start, CHOICES, rounds=3, checkpoint=path, resume=True, digest=digest)
     assert "\n" not in str(err.value) and str(path) in str(err.value)
     assert asked.asked == []  # checked before anything is scored

@@ -39,6 +39,7 @@ import numpy as np
 
 from ..errors import ConfigError, ModelOutputError
 from ..io import read_json_limited, write_json
+from ..specs import COMPUTE, NAMES
 
 Compute = tuple[int, ...]
 LossesFn = Callable[[Sequence[Compute]], list[float]]
@@ -512,20 +513,20 @@ REFINE_CHECKPOINT_FORMAT = "budcache.estimators-checkpoint"
 REFINE_CHECKPOINT_VERSION = 1
 
 
-def load_refine_checkpoint(path: Path, config: dict[str, Any], digest: str) -> dict[tuple[int, ...], float]:
+def load_refine_checkpoint(path: Path, identity: dict[str, Any], digest: str) -> dict[tuple[int, ...], float]:
     """The scored plans of an estimator-choice checkpoint; every problem is a ConfigError naming the file.
 
-    The file holds ``format``, ``version``, the run's ``config`` (start plan, choices, scheme, rounds), the
-    calibration ``digest``, ``memo`` (``[plan, loss]`` pairs) and a ``sha256`` of the rest. Each plan must keep
-    the start plan's computed steps and give every skipped step an estimator of the start plan or ``choices``;
-    each loss must be a finite number.
+    The file holds ``format``, ``version``, the mask's ``identity`` (``steps`` and the computed steps
+    ``compute``), the calibration ``digest``, ``memo`` (``[plan, loss]`` pairs) and a ``sha256`` of the rest. A
+    plan's loss depends on nothing else, so a resume may change the scheme, the rounds or the choices. Each plan
+    must compute exactly the mask's steps and give every skipped step a known estimator code; each loss must be
+    a finite number.
     """
     data, bad = read_checkpoint(path, kind="estimator checkpoint", title="budcache estimator checkpoint",
-                                fmt=REFINE_CHECKPOINT_FORMAT,
-                                versions=(REFINE_CHECKPOINT_VERSION,), identity={"config": config, "digest": digest},
-                                differs="mask, estimators or calibration set", max_depth=6)
-    start = config["plan"]
-    codes = set(config["choices"]) | {c for c in start if c != 0}
+                                fmt=REFINE_CHECKPOINT_FORMAT, versions=(REFINE_CHECKPOINT_VERSION,),
+                                identity={"mask": identity, "digest": digest},
+                                differs="mask or calibration set", max_depth=6)
+    steps, compute = identity["steps"], set(identity["compute"])
     memo = data.get("memo")
     if not isinstance(memo, list):
         raise bad("field 'memo' must be a list")
@@ -534,10 +535,11 @@ def load_refine_checkpoint(path: Path, config: dict[str, Any], digest: str) -> d
         if not (isinstance(entry, list) and len(entry) == 2 and _is_loss(entry[1])):
             raise bad("field 'memo' must hold [plan, finite loss] pairs")
         p = entry[0]
-        if not (isinstance(p, list) and len(p) == len(start) and all(type(c) is int for c in p)
-                and all((c == 0) == (s == 0) for c, s in zip(p, start)) and all(c == 0 or c in codes for c in p)):
-            raise bad(f"a plan in field 'memo' ({str(p)[:80]}) does not keep the start plan's computed steps and "
-                      "estimators")
+        if not (isinstance(p, list) and len(p) == steps and all(type(c) is int for c in p)
+                and all((c == COMPUTE) == (k in compute) for k, c in enumerate(p))
+                and all(c == COMPUTE or c in NAMES for c in p)):
+            raise bad(f"a plan in field 'memo' ({str(p)[:80]}) does not compute exactly the mask's steps with a "
+                      "known estimator at every other step")
         known[tuple(p)] = float(entry[1])
     return known
 
@@ -581,8 +583,9 @@ def refine_estimators(plan_losses: Callable[[Sequence[tuple[int, ...]]], list[fl
         progress: show a progress bar.
         checkpoint: a JSON file that holds every plan scored so far with its loss, written atomically after each
             scoring call (:func:`load_refine_checkpoint`); ``None``: no checkpoint.
-        resume: continue from ``checkpoint``: its plans are not scored again, so a run killed at any point ends
-            at the uninterrupted result.
+        resume: continue from ``checkpoint`` (of the same mask and calibration set): its plans are not scored
+            again, so a run killed at any point ends at the uninterrupted result, and a run with other
+            ``rounds``, ``scheme`` or ``choices`` reuses every plan it shares with it.
         digest: the calibration set's digest, stored in the checkpoint and checked on resume.
     """
     if scheme not in REFINE_SCHEMES:
@@ -590,17 +593,17 @@ def refine_estimators(plan_losses: Callable[[Sequence[tuple[int, ...]]], list[fl
     rounds = DEFAULT_REFINE_ROUNDS[scheme] if rounds is None else rounds
     t0 = time.perf_counter()
     cur = tuple(int(c) for c in plan)
-    config = {"plan": list(cur), "choices": [int(c) for c in choices], "scheme": scheme, "rounds": rounds}
+    mask = {"steps": len(cur), "compute": [k for k, c in enumerate(cur) if c == 0]}
     ckpt = Path(checkpoint) if checkpoint is not None else None
     known: dict[tuple[int, ...], float] = {}
     if resume and ckpt is not None and ckpt.exists():
-        known = load_refine_checkpoint(ckpt, config, digest)
+        known = load_refine_checkpoint(ckpt, mask, digest)
 
     def save() -> None:
         """Write every plan scored so far (atomic)."""
         if ckpt is not None:
             payload = {"format": REFINE_CHECKPOINT_FORMAT, "version": REFINE_CHECKPOINT_VERSION,
-                       "config": config, "digest": digest, "memo": [[list(k), v] for k, v in known.items()]}
+                       "mask": mask, "digest": digest, "memo": [[list(k), v] for k, v in known.items()]}
             _save(ckpt, {**payload, "sha256": content_digest(payload)})
 
     def scored(plans: Sequence[tuple[int, ...]]) -> list[float]:
