@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from contextlib import AbstractContextManager
-from typing import TYPE_CHECKING
 
 import torch
 from diffusers.hooks.hooks import HookRegistry, StateManager
@@ -20,12 +19,9 @@ from diffusers.hooks.hooks import HookRegistry, StateManager
 from ..errors import ConfigError
 from .block_hooks import HeadBlockHook, PassThroughBlockHook
 from .blocks import block_stack
-from .config import CacheConfig, Decision, Estimator, ResidualHistory
+from .config import CacheConfig, Decision, Estimator, Probe, ResidualHistory
 from .model_hook import ModelDecisionHook
 from .state import Cache, CacheStats
-
-if TYPE_CHECKING:
-    from .probes import Probe
 
 __all__ = ["CacheHandle", "apply_cache", "find_cache"]
 

@@ -1,20 +1,18 @@
-"""What a residual cache is asked to do: its configuration, and the decision of one step."""
+"""What a residual cache is asked to do: its configuration, the decision of one step, and the probe a decision
+may carry."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from ..errors import ConfigError
 from ..estimators import History
 
-if TYPE_CHECKING:
-    from .probes import Probe
-
-__all__ = ["MECHANISMS", "CacheConfig", "Decision", "Estimator", "ResidualHistory"]
+__all__ = ["MECHANISMS", "CacheConfig", "Decision", "Estimator", "Probe", "ResidualHistory"]
 
 #: Residual mechanisms the hooks implement, with their extrapolation order.
 MECHANISMS: dict[str, int] = {"reuse": 0, "forecast1": 1, "forecast2": 2}
@@ -24,6 +22,25 @@ ResidualHistory = History
 
 #: ``estimator(history, step) -> (R_hat_img, R_hat_txt)``: a step's own residual estimate for skipped elements.
 Estimator = Callable[[History, int], "tuple[torch.Tensor, torch.Tensor | None]"]
+
+
+@dataclass(frozen=True)
+class Probe:
+    """Signals of one model call, read without running the whole block stack.
+
+    ``h_in`` (B, T, D): image stream entering the stack; ``temb`` (B, D): the
+    timestep/text embedding the blocks get; ``h_out`` (B, T, D): image stream
+    after the first ``blocks`` blocks (``None`` when ``blocks`` is 0);
+    ``output``: that block's whole output (every stream), so a computed step
+    can resume from it.
+    """
+
+    h_in: torch.Tensor
+    temb: torch.Tensor | None
+    h_out: torch.Tensor | None
+    blocks: int
+    stack_size: int
+    output: Any = None
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -19,27 +18,9 @@ from diffusers.hooks.hooks import CacheContext, _set_cache_context
 from ..errors import ConfigError
 from .apply import find_cache
 from .blocks import ArgumentNames, block_contract, block_stack
+from .config import Probe
 
 __all__ = ["Probe", "model_context", "modulated_input", "probe_stack", "stack_size"]
-
-
-@dataclass(frozen=True)
-class Probe:
-    """Signals of one model call, read without running the whole block stack.
-
-    ``h_in`` (B, T, D): image stream entering the stack; ``temb`` (B, D): the
-    timestep/text embedding the blocks get; ``h_out`` (B, T, D): image stream
-    after the first ``blocks`` blocks (``None`` when ``blocks`` is 0);
-    ``output``: that block's whole output (every stream), so a computed step
-    can resume from it.
-    """
-
-    h_in: torch.Tensor
-    temb: torch.Tensor | None
-    h_out: torch.Tensor | None
-    blocks: int
-    stack_size: int
-    output: Any = None
 
 
 class _ProbeDone(Exception):

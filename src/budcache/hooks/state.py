@@ -11,17 +11,14 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from diffusers.hooks.hooks import BaseState, StateManager
 
 from ..errors import ConfigError
 from ..estimators import History
-from .config import CacheConfig, Decision, Estimator, ResidualHistory
-
-if TYPE_CHECKING:
-    from .probes import Probe
+from .config import CacheConfig, Decision, Estimator, Probe, ResidualHistory
 
 __all__ = ["Cache", "CacheState", "CacheStats"]
 
