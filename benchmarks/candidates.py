@@ -7,8 +7,11 @@ Reads the policies a default search wrote (``policy_N28_K*_<mechanism>.json``, e
 benchmarks/regenerate.py --only default-search``) and draws the same pairs as that search (seed 0): its 32
 calibration pairs, 32 pairs of the validation split and its held-out pairs, all disjoint.
 
+With ``--wide N``, the compare's metrics also on N more pairs (seed 1's held-out split, disjoint from all of
+those): the heavy-tailed means and medians need more pairs than the search's splits hold.
+
 Usage: flock /tmp/budcache-heavy.lock python benchmarks/candidates.py [--run runs/regenerate/default]
-       [--nfe 6,8,10,14] [--pairs 32]
+       [--nfe 6,8,10,14] [--pairs 32] [--wide 512 [--wide-only]]
 """
 
 from __future__ import annotations
@@ -87,6 +90,8 @@ def main() -> None:
     prompts, seeds = calibration_pairs(problem, None, 0)
     ks = [int(x) for x in a.nfe.split(",")]
     if a.wide_only:
+        print(f"### Candidates on {a.wide} more pairs ({datetime.date.today().isoformat()}, {platform.machine()}, "
+              f"one thread, torch {torch.__version__})")
         wide_table(problem, problem.calibration(prompts, seeds), a)
         return
     sets = {"calibration": problem.calibration(prompts, seeds),
