@@ -398,3 +398,31 @@ def test_the_estimator_choice_keeps_a_checkpoint_and_resumes_where_it_was_killed
         p.unlink()
     with pytest.raises(ConfigError, match=r"estimators_N6_K3_vtaylor1\.json.*--resume"):
         run_search(tmp_path / "run", **kw)
+
+
+def test_force_removes_the_earlier_checkpoints_of_its_budgets_before_it_starts(tmp_path, monkeypatch):
+    """A forced run killed before it reaches a budget leaves no checkpoint of the earlier run there, so its
+    --resume does not refuse a file that belongs to another search."""
+    from budcache.problems.settings import SamplerSettings
+    from budcache.search import job
+    from budcache.search.job import AUTO, run_search
+
+    settings = SamplerSettings(steps=6, mechanism="vtaylor1")
+    kw = dict(nfes=[3], calib_pairs=2, heldout_pairs=2, progress=False, settings=settings, mechanisms=AUTO,
+              hc_rounds=1)
+    run_search(tmp_path, sa_iters=4, **kw)
+    earlier = sorted(p.name for p in tmp_path.glob("*.json") if not p.name.startswith(("policy", "summary")))
+    assert "estimators_N6_K3_vtaylor1.json" in earlier and "checkpoint_N6_K3.json" in earlier
+
+    class Killed(Exception):
+        pass
+
+    def killed(*a, **k):
+        raise Killed
+
+    with monkeypatch.context() as m:
+        m.setattr(job, "search_scheme", killed)
+        with pytest.raises(Killed):
+            run_search(tmp_path, sa_iters=5, force=True, **kw)
+    assert not [n for n in earlier if (tmp_path / n).exists()]
+    assert run_search(tmp_path, sa_iters=5, resume=True, **kw)[0].policy.nfe == 3  # nothing of the other run in the way

@@ -78,8 +78,12 @@ def test_resuming_a_finished_choice_scores_nothing_and_without_resume_it_starts_
     ref = _run(TableLoss(), path)
     again = TableLoss()
     assert _run(again, path, resume=True).plan == ref.plan and again.asked == []
+    data = json.loads(path.read_text())
+    data["memo"] = data["memo"][:1]  # a shorter run's file: without resume it is not read, and then replaced
+    _forged(path, lambda d: d.update(memo=data["memo"]))
     fresh = TableLoss()
-    assert _run(fresh, path).plan == ref.plan and len(fresh.asked) == ref.evaluations  # overwritten, not read
+    assert _run(fresh, path).plan == ref.plan and len(fresh.asked) == ref.evaluations
+    assert len(json.loads(path.read_text())["memo"]) == ref.evaluations
 
 
 def test_a_resume_with_other_rounds_scheme_or_choices_reuses_the_plans_it_shares(tmp_path):
@@ -133,6 +137,8 @@ def _forged(path, edit):
     ("unknown estimator", "does not compute exactly the mask's steps"),
     ("loss not a number", "finite loss"),
     ("memo not a list", "field 'memo' must be a list"),
+    ("loss too large for a float", "finite loss"),
+    ("plan not a list", "does not compute exactly the mask's steps"),
 ])
 def test_a_damaged_or_foreign_checkpoint_is_a_clear_error(tmp_path, case, match):
     path = tmp_path / "est.json"
@@ -158,6 +164,10 @@ def test_a_damaged_or_foreign_checkpoint_is_a_clear_error(tmp_path, case, match)
         _forged(path, lambda d: d["memo"][0].__setitem__(0, [0, 99, V1, 0, V1, V1, 0, V1]))
     elif case == "loss not a number":
         _forged(path, lambda d: d["memo"][0].__setitem__(1, True))
+    elif case == "loss too large for a float":
+        _forged(path, lambda d: d["memo"][0].__setitem__(1, 10**400))
+    elif case == "plan not a list":
+        _forged(path, lambda d: d["memo"][0].__setitem__(0, {"0": 0}))
     elif case == "memo not a list":
         _forged(path, lambda d: d.update(memo={"a": 1}))
     asked = TableLoss()

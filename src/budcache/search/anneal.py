@@ -101,7 +101,7 @@ def memo_scores(memo: dict[Compute, float], losses: LossesFn, cands: Sequence[Co
         for c, v in zip(todo, losses(todo)):
             if not math.isfinite(v):
                 raise ModelOutputError(f"loss of {what} {list(c)} is not finite ({v}): the model produced NaN or "
-                                       "Inf on it")
+                                       f"Inf on this {'mask' if what == 'compute set' else what.split()[-1]}")
             memo[c] = v
         if stored is not None:
             stored()
@@ -280,8 +280,13 @@ def load_checkpoint(path: Path, cfg: SearchConfig, digest: str,
 
 
 def _is_loss(v: Any) -> bool:
-    """A finite real number (JSON ``true`` is not a loss)."""
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    """A finite real number (JSON ``true`` is not a loss, nor an integer too large for a float)."""
+    if not isinstance(v, (int, float)) or isinstance(v, bool):
+        return False
+    try:
+        return math.isfinite(v)
+    except OverflowError:
+        return False
 
 
 def _checked_content(data: dict[str, Any], cfg: SearchConfig,
@@ -581,8 +586,8 @@ def refine_estimators(plan_losses: Callable[[Sequence[tuple[int, ...]]], list[fl
         rounds: the most sweeps (``sweep``) or moves (``steepest``).
         scheme: ``sweep`` or ``steepest``.
         progress: show a progress bar.
-        checkpoint: a JSON file that holds every plan scored so far with its loss, written atomically after each
-            scoring call (:func:`load_refine_checkpoint`); ``None``: no checkpoint.
+        checkpoint: a JSON file that holds every plan scored so far with its loss, written atomically whenever a
+            call scored a new plan (:func:`load_refine_checkpoint`); ``None``: no checkpoint.
         resume: continue from ``checkpoint`` (of the same mask and calibration set): its plans are not scored
             again, so a run killed at any point ends at the uninterrupted result, and a run with other
             ``rounds``, ``scheme`` or ``choices`` reuses every plan it shares with it.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import math
@@ -232,8 +233,18 @@ def check_search_kw(search_kw: dict[str, Any]) -> None:
             raise ConfigError(f"unknown search option {key!r}; the options are {sorted(fields)}")
 
 
-def refuse_overwrite(out: Path, names: Sequence[str], resume: bool, force: bool) -> None:
-    """Refuse to start over where ``out`` holds checkpoints of an earlier run (without ``resume`` or ``force``)."""
+def refuse_overwrite(out: Path, names: Sequence[str], resume: bool, force: bool,
+                     stale: Sequence[str] = ()) -> None:
+    """Refuse to start over where ``out`` holds checkpoints of an earlier run (without ``resume`` or ``force``).
+
+    With ``force`` the files ``stale`` names are removed first: a new run replaces a checkpoint only when it
+    reaches that budget, so a forced run killed before then would leave the earlier run's file for its
+    ``--resume`` to refuse.
+    """
+    if force:
+        for n in stale:
+            with contextlib.suppress(FileNotFoundError):
+                (out / n).unlink()
     if resume or force:
         return
     found = [n for n in names if (out / n).exists()]
@@ -404,8 +415,9 @@ def run_search(out: str | Path, *, nfes: Sequence[int], problem: Problem | None 
     ``workers`` proposals per round (its policy depends on the seed and the
     worker count). A
     checkpoint of an earlier run in ``out`` (the mask search's, ``checkpoint_N*_K*.json``, and the per-step
-    estimator choice's, ``estimators_N*_K*_<candidate>.json``) is continued with ``resume``,
-    overwritten with ``force``, and otherwise an error (it may hold hours of
+    estimator choice's, ``estimators_N*_K*_<candidate>.json``, which serves any refine scheme, sweep limit or
+    set of choices) is continued with ``resume``,
+    removed with ``force``, and otherwise an error (it may hold hours of
     work).
 
     Args:
@@ -477,10 +489,10 @@ def run_search(out: str | Path, *, nfes: Sequence[int], problem: Problem | None 
     if refine_scheme not in REFINE_SCHEMES:
         raise ConfigError(f"--refine-scheme {refine_scheme!r} is unknown; choose one of {list(REFINE_SCHEMES)}")
     out = check_writable_dir(out, "--out")
-    refuse_overwrite(out, [*(f"checkpoint_N{steps}_K{k}{tag}.json" for k in sorted(set(nfes))
-                             for tag in ("", *(f"_{m}" for m in (mechanisms or ())[1:]))),
-                           *sorted(p.name for k in set(nfes) for p in out.glob(f"estimators_N{steps}_K{k}_*.json"))],
-                     resume, force)
+    earlier = [*(f"checkpoint_N{steps}_K{k}{tag}.json" for k in sorted(set(nfes))
+                 for tag in ("", *(f"_{m}" for m in (mechanisms or ())[1:]))),
+               *sorted(p.name for k in set(nfes) for p in out.glob(f"estimators_N{steps}_K{k}_*.json"))]
+    refuse_overwrite(out, earlier, resume, force, stale=earlier)
     if problem is None:
         problem = TinyflowProblem(settings=settings, model=model)
     candidates = tuple(dict.fromkeys(mechanisms or (mechanism,)))
