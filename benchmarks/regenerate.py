@@ -72,6 +72,7 @@ SECTIONS: tuple[Section, ...] = (
                                    "runs/regenerate/compare-taylorseer"), 6),
     Section("candidates", ("benchmarks/candidates.py", "--pairs", "128"), 11),
     Section("candidates-wide", ("benchmarks/candidates.py", "--pairs", "128", "--wide", "512", "--wide-only"), 12),
+    Section("candidate-rules", ("benchmarks/candidate_rules.py",), 3),
     Section("sweeps", ("benchmarks/sweeps.py",), 10),
     Section("alignment", ("benchmarks/align.py", "--budgets", "5,6,7", "--calib", "24", "--val", "16", "--heldout",
                           "64", "--epochs", "3", "--lr", "0.5", "--accumulation", "2", "--micro-batch", "4",
