@@ -31,15 +31,10 @@ import torch
 from budcache import CachePolicy, tinyflow
 from budcache.problems.data import calibration_pairs, split_pairs
 from budcache.problems.tinyflow import TinyflowProblem
-from budcache.search.losses import latent_log_mse
+from candidates import pair_log_mse  # this folder's candidates.py: the search's loss on each pair
 
 #: The candidates, least searched first (the order the 1-SE rule prefers).
 CANDIDATES = ("taylorseer", "vtaylor1@taylorseer", "vtaylor1")
-
-
-def per_pair(problem: TinyflowProblem, pairs, policy: CachePolicy) -> np.ndarray:
-    """The search's loss on each pair: log latent MSE against the 28-step output."""
-    return latent_log_mse(problem.final_latents(pairs, policy), pairs.teacher).double().numpy()
 
 
 def keep_mean(losses: dict[str, np.ndarray]) -> str:
@@ -93,7 +88,7 @@ def main() -> None:
     kept: list[tuple[int, dict[str, str]]] = []
     for k in ks:
         pols = {m: CachePolicy.load(f"{a.run}/policy_N28_K{k}_{m}.json") for m in CANDIDATES}
-        losses = {s: {m: per_pair(problem, pairs, p) for m, p in pols.items()} for s, pairs in sets.items()}
+        losses = {s: {m: pair_log_mse(problem, pairs, p) for m, p in pols.items()} for s, pairs in sets.items()}
 
         def record(s: str, m: str) -> str:
             return ", ".join(f"{int((losses[s][m] < losses[s][o]).sum())} / {int((losses[s][m] > losses[s][o]).sum())}"

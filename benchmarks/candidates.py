@@ -31,6 +31,11 @@ from budcache.problems.tinyflow import TinyflowProblem
 from budcache.search.losses import latent_log_mse
 
 
+def pair_log_mse(problem: TinyflowProblem, calib, policy: CachePolicy) -> np.ndarray:
+    """The ``logmse`` search loss of ``policy`` on each item of a set: ``latent_log_mse`` against its teacher."""
+    return latent_log_mse(problem.final_latents(calib, policy), calib.teacher).double().numpy()
+
+
 def mean_log_mse(problem: TinyflowProblem, calib, policy: CachePolicy) -> float:
     """The ``logmse`` search loss of ``policy`` on a set: the mean over its items of ``latent_log_mse``."""
     return float(latent_log_mse(problem.final_latents(calib, policy), calib.teacher).mean())
