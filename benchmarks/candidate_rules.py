@@ -1,17 +1,18 @@
 """Which candidate a rule would keep: the default search's three candidates compared pair by pair.
 
-``budcache search --mechanism auto`` keeps the candidate with the lowest mean calibration loss (mean per-pair log
-latent MSE on its 32 calibration pairs). The per-pair errors are heavy-tailed, so a mean can turn on a few pairs.
+``budcache search --mechanism auto`` keeps one candidate per budget by its calibration losses (per-pair log latent
+MSE on its 32 calibration pairs). The per-pair errors are heavy-tailed, so a mean can turn on a few pairs.
 This script reads the policies of a default search (``policy_N28_K*_<candidate>.json``), scores each candidate
 pair by pair on the search's calibration pairs and on fresh pairs (the validation split of the search's seed,
 disjoint from calibration), and prints, for each budget:
 
 - each candidate's mean loss and its paired wins and losses against every other candidate, on both sets;
-- the candidate that each of three rules keeps on the calibration pairs: ``mean`` (the search's rule), ``1-SE``
+- the candidate that each of three rules keeps on the calibration pairs: ``mean`` (``--keep mean``), ``1-SE``
   (the least-searched candidate whose mean is within one paired standard error of the lowest; TaylorSeer's
   schedule is searched least, then budcache's estimators on it, then budcache's own mask) and ``pairs`` (the
-  candidate that beats each other one on more calibration pairs than it loses; the mean rule where none does);
-- the candidate with the lowest mean loss on the fresh pairs.
+  candidate that beats each other one on more calibration pairs than it loses; the mean rule where none does: the
+  search's default, ``--keep pairs``), and the one the search's policy file keeps;
+- the candidate with the lowest mean loss on the fresh pairs, and the one that beats each other on most fresh pairs.
 
 It changes nothing: it measures the shipped rule against alternatives on the shipped policies.
 
@@ -31,6 +32,7 @@ import torch
 from budcache import CachePolicy, tinyflow
 from budcache.problems.data import calibration_pairs, split_pairs
 from budcache.problems.tinyflow import TinyflowProblem
+from budcache.search.job import paired_winner
 from candidates import pair_log_mse  # this folder's candidates.py: the search's loss on each pair
 
 #: The candidates, least searched first (the order the 1-SE rule prefers).
@@ -53,11 +55,8 @@ def keep_one_se(losses: dict[str, np.ndarray]) -> str:
 
 
 def keep_pairs(losses: dict[str, np.ndarray]) -> str:
-    """The candidate with the lower loss than each other one on more pairs than the higher (else the mean rule)."""
-    for m in CANDIDATES:
-        if all(int((losses[m] < losses[o]).sum()) > int((losses[m] > losses[o]).sum()) for o in losses if o != m):
-            return m
-    return keep_mean(losses)
+    """The search's rule (``--keep pairs``, :func:`budcache.search.job.paired_winner`), else the mean rule."""
+    return paired_winner(losses) or keep_mean(losses)
 
 
 def main() -> None:
@@ -98,12 +97,15 @@ def main() -> None:
             print(f"| {k} | {m} | {losses['calibration'][m].mean():.3f} | {record('calibration', m)} | "
                   f"{losses['fresh'][m].mean():.3f} | {record('fresh', m)} |", flush=True)
         cal = losses["calibration"]
+        search = CachePolicy.load(f"{a.run}/policy_N28_K{k}.json").meta
         kept.append((k, {"mean": keep_mean(cal), "1-SE": keep_one_se(cal), "pairs": keep_pairs(cal),
-                         "fresh": keep_mean(losses["fresh"])}))
-    print("\n| K | kept by the mean (the search's rule) | by 1-SE | by pairs | lowest mean on the fresh pairs |")
-    print("|---|---|---|---|---|")
+                         "search": f"{search.get('candidate')} ({search.get('keep', 'mean')})",
+                         "fresh": keep_mean(losses["fresh"]), "fresh pairs": paired_winner(losses["fresh"]) or "none"}))
+    print("\n| K | kept by the mean | by 1-SE | by pairs | kept by the search (its rule) | lowest mean on the fresh "
+          "pairs | beats each other on most fresh pairs |")
+    print("|---|---|---|---|---|---|---|")
     for k, r in kept:
-        print(f"| {k} | {r['mean']} | {r['1-SE']} | {r['pairs']} | {r['fresh']} |")
+        print(f"| {k} | {r['mean']} | {r['1-SE']} | {r['pairs']} | {r['search']} | {r['fresh']} | {r['fresh pairs']} |")
 
 
 if __name__ == "__main__":

@@ -40,11 +40,12 @@ def test_search_writes_one_budget_exact_policy_per_budget(searched):
         assert pol.meta["calibration_pairs"] == 2
         assert isinstance(pol.meta["search_loss"], float) and math.isfinite(pol.meta["search_loss"])
         # the default (--mechanism auto): budcache's velocity forecast in sigma with per-step estimators
-        # (policy version 2), TaylorSeer's searched schedule, and budcache's estimators on that schedule; the lowest
-        # mean per-pair log-MSE kept
+        # (policy version 2), TaylorSeer's searched schedule, and budcache's estimators on that schedule; one kept by
+        # the pairs rule (test_default_search_keeps_the_paired_comparisons_winner)
         cand = pol.meta["candidates"]
         assert set(cand) == {"vtaylor1", "taylorseer", "vtaylor1@taylorseer"} and pol.meta["loss"] == "logmse"
-        assert pol.meta["search_loss"] == min(cand.values()) and pol.meta["candidate"] == min(cand, key=cand.get)
+        assert pol.meta["search_loss"] == cand[pol.meta["candidate"]] and pol.meta["keep"] == "pairs"
+        assert pol.meta["kept"] == pol.meta["candidate"]
         assert pol.meta["mechanism"] == pol.meta["candidate"].partition("@")[0]
         if pol.meta["mechanism"] == "vtaylor1":
             assert pol.estimators is not None and len(pol.estimators) == 6 - k
@@ -181,17 +182,64 @@ def test_a_budget_searched_with_others_equals_it_searched_alone_unless_warm_star
     assert starts["alone"] != starts["warm"]
 
 
-def test_default_search_keeps_the_candidate_with_the_lower_calibration_loss(searched):
-    """`budcache search` without --mechanism searches budcache's estimators and TaylorSeer's schedule per budget."""
+ORDER = ("vtaylor1", "taylorseer", "vtaylor1@taylorseer")  # the candidates; mean ties go to the earlier one
+
+
+def _per_pair_losses(out, k):
+    """Each candidate's log latent MSE on each of the search's 2 calibration pairs, recomputed from its policy file."""
+    from budcache import tinyflow
+    from budcache.problems.data import calibration_pairs
+    from budcache.problems.tinyflow import TinyflowProblem
+    from budcache.search.losses import latent_log_mse
+
+    problem = TinyflowProblem(tinyflow.load(), 6)
+    calib = problem.calibration(*calibration_pairs(problem, 2, 0))
+    return {m: latent_log_mse(problem.final_latents(calib, CachePolicy.load(out / f"policy_N6_K{k}_{m}.json")),
+                              calib.teacher).tolist() for m in ORDER}
+
+
+def test_default_search_keeps_the_paired_comparisons_winner(searched):
+    """`budcache search` without --mechanism searches budcache's estimators and TaylorSeer's schedule per budget and
+    keeps the candidate with the lower loss than each other one on more calibration pairs than the higher (recomputed
+    here from the candidates' policy files), else the lowest mean; the report and the meta give the paired wins."""
     report = (searched / "report.md").read_text()
-    assert "| NFE | vtaylor1 | taylorseer | vtaylor1@taylorseer | kept |" in report
-    order = ("vtaylor1", "taylorseer", "vtaylor1@taylorseer")  # ties go to the earlier candidate
-    for pol in _policies(searched).values():
-        cand = pol.meta["candidates"]
-        assert set(cand) == set(order)
-        kept = min(cand, key=lambda n: (cand[n], order.index(n)))
+    assert "| NFE | vtaylor1 | taylorseer | vtaylor1@taylorseer | kept | wins |" in report
+    for k, pol in _policies(searched).items():
+        cand, wins = pol.meta["candidates"], pol.meta["pair_wins"]
+        per_pair = _per_pair_losses(searched, k)
+        for a in ORDER:
+            for b in ORDER:
+                if a != b:
+                    assert wins[a][b] == sum(x < y for x, y in zip(per_pair[a], per_pair[b]))
+        beats_all = [a for a in ORDER if all(wins[a][b] > wins[b][a] for b in ORDER if b != a)]
+        kept = beats_all[0] if beats_all else min(cand, key=lambda n: (cand[n], ORDER.index(n)))
         assert pol.meta["candidate"] == kept and pol.meta["search_loss"] == cand[kept]
         assert f"**{cand[kept]:.4f}**" in report
+        assert f"{kept}: " + ", ".join(str(wins[kept][b]) for b in ORDER if b != kept) in report
+
+
+def test_keep_mean_keeps_the_lowest_mean_calibration_loss(searched, tmp_path):
+    """--keep mean: the candidate with the lowest mean calibration loss, the searches themselves unchanged."""
+    assert main([*ARGS, "--keep", "mean", "--out", str(tmp_path)]) == 0
+    report = (tmp_path / "report.md").read_text()
+    assert "the budget keeps the lowest mean calibration loss (bold)" in report and "| wins |" not in report
+    for k in (2, 3):
+        pol = CachePolicy.load(tmp_path / f"policy_N6_K{k}.json")
+        cand = pol.meta["candidates"]
+        assert cand == _policies(searched)[k].meta["candidates"]
+        kept = min(cand, key=lambda n: (cand[n], ORDER.index(n)))
+        assert pol.meta["candidate"] == kept and pol.meta["keep"] == "mean" and "pair_wins" not in pol.meta
+        assert json.loads((tmp_path / "summary.json").read_text())["meta"]["keep"] == "mean"
+
+
+def test_keep_is_refused_without_candidates(tmp_path, capsys):
+    """--keep names a rule for --mechanism auto only; an unknown rule is refused by run_search too."""
+    from budcache.search.job import run_search
+
+    assert main([*ARGS, "--mechanism", "vtaylor1", "--keep", "mean", "--out", str(tmp_path / "a")]) == 2
+    assert "--keep applies only with --mechanism auto" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="--keep 'best' is unknown"):
+        run_search(tmp_path / "b", nfes=[2], keep="best", progress=False)
 
 
 def test_default_search_also_writes_each_candidates_policy(searched):

@@ -125,3 +125,21 @@ def test_a_candidate_whose_requests_are_all_memo_hits_still_stops():
 
     with pytest.raises(KeyboardInterrupt):
         run_concurrently(attempt, 3, ["vtaylor1", "taylorseer"], {"vtaylor1": "local", "taylorseer": "inprocess"})
+
+
+def test_paired_winner_beats_every_other_candidate_on_more_pairs_than_it_loses():
+    """The pairs rule: ``a`` beats ``b`` on more pairs than it loses; ties count for neither side."""
+    from budcache.search.job import pair_wins, paired_winner
+
+    # a has the lowest mean only through one pair; b is lower than a and c on 3 of 5 pairs
+    a = [0.0, 0.0, -50.0, 1.0, 1.0]
+    b = [-1.0, -1.0, -1.0, 0.5, 2.0]
+    c = [1.0, 1.0, 0.0, 0.0, 0.5]
+    assert paired_winner({"a": a, "b": b, "c": c}) == "b"
+    assert pair_wins({"a": a, "b": b, "c": c})["b"] == {"a": 3, "c": 3}
+    assert pair_wins({"a": a, "b": b, "c": c})["a"] == {"b": 2, "c": 3}
+    # a cycle (a > b > c > a) has no winner
+    assert paired_winner({"a": [0, 0, 2], "b": [1, 1, 0], "c": [2, -1, 1]}) is None
+    # an even split is no win: ties on one pair, and one pair each
+    assert paired_winner({"a": [0.0, 1.0, 5.0], "b": [1.0, 0.0, 5.0]}) is None
+    assert paired_winner({"a": [0.0, 1.0, 4.0], "b": [1.0, 0.0, 5.0]}) == "a"

@@ -225,6 +225,8 @@ def _name_list(text: str) -> list[str]:
 
 
 def cmd_search(a: argparse.Namespace) -> int:
+    if a.keep is not None and a.mechanism != "auto":
+        raise ConfigError("--keep applies only with --mechanism auto (the only search with candidates to keep one of)")
     if a.no_peer_masks and a.mechanism != "auto":
         raise ConfigError("--no-peer-masks applies only with --mechanism auto (the only search with a peer's "
                           "schedule to choose budcache's estimators on)")
@@ -236,7 +238,7 @@ def cmd_search(a: argparse.Namespace) -> int:
         start_worker_server()  # the local workers' fork server imports the model stack beside this process
 
     from .search.backends import backend_kwargs
-    from .search.job import AUTO, DEFAULT_CHOICES, run_search
+    from .search.job import AUTO, DEFAULT_CHOICES, DEFAULT_KEEP, run_search
 
     # only the options given: a peer's schedule keeps its own short search (PEER_SEARCH) unless one is set
     kw = {k: getattr(a, k) for k in ("sa_iters", "t_max", "t_min", "radius", "hc_rounds", "restarts", "far_jumps")
@@ -253,6 +255,7 @@ def cmd_search(a: argparse.Namespace) -> int:
                           seed=a.seed, loss=a.loss, resume=a.resume, force=a.force, progress=not a.quiet,
                           naive=a.naive, mechanisms=AUTO if auto else None, warm_start=a.warm_start,
                           refine_scheme=a.refine_scheme, peer_masks=not a.no_peer_masks,
+                          keep=a.keep or DEFAULT_KEEP,
                           **backend_kwargs(a), **kw)
     for o in outcomes:
         h = o.heldout
@@ -322,7 +325,8 @@ def _add_search(sub: Any) -> None:
     se.add_argument("--solver", default="euler", choices=sorted(SOLVERS))
     se.add_argument("--mechanism", default="auto", choices=["auto", *ALL_MECHANISMS],
                     help="how skipped steps are filled while the mask is searched: auto (default: search both "
-                         "vtaylor1 and taylorseer at each budget, keep the lower calibration loss), vtaylor1 (the "
+                         "vtaylor1 and taylorseer at each budget, and vtaylor1's estimators on taylorseer's schedule, "
+                         "and keep one by --keep), vtaylor1 (the "
                          "velocity, linear in sigma), vtaylor2, output (velocity reuse), taylor1/taylor2 (the "
                          "block-stack residual in sigma), forecast1/forecast2 (residual in the step index), reuse "
                          "(the paper's); or taylorseer: search the compute schedule of diffusers' TaylorSeer, its own "
@@ -368,6 +372,10 @@ def _add_search(sub: Any) -> None:
     se.add_argument("--no-peer-masks", action="store_true",
                     help="with --mechanism auto: do not also choose budcache's per-step estimators on TaylorSeer's "
                          "searched schedule (the candidate vtaylor1@taylorseer; default: it is searched too)")
+    se.add_argument("--keep", choices=["pairs", "mean"], default=None,
+                    help="with --mechanism auto: how each budget keeps one candidate: pairs (default: the candidate "
+                         "with the lower calibration loss than each other one on most calibration pairs, else the "
+                         "lowest mean) or mean (the lowest mean calibration loss)")
     se.add_argument("--warm-start", action="store_true",
                     help="start each budget's annealing from the previous budget's mask (default: every budget "
                          "is searched on its own, so its policy does not depend on the other budgets asked for)")

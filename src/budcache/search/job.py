@@ -46,8 +46,8 @@ DEFAULT_CHOICES = "default"
 #: How the per-step estimators are chosen (:func:`budcache.search.anneal.refine_estimators`).
 DEFAULT_REFINE_SCHEME = "sweep"
 #: ``--mechanism auto``: budcache's default estimator and diffusers' TaylorSeer on a searched schedule, and (with
-#: ``peer_masks``) budcache's estimators chosen per step on TaylorSeer's searched schedule; each budget keeps the
-#: candidate with the lowest calibration loss (BENCHMARKS.md, "Default search").
+#: ``peer_masks``) budcache's estimators chosen per step on TaylorSeer's searched schedule; each budget keeps one
+#: candidate by :data:`DEFAULT_KEEP` (BENCHMARKS.md, "Default search").
 AUTO: tuple[str, ...] = ("vtaylor1", "taylorseer")
 #: Search settings for a peer mechanism where the call does not set them (``budcache search`` sets the annealing
 #: and hill-climbing options itself, so only ``prefix`` applies there): start from the peer's best grid schedule
@@ -62,6 +62,33 @@ ON = "@"
 #: moved the calibration loss by 0.01 to 0.03 and the fresh pairs' loss by up to 0.02 the wrong way, at about
 #: the first sweep's cost; it helped only at K = 10, where budcache's own candidate is 1.3 lower anyway.
 PEER_MASK_SWEEPS = 1
+
+
+#: How a search with several candidates keeps one per budget: ``pairs``, the candidate whose calibration loss is
+#: lower than each other candidate's on more calibration pairs than it is higher (the paired-comparison winner; the
+#: ``mean`` rule where no candidate beats all the others), or ``mean``, the lowest mean calibration loss.
+KEEP_RULES: tuple[str, ...] = ("pairs", "mean")
+#: The rule ``budcache search`` keeps a candidate by (BENCHMARKS.md, "Keeping a candidate").
+DEFAULT_KEEP = "pairs"
+
+
+def paired_winner(per_pair: dict[str, Sequence[float]]) -> str | None:
+    """The candidate that beats every other one on paired comparisons, or None.
+
+    ``a`` beats ``b`` when ``#{i: loss_a[i] < loss_b[i]} > #{i: loss_a[i] > loss_b[i]}`` (ties count for neither);
+    at most one candidate beats all the others.
+    """
+    arrs = {m: np.asarray(v, dtype=np.float64) for m, v in per_pair.items()}
+    for m, a in arrs.items():
+        if all(int((a < b).sum()) > int((a > b).sum()) for o, b in arrs.items() if o != m):
+            return m
+    return None
+
+
+def pair_wins(per_pair: dict[str, Sequence[float]]) -> dict[str, dict[str, int]]:
+    """``wins[a][b]``: the pairs where candidate ``a``'s loss is lower than ``b``'s."""
+    arrs = {m: np.asarray(v, dtype=np.float64) for m, v in per_pair.items()}
+    return {m: {o: int((a < b).sum()) for o, b in arrs.items() if o != m} for m, a in arrs.items()}
 
 
 def candidate_parts(name: str) -> tuple[str, str | None]:
@@ -171,14 +198,26 @@ def report(outcomes: list[BudgetOutcome], meta: dict[str, Any]) -> str:
                      f"{r.wall_s if r else 0.0:.1f} | `{o.policy.estimator_strip()}` |")
     if any("candidates" in o.policy.meta for o in outcomes):
         names = list(dict.fromkeys(n for o in outcomes for n in o.policy.meta.get("candidates", {})))
+        rule = {"pairs": "the candidate with the lower loss than each other one on most calibration pairs (else the "
+                         "lowest mean)",
+                "mean": "the lowest mean calibration loss"}.get(meta.get("keep") or "mean", "")
+        has_wins = any("pair_wins" in o.policy.meta for o in outcomes)
         lines += ["", "Each budget was searched with every candidate mechanism (`a@b`: estimators `a` chosen per "
-                  "step on `b`'s searched schedule); the policy keeps the lowest calibration loss (bold):", "",
-                  "| NFE | " + " | ".join(names) + " | kept |", "|---|" + "---|" * (len(names) + 1)]
+                  f"step on `b`'s searched schedule); mean calibration loss per candidate, and the budget keeps "
+                  f"{rule} (bold)" + ("; `wins`: the calibration pairs where each candidate's loss is lower than "
+                                       "each other's, in the columns' order" if has_wins else "") + ":", "",
+                  "| NFE | " + " | ".join(names) + " | kept |" + (" wins |" if has_wins else ""),
+                  "|---|" + "---|" * (len(names) + 1 + has_wins)]
         for o in outcomes:
             cand = o.policy.meta.get("candidates", {})
             kept = o.policy.meta.get("candidate", o.policy.meta.get("mechanism"))
             cells = [(f"**{cand[n]:.4f}**" if n == kept else f"{cand[n]:.4f}") if n in cand else "-" for n in names]
-            lines.append(f"| {o.nfe} | " + " | ".join(cells) + f" | {kept} |")
+            row = f"| {o.nfe} | " + " | ".join(cells) + f" | {kept} |"
+            if has_wins:
+                w = o.policy.meta.get("pair_wins", {})
+                row += " " + "; ".join(f"{a}: " + ", ".join(str(w[a][b]) if b in w.get(a, {}) else "-"
+                                                            for b in names if b != a) for a in names if a in w) + " |"
+            lines.append(row)
     if "wall_s" in meta:
         cpu = f", CPU time of this process {meta['cpu_s']:.0f} s" if "cpu_s" in meta else ""
         lines += ["", f"Wall time of the whole run: {meta['wall_s']:.0f} s{cpu}."]
@@ -401,7 +440,7 @@ def run_search(out: str | Path, *, nfes: Sequence[int], problem: Problem | None 
                backend: str = "inprocess", workers: int | None = None, ray_address: str | None = None,
                scheme: str = "sequential", mechanisms: Sequence[str] | None = None, warm_start: bool = False,
                refine_scheme: str = DEFAULT_REFINE_SCHEME, split: str = "auto", peer_masks: bool = True,
-               **search_kw: Any) -> list[BudgetOutcome]:
+               keep: str = DEFAULT_KEEP, **search_kw: Any) -> list[BudgetOutcome]:
     """Search one policy per budget and write all outputs to ``out``.
 
     Each budget is searched on its own by default, so a budget's policy is the
@@ -457,7 +496,7 @@ def run_search(out: str | Path, *, nfes: Sequence[int], problem: Problem | None 
         ray_address: a Ray cluster to join.
         scheme: ``sequential`` (the paper's annealing, default) or ``tempering``.
         mechanisms: search each budget with each of these mechanisms (an estimator of budcache's, or a
-            peer's schedule such as ``taylorseer``) and keep the policy with the lowest calibration loss
+            peer's schedule such as ``taylorseer``) and keep one policy by ``keep``
             (:data:`AUTO` is ``budcache search --mechanism auto``); default: the settings' mechanism alone.
         warm_start: start each budget's annealing from the previous budget's mask (default: from the
             seed's random mask, as a budget searched alone; a peer's schedule starts from its best grid
@@ -466,6 +505,9 @@ def run_search(out: str | Path, *, nfes: Sequence[int], problem: Problem | None 
             ``mechanisms``, also choose budcache's estimators per step on the peer's searched schedule: one
             more candidate, ``<mechanism>@<peer>`` (default on; searched in this process after the peer, with
             :data:`PEER_MASK_SWEEPS` sweeps).
+        keep: with several candidates, the rule that keeps one per budget (:data:`KEEP_RULES`): ``pairs``
+            (default: the candidate with the lower calibration loss than each other one on most pairs, scored
+            once more on the calibration pairs in this process; else the lowest mean) or ``mean``.
         **search_kw: fields of :class:`budcache.search.SearchConfig` (``sa_iters``, ``hc_rounds``, ...).
     """
     t_start, cpu_start = time.perf_counter(), time.process_time()
@@ -486,6 +528,8 @@ def run_search(out: str | Path, *, nfes: Sequence[int], problem: Problem | None 
                           f"{backend})")
     if scheme not in SCHEMES:
         raise ConfigError(f"--scheme {scheme!r} is unknown; choose one of {list(SCHEMES)}")
+    if keep not in KEEP_RULES:
+        raise ConfigError(f"--keep {keep!r} is unknown; choose one of {list(KEEP_RULES)}")
     if refine_scheme not in REFINE_SCHEMES:
         raise ConfigError(f"--refine-scheme {refine_scheme!r} is unknown; choose one of {list(REFINE_SCHEMES)}")
     out = check_writable_dir(out, "--out")
@@ -574,8 +618,10 @@ def run_search(out: str | Path, *, nfes: Sequence[int], problem: Problem | None 
         return (refined.loss if refined is not None else res.loss, i, m, res, refined, names, stats, masks_run)
 
     def policy_of(k: int, tried: list[tuple[Any, ...]], value: float, m: str, res: SearchResult,
-                  names: Sequence[str] | None) -> CachePolicy:
-        """Budget ``k``'s policy of candidate ``m`` (``tried``: every candidate's outcome, for the meta)."""
+                  names: Sequence[str] | None, kept: str | None = None,
+                  wins: dict[str, dict[str, int]] | None = None) -> CachePolicy:
+        """Budget ``k``'s policy of candidate ``m`` (``tried``: every candidate's outcome, for the meta; ``kept``:
+        the candidate the budget keeps; ``wins``: the calibration pairs each candidate wins against each other)."""
         mech, peer = candidate_parts(m)
         meta = {"model": problem.name, "solver": settings.solver, "schedule": problem.schedule,
                 "mechanism": mech, "guidance": settings.guidance, "budget": k, "search_loss": value, "loss": loss,
@@ -586,7 +632,24 @@ def run_search(out: str | Path, *, nfes: Sequence[int], problem: Problem | None 
         if len(tried) > 1:
             meta["candidates"] = {t[2]: t[0] for t in tried}
             meta["candidate"] = m
+            meta["kept"] = kept or m
+            meta["keep"] = keep
+            if wins is not None:
+                meta["pair_wins"] = wins
         return CachePolicy(steps, res.compute, meta=meta, estimators=names)
+
+    def choose(k: int, tried: list[tuple[Any, ...]]) -> tuple[tuple[Any, ...], dict[str, dict[str, int]] | None]:
+        """The outcome budget ``k`` keeps by ``keep``, and the paired wins (``pairs`` rule, several candidates)."""
+        by_mean = min(tried, key=lambda t: (t[0], t[1]))
+        if keep == "mean" or len(tried) < 2:
+            return by_mean, None
+        per_pair = {}
+        with phase(f"keeping K={k}" if progress else None, len(tried) * len(calib) * steps):
+            for t in tried:
+                pol = policy_of(k, tried, t[0], t[2], t[3], t[5])
+                per_pair[t[2]] = loss_fn(problem.final_latents(calib, pol), calib.teacher).double().numpy()
+        winner = paired_winner(per_pair)
+        return (next(t for t in tried if t[2] == winner) if winner is not None else by_mean), pair_wins(per_pair)
 
     for k in sorted(set(nfes)):
         names_k = (*candidates, *hybrids)
@@ -594,11 +657,12 @@ def run_search(out: str | Path, *, nfes: Sequence[int], problem: Problem | None 
             tried = run_concurrently(attempt, k, names_k, where)
         else:
             tried = [attempt(k, i, m) for i, m in enumerate(names_k)]
-        value, _, m, res, refined, names, stats, masks_run = min(tried, key=lambda t: (t[0], t[1]))
-        policy = policy_of(k, tried, value, m, res, names)
+        chosen, wins = choose(k, tried)
+        value, _, m, res, refined, names, stats, masks_run = chosen
+        policy = policy_of(k, tried, value, m, res, names, m, wins)
         if len(tried) > 1:  # every candidate's own policy too, e.g. to compare TaylorSeer's searched schedule
             for t in tried:
-                pol = policy if t[2] == m else policy_of(k, tried, t[0], t[2], t[3], t[5])
+                pol = policy if t[2] == m else policy_of(k, tried, t[0], t[2], t[3], t[5], m, wins)
                 pol.save(out / f"policy_N{steps}_K{k}_{t[2]}.json")
         policy.save(out / f"policy_N{steps}_K{k}.json")
         plot_history(res.history, out / f"history_N{steps}_K{k}.png", f"search N={steps}, K={k} ({m})")
@@ -614,6 +678,7 @@ def run_search(out: str | Path, *, nfes: Sequence[int], problem: Problem | None 
             "calibration_pairs": len(calib),
             "digest": calib.digest, "heldout_pairs": len(held), "backend": backend, "workers": workers,
             "scheme": scheme, "warm_start": warm_start, "concurrent_candidates": concurrent,
+            "keep": keep if len(candidates) + len(hybrids) > 1 else None,
             "refine_scheme": refine_scheme,
             "refine_rounds": {"own": DEFAULT_REFINE_ROUNDS[refine_scheme],
                               "peer_mask": (peer_rounds or DEFAULT_REFINE_ROUNDS[refine_scheme]) if hybrids else None},
