@@ -106,8 +106,8 @@ def main() -> None:
           f"torch {torch.__version__})\n")
     print(f"Policies of `{a.run}`; mean log latent MSE against the 28-step output (lower is better) on the "
           f"{len(prompts)} calibration pairs, {a.pairs} validation pairs and {a.pairs} held-out pairs; in bold the "
-          "best of the three candidates, marked `(kept)` the one `auto` kept at that budget (the lowest on "
-          "calibration). `vtaylor1`: budcache's estimators on its own searched mask; `vtaylor1@taylorseer`: "
+          "best of the three candidates, marked `(kept)` the one `auto` kept at that budget (by its `--keep` "
+          "rule, on the calibration pairs). `vtaylor1`: budcache's estimators on its own searched mask; `vtaylor1@taylorseer`: "
           "budcache's estimators chosen on TaylorSeer's searched schedule. `mask alone`: budcache's searched mask "
           "with vtaylor1 at every skipped step (before the per-step estimator choice).\n")
     names = ("vtaylor1", "taylorseer", "vtaylor1@taylorseer")

@@ -222,7 +222,7 @@ def test_keep_mean_keeps_the_lowest_mean_calibration_loss(searched, tmp_path):
     """--keep mean: the candidate with the lowest mean calibration loss, the searches themselves unchanged."""
     assert main([*ARGS, "--keep", "mean", "--out", str(tmp_path)]) == 0
     report = (tmp_path / "report.md").read_text()
-    assert "the budget keeps the lowest mean calibration loss (bold)" in report and "| wins |" not in report
+    assert "in bold the one the budget keeps: the lowest mean calibration loss:" in report and "| wins |" not in report
     for k in (2, 3):
         pol = CachePolicy.load(tmp_path / f"policy_N6_K{k}.json")
         cand = pol.meta["candidates"]

@@ -146,7 +146,7 @@ class TaylorSeerMethod(HookMethod):
     Its schedule is static: the first ``before`` steps, then every
     ``interval``-th. ``fit`` tries every ``(before, interval)`` that computes
     exactly K steps and keeps the one with the lowest calibration loss
-    (``loss``: the search's default, log-MSE, so both are picked by the same rule).
+    (``loss``: the search's default, log-MSE, so both are scored by the same loss).
     """
 
     name: str = "taylorseer"

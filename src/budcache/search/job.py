@@ -203,9 +203,10 @@ def report(outcomes: list[BudgetOutcome], meta: dict[str, Any]) -> str:
                 "mean": "the lowest mean calibration loss"}.get(meta.get("keep") or "mean", "")
         has_wins = any("pair_wins" in o.policy.meta for o in outcomes)
         lines += ["", "Each budget was searched with every candidate mechanism (`a@b`: estimators `a` chosen per "
-                  f"step on `b`'s searched schedule); mean calibration loss per candidate, and the budget keeps "
-                  f"{rule} (bold)" + ("; `wins`: the calibration pairs where each candidate's loss is lower than "
-                                       "each other's, in the columns' order" if has_wins else "") + ":", "",
+                  f"step on `b`'s searched schedule); mean calibration loss per candidate, and in bold the one the "
+                  f"budget keeps: {rule}" + ("; `wins`: the calibration pairs where each candidate's loss is lower "
+                                             "than each other's, in the columns' order" if has_wins else "") + ":",
+                  "",
                   "| NFE | " + " | ".join(names) + " | kept |" + (" wins |" if has_wins else ""),
                   "|---|" + "---|" * (len(names) + 1 + has_wins)]
         for o in outcomes:
