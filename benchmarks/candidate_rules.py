@@ -32,7 +32,7 @@ import torch
 from budcache import CachePolicy, tinyflow
 from budcache.problems.data import calibration_pairs, split_pairs
 from budcache.problems.tinyflow import TinyflowProblem
-from budcache.search.job import paired_winner
+from budcache.search.job import pair_wins, paired_winner
 from candidates import pair_log_mse  # this folder's candidates.py: the search's loss on each pair
 
 #: The candidates, least searched first (the order the 1-SE rule prefers).
@@ -89,9 +89,10 @@ def main() -> None:
         pols = {m: CachePolicy.load(f"{a.run}/policy_N28_K{k}_{m}.json") for m in CANDIDATES}
         losses = {s: {m: pair_log_mse(problem, pairs, p) for m, p in pols.items()} for s, pairs in sets.items()}
 
+        wins = {s: pair_wins(v) for s, v in losses.items()}
+
         def record(s: str, m: str) -> str:
-            return ", ".join(f"{int((losses[s][m] < losses[s][o]).sum())} / {int((losses[s][m] > losses[s][o]).sum())}"
-                             if o != m else "-" for o in CANDIDATES)
+            return ", ".join(f"{wins[s][m][o]} / {wins[s][o][m]}" if o != m else "-" for o in CANDIDATES)
 
         for m in CANDIDATES:
             print(f"| {k} | {m} | {losses['calibration'][m].mean():.3f} | {record('calibration', m)} | "

@@ -58,9 +58,10 @@ PEER_SEARCH: dict[str, Any] = {"sa_iters": 10, "hc_rounds": 2, "radius": 2, "far
 ON = "@"
 #: Sweeps of the per-step estimator choice on a peer's searched schedule (``<mechanism>@<peer>``, ``sweep``
 #: scheme; budcache's own mask takes :func:`~budcache.search.anneal.refine_estimators`' default, 2). On tinyflow
-#: (BENCHMARKS.md, "Sweeps of the estimator choice"), where this candidate is kept (K = 6 and 8) a second sweep
-#: moved the calibration loss by 0.01 to 0.03 and the fresh pairs' loss by up to 0.02 the wrong way, at about
-#: the first sweep's cost; it helped only at K = 10, where budcache's own candidate is 1.3 lower anyway.
+#: (BENCHMARKS.md, "Sweeps of the estimator choice"), at K = 6 and 8, where this candidate was kept under the
+#: lowest-mean rule, a second sweep moved the calibration loss by 0.01 to 0.03 and the fresh pairs' loss by up
+#: to 0.02 the wrong way, at about the first sweep's cost; it helped only at K = 10, where budcache's own
+#: candidate is 1.3 lower anyway.
 PEER_MASK_SWEEPS = 1
 
 
@@ -72,23 +73,24 @@ KEEP_RULES: tuple[str, ...] = ("pairs", "mean")
 DEFAULT_KEEP = "pairs"
 
 
+def pair_wins(per_pair: dict[str, Sequence[float]]) -> dict[str, dict[str, int]]:
+    """``wins[a][b]``: the pairs where candidate ``a``'s loss is lower than ``b``'s (ties count for neither)."""
+    arrs = {m: np.asarray(v, dtype=np.float64) for m, v in per_pair.items()}
+    return {m: {o: int((a < b).sum()) for o, b in arrs.items() if o != m} for m, a in arrs.items()}
+
+
+def winner_of(wins: dict[str, dict[str, int]]) -> str | None:
+    """The candidate that beats every other one in :func:`pair_wins`' counts (``wins[a][b] > wins[b][a]``), or
+    None; at most one can."""
+    return next((a for a, row in wins.items() if all(n > wins[b][a] for b, n in row.items())), None)
+
+
 def paired_winner(per_pair: dict[str, Sequence[float]]) -> str | None:
     """The candidate that beats every other one on paired comparisons, or None.
 
-    ``a`` beats ``b`` when ``#{i: loss_a[i] < loss_b[i]} > #{i: loss_a[i] > loss_b[i]}`` (ties count for neither);
-    at most one candidate beats all the others.
+    ``a`` beats ``b`` when ``#{i: loss_a[i] < loss_b[i]} > #{i: loss_a[i] > loss_b[i]}``.
     """
-    arrs = {m: np.asarray(v, dtype=np.float64) for m, v in per_pair.items()}
-    for m, a in arrs.items():
-        if all(int((a < b).sum()) > int((a > b).sum()) for o, b in arrs.items() if o != m):
-            return m
-    return None
-
-
-def pair_wins(per_pair: dict[str, Sequence[float]]) -> dict[str, dict[str, int]]:
-    """``wins[a][b]``: the pairs where candidate ``a``'s loss is lower than ``b``'s."""
-    arrs = {m: np.asarray(v, dtype=np.float64) for m, v in per_pair.items()}
-    return {m: {o: int((a < b).sum()) for o, b in arrs.items() if o != m} for m, a in arrs.items()}
+    return winner_of(pair_wins(per_pair))
 
 
 def candidate_parts(name: str) -> tuple[str, str | None]:
@@ -649,8 +651,9 @@ def run_search(out: str | Path, *, nfes: Sequence[int], problem: Problem | None 
             for t in tried:
                 pol = policy_of(k, tried, t[0], t[2], t[3], t[5])
                 per_pair[t[2]] = loss_fn(problem.final_latents(calib, pol), calib.teacher).double().numpy()
-        winner = paired_winner(per_pair)
-        return (next(t for t in tried if t[2] == winner) if winner is not None else by_mean), pair_wins(per_pair)
+        wins = pair_wins(per_pair)
+        winner = winner_of(wins)
+        return (next(t for t in tried if t[2] == winner) if winner is not None else by_mean), wins
 
     for k in sorted(set(nfes)):
         names_k = (*candidates, *hybrids)
