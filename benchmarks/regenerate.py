@@ -74,6 +74,7 @@ SECTIONS: tuple[Section, ...] = (
     Section("candidates-wide", ("benchmarks/candidates.py", "--pairs", "128", "--wide", "512", "--wide-only"), 12),
     Section("candidate-rules", ("benchmarks/candidate_rules.py",), 3),
     Section("sweeps", ("benchmarks/sweeps.py",), 10),
+    Section("peer-estimator", ("benchmarks/peer_estimator.py",), 25),
     Section("alignment", ("benchmarks/align.py", "--budgets", "5,6,7", "--calib", "24", "--val", "16", "--heldout",
                           "64", "--epochs", "3", "--lr", "0.5", "--accumulation", "2", "--micro-batch", "4",
                           "--sa-iters", "100", "--hc-rounds", "10", "--rounds", "3", "--mechanism", "reuse",

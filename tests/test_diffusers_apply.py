@@ -75,6 +75,21 @@ def test_cached_pipeline_matches_the_sampler_and_runs_k_times(env, guidance, mec
     assert not torch.allclose(out, env.never_hooked[guidance], atol=1e-4)
 
 
+@pytest.mark.parametrize("estimator", ["vforecast1", "vforecast2"])
+def test_step_index_velocity_forecasts_match_the_sampler(env, estimator):
+    """A policy naming a velocity forecast in the step index (``vforecast1`` is TaylorSeer lite's) runs the same
+    on the pipeline as in budcache's sampler, K stack runs, and differs from the forecast in sigma."""
+    policy = CachePolicy.uniform(N, K, estimator=estimator)
+    ref = env.tf.sample(PROMPTS, SEEDS, steps=N, policy=policy)
+    sigma = env.tf.sample(PROMPTS, SEEDS, steps=N, policy=policy.with_estimators("vtaylor" + estimator[-1]))
+    bd.apply(env.pipe, policy)
+    with StackRuns(env.tf.transformer) as runs:
+        out = generate(env)
+    torch.testing.assert_close(out, ref.latent, atol=1e-5, rtol=0)
+    assert runs.count == K
+    assert not torch.allclose(out, sigma.latent, atol=1e-4)
+
+
 def test_sampler_refuses_a_transformer_with_an_applied_cache(env):
     bd.apply(env.pipe, POLICY)
     with pytest.raises(ConfigError, match="already carries a budcache cache"):

@@ -67,7 +67,7 @@ def test_full_policy_reproduces_the_uncached_sampler_bit_for_bit(tr, mechanism, 
 
 def test_mechanisms_are_the_documented_ones():
     assert set(ALL_MECHANISMS) == {"reuse", "forecast1", "forecast2", "taylor1", "taylor2", "output", "vtaylor1",
-                                   "vtaylor2", "taylorseer"}
+                                   "vtaylor2", "vforecast1", "vforecast2", "taylorseer"}
 
 
 # ----------------------------------------------------------------------------- exact budgets
@@ -343,6 +343,21 @@ def test_searched_peer_schedule_keeps_the_budget_exact(tr, batch, guidance):
     other = run(tr, x, cond, policy=CachePolicy(N, (0, 3, 6), meta={"mechanism": "taylorseer"}), mechanism=None,
                 guidance=guidance, uncond=uncond)
     assert not torch.allclose(res.latent, other.latent, atol=1e-6)  # the mask drives the peer's decisions
+
+
+@pytest.mark.parametrize("guidance", [1.0, 3.0])
+@pytest.mark.parametrize("compute", [(0, 1, 4), (0, 2, 3, 6)])
+def test_vforecast1_is_taylorseers_own_estimator_on_its_schedule(tr, compute, guidance):
+    """budcache's ``vforecast1`` (the velocity, linear in the step index) on a schedule gives diffusers' TaylorSeer
+    (lite mode) output on the same schedule: the two differ from ``vtaylor1`` only in the time variable."""
+    x, cond, uncond = make_inputs(2)
+    peer = run(tr, x, cond, policy=CachePolicy(N, compute, meta={"mechanism": "taylorseer"}), mechanism=None,
+               guidance=guidance, uncond=uncond)
+    own = CachePolicy(N, compute, estimators=["vforecast1"] * (N - len(compute)))
+    ours = run(tr, x, cond, policy=own, mechanism=None, guidance=guidance, uncond=uncond)
+    torch.testing.assert_close(ours.latent, peer.latent, rtol=1e-5, atol=1e-5)
+    other = run(tr, x, cond, policy=own.with_estimators("vtaylor1"), guidance=guidance, uncond=uncond)
+    assert not torch.allclose(other.latent, peer.latent, atol=1e-4)  # the time variable matters here
 
 
 def test_per_element_plans_match_one_by_one_runs(tr):

@@ -150,7 +150,7 @@ def cmd_show(a: argparse.Namespace) -> int:
     print(f"computed    {list(pol.compute)}")
     if pol.estimator is not None:
         print(f"estimators  {pol.estimator_strip()}   (r reuse, f/F forecast1/2, t/T taylor1/2, o output, "
-              "v/V vtaylor1/2)")
+              "v/V vtaylor1/2, s/S vforecast1/2)")
         if pol.estimators is not None:
             print("per step    " + ", ".join(f"{k}:{n}" for k, n in zip(pol.skipped, pol.estimators)))
         else:
@@ -327,7 +327,8 @@ def _add_search(sub: Any) -> None:
                     help="how skipped steps are filled while the mask is searched: auto (default: search both "
                          "vtaylor1 and taylorseer at each budget, and vtaylor1's estimators on taylorseer's schedule, "
                          "and keep one by --keep), vtaylor1 (the "
-                         "velocity, linear in sigma), vtaylor2, output (velocity reuse), taylor1/taylor2 (the "
+                         "velocity, linear in sigma), vtaylor2, output (velocity reuse), vforecast1/vforecast2 (the "
+                         "velocity in the step index; vforecast1 is TaylorSeer lite's), taylor1/taylor2 (the "
                          "block-stack residual in sigma), forecast1/forecast2 (residual in the step index), reuse "
                          "(the paper's); or taylorseer: search the compute schedule of diffusers' TaylorSeer, its own "
                          "estimator")

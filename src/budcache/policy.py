@@ -150,9 +150,11 @@ class CachePolicy:
 
     def estimator_strip(self) -> str:
         """One character per step: 'C' computed, else the skipped step's estimator code letter
-        (r reuse, f/F forecast1/2, t/T taylor1/2, o output, v/V vtaylor1/2, '.' unspecified)."""
+        (r reuse, f/F forecast1/2, t/T taylor1/2, o output, v/V vtaylor1/2, s/S vforecast1/2,
+        '.' unspecified)."""
         letters = {"reuse": "r", "forecast1": "f", "forecast2": "F", "taylor1": "t", "taylor2": "T",
-                   "output": "o", "vtaylor1": "v", "vtaylor2": "V"}
+                   "output": "o", "vtaylor1": "v", "vtaylor2": "V",
+                   "vforecast1": "s", "vforecast2": "S"}
         out = []
         for k, m in enumerate(self.mask):
             if m:

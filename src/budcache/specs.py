@@ -45,6 +45,8 @@ ESTIMATORS: dict[str, EstimatorSpec] = {s.name: s for s in (
     EstimatorSpec("output", "velocity", 0, "step", "reuse the last computed velocity"),
     EstimatorSpec("vtaylor1", "velocity", 1, "sigma", "velocity, linear in sigma"),
     EstimatorSpec("vtaylor2", "velocity", 2, "sigma", "velocity, quadratic (Newton) in sigma"),
+    EstimatorSpec("vforecast1", "velocity", 1, "step", "velocity, linear in the step index (TaylorSeer lite's)"),
+    EstimatorSpec("vforecast2", "velocity", 2, "step", "velocity, quadratic (Newton) in the step index"),
 )}
 
 #: Stable integer code of every estimator (plans store codes; 0 is reserved for "compute").

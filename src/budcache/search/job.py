@@ -188,7 +188,7 @@ def report(outcomes: list[BudgetOutcome], meta: dict[str, Any]) -> str:
              f"{meta['mechanism']}, guidance {meta['guidance']}; calibration {meta['calibration_pairs']} pairs "
              f"(digest {meta['digest']}); held-out {meta['heldout_pairs']} pairs, disjoint from calibration.", "",
              "Plan: `C` computed; skipped steps by estimator (`r` reuse, `f`/`F` forecast1/2, `t`/`T` taylor1/2, "
-             "`o` output, `v`/`V` vtaylor1/2).", "",
+             "`o` output, `v`/`V` vtaylor1/2, `s`/`S` vforecast1/2).", "",
              "| NFE | mask search loss | with per-step estimators | masks evaluated | mask search (s) | "
              "estimator plans evaluated | estimator choice (s) | plan |",
              "|---|---|---|---|---|---|---|---|"]
