@@ -11,6 +11,7 @@ import torch
 
 from budcache import CachePolicy, ConfigError
 from budcache.cli import main
+from budcache.search.job import PHASES
 
 torch.set_num_threads(1)
 
@@ -67,6 +68,11 @@ def test_search_writes_report_summary_and_plots(searched):
 
     summary = json.loads((searched / "summary.json").read_text())
     assert [b["nfe"] for b in summary["budgets"]] == [2, 3]
+    # wall time per phase: every phase named, none negative, together the whole run (to the last measurement)
+    phases = summary["meta"]["phases_s"]
+    assert list(phases) == list(PHASES) and min(phases.values()) >= 0 and phases["search"] > 0
+    assert summary["meta"]["wall_s"] - 0.5 <= sum(phases.values()) <= summary["meta"]["wall_s"]
+    assert "; by phase: " + ", ".join(f"{PHASES[n]} {v:.1f} s" for n, v in phases.items()) + "." in report
     assert summary["meta"]["digest"] == pols[2].meta["calibration_digest"]
     assert summary["meta"]["calibration_pairs"] == 2 and summary["meta"]["heldout_pairs"] == 2
     for b in summary["budgets"]:
@@ -173,7 +179,7 @@ def test_a_budget_searched_with_others_equals_it_searched_alone_unless_warm_star
     k2 = json.loads((tmp_path / "warm" / "policy_N6_K2.json").read_text())["compute"]
     assert json.loads((tmp_path / "warm" / "summary.json").read_text())["meta"]["warm_start"] is True
     assert json.loads((tmp_path / "both" / "summary.json").read_text())["meta"]["warm_start"] is False
-    assert re.search(r"Wall time of the whole run: \d+ s, CPU time of this process \d+ s\.",
+    assert re.search(r"Wall time of the whole run: \d+ s, CPU time of this process \d+ s; by phase: set-up",
                      (tmp_path / "both" / "report.md").read_text())
     assert json.loads((tmp_path / "both" / "summary.json").read_text())["meta"]["cpu_s"] > 0
     starts = {d: json.loads((tmp_path / d / "checkpoint_N6_K3.json").read_text())["memo"][0][0]

@@ -73,6 +73,16 @@ KEEP_RULES: tuple[str, ...] = ("pairs", "mean")
 DEFAULT_KEEP = "pairs"
 
 
+#: The phases of a search run whose wall time the report and ``summary.json`` (``meta.phases_s``) give.
+PHASES: dict[str, str] = {
+    "setup": "set-up (model, calibration pairs, evaluators and workers)",
+    "teachers": "full-step outputs of the calibration and held-out pairs",
+    "search": "searching the candidates (masks and per-step estimators)",
+    "keep": "scoring the candidates per pair to keep one",
+    "heldout": "held-out evaluation",
+    "report": "policies, plots and report"}
+
+
 def pair_wins(per_pair: dict[str, Sequence[float]]) -> dict[str, dict[str, int]]:
     """``wins[a][b]``: the pairs where candidate ``a``'s loss is lower than ``b``'s (ties count for neither)."""
     arrs = {m: np.asarray(v, dtype=np.float64) for m, v in per_pair.items()}
@@ -223,7 +233,9 @@ def report(outcomes: list[BudgetOutcome], meta: dict[str, Any]) -> str:
             lines.append(row)
     if "wall_s" in meta:
         cpu = f", CPU time of this process {meta['cpu_s']:.0f} s" if "cpu_s" in meta else ""
-        lines += ["", f"Wall time of the whole run: {meta['wall_s']:.0f} s{cpu}."]
+        by = "; by phase: " + ", ".join(f"{PHASES[n]} {v:.1f} s" for n, v in meta["phases_s"].items()) \
+            if "phases_s" in meta else ""
+        lines += ["", f"Wall time of the whole run: {meta['wall_s']:.0f} s{cpu}{by}."]
     has_ssim = all("ssim" in o.heldout["budcache"] for o in outcomes)
     cols = ["latent MSE", "PSNR", "median PSNR"] + (["SSIM"] if has_ssim else [])
     lines += ["", "Held-out quality against the full-step output (mean latent MSE, mean and median PSNR"
@@ -567,12 +579,24 @@ def run_search(out: str | Path, *, nfes: Sequence[int], problem: Problem | None 
                                        prompt_file=prompt_file)
     if backend in ("local", "ray"):
         resolve_split(split, workers, len(prompts))  # a split that cannot be made fails before the teacher runs
+    phases = dict.fromkeys(PHASES, 0.0)  # wall seconds per phase of the run, for the report
+    t_phase = time.perf_counter()
+    phases["setup"] = t_phase - t_start
     with phase("teacher (calibration)" if progress else None, len(prompts) * steps):
         calib = problem.calibration(prompts, seeds)
     calib.info["loss"] = loss
     hp, hs = split_pairs(problem, "heldout", heldout_pairs, seed, prompts)
     with phase("teacher (held-out)" if progress else None, len(hp) * steps):
         held = problem.calibration(hp, hs)
+
+    def lap(name: str) -> None:
+        """Add the wall time since the last lap to phase ``name``."""
+        nonlocal t_phase
+        now = time.perf_counter()
+        phases[name] += now - t_phase
+        t_phase = now
+
+    lap("teachers")
     where = {m: backend if m not in PEER_MECHANISMS else "inprocess" for m in candidates}
     concurrent = concurrent_candidates(where)
     evaluators = {m: make_backend(where[m], problem.with_settings(mechanism=m), calib, loss=loss_fn, naive=naive,
@@ -657,11 +681,14 @@ def run_search(out: str | Path, *, nfes: Sequence[int], problem: Problem | None 
 
     for k in sorted(set(nfes)):
         names_k = (*candidates, *hybrids)
+        lap("setup")  # the evaluators' start (worker processes) before the first budget
         if concurrent:
             tried = run_concurrently(attempt, k, names_k, where)
         else:
             tried = [attempt(k, i, m) for i, m in enumerate(names_k)]
+        lap("search")
         chosen, wins = choose(k, tried)
+        lap("keep")
         value, _, m, res, refined, names, stats, masks_run = chosen
         policy = policy_of(k, tried, value, m, res, names, m, wins)
         if len(tried) > 1:  # every candidate's own policy too, e.g. to compare TaylorSeer's searched schedule
@@ -670,9 +697,11 @@ def run_search(out: str | Path, *, nfes: Sequence[int], problem: Problem | None 
                 pol.save(out / f"policy_N{steps}_K{k}_{t[2]}.json")
         policy.save(out / f"policy_N{steps}_K{k}.json")
         plot_history(res.history, out / f"history_N{steps}_K{k}.png", f"search N={steps}, K={k} ({m})")
+        lap("report")
         o = BudgetOutcome(k, res, policy, stats, refined=refined, mask_evaluations=masks_run)
         with phase(f"held-out K={k}" if progress else None, len(held) * (2 * steps + k)):
             o.heldout = heldout_table(problem, held, policy)
+        lap("heldout")
         outcomes.append(o)
     for ev in evaluators.values():
         ev.close()
@@ -689,6 +718,8 @@ def run_search(out: str | Path, *, nfes: Sequence[int], problem: Problem | None 
             "split": next((e.split for e in evaluators.values() if hasattr(e, "split")), None)}
     if len(outcomes) > 1:
         plot_frontier(outcomes, out / "frontier.png")
+    lap("report")
+    meta["phases_s"] = phases
     meta["wall_s"] = time.perf_counter() - t_start
     meta["cpu_s"] = time.process_time() - cpu_start  # this process only (local or Ray workers are apart)
     atomic_write_text(out / "report.md", report(outcomes, meta))
