@@ -29,7 +29,7 @@ import torch
 
 from budcache import CachePolicy
 from budcache import estimators as est
-from budcache.problems.data import calibration_pairs, split_pairs
+from budcache.problems.data import CalibrationSet, calibration_pairs, split_pairs
 from budcache.problems.metrics import item_metrics
 from budcache.problems.settings import SamplerSettings
 from budcache.problems.tinyflow import TinyflowProblem
@@ -43,7 +43,7 @@ from budcache.search.losses import get_loss
 PEER_OWN = "vforecast1"
 
 
-def start_from_peer(problem: TinyflowProblem, calib, compute: tuple[int, ...]) -> tuple[CachePolicy, float, int]:
+def start_from_peer(problem: TinyflowProblem, calib: CalibrationSet, compute: tuple[int, ...]) -> tuple[CachePolicy, float, int]:
     """The search's per-step choice on ``compute``, started from :data:`PEER_OWN` at every skipped step:
     ``(policy, calibration loss, plans scored)``."""
     p = problem.with_settings(mechanism=PEER_OWN)
@@ -95,8 +95,10 @@ def main() -> None:
           f"{platform.machine()}, one thread, torch {torch.__version__})\n")
     print(f"Command: `python benchmarks/peer_estimator.py --run {a.run} --nfe {a.nfe} --pairs {a.pairs} --wide "
           f"{a.wide}`. Every row runs TaylorSeer's searched schedule of `{a.run}`; only the estimator of the skipped "
-          f"steps differs. `choice from X`: one sweep of the per-step choice among {PEER_OWN}, "
-          f"{', '.join(DEFAULT_REFINE)} (the search's), started from X at every skipped step. Calibration: the mean "
+          f"steps differs. `choice from vtaylor1`: the policy the search wrote for this candidate (one sweep of the "
+          f"per-step choice among {', '.join(DEFAULT_REFINE)}, started from vtaylor1 at every skipped step); "
+          f"`choice from {PEER_OWN}`: one sweep among {PEER_OWN}, {', '.join(DEFAULT_REFINE)}, started from "
+          f"{PEER_OWN} at every skipped step. Calibration: the mean "
           "log latent MSE on the 32 calibration pairs (lower is better). Wins: pairs where the row's latent MSE is "
           "lower than the search's candidate's (`choice from vtaylor1`).\n")
     print("| K | pairs | estimator | calibration | latent MSE | PSNR (dB) | median PSNR | SSIM | wins |")

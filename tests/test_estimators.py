@@ -102,6 +102,8 @@ def test_policy_v2_round_trips_and_v1_stays_v1(tmp_path) -> None:
     assert back == mixed and back.estimators == mixed.estimators
     assert back.estimator == "mixed" and back.estimator_at(1) == "output" and back.estimator_at(0) is None
     assert back.estimator_strip() == "CoCVvCTCrv"
+    step = p2.with_estimators(["vforecast1", "vforecast2", "vtaylor1", "forecast1", "forecast2", "taylor1"])
+    assert CachePolicy.load(step.save(tmp_path / "q.json")).estimator_strip() == "CsCSvCfCFt"
 
 
 @pytest.mark.parametrize(("estimators", "match"), [

@@ -75,7 +75,8 @@ DEFAULT_KEEP = "pairs"
 
 #: The phases of a search run whose wall time the report and ``summary.json`` (``meta.phases_s``) give.
 PHASES: dict[str, str] = {
-    "setup": "set-up (model, calibration pairs, evaluators and workers)",
+    "setup": "set-up and shut-down (the problem where run_search builds it, calibration pairs, evaluators and "
+             "workers)",
     "teachers": "full-step outputs of the calibration and held-out pairs",
     "search": "searching the candidates (masks and per-step estimators)",
     "keep": "scoring the candidates per pair to keep one",
@@ -679,9 +680,9 @@ def run_search(out: str | Path, *, nfes: Sequence[int], problem: Problem | None 
         winner = winner_of(wins)
         return (next(t for t in tried if t[2] == winner) if winner is not None else by_mean), wins
 
+    lap("setup")  # the evaluators' start (worker processes)
     for k in sorted(set(nfes)):
         names_k = (*candidates, *hybrids)
-        lap("setup")  # the evaluators' start (worker processes) before the first budget
         if concurrent:
             tried = run_concurrently(attempt, k, names_k, where)
         else:
@@ -705,6 +706,7 @@ def run_search(out: str | Path, *, nfes: Sequence[int], problem: Problem | None 
         outcomes.append(o)
     for ev in evaluators.values():
         ev.close()
+    lap("setup")  # the workers' shut-down
     mechanism = "+".join((*candidates, *hybrids))
     meta = {"date": datetime.date.today().isoformat(), "model": problem.name, "steps": steps,
             "solver": settings.solver, "mechanism": mechanism, "guidance": settings.guidance,
