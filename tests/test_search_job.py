@@ -18,9 +18,11 @@ class _Ev:
 
     def __init__(self) -> None:
         self.calls = 0
+        self.answered = threading.Event()  # set once a request has been counted
 
     def losses(self, computes):
         self.calls += 1
+        self.answered.set()
         time.sleep(0.005)
         return [0.0 for _ in computes]
 
@@ -71,13 +73,11 @@ def test_a_failing_worker_candidate_stops_the_in_process_one_and_its_error_is_ra
 
 def test_ctrl_c_in_the_in_process_candidate_stops_the_others_before_it_is_raised():
     ev = _Ev()
-    started = threading.Event()
 
     def attempt(k, i, m, cancel=None):
         if m == "taylorseer":
-            started.wait(5)
+            ev.answered.wait(5)  # the worker candidate is under way (has made a request) when Ctrl-C comes
             raise KeyboardInterrupt
-        started.set()
         return _looping(ev)(k, i, m, cancel)
 
     with pytest.raises(KeyboardInterrupt):
