@@ -11,6 +11,7 @@ from budcache import CachePolicy, ConfigError
 from budcache import estimators as est
 from budcache.estimators import ESTIMATORS, History, newton
 from budcache.sampler import Sampler, StaticMask, policy_plan
+from budcache.specs import plan_legend
 
 
 def _history(values: list[torch.Tensor], steps: list[int], depth: int = 3) -> History:
@@ -102,6 +103,10 @@ def test_policy_v2_round_trips_and_v1_stays_v1(tmp_path) -> None:
     assert back == mixed and back.estimators == mixed.estimators
     assert back.estimator == "mixed" and back.estimator_at(1) == "output" and back.estimator_at(0) is None
     assert back.estimator_strip() == "CoCVvCTCrv"
+    # one letter per estimator, none taken twice or by the strip's own 'C' and '.', all in the legend
+    letters = [s.letter for s in ESTIMATORS.values()]
+    assert len(set(letters)) == len(letters) and not {"C", "."} & set(letters)
+    assert plan_legend() == "C computed, " + ", ".join(f"{s.letter} {n}" for n, s in ESTIMATORS.items())
     step = p2.with_estimators(["vforecast1", "vforecast2", "vtaylor1", "forecast1", "forecast2", "taylor1"])
     assert CachePolicy.load(step.save(tmp_path / "q.json")).estimator_strip() == "CsCSvCfCFt"
 

@@ -138,6 +138,7 @@ def cmd_sample(a: argparse.Namespace) -> int:
 
 def cmd_show(a: argparse.Namespace) -> int:
     from .policy import CachePolicy
+    from .specs import plan_legend
 
     pol = CachePolicy.load(a.policy)
     if a.plot:
@@ -149,8 +150,7 @@ def cmd_show(a: argparse.Namespace) -> int:
     print(f"mask        {pol.strip()}   (C computed, . cached)")
     print(f"computed    {list(pol.compute)}")
     if pol.estimator is not None:
-        print(f"estimators  {pol.estimator_strip()}   (r reuse, f/F forecast1/2, t/T taylor1/2, o output, "
-              "v/V vtaylor1/2, s/S vforecast1/2)")
+        print(f"estimators  {pol.estimator_strip()}   ({plan_legend()})")
         if pol.estimators is not None:
             print("per step    " + ", ".join(f"{k}:{n}" for k, n in zip(pol.skipped, pol.estimators)))
         else:

@@ -149,19 +149,16 @@ class CachePolicy:
         return "".join("C" if m else "." for m in self.mask)
 
     def estimator_strip(self) -> str:
-        """One character per step: 'C' computed, else the skipped step's estimator code letter
-        (r reuse, f/F forecast1/2, t/T taylor1/2, o output, v/V vtaylor1/2, s/S vforecast1/2,
-        '.' unspecified)."""
-        letters = {"reuse": "r", "forecast1": "f", "forecast2": "F", "taylor1": "t", "taylor2": "T",
-                   "output": "o", "vtaylor1": "v", "vtaylor2": "V",
-                   "vforecast1": "s", "vforecast2": "S"}
+        """One character per step: 'C' computed, else the skipped step's estimator letter
+        (:func:`budcache.specs.plan_legend`; '.' where no estimator of budcache's is named, e.g. a peer's)."""
         out = []
         for k, m in enumerate(self.mask):
             if m:
                 out.append("C")
             else:
                 name = self.estimators[self.skipped.index(k)] if self.estimators is not None else self.estimator
-                out.append(letters.get(name, ".") if name else ".")
+                spec = ESTIMATORS.get(name) if name else None
+                out.append(spec.letter if spec is not None else ".")
         return "".join(out)
 
     def __str__(self) -> str:

@@ -21,6 +21,7 @@ class EstimatorSpec:
         order: Newton order, 0 (reuse), 1 or 2.
         time: the time variable of the forecast, ``"step"`` or ``"sigma"`` (irrelevant for order 0).
         summary: one line for ``budcache show`` and the docs.
+        letter: its character in a plan strip (:meth:`budcache.policy.CachePolicy.estimator_strip`).
     """
 
     name: str
@@ -28,6 +29,7 @@ class EstimatorSpec:
     order: int
     time: Literal["step", "sigma"]
     summary: str
+    letter: str
 
     @property
     def depth(self) -> int:
@@ -37,16 +39,16 @@ class EstimatorSpec:
 
 #: Every estimator by name. ``reuse``/``forecast1``/``forecast2``/``output`` are version 1's mechanisms.
 ESTIMATORS: dict[str, EstimatorSpec] = {s.name: s for s in (
-    EstimatorSpec("reuse", "residual", 0, "step", "reuse the last computed stack residual"),
-    EstimatorSpec("forecast1", "residual", 1, "step", "residual, linear in the step index"),
-    EstimatorSpec("forecast2", "residual", 2, "step", "residual, quadratic (Newton) in the step index"),
-    EstimatorSpec("taylor1", "residual", 1, "sigma", "residual, linear in sigma"),
-    EstimatorSpec("taylor2", "residual", 2, "sigma", "residual, quadratic (Newton) in sigma"),
-    EstimatorSpec("output", "velocity", 0, "step", "reuse the last computed velocity"),
-    EstimatorSpec("vtaylor1", "velocity", 1, "sigma", "velocity, linear in sigma"),
-    EstimatorSpec("vtaylor2", "velocity", 2, "sigma", "velocity, quadratic (Newton) in sigma"),
-    EstimatorSpec("vforecast1", "velocity", 1, "step", "velocity, linear in the step index (TaylorSeer lite's)"),
-    EstimatorSpec("vforecast2", "velocity", 2, "step", "velocity, quadratic (Newton) in the step index"),
+    EstimatorSpec("reuse", "residual", 0, "step", "reuse the last computed stack residual", "r"),
+    EstimatorSpec("forecast1", "residual", 1, "step", "residual, linear in the step index", "f"),
+    EstimatorSpec("forecast2", "residual", 2, "step", "residual, quadratic (Newton) in the step index", "F"),
+    EstimatorSpec("taylor1", "residual", 1, "sigma", "residual, linear in sigma", "t"),
+    EstimatorSpec("taylor2", "residual", 2, "sigma", "residual, quadratic (Newton) in sigma", "T"),
+    EstimatorSpec("output", "velocity", 0, "step", "reuse the last computed velocity", "o"),
+    EstimatorSpec("vtaylor1", "velocity", 1, "sigma", "velocity, linear in sigma", "v"),
+    EstimatorSpec("vtaylor2", "velocity", 2, "sigma", "velocity, quadratic (Newton) in sigma", "V"),
+    EstimatorSpec("vforecast1", "velocity", 1, "step", "velocity, linear in the step index (TaylorSeer lite's)", "s"),
+    EstimatorSpec("vforecast2", "velocity", 2, "step", "velocity, quadratic (Newton) in the step index", "S"),
 )}
 
 #: Stable integer code of every estimator (plans store codes; 0 is reserved for "compute").
@@ -61,6 +63,13 @@ def get(name: str) -> EstimatorSpec:
     if spec is None:
         raise ConfigError(f"estimator {name!r} is unknown; choose one of {list(ESTIMATORS)}")
     return spec
+
+
+def plan_legend(quote: str = "") -> str:
+    """The plan strip's letters: ``C`` computed, then one ``<letter> <name>`` per estimator (each letter wrapped
+    in ``quote``)."""
+    return ", ".join([f"{quote}C{quote} computed",
+                      *(f"{quote}{s.letter}{quote} {n}" for n, s in ESTIMATORS.items())])
 
 
 def residual_names() -> tuple[str, ...]:

@@ -29,7 +29,7 @@ from ..problems.metrics import item_metrics
 from ..problems.settings import SamplerSettings
 from ..problems.tinyflow import TinyflowProblem
 from ..progress import phase
-from ..specs import ALL_MECHANISMS
+from ..specs import ALL_MECHANISMS, plan_legend
 from .anneal import DEFAULT_REFINE_ROUNDS, REFINE_SCHEMES, RefineResult, SearchConfig, SearchResult, refine_estimators
 from .backends import make_backend, resolve_backend, resolve_workers, search_scheme
 from .distributed import WORK_SPLITS, make_evaluator, resolve_split
@@ -198,8 +198,7 @@ def report(outcomes: list[BudgetOutcome], meta: dict[str, Any]) -> str:
              f"Model {meta['model']}, {meta['steps']} steps, solver {meta['solver']}, mechanism "
              f"{meta['mechanism']}, guidance {meta['guidance']}; calibration {meta['calibration_pairs']} pairs "
              f"(digest {meta['digest']}); held-out {meta['heldout_pairs']} pairs, disjoint from calibration.", "",
-             "Plan: `C` computed; skipped steps by estimator (`r` reuse, `f`/`F` forecast1/2, `t`/`T` taylor1/2, "
-             "`o` output, `v`/`V` vtaylor1/2, `s`/`S` vforecast1/2).", "",
+             f"Plan, one letter per step: {plan_legend('`')}.", "",
              "| NFE | mask search loss | with per-step estimators | masks evaluated | mask search (s) | "
              "estimator plans evaluated | estimator choice (s) | plan |",
              "|---|---|---|---|---|---|---|---|"]
