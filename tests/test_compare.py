@@ -153,6 +153,49 @@ def test_paired_wins_are_the_given_policys_whichever_method_runs_it(tmp_path):
 
 
 @torch.no_grad()
+def test_one_budget_takes_policies_for_several_methods_the_first_is_the_reference(tmp_path, capsys):
+    """`budcache search` writes the kept policy and TaylorSeer's searched schedule: one compare runs both, counts
+    wins and paired gaps against the first, and names every metric the reference does not lead."""
+    own = CachePolicy(N, (0, 1, 4), meta={"mechanism": "vtaylor1"}).with_estimators(("vtaylor1",) * 5)
+    ts = CachePolicy(N, (0, 2, 5), meta={"mechanism": "taylorseer"})
+    cfg = CompareConfig(nfes=(3,), steps=N, methods=("budcache", "taylorseer-searched", "plain"), calib_pairs=2,
+                        eval_pairs=6, transfer=False, grid_rows=1, policies={3: [own, ts]}, given_only=True)
+    res = run_compare(tmp_path, cfg, progress=False)
+    rows = {r["method"]: r for r in res.rows}
+    assert set(rows) == {"budcache", "taylorseer-searched", "plain"}
+    assert rows["budcache"]["info"]["compute"] == [0, 1, 4] and rows["taylorseer-searched"]["info"]["compute"] == [
+        0, 2, 5]
+    assert rows["budcache"].get("wins_reference") and "psnr_gap" not in rows["budcache"]
+    for name in ("taylorseer-searched", "plain"):
+        r = rows[name]
+        assert r["pairs"] == 6
+        lo, hi = r["median_gap_ci"]
+        assert lo <= hi and r["psnr_gap_ci"][0] <= r["psnr_gap_ci"][1]
+        assert r["median_gap"] == pytest.approx(rows["budcache"]["psnr_median"] - r["psnr_median"], abs=1e-4)
+        assert r["psnr_gap"] == pytest.approx(rows["budcache"]["psnr"] - r["psnr"], abs=1e-4)
+    text = markdown(res)
+    assert "| PSNR gap [95% CI] | median gap [95% CI] |" in text
+    ts_row = rows["taylorseer-searched"]
+    assert f"| {ts_row['median_gap']:+.2f} [{ts_row['median_gap_ci'][0]:+.2f}, " in text
+    with open(tmp_path / "results.csv") as f:
+        csv_rows = {r["method"]: r for r in csv.DictReader(f)}
+    assert float(csv_rows["plain"]["median_gap_low"]) == pytest.approx(rows["plain"]["median_gap_ci"][0])
+    # a metric the reference does not lead is named with its paired gap and interval
+    ts_row["psnr_median"] = rows["budcache"]["psnr_median"] + 5.0
+    assert "K=3: best median PSNR is taylorseer-searched" in markdown(res)
+    assert f"(paired gap {ts_row['median_gap']:+.2f} dB, 95% CI [" in markdown(res)
+    ts_row["ssim"] = 2.0
+    assert "K=3: best SSIM is taylorseer-searched (2.0000)" in markdown(res)
+    # two policies of one budget for the same method are refused, in the API and on the command line
+    with pytest.raises(ConfigError, match="two policies for NFE 3 run as method 'taylorseer-searched'"):
+        CompareConfig(nfes=(3,), steps=N, policies={3: [ts, ts]}).validate()
+    a, b = ts.save(tmp_path / "a.json"), ts.save(tmp_path / "b.json")
+    assert main([*TINY, "--out", str(tmp_path / "x"), "--policy", str(a), "--policy", str(b)]) == 2
+    err = capsys.readouterr().err
+    assert "b.json: two policies for NFE 3 run as method 'taylorseer-searched'" in err and "Traceback" not in err
+
+
+@torch.no_grad()
 def test_runs_of_disjoint_methods_merge_into_one_table(tmp_path):
     from budcache.compare.report import load_result, merge_results
 

@@ -95,6 +95,13 @@ def test_given_policies_go_to_the_method_of_their_mechanism():
     # a version-1 policy of any other estimator runs as the default method
     f2 = CachePolicy(N, (0, 2, 5, 7), meta={"mechanism": "forecast2"})
     assert build_methods(["budcache"], policies={4: f2})[0].policies == {4: f2}
+    # one budget, several policies: each to the method of its mechanism; two for one method are refused
+    ts3 = CachePolicy(N, (0, 2, 6), meta={"mechanism": "taylorseer"})
+    ms = {m.name: m for m in build_methods(["budcache", "taylorseer-searched"], policies={3: [reuse.with_estimators(
+        "vtaylor1"), ts3], 5: ts})}
+    assert ms["budcache"].policies[3].compute == (0, 1, 6) and ms["taylorseer-searched"].policies == {3: ts3, 5: ts}
+    with pytest.raises(ConfigError, match="two policies for NFE 3 run as method 'taylorseer-searched'"):
+        build_methods(["budcache", "taylorseer-searched"], policies={3: [ts3, ts3]})
 
 
 def test_bisect_threshold_reaches_a_monotone_target():

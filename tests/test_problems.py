@@ -182,3 +182,28 @@ def test_stages_are_callable(tmp_path):
         budcache.search(tmp_path / "y", nfes=[2], steps=4)
     with pytest.raises(ConfigError, match="unknown search option 'sa_iter'"):
         budcache.search(tmp_path / "z", nfes=[2], sa_iter=4)
+
+
+def test_paired_gap_is_the_difference_of_the_statistic_with_a_seeded_paired_interval():
+    from budcache.problems import PairedGap, paired_gap
+
+    rng = np.random.default_rng(0)
+    other = rng.normal(30.0, 8.0, 128)
+    # a clear lead: ref = other + 2 dB, +-0.1 dB per pair; the pairs' spread cancels in the paired gap
+    ref = other + 2.0 + rng.normal(0.0, 0.1, 128)
+    for stat, fn in (("mean", np.mean), ("median", np.median)):
+        g = paired_gap(ref, other, stat)
+        assert g.gap == pytest.approx(fn(ref) - fn(other))
+        assert g.low <= g.gap <= g.high and g.low > 0 and g.excludes_zero()
+        assert paired_gap(ref, other, stat) == g  # seeded: the same scores give the same interval
+    # no lead: two independent draws of one distribution; the interval holds 0
+    tie = paired_gap(rng.normal(30.0, 8.0, 128), rng.normal(30.0, 8.0, 128), "median")
+    assert tie.low < 0 < tie.high and not tie.excludes_zero()
+    # a bimodal score (pairs matched almost exactly or not at all) makes the median gap wide even when most pairs
+    # favour ref: the interval is what says whether a median gap is the method or the draw of pairs
+    modes = np.where(rng.random(128) < 0.5, 60.0, 25.0) + rng.normal(0, 1, 128)
+    wide = paired_gap(modes + 0.5, modes[::-1].copy(), "median")
+    assert wide.high - wide.low > 10
+    assert paired_gap(np.array([1.0]), np.array([0.0])) == PairedGap(1.0, None, None)
+    with pytest.raises(ValueError, match="equal 1-d shapes"):
+        paired_gap(np.zeros(3), np.zeros(4))

@@ -34,15 +34,18 @@ def _names(text: str) -> tuple[str, ...]:
 
 def config_from_args(a: argparse.Namespace) -> Any:
     """A :class:`CompareConfig` from parsed arguments (policy files loaded and matched to budgets)."""
+    from ..methods import route_policies
     from ..policy import CachePolicy
     from .harness import CompareConfig
 
-    policies: dict[int, CachePolicy] = {}
+    policies: dict[int, list[CachePolicy]] = {}
     for path in a.policy or []:
         pol = CachePolicy.load(path)
-        if pol.nfe in policies:
-            raise ConfigError(f"two --policy files for NFE {pol.nfe} ({path})")
-        policies[pol.nfe] = pol
+        policies.setdefault(pol.nfe, []).append(pol)
+        try:
+            route_policies({pol.nfe: policies[pol.nfe]})
+        except ConfigError as e:
+            raise ConfigError(f"--policy {path}: {e}") from None
     nfes = a.nfe if a.nfe is not None else (tuple(sorted(policies)) if policies else (6, 8, 10, 14))
     missing = sorted(set(policies) - set(nfes))
     if missing:
@@ -98,8 +101,10 @@ def register(sub: Any) -> None:
                         "budget is left out there instead of searching), e.g. the policies of budcache search, "
                         "some of which run as taylorseer-searched")
     c.add_argument("--policy", action="append", default=None, metavar="FILE",
-                   help="use this policy for its budget instead of searching (repeatable); a reuse policy "
-                   "serves budcache, a forecast1 policy (budcache search's default) budcache-forecast")
+                   help="use this policy for its budget instead of searching (repeatable). It runs as the method of "
+                   "its mechanism: a TaylorSeer-schedule policy as taylorseer-searched, a version-1 reuse or "
+                   "forecast1 policy as budcache-reuse or budcache-forecast, any other as budcache. One budget may "
+                   "take several that run as different methods; the first is the reference for paired wins and gaps")
     c.add_argument("--solver", default="euler", choices=sorted(SOLVERS))
     c.add_argument("--guidance", type=guidance_arg, default=1.0, help="classifier-free guidance scale (1 = off)")
     c.add_argument("--calib-pairs", type=int, default=12, help="calibration prompt x seed pairs (fitting)")

@@ -33,11 +33,21 @@ import torch
 from tqdm import tqdm
 
 from ..errors import ConfigError, MissingExtraError
-from ..methods import BudcacheMethod, PlainMethod, UniformMethod, available_methods, build_methods, policy_method
+from ..methods import (
+    BudcacheMethod,
+    GivenPolicies,
+    PlainMethod,
+    UniformMethod,
+    available_methods,
+    build_methods,
+    given_lists,
+    policy_method,
+    route_policies,
+)
 from ..policy import CachePolicy
 from ..problems.base import Problem
 from ..problems.data import calibration_pairs, split_pairs
-from ..problems.metrics import item_metrics
+from ..problems.metrics import item_metrics, paired_gap
 from ..problems.settings import SamplerSettings
 from ..problems.tinyflow import TinyflowProblem, tinyflow_prompts
 from ..sampler import select_items
@@ -64,7 +74,9 @@ class CompareConfig:
     calib_pairs: int = 12
     eval_pairs: int = 32
     seed: int = 0
-    policies: dict[int, CachePolicy] = field(default_factory=dict)
+    #: budget -> a policy to run instead of searching, or several that run as different methods (e.g. the
+    #: default search's kept policy and its TaylorSeer-schedule policy); the first is the reference row
+    policies: GivenPolicies = field(default_factory=dict)
     #: budcache's search inside compare: shorter than ``budcache search`` (200 / 20) to keep the run short
     search_kw: dict[str, Any] = field(default_factory=lambda: {"sa_iters": 40, "hc_rounds": 6})
     search_loss: str = "logmse"
@@ -104,10 +116,12 @@ class CompareConfig:
         get_loss(self.search_loss)
         if self.given_only and not self.policies:
             raise ConfigError("--given-only needs --policy files (it runs only the given policies)")
-        for k, pol in self.policies.items():
-            if pol.nfe != k or pol.steps != self.steps:
-                raise ConfigError(f"policy given for NFE {k} computes {pol.nfe} of {pol.steps} steps; the "
-                                  f"comparison needs {k} of {self.steps}")
+        for k, pols in given_lists(self.policies).items():
+            for pol in pols:
+                if pol.nfe != k or pol.steps != self.steps:
+                    raise ConfigError(f"policy given for NFE {k} computes {pol.nfe} of {pol.steps} steps; the "
+                                      f"comparison needs {k} of {self.steps}")
+        route_policies(self.policies)
 
 
 def make_problem(cfg: CompareConfig) -> TinyflowProblem:
@@ -202,8 +216,12 @@ def _row(setting: str, nfe: int, name: str, kind: str, q: dict[str, np.ndarray],
 
 
 def paired_wins(rows: list[dict[str, Any]], psnr: dict[str, np.ndarray], ours: str = "budcache") -> None:
-    """Add ``budcache_wins`` (pairs where ``ours`` has the higher PSNR) and ``pairs`` to every other row, and mark
-    ``ours`` with ``wins_reference``."""
+    """Mark ``ours`` with ``wins_reference`` and add to every other row, pair by pair against ``ours``:
+
+    - ``budcache_wins``: pairs where ``ours`` has the higher PSNR, of ``pairs``;
+    - ``psnr_gap`` / ``median_gap``: mean and median PSNR of ``ours`` minus this row's (dB), each with its 95%
+      paired bootstrap interval (``psnr_gap_ci``, ``median_gap_ci``; :func:`budcache.problems.paired_gap`).
+    """
     if ours not in psnr:
         return
     mine = psnr[ours]
@@ -213,6 +231,11 @@ def paired_wins(rows: list[dict[str, Any]], psnr: dict[str, np.ndarray], ours: s
         elif r["method"] in psnr:
             r["budcache_wins"] = int((mine > psnr[r["method"]]).sum())
             r["pairs"] = int(len(mine))
+            for key, stat in (("psnr_gap", "mean"), ("median_gap", "median")):
+                g = paired_gap(mine, psnr[r["method"]], stat)
+                r[key] = g.gap
+                if g.low is not None:
+                    r[f"{key}_ci"] = [g.low, g.high]
 
 
 def _fit_info(m: Any) -> dict[str, Any]:
@@ -280,8 +303,9 @@ def run_compare(out: str | Path, cfg: CompareConfig, progress: bool = True,
                 tag = "" if m.name == "budcache" else m.name.replace("budcache-", "") + "_"
                 m.policy.save(out / f"policy_{tag}N{cfg.steps}_K{k}.json")
             bar.update(1)
-        # with a given policy at this budget, the wins are that policy's (whichever method runs it)
-        ours = policy_method(cfg.policies[k]) if cfg.policies and k in cfg.policies else "budcache"
+        # with a given policy at this budget, the wins are that (first) policy's, whichever method runs it
+        given = given_lists(cfg.policies).get(k)
+        ours = policy_method(given[0]) if given else "budcache"
         paired_wins([r for r in rows if r["budget"] == k], {n: v for (kk, n), v in per_item.items() if kk == k},
                     ours=ours)
     bar.close()

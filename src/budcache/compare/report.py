@@ -68,8 +68,24 @@ def merge_results(parts: Sequence[CompareResult]) -> CompareResult:
 
 # ------------------------------------------------------------------------------ outputs
 COLUMNS = ("setting", "budget", "method", "kind", "latent_mse", "psnr", "psnr_median", "ssim", "lpips",
-           "checker_acc", "budcache_wins", "pairs", "wins_reference", "nfe_mean", "nfe_min", "nfe_max", "wall_ms",
-           "fit_s")
+           "checker_acc", "budcache_wins", "pairs", "wins_reference", "psnr_gap", "psnr_gap_low", "psnr_gap_high",
+           "median_gap", "median_gap_low", "median_gap_high", "nfe_mean", "nfe_min", "nfe_max", "wall_ms", "fit_s")
+
+#: The metrics "Where budcache is not best" checks: (row key, label, unit, better, paired gap key).
+CHECKED = (("psnr", "PSNR", " dB", max, "psnr_gap"), ("psnr_median", "median PSNR", " dB", max, "median_gap"),
+           ("ssim", "SSIM", "", max, None), ("latent_mse", "latent MSE", "", min, None))
+
+
+def gap_cell(r: dict[str, Any], key: str) -> str:
+    """``+1.23 [-0.40, +2.95]``: the reference's lead over this row in dB, with its 95% paired interval."""
+    if key not in r:
+        return ""
+    ci = r.get(f"{key}_ci")
+    return f"{r[key]:+.2f}" + (f" [{ci[0]:+.2f}, {ci[1]:+.2f}]" if ci else "")
+
+
+def _fmt(metric: str, v: float, unit: str) -> str:
+    return f"{v:.3e}" if metric == "latent_mse" else (f"{v:.4f}" if metric == "ssim" else f"{v:.2f}{unit}")
 
 
 def best_flags(rows: list[dict[str, Any]]) -> dict[tuple[str, int], dict[str, str]]:
@@ -97,10 +113,13 @@ def markdown(res: CompareResult) -> str:
     if m.get("full_checker_acc") is not None:
         lines.append(f"Checker accuracy of the full {m['steps']}-step images: {m['full_checker_acc']:.1%}.")
     lines.append("budcache wins: pairs where the reference row (marked; budcache's, or the method that ran the "
-                 "policy given for that budget) has the higher PSNR.")
+                 "(first) policy given for that budget) has the higher PSNR. PSNR gap and median gap: the reference's "
+                 "mean and median PSNR minus the row's, in dB, with a 95% paired bootstrap interval over the "
+                 "evaluation pairs; an interval that holds 0 is a gap another draw of pairs can reverse.")
     has_lpips = any("lpips" in r for r in res.rows)
     head = "| method | kind | NFE mean [min, max] | latent MSE | PSNR (dB) | median PSNR | SSIM |" + \
-        (" LPIPS |" if has_lpips else "") + " checker | budcache wins | ms/image | fit (s) |"
+        (" LPIPS |" if has_lpips else "") + " checker | budcache wins | PSNR gap [95% CI] | median gap [95% CI] |" + \
+        " ms/image | fit (s) |"
     sep = "|" + "---|" * (head.count("|") - 1)
     flags = best_flags(res.rows)
     misses = []
@@ -123,18 +142,26 @@ def markdown(res: CompareResult) -> str:
                 ("(reference)" if r.get("wins_reference") else "")
             lines.append(f"| {r['method']} | {r['kind']} | {r['nfe_mean']:.2f} [{r['nfe_min']:.2f}, "
                          f"{r['nfe_max']:.2f}] | {mse} | {psnr} | {med} | {ssim} |{lp} {acc} | {wins} | "
+                         f"{gap_cell(r, 'psnr_gap')} | {gap_cell(r, 'median_gap')} | "
                          f"{r['wall_ms']:.1f} | {r['fit_s']:.1f} |")
         ours = [r for r in group if r["method"].startswith("budcache")]
-        for metric, unit, better in (("psnr", " dB", max), ("latent_mse", "", min)):
-            if not ours:
+        ref = next((r for r in group if r.get("wins_reference")), None)
+        for metric, label, unit, better, gap in CHECKED:
+            have = [r for r in ours if metric in r]
+            best = f.get(metric)
+            if not have or best is None or best.startswith("budcache"):
                 continue
-            best, mine = f[metric], better(ours, key=lambda r: r[metric])
-            fmt = (lambda v, u=unit: f"{v:.2f}{u}") if metric == "psnr" else (lambda v: f"{v:.3e}")
-            val = {r["method"]: r[metric] for r in group}
-            label = metric.replace("_", " ").replace("psnr", "PSNR")
-            if not best.startswith("budcache"):
-                misses.append(f"K={k}: best {label} is {best} ({fmt(val[best])}); budcache's best, "
-                              f"{mine['method']}, has {fmt(mine[metric])}")
+            mine = better(have, key=lambda r: r[metric])
+            row = next(r for r in group if r["method"] == best)
+            line = (f"K={k}: best {label} is {best} ({_fmt(metric, row[metric], unit)}); budcache's best, "
+                    f"{mine['method']}, has {_fmt(metric, mine[metric], unit)}")
+            if gap is not None and gap in row and ref is not None and ref["method"] == mine["method"]:
+                ci = row.get(f"{gap}_ci")
+                line += f" (paired gap {row[gap]:+.2f} dB" + (
+                    f", 95% CI [{ci[0]:+.2f}, {ci[1]:+.2f}]" + ("" if ci[0] > 0 or ci[1] < 0 else
+                                                                 ": another draw of pairs can reverse it")
+                    if ci else "") + ")"
+            misses.append(line)
     if res.transfer:
         tnames = list(dict.fromkeys(r["method"] for r in res.transfer))
         lines += ["", "## Transfer without re-searching", "",
@@ -151,7 +178,7 @@ def markdown(res: CompareResult) -> str:
     if misses:
         lines += [f"- {s}" for s in misses]
     elif any(r["method"].startswith("budcache") for r in res.rows):
-        lines.append("A budcache method has the best PSNR and latent MSE at every budget.")
+        lines.append("A budcache method has the best mean PSNR, median PSNR, SSIM and latent MSE at every budget.")
     else:
         lines.append("No budcache method in this comparison.")
     lines.append("")
@@ -166,7 +193,9 @@ def write_outputs(out: Path, res: CompareResult, grid: dict[str, torch.Tensor] |
     w = csv.DictWriter(buf, fieldnames=list(COLUMNS), extrasaction="ignore")
     w.writeheader()
     for r in res.rows + res.transfer:
-        w.writerow({c: r.get(c, "") for c in COLUMNS})
+        flat = {**r, **{f"{g}_{end}": r[f"{g}_ci"][i] for g in ("psnr_gap", "median_gap") if f"{g}_ci" in r
+                        for i, end in enumerate(("low", "high"))}}
+        w.writerow({c: flat.get(c, "") for c in COLUMNS})
     atomic_write_text(out / "results.csv", buf.getvalue())
     write_json(out / "results.json", {"format": "budcache.compare", "version": 1, "meta": res.meta,
                                       "rows": res.rows, "transfer": res.transfer})

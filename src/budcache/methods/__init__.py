@@ -17,7 +17,17 @@ from __future__ import annotations
 
 from .base import Method, MethodRun
 from .bisect import NFE_TOLERANCE, ThresholdFit, bisect_threshold, calibrate_threshold
-from .budcache import BudcacheMethod, PlainMethod, StaticMethod, UniformMethod, forecast_method, policy_method
+from .budcache import (
+    BudcacheMethod,
+    GivenPolicies,
+    PlainMethod,
+    StaticMethod,
+    UniformMethod,
+    forecast_method,
+    given_lists,
+    policy_method,
+    route_policies,
+)
 from .dicache import DiCache, DiCacheController
 from .diffusers_peers import FirstBlockCacheMethod, MagCacheMethod, TaylorSeerMethod
 from .ecad import ECAD
@@ -63,7 +73,10 @@ __all__ = [
     "build_methods",
     "calibrate_threshold",
     "forecast_method",
+    "given_lists",
+    "GivenPolicies",
     "lexminimax_path",
     "methods_from",
     "policy_method",
+    "route_policies",
 ]

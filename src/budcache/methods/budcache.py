@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -168,3 +169,26 @@ def policy_method(policy: CachePolicy) -> str:
         return "budcache"
     return POLICY_METHODS.get(mech, "budcache")
 
+
+
+#: Given policies: budget -> one policy, or several that run as different methods (the first is the reference).
+GivenPolicies = Mapping[int, "CachePolicy | Sequence[CachePolicy]"]
+
+
+def given_lists(policies: GivenPolicies | None) -> dict[int, list[CachePolicy]]:
+    """``policies`` with every budget's value as a list, in the order given."""
+    return {int(k): ([v] if isinstance(v, CachePolicy) else list(v)) for k, v in (policies or {}).items()}
+
+
+def route_policies(policies: GivenPolicies | None) -> dict[str, dict[int, CachePolicy]]:
+    """Method name -> budget -> the given policy it runs (:func:`policy_method`); a ConfigError names two
+    policies of one budget that would run as the same method."""
+    routed: dict[str, dict[int, CachePolicy]] = {}
+    for k, pols in given_lists(policies).items():
+        for pol in pols:
+            target = policy_method(pol)
+            if k in routed.get(target, {}):
+                raise ConfigError(f"two policies for NFE {k} run as method {target!r}; give one per method "
+                                  "(a TaylorSeer-schedule policy runs as taylorseer-searched, any other as budcache)")
+            routed.setdefault(target, {})[k] = pol
+    return routed

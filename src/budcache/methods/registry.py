@@ -18,15 +18,15 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from ..errors import ConfigError, MissingExtraError
-from ..policy import CachePolicy
 from .base import Method
 from .budcache import (
+    GivenPolicies,
     PlainMethod,
     UniformMethod,
     default_method,
     forecast_method,
-    policy_method,
     reuse_method,
+    route_policies,
     taylorseer_searched_method,
 )
 from .dicache import DiCache
@@ -147,17 +147,19 @@ def available_methods() -> dict[str, MethodSpec]:
     return {n: s for n, s in REGISTRY.items() if s.available}
 
 
-def build_methods(names: Sequence[str], *, policies: dict[int, CachePolicy] | None = None,
+def build_methods(names: Sequence[str], *, policies: GivenPolicies | None = None,
                   search_kw: dict[str, Any] | None = None, search_loss: str = "logmse",
                   progress: bool = False) -> list[Method]:
     """Fresh methods by name; given ``policies`` replace budcache's search at their budget.
 
     A policy serves the budcache method of its mechanism (:func:`~.budcache.policy_method`);
-    a policy whose method is not among ``names`` is an error, so a given policy is never silently ignored.
+    a policy whose method is not among ``names`` is an error, so a given policy is never silently ignored, and
+    so are two policies of one budget that run as the same method.
 
     Args:
         names: registry names, each at most once.
-        policies: budget -> policy to run instead of searching at that budget.
+        policies: budget -> policy (or policies, each for a different method) to run instead of searching at
+            that budget.
         search_kw: :class:`~budcache.search.anneal.SearchConfig` fields for budcache's searches.
         search_loss: the loss budcache's searches minimise (``budcache.search.losses.LOSSES``).
         progress: show the searches' progress bars.
@@ -172,13 +174,12 @@ def build_methods(names: Sequence[str], *, policies: dict[int, CachePolicy] | No
                                 f"pip install 'budcache[{','.join(extras)}]'")
     if len(set(names)) != len(names):
         raise ConfigError(f"methods listed twice: {sorted(n for n in set(names) if list(names).count(n) > 1)}")
-    routed: dict[str, dict[int, CachePolicy]] = {}
-    for k, pol in (policies or {}).items():
-        target = policy_method(pol)
+    routed = route_policies(policies)
+    for target, by_k in routed.items():
         if target not in names:
+            k, pol = next(iter(by_k.items()))
             raise ConfigError(f"the policy for NFE {k} (mechanism {pol.meta.get('mechanism', 'reuse')!r}) runs as "
                               f"method {target!r}, which is not among the methods {list(names)}")
-        routed.setdefault(target, {})[k] = pol
     out: list[Method] = []
     for n in names:
         spec = REGISTRY[n]
