@@ -26,7 +26,7 @@ import torch
 from budcache import CachePolicy, tinyflow
 from budcache.peers import taylorseer_grid_computes
 from budcache.problems.data import calibration_pairs, split_pairs
-from budcache.problems.metrics import item_metrics
+from budcache.problems.metrics import item_metrics, paired_gap
 from budcache.problems.tinyflow import TinyflowProblem
 from budcache.search.losses import latent_log_mse
 
@@ -50,14 +50,17 @@ def grid_policy(problem: TinyflowProblem, calib, k: int) -> CachePolicy:
 
 
 def quality_table(problem: TinyflowProblem, calib, val, run: str, ks: list[int],
-                  label: str = "validation pairs") -> None:
+                  label: str = "validation pairs", gaps: bool = False) -> None:
     """Mean latent MSE, mean and median PSNR, SSIM and paired wins on ``val``, as ``budcache compare`` reports, for
-    the three candidates (the kept one marked), TaylorSeer's best grid point and plain K steps."""
+    the three candidates (the kept one marked), TaylorSeer's best grid point and plain K steps; with ``gaps``, the
+    kept candidate's median PSNR lead over each other row with its 95% paired bootstrap interval."""
     print(f"\nThe compare's metrics on the {len(val)} {label} (images decoded; wins: pairs where the row's "
           "PSNR is higher than TaylorSeer's best grid point's; the grid point is picked on the 32 calibration pairs "
-          "by mean log latent MSE):\n")
-    print("| K | method | latent MSE | PSNR (dB) | median PSNR | SSIM | wins against TaylorSeer's grid |")
-    print("|---|---|---|---|---|---|---|")
+          "by mean log latent MSE" + ("; median gap: the kept candidate's median PSNR minus the row's, with its 95% "
+                                      "paired bootstrap interval over these pairs" if gaps else "") + "):\n")
+    print("| K | method | latent MSE | PSNR (dB) | median PSNR | SSIM | wins against TaylorSeer's grid |"
+          + (" median gap, kept - row [95% CI] |" if gaps else ""))
+    print("|---|---|---|---|---|---|---|" + ("---|" if gaps else ""))
     for k in ks:
         kept = CachePolicy.load(f"{run}/policy_N28_K{k}.json").meta.get("candidate")
         rows: dict[str, CachePolicy | None] = {
@@ -68,6 +71,7 @@ def quality_table(problem: TinyflowProblem, calib, val, run: str, ks: list[int],
         q = {name: item_metrics(problem, problem.final_latents(val, pol, plain_steps=None if pol else k),
                                 val.teacher) for name, pol in rows.items()}
         grid = q["TaylorSeer's best grid point"]["psnr"]
+        kept_psnr = next(m["psnr"] for n, m in q.items() if n.endswith("(kept)"))
         best = {m: (min if m == "latent_mse" else max)(q, key=lambda n: q[n][m].mean()) for m in
                 ("latent_mse", "psnr", "ssim")}
         best["median"] = max(q, key=lambda n: float(np.median(q[n]["psnr"])))
@@ -76,7 +80,13 @@ def quality_table(problem: TinyflowProblem, calib, val, run: str, ks: list[int],
                     "median": f"{float(np.median(m['psnr'])):.2f}", "ssim": f"{m['ssim'].mean():.4f}"}
             cells = [f"**{v}**" if best[key] == name else v for key, v in vals.items()]
             wins = "" if name.startswith("TaylorSeer's best") else f"{int((m['psnr'] > grid).sum())}/{len(val)}"
-            print(f"| {k} | {name} | " + " | ".join(cells) + f" | {wins} |", flush=True)
+            gap = ""
+            if gaps and not name.endswith("(kept)"):
+                g = paired_gap(kept_psnr, m["psnr"], "median")
+                gap = f" {g.gap:+.2f} [{g.low:+.2f}, {g.high:+.2f}] |"
+            elif gaps:
+                gap = " |"
+            print(f"| {k} | {name} | " + " | ".join(cells) + f" | {wins} |{gap}", flush=True)
 
 
 def main() -> None:
@@ -137,7 +147,7 @@ def wide_table(problem: TinyflowProblem, calib, a: argparse.Namespace) -> None:
             p for s in ("validation", "heldout") for p in zip(*split_pairs(problem, s, a.pairs, 0, prompts))}):
         raise SystemExit("the wide pairs overlap the search's pairs")
     quality_table(problem, calib, wide, a.run, [int(x) for x in a.nfe.split(",")],
-                  label="pairs of seed 1's held-out split")
+                  label="pairs of seed 1's held-out split", gaps=True)
 
 
 if __name__ == "__main__":

@@ -57,11 +57,12 @@ SECTIONS: tuple[Section, ...] = (
     Section("default-search", ("-m", "budcache.cli", "search", "--nfe", "6,8,10,14", "--heldout", "32",
                                "--out", "runs/regenerate/default", "--force", "--quiet"), 10,
             output="runs/regenerate/default/report.md"),
-    Section("compare-default", ("benchmarks/compare.py", "--nfe", "6,8,10,14", "--policy",
-                                "runs/regenerate/default/policy_N28_K6.json", "--policy",
-                                "runs/regenerate/default/policy_N28_K8.json", "--policy",
-                                "runs/regenerate/default/policy_N28_K10.json", "--policy",
-                                "runs/regenerate/default/policy_N28_K14.json", "--methods",
+    # each budget's kept policy (the reference) and TaylorSeer's searched schedule from the same search
+    Section("compare-default", ("benchmarks/compare.py", "--nfe", "6,8,10,14",
+                                *(a for k in (6, 8, 10, 14) for a in
+                                  ("--policy", f"runs/regenerate/default/policy_N28_K{k}.json",
+                                   "--policy", f"runs/regenerate/default/policy_N28_K{k}_taylorseer.json")),
+                                "--methods",
                                 "budcache,taylorseer-searched,taylorseer,magcache,fbcache,uniform,plain",
                                 "--given-only", "--eval-pairs", "128", "--out", "runs/regenerate/compare"), 22),
     Section("compare-taylorseer", ("benchmarks/compare.py", "--nfe", "6,8,10,14",
