@@ -88,6 +88,15 @@ def test_search_writes_report_summary_and_plots(searched):
         refined = b["loss"] if b["estimator_loss"] is None else b["estimator_loss"]
         assert f"| {b['nfe']} | {b['loss']:.4e} | {refined:.4e} | {masks} |" in report
         assert set(b["heldout"]) >= {"budcache", "uniform", "plain"}
+        # against budcache's held-out row: the median PSNR gap, with its paired interval, in JSON and the report
+        h = b["heldout"]
+        for name in ("uniform", "plain"):
+            r = h[name]
+            assert r["median_gap"] == pytest.approx(h["budcache"]["psnr_median"] - r["psnr_median"], abs=1e-4)
+            lo, hi = r["median_gap_ci"]
+            assert lo <= hi
+            assert f"| {r['budcache_wins']}/2 | {r['median_gap']:+.2f} [{lo:+.2f}, {hi:+.2f}] |" in report
+        assert "median_gap" not in h["budcache"]
 
     for name in ("history_N6_K2.png", "history_N6_K3.png", "frontier.png"):
         data = (searched / name).read_bytes()

@@ -25,7 +25,7 @@ from ..plots import pyplot, save_figure
 from ..policy import CachePolicy
 from ..problems.base import Problem
 from ..problems.data import CalibrationSet, calibration_pairs, split_pairs
-from ..problems.metrics import item_metrics
+from ..problems.metrics import item_metrics, paired_gap
 from ..problems.settings import SamplerSettings
 from ..problems.tinyflow import TinyflowProblem
 from ..progress import phase
@@ -127,8 +127,10 @@ def heldout_table(problem: Any, held: CalibrationSet, policy: CachePolicy) -> di
     """Held-out quality of the policy vs uniform (same estimator) and plain K steps.
 
     Per method: mean latent MSE, mean and median PSNR, mean SSIM (on decoded
-    images, when the problem decodes them), and the pairs where budcache's
-    latent MSE is lower (paired wins).
+    images, when the problem decodes them), and, against budcache's, the pairs
+    where budcache's latent MSE is lower (paired wins) and budcache's median PSNR
+    minus the method's with its 95% paired bootstrap interval
+    (:func:`budcache.problems.paired_gap`).
     """
     k = policy.nfe
     uniform = CachePolicy.uniform(policy.steps, k, meta={"mechanism": policy.meta.get("mechanism", "reuse")})
@@ -146,6 +148,10 @@ def heldout_table(problem: Any, held: CalibrationSet, policy: CachePolicy) -> di
             row["ssim"] = float(m["ssim"].mean())
         if name != "budcache":
             row["budcache_wins"] = int((q["budcache"]["latent_mse"] < m["latent_mse"]).sum())
+            g = paired_gap(q["budcache"]["psnr"], m["psnr"], "median")
+            row["median_gap"] = g.gap
+            if g.low is not None:
+                row["median_gap_ci"] = [g.low, g.high]
         out[name] = row
     out["_n"] = {"pairs": len(held)}
     return out
@@ -239,9 +245,11 @@ def report(outcomes: list[BudgetOutcome], meta: dict[str, Any]) -> str:
     has_ssim = all("ssim" in o.heldout["budcache"] for o in outcomes)
     cols = ["latent MSE", "PSNR", "median PSNR"] + (["SSIM"] if has_ssim else [])
     lines += ["", "Held-out quality against the full-step output (mean latent MSE, mean and median PSNR"
-              + (", mean SSIM" if has_ssim else "") + "; wins = pairs where budcache's latent MSE is lower):", "",
-              "| NFE | method | " + " | ".join(cols) + " | budcache wins |",
-              "|---|---|" + "---|" * len(cols) + "---|"]
+              + (", mean SSIM" if has_ssim else "") + "; wins = pairs where budcache's latent MSE is lower; median "
+              "gap = budcache's median PSNR minus the row's, with its 95% paired bootstrap interval over these pairs: "
+              "an interval that holds 0 is a gap another draw of pairs can reverse):", "",
+              "| NFE | method | " + " | ".join(cols) + " | budcache wins | median gap [95% CI] |",
+              "|---|---|" + "---|" * len(cols) + "---|---|"]
     for o in outcomes:
         h = o.heldout
         n = h["_n"]["pairs"]
@@ -251,8 +259,11 @@ def report(outcomes: list[BudgetOutcome], meta: dict[str, Any]) -> str:
             if has_ssim:
                 vals.append(f"{r['ssim']:.4f}")
             wins = "" if name == "budcache" else f"{r['budcache_wins']}/{n}"
+            gap = f"{r['median_gap']:+.2f}" if "median_gap" in r else ""
+            if "median_gap_ci" in r:
+                gap += f" [{r['median_gap_ci'][0]:+.2f}, {r['median_gap_ci'][1]:+.2f}]"
             label = {"budcache": "budcache", "uniform": "uniform mask, same estimator", "plain": "plain K steps"}
-            lines.append(f"| {o.nfe} | {label[name]} | " + " | ".join(vals) + f" | {wins} |")
+            lines.append(f"| {o.nfe} | {label[name]} | " + " | ".join(vals) + f" | {wins} | {gap} |")
     lines.append("")
     return "\n".join(lines)
 
