@@ -71,7 +71,7 @@ def quality_table(problem: TinyflowProblem, calib, val, run: str, ks: list[int],
         q = {name: item_metrics(problem, problem.final_latents(val, pol, plain_steps=None if pol else k),
                                 val.teacher) for name, pol in rows.items()}
         grid = q["TaylorSeer's best grid point"]["psnr"]
-        kept_psnr = next(m["psnr"] for n, m in q.items() if n.endswith("(kept)"))
+        kept_psnr = next((m["psnr"] for n, m in q.items() if n.endswith("(kept)")), None) if gaps else None
         best = {m: (min if m == "latent_mse" else max)(q, key=lambda n: q[n][m].mean()) for m in
                 ("latent_mse", "psnr", "ssim")}
         best["median"] = max(q, key=lambda n: float(np.median(q[n]["psnr"])))
@@ -81,9 +81,9 @@ def quality_table(problem: TinyflowProblem, calib, val, run: str, ks: list[int],
             cells = [f"**{v}**" if best[key] == name else v for key, v in vals.items()]
             wins = "" if name.startswith("TaylorSeer's best") else f"{int((m['psnr'] > grid).sum())}/{len(val)}"
             gap = ""
-            if gaps and not name.endswith("(kept)"):
+            if gaps and kept_psnr is not None and not name.endswith("(kept)"):
                 g = paired_gap(kept_psnr, m["psnr"], "median")
-                gap = f" {g.gap:+.2f} [{g.low:+.2f}, {g.high:+.2f}] |"
+                gap = f" {g.gap:+.2f}" + (f" [{g.low:+.2f}, {g.high:+.2f}]" if g.low is not None else "") + " |"
             elif gaps:
                 gap = " |"
             print(f"| {k} | {name} | " + " | ".join(cells) + f" | {wins} |{gap}", flush=True)

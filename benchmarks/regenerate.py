@@ -64,7 +64,7 @@ SECTIONS: tuple[Section, ...] = (
                                    "--policy", f"runs/regenerate/default/policy_N28_K{k}_taylorseer.json")),
                                 "--methods",
                                 "budcache,taylorseer-searched,taylorseer,magcache,fbcache,uniform,plain",
-                                "--given-only", "--eval-pairs", "128", "--out", "runs/regenerate/compare"), 22),
+                                "--given-only", "--eval-pairs", "128", "--out", "runs/regenerate/compare"), 19),
     Section("compare-taylorseer", ("benchmarks/compare.py", "--nfe", "6,8,10,14",
                                    *(a for k in (6, 8, 10, 14) for a in
                                      ("--policy", f"runs/regenerate/default/policy_N28_K{k}_taylorseer.json")),

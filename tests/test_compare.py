@@ -129,10 +129,10 @@ def test_markdown_names_budgets_where_budcache_is_not_best(tmp_path):
     # both outcomes, whichever the run gave: plain ahead by 1 dB, then behind by 1 dB
     rows["plain"]["psnr"] = rows["budcache"]["psnr"] + 1.0
     text = markdown(res)
-    assert f"K=3: best PSNR is plain ({rows['plain']['psnr']:.2f} dB); budcache's best, budcache, has " \
+    assert f"K=3: best mean PSNR is plain ({rows['plain']['psnr']:.2f} dB); budcache's best, budcache, has " \
            f"{rows['budcache']['psnr']:.2f} dB" in text
     rows["plain"]["psnr"] = rows["budcache"]["psnr"] - 1.0
-    assert "K=3: best PSNR is plain" not in markdown(res)
+    assert "K=3: best mean PSNR is plain" not in markdown(res)
 
 
 @torch.no_grad()
@@ -186,13 +186,68 @@ def test_one_budget_takes_policies_for_several_methods_the_first_is_the_referenc
     assert f"(paired gap {ts_row['median_gap']:+.2f} dB, 95% CI [" in markdown(res)
     ts_row["ssim"] = 2.0
     assert "K=3: best SSIM is taylorseer-searched (2.0000)" in markdown(res)
-    # two policies of one budget for the same method are refused, in the API and on the command line
-    with pytest.raises(ConfigError, match="two policies for NFE 3 run as method 'taylorseer-searched'"):
-        CompareConfig(nfes=(3,), steps=N, policies={3: [ts, ts]}).validate()
-    a, b = ts.save(tmp_path / "a.json"), ts.save(tmp_path / "b.json")
+    # the reference itself has the best median: the gap is budcache's row's, flipped to read from budcache's side
+    res.rows[:] = [r for r in res.rows if r["method"] != "plain"]
+    for r in res.rows:
+        r.pop("wins_reference", None)
+    for r in res.rows:
+        r.pop("gap_reference", None)
+    from budcache.compare.harness import paired_wins
+
+    ts_psnr = np.array([30.0, 40.0, 50.0, 60.0, 70.0, 80.0])
+    paired_wins(res.rows, {"taylorseer-searched": ts_psnr, "budcache": ts_psnr - 2.0}, ours="taylorseer-searched")
+    own_row = next(r for r in res.rows if r["method"] == "budcache")
+    assert own_row["gap_reference"] == "taylorseer-searched" and own_row["median_gap"] == pytest.approx(2.0)
+    own_row["psnr_median"], ts_row["psnr_median"] = 53.0, 55.0
+    assert "best median PSNR is taylorseer-searched (55.00 dB); budcache's best, budcache, has 53.00 dB (paired gap " \
+           "-2.00 dB, 95% CI [-2.00, -2.00])" in markdown(res)
+    # two different policies of one budget for the same method are refused, in the API and on the command line
+    other_ts = CachePolicy(N, (0, 3, 5), meta={"mechanism": "taylorseer"})
+    with pytest.raises(ConfigError, match="two different policies for NFE 3 run as method 'taylorseer-searched'"):
+        CompareConfig(nfes=(3,), steps=N, policies={3: [ts, other_ts]}).validate()
+    # ... but the same schedule twice (the kept policy and the candidate's own file) is run once
+    kept = CachePolicy(N, (0, 2, 5), meta={"mechanism": "taylorseer", "kept": "taylorseer"})
+    from budcache.methods import route_policies
+
+    assert route_policies({3: [kept, ts]}) == {"taylorseer-searched": {3: kept}}
+    for bad in ([], "p.json", [ts, "p.json"]):
+        with pytest.raises(ConfigError, match="must be a CachePolicy or a non-empty list"):
+            CompareConfig(nfes=(3,), steps=N, policies={3: bad}).validate()
+    a, b = ts.save(tmp_path / "a.json"), other_ts.save(tmp_path / "b.json")
     assert main([*TINY, "--out", str(tmp_path / "x"), "--policy", str(a), "--policy", str(b)]) == 2
     err = capsys.readouterr().err
-    assert "b.json: two policies for NFE 3 run as method 'taylorseer-searched'" in err and "Traceback" not in err
+    assert "b.json: two different policies for NFE 3 run as method 'taylorseer-searched'" in err
+    assert "Traceback" not in err
+
+
+def test_a_gap_is_only_quoted_against_its_own_reference_and_old_results_still_render(tmp_path):
+    """Merged comparisons can hold two references at one budget: a miss quotes a gap only when it was measured
+    between budcache's best and the best row; results written before the gaps existed still render."""
+    from budcache.compare.report import CompareResult, load_result, write_outputs
+
+    meta = {"date": "d", "model": "m", "steps": N, "solver": "euler", "guidance": 1.0, "calibration_pairs": 2,
+            "evaluation_pairs": 6, "batch": 1, "threads": 1, "lpips": "LPIPS skipped", "budgets": [3],
+            "grid_nfe": 3}
+    base = {"setting": "main", "budget": 3, "kind": "static", "latent_mse": 1e-2, "nfe_mean": 3.0, "nfe_min": 3.0,
+            "nfe_max": 3.0, "wall_ms": 1.0, "fit_s": 0.0, "info": {}}
+    rows = [{**base, "method": "budcache", "psnr": 30.0, "psnr_median": 30.0, "wins_reference": True},
+            {**base, "method": "taylorseer-searched", "psnr": 31.0, "psnr_median": 29.0, "wins_reference": True},
+            {**base, "method": "magcache", "psnr": 35.0, "psnr_median": 20.0, "budcache_wins": 1, "pairs": 6,
+             "psnr_gap": -4.0, "psnr_gap_ci": [-6.0, -2.0], "gap_reference": "taylorseer-searched"}]
+    text = markdown(CompareResult(rows, [], meta, {}))
+    assert "best mean PSNR is magcache (35.00 dB); budcache's best, budcache, has 30.00 dB\n" in text + "\n"
+    assert "paired gap" not in text
+    # rows without the gap keys (results.json of an earlier version): empty cells, no error
+    for r in rows:
+        r.pop("psnr_gap", None), r.pop("psnr_gap_ci", None), r.pop("gap_reference", None)
+    write_outputs(tmp_path, CompareResult(rows, [], meta, {}))
+    again = markdown(load_result(tmp_path))
+    assert "| magcache | static | 3.00 [3.00, 3.00] | 1.000e-02 | **35.00** | 20.00 | n/a | n/a | 1/6 |  |  |" in again
+    # no SSIM in any row (a latent-only problem): the all-clear names only the metrics measured
+    rows[2]["psnr"] = 1.0
+    rows[1]["psnr"] = rows[1]["psnr_median"] = 1.0
+    assert "A budcache method has the best mean PSNR, median PSNR and latent MSE at every budget." in markdown(
+        CompareResult(rows, [], meta, {}))
 
 
 @torch.no_grad()

@@ -100,8 +100,9 @@ def test_given_policies_go_to_the_method_of_their_mechanism():
     ms = {m.name: m for m in build_methods(["budcache", "taylorseer-searched"], policies={3: [reuse.with_estimators(
         "vtaylor1"), ts3], 5: ts})}
     assert ms["budcache"].policies[3].compute == (0, 1, 6) and ms["taylorseer-searched"].policies == {3: ts3, 5: ts}
-    with pytest.raises(ConfigError, match="two policies for NFE 3 run as method 'taylorseer-searched'"):
-        build_methods(["budcache", "taylorseer-searched"], policies={3: [ts3, ts3]})
+    with pytest.raises(ConfigError, match="two different policies for NFE 3 run as method 'taylorseer-searched'"):
+        build_methods(["budcache", "taylorseer-searched"], policies={3: [ts3, CachePolicy(N, (0, 3, 6), meta={
+            "mechanism": "taylorseer"})]})
 
 
 def test_bisect_threshold_reaches_a_monotone_target():

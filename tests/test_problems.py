@@ -207,3 +207,5 @@ def test_paired_gap_is_the_difference_of_the_statistic_with_a_seeded_paired_inte
     assert paired_gap(np.array([1.0]), np.array([0.0])) == PairedGap(1.0, None, None)
     with pytest.raises(ValueError, match="equal 1-d shapes"):
         paired_gap(np.zeros(3), np.zeros(4))
+    with pytest.raises(ValueError, match="'mean' or 'median'"):
+        paired_gap(np.zeros(3), np.zeros(3), "max")

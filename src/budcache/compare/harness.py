@@ -220,7 +220,13 @@ def paired_wins(rows: list[dict[str, Any]], psnr: dict[str, np.ndarray], ours: s
 
     - ``budcache_wins``: pairs where ``ours`` has the higher PSNR, of ``pairs``;
     - ``psnr_gap`` / ``median_gap``: mean and median PSNR of ``ours`` minus this row's (dB), each with its 95%
-      paired bootstrap interval (``psnr_gap_ci``, ``median_gap_ci``; :func:`budcache.problems.paired_gap`).
+      paired bootstrap interval (``psnr_gap_ci``, ``median_gap_ci``; :func:`budcache.problems.paired_gap`);
+    - ``gap_reference``: ``ours``, the method the gaps are measured from.
+
+    Args:
+        rows: one budget's rows, updated in place.
+        psnr: method name -> per-pair PSNR on the evaluation pairs (the same pairs, in the same order).
+        ours: the reference method.
     """
     if ours not in psnr:
         return
@@ -231,10 +237,11 @@ def paired_wins(rows: list[dict[str, Any]], psnr: dict[str, np.ndarray], ours: s
         elif r["method"] in psnr:
             r["budcache_wins"] = int((mine > psnr[r["method"]]).sum())
             r["pairs"] = int(len(mine))
+            r["gap_reference"] = ours
             for key, stat in (("psnr_gap", "mean"), ("median_gap", "median")):
                 g = paired_gap(mine, psnr[r["method"]], stat)
                 r[key] = g.gap
-                if g.low is not None:
+                if g.low is not None and g.high is not None:
                     r[f"{key}_ci"] = [g.low, g.high]
 
 

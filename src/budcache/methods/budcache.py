@@ -176,19 +176,49 @@ GivenPolicies = Mapping[int, "CachePolicy | Sequence[CachePolicy]"]
 
 
 def given_lists(policies: GivenPolicies | None) -> dict[int, list[CachePolicy]]:
-    """``policies`` with every budget's value as a list, in the order given."""
-    return {int(k): ([v] if isinstance(v, CachePolicy) else list(v)) for k, v in (policies or {}).items()}
+    """``policies`` with every budget's value as a list, in the order given; a ConfigError names a budget whose
+    value is empty or holds anything but :class:`CachePolicy` objects.
+
+    Args:
+        policies: budget -> a policy, or a sequence of policies.
+    """
+    out: dict[int, list[CachePolicy]] = {}
+    for k, v in (policies or {}).items():
+        pols = [v] if isinstance(v, CachePolicy) else (list(v) if isinstance(v, (list, tuple)) else None)
+        if not pols or not all(isinstance(p, CachePolicy) for p in pols):
+            raise ConfigError(f"the policies given for NFE {k} must be a CachePolicy or a non-empty list of them "
+                              f"(got {type(v).__name__})")
+        out[int(k)] = pols
+    return out
+
+
+def same_schedule(a: CachePolicy, b: CachePolicy) -> bool:
+    """True when two policies run the same: the same steps, computed steps, sigmas, estimators and mechanism."""
+    return (a.steps, a.compute, a.sigmas, a.estimators, a.meta.get("mechanism")) == \
+        (b.steps, b.compute, b.sigmas, b.estimators, b.meta.get("mechanism"))
 
 
 def route_policies(policies: GivenPolicies | None) -> dict[str, dict[int, CachePolicy]]:
-    """Method name -> budget -> the given policy it runs (:func:`policy_method`); a ConfigError names two
-    policies of one budget that would run as the same method."""
+    """Method name -> budget -> the given policy it runs (:func:`policy_method`).
+
+    A second policy of one budget for the same method is dropped when it runs the same as the first (e.g. the
+    kept policy of ``budcache search`` and the candidate's own file it was kept from), and otherwise a
+    ConfigError.
+
+    Args:
+        policies: budget -> a policy, or several that run as different methods.
+    """
     routed: dict[str, dict[int, CachePolicy]] = {}
     for k, pols in given_lists(policies).items():
         for pol in pols:
             target = policy_method(pol)
-            if k in routed.get(target, {}):
-                raise ConfigError(f"two policies for NFE {k} run as method {target!r}; give one per method "
-                                  "(a TaylorSeer-schedule policy runs as taylorseer-searched, any other as budcache)")
+            first = routed.get(target, {}).get(k)
+            if first is not None:
+                if same_schedule(first, pol):
+                    continue
+                raise ConfigError(f"two different policies for NFE {k} run as method {target!r}; give one per "
+                                  "method (a TaylorSeer-schedule policy runs as taylorseer-searched, a version-1 "
+                                  "reuse or forecast1 policy as budcache-reuse or budcache-forecast, any other as "
+                                  "budcache)")
             routed.setdefault(target, {})[k] = pol
     return routed

@@ -97,7 +97,9 @@ def paired_gap(ref: np.ndarray, other: np.ndarray, stat: Literal["mean", "median
     a, b = np.asarray(ref, dtype=np.float64), np.asarray(other, dtype=np.float64)
     if a.shape != b.shape or a.ndim != 1:
         raise ValueError(f"paired scores need equal 1-d shapes (got {a.shape} and {b.shape})")
-    fn = {"mean": np.mean, "median": np.median}[stat]
+    if stat not in ("mean", "median"):
+        raise ValueError(f"stat must be 'mean' or 'median' (got {stat!r})")
+    fn = np.mean if stat == "mean" else np.median
     gap = float(fn(a) - fn(b))
     if len(a) < 2 or not (np.isfinite(a).all() and np.isfinite(b).all()):
         return PairedGap(gap, None, None)

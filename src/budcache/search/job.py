@@ -118,12 +118,12 @@ class BudgetOutcome:
     result: SearchResult
     policy: CachePolicy
     stats: EvaluatorStats
-    heldout: dict[str, dict[str, float]] = field(default_factory=dict)
+    heldout: dict[str, dict[str, Any]] = field(default_factory=dict)
     refined: RefineResult | None = None
     mask_evaluations: int | None = None  # masks the mask search ran (``stats`` also counts estimator plans)
 
 
-def heldout_table(problem: Any, held: CalibrationSet, policy: CachePolicy) -> dict[str, dict[str, float]]:
+def heldout_table(problem: Any, held: CalibrationSet, policy: CachePolicy) -> dict[str, dict[str, Any]]:
     """Held-out quality of the policy vs uniform (same estimator) and plain K steps.
 
     Per method: mean latent MSE, mean and median PSNR, mean SSIM (on decoded
@@ -142,15 +142,15 @@ def heldout_table(problem: Any, held: CalibrationSet, policy: CachePolicy) -> di
     q = {name: item_metrics(problem, lat, held.teacher) for name, lat in runs.items()}
     out = {}
     for name, m in q.items():
-        row = {"latent_mse": float(m["latent_mse"].mean()), "psnr": float(m["psnr"].mean()),
-               "psnr_median": float(np.median(m["psnr"]))}
+        row: dict[str, Any] = {"latent_mse": float(m["latent_mse"].mean()), "psnr": float(m["psnr"].mean()),
+                               "psnr_median": float(np.median(m["psnr"]))}
         if "ssim" in m:
             row["ssim"] = float(m["ssim"].mean())
         if name != "budcache":
             row["budcache_wins"] = int((q["budcache"]["latent_mse"] < m["latent_mse"]).sum())
             g = paired_gap(q["budcache"]["psnr"], m["psnr"], "median")
             row["median_gap"] = g.gap
-            if g.low is not None:
+            if g.low is not None and g.high is not None:
                 row["median_gap_ci"] = [g.low, g.high]
         out[name] = row
     out["_n"] = {"pairs": len(held)}
