@@ -26,7 +26,7 @@ import torch
 from budcache import CachePolicy, tinyflow
 from budcache.peers import taylorseer_grid_computes
 from budcache.problems.data import calibration_pairs, split_pairs
-from budcache.problems.metrics import item_metrics, paired_gap
+from budcache.problems.metrics import gap_text, item_metrics, paired_gap
 from budcache.problems.tinyflow import TinyflowProblem
 from budcache.search.losses import latent_log_mse
 
@@ -83,7 +83,7 @@ def quality_table(problem: TinyflowProblem, calib, val, run: str, ks: list[int],
             gap = ""
             if gaps and kept_psnr is not None and not name.endswith("(kept)"):
                 g = paired_gap(kept_psnr, m["psnr"], "median")
-                gap = f" {g.gap:+.2f}" + (f" [{g.low:+.2f}, {g.high:+.2f}]" if g.low is not None else "") + " |"
+                gap = f" {gap_text(g.gap, None if g.low is None else (g.low, g.high))} |"
             elif gaps:
                 gap = " |"
             print(f"| {k} | {name} | " + " | ".join(cells) + f" | {wins} |{gap}", flush=True)

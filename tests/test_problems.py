@@ -205,6 +205,12 @@ def test_paired_gap_is_the_difference_of_the_statistic_with_a_seeded_paired_inte
     wide = paired_gap(modes + 0.5, modes[::-1].copy(), "median")
     assert wide.high - wide.low > 10
     assert paired_gap(np.array([1.0]), np.array([0.0])) == PairedGap(1.0, None, None)
+    # a report row's fields and cell text, with and without an interval
+    from budcache.problems import gap_text
+
+    assert PairedGap(1.0, None, None).fields("g") == {"g": 1.0} and gap_text(1.0) == "+1.00"
+    assert PairedGap(-1.5, -2.0, 0.25).fields("g") == {"g": -1.5, "g_ci": [-2.0, 0.25]}
+    assert gap_text(-1.5, [-2.0, 0.25]) == "-1.50 [-2.00, +0.25]"
     with pytest.raises(ValueError, match="equal 1-d shapes"):
         paired_gap(np.zeros(3), np.zeros(4))
     with pytest.raises(ValueError, match="'mean' or 'median'"):

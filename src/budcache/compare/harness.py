@@ -239,10 +239,7 @@ def paired_wins(rows: list[dict[str, Any]], psnr: dict[str, np.ndarray], ours: s
             r["pairs"] = int(len(mine))
             r["gap_reference"] = ours
             for key, stat in (("psnr_gap", "mean"), ("median_gap", "median")):
-                g = paired_gap(mine, psnr[r["method"]], stat)
-                r[key] = g.gap
-                if g.low is not None and g.high is not None:
-                    r[f"{key}_ci"] = [g.low, g.high]
+                r.update(paired_gap(mine, psnr[r["method"]], stat).fields(key))
 
 
 def _fit_info(m: Any) -> dict[str, Any]:
@@ -289,6 +286,7 @@ def run_compare(out: str | Path, cfg: CompareConfig, progress: bool = True,
     grid: dict[str, torch.Tensor] = {} if full_images is None else {"full": full_images}  # no decoder: no grid
     policies: dict[str, dict[int, CachePolicy]] = {}
     per_item: dict[tuple[int, str], np.ndarray] = {}
+    given = given_lists(cfg.policies)
     bar = tqdm(total=len(cfg.nfes) * len(methods), desc="compare", disable=not progress, unit="method")
     for k in sorted(cfg.nfes):
         for m in methods:
@@ -311,8 +309,7 @@ def run_compare(out: str | Path, cfg: CompareConfig, progress: bool = True,
                 m.policy.save(out / f"policy_{tag}N{cfg.steps}_K{k}.json")
             bar.update(1)
         # with a given policy at this budget, the wins are that (first) policy's, whichever method runs it
-        given = given_lists(cfg.policies).get(k)
-        ours = policy_method(given[0]) if given else "budcache"
+        ours = policy_method(given[k][0]) if k in given else "budcache"
         paired_wins([r for r in rows if r["budget"] == k], {n: v for (kk, n), v in per_item.items() if kk == k},
                     ours=ours)
     bar.close()

@@ -15,6 +15,7 @@ from ..errors import ConfigError
 from ..io import atomic_write_bytes, atomic_write_text, read_json_limited, write_json
 from ..plots import pyplot, save_figure
 from ..policy import CachePolicy
+from ..problems.metrics import PairedGap, gap_text
 
 
 @dataclass
@@ -78,10 +79,7 @@ CHECKED = (("psnr", "mean PSNR", " dB", max, "psnr_gap"), ("psnr_median", "media
 
 def gap_cell(r: dict[str, Any], key: str) -> str:
     """``+1.23 [-0.40, +2.95]``: the reference's lead over this row in dB, with its 95% paired interval."""
-    if key not in r:
-        return ""
-    ci = r.get(f"{key}_ci")
-    return f"{r[key]:+.2f}" + (f" [{ci[0]:+.2f}, {ci[1]:+.2f}]" if ci else "")
+    return gap_text(r[key], r.get(f"{key}_ci")) if key in r else ""
 
 
 def paired_gap_of(mine: dict[str, Any], best: dict[str, Any], key: str) -> tuple[float, list[float] | None] | None:
@@ -169,7 +167,7 @@ def markdown(res: CompareResult) -> str:
             if pair is not None:
                 g, ci = pair
                 line += f" (paired gap {g:+.2f} dB" + (
-                    f", 95% CI [{ci[0]:+.2f}, {ci[1]:+.2f}]" + ("" if ci[0] > 0 or ci[1] < 0 else
+                    f", 95% CI [{ci[0]:+.2f}, {ci[1]:+.2f}]" + ("" if PairedGap(g, *ci).excludes_zero() else
                                                                  ": another draw of pairs can reverse it")
                     if ci else "") + ")"
             misses.append(line)

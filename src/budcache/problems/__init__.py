@@ -21,6 +21,7 @@ _EXPORTS = {
     "pairs_for": "data", "read_prompt_file": "data", "make_calibration": "data", "run_items": "data",
     "weights_digest": "data",
     "item_metrics": "metrics", "latent_psnr": "metrics", "paired_gap": "metrics", "PairedGap": "metrics",
+    "gap_text": "metrics",
     "TinyflowProblem": "tinyflow", "TinyflowReplica": "tinyflow", "tinyflow_prompts": "tinyflow",
     "PipelineProblem": "pipeline", "load_pipeline": "pipeline", "save_embeddings": "pipeline",
     "load_embeddings": "pipeline",

@@ -74,6 +74,18 @@ class PairedGap:
         """True when the interval lies wholly above or wholly below 0."""
         return self.low is not None and self.high is not None and (self.low > 0 or self.high < 0)
 
+    def fields(self, key: str) -> dict[str, Any]:
+        """The JSON fields of a report row: ``{key: gap, key_ci: [low, high]}`` (no ``key_ci`` without one)."""
+        out: dict[str, Any] = {key: self.gap}
+        if self.low is not None and self.high is not None:
+            out[f"{key}_ci"] = [self.low, self.high]
+        return out
+
+
+def gap_text(gap: float, ci: Sequence[float] | None = None) -> str:
+    """``+1.23 [-0.40, +2.95]``: a paired gap with its interval (just the gap without one)."""
+    return f"{gap:+.2f}" + (f" [{ci[0]:+.2f}, {ci[1]:+.2f}]" if ci else "")
+
 
 def paired_gap(ref: np.ndarray, other: np.ndarray, stat: Literal["mean", "median"] = "median", *,
                resamples: int = 2000, level: float = 0.95, seed: int = 0) -> PairedGap:

@@ -25,7 +25,7 @@ from ..plots import pyplot, save_figure
 from ..policy import CachePolicy
 from ..problems.base import Problem
 from ..problems.data import CalibrationSet, calibration_pairs, split_pairs
-from ..problems.metrics import item_metrics, paired_gap
+from ..problems.metrics import gap_text, item_metrics, paired_gap
 from ..problems.settings import SamplerSettings
 from ..problems.tinyflow import TinyflowProblem
 from ..progress import phase
@@ -148,10 +148,7 @@ def heldout_table(problem: Any, held: CalibrationSet, policy: CachePolicy) -> di
             row["ssim"] = float(m["ssim"].mean())
         if name != "budcache":
             row["budcache_wins"] = int((q["budcache"]["latent_mse"] < m["latent_mse"]).sum())
-            g = paired_gap(q["budcache"]["psnr"], m["psnr"], "median")
-            row["median_gap"] = g.gap
-            if g.low is not None and g.high is not None:
-                row["median_gap_ci"] = [g.low, g.high]
+            row.update(paired_gap(q["budcache"]["psnr"], m["psnr"], "median").fields("median_gap"))
         out[name] = row
     out["_n"] = {"pairs": len(held)}
     return out
@@ -259,9 +256,7 @@ def report(outcomes: list[BudgetOutcome], meta: dict[str, Any]) -> str:
             if has_ssim:
                 vals.append(f"{r['ssim']:.4f}")
             wins = "" if name == "budcache" else f"{r['budcache_wins']}/{n}"
-            gap = f"{r['median_gap']:+.2f}" if "median_gap" in r else ""
-            if "median_gap_ci" in r:
-                gap += f" [{r['median_gap_ci'][0]:+.2f}, {r['median_gap_ci'][1]:+.2f}]"
+            gap = gap_text(r["median_gap"], r.get("median_gap_ci")) if "median_gap" in r else ""
             label = {"budcache": "budcache", "uniform": "uniform mask, same estimator", "plain": "plain K steps"}
             lines.append(f"| {o.nfe} | {label[name]} | " + " | ".join(vals) + f" | {wins} | {gap} |")
     lines.append("")
